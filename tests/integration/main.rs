@@ -1,1 +1,6 @@
+//! falconer's integration tests: one binary, one module per area.
+#![allow(clippy::unwrap_used)]
 
+mod common;
+mod golden;
+mod loader_errors;

@@ -1,0 +1,148 @@
+//! The narrow set of operations a Falcon decoder needs, as a trait a compute backend
+//! implements, and the metadata of one forward step.
+//!
+//! Designed for a GPU as much as for the CPU: tensors are opaque backend handles, the
+//! per-step metadata (token ids, KV slots, rotary tables, block tables) goes to the
+//! backend once per forward in [`Backend::prepare_step`], and nothing comes back to
+//! the host until [`Backend::to_host`] reads the logits.
+
+pub mod cpu;
+
+use std::fmt::Debug;
+
+use crate::checkpoint::HostTensor;
+use crate::error::BackendError;
+
+/// Shape of a model's paged KV memory (only the kv heads are stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    pub num_layers: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvLayout {
+    pub fn num_slots(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+}
+
+/// Attention geometry of a model, fixed at load time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttnConfig {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Per-head ALiBi slopes (bf16-rounded); `None` for rotary models.
+    pub alibi_slopes: Option<Vec<f32>>,
+}
+
+/// One sequence's part of a step: rows `first_row..first_row + num_rows` of the step's
+/// tokens are positions `start_pos..start_pos + num_rows` of this sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqMeta {
+    pub first_row: usize,
+    pub num_rows: usize,
+    pub start_pos: usize,
+    /// KV block ids covering positions `0..start_pos + num_rows`.
+    pub block_table: Vec<u32>,
+}
+
+/// Host-side description of one forward step over a batch of sequence chunks.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepMeta {
+    pub token_ids: Vec<u32>,
+    /// KV slot (block * block_size + offset) each new token is written to.
+    pub slots: Vec<u32>,
+    /// `half_dim` cosines / sines per token row (empty for ALiBi models).
+    pub rope_cos: Vec<f32>,
+    pub rope_sin: Vec<f32>,
+    pub seqs: Vec<SeqMeta>,
+    /// Token rows whose logits are wanted, in output order.
+    pub logit_rows: Vec<u32>,
+    pub block_size: usize,
+}
+
+/// The operations of a Falcon forward pass. Tensors are row-major `[rows, cols]`.
+pub trait Backend: Send + Sync + Debug + 'static {
+    /// A tensor in backend memory.
+    type Tensor: Send + Sync + Debug;
+    /// The paged KV memory of one model (or shard).
+    type KvCache: Send + Sync + Debug;
+    /// One step's metadata, resident where the kernels can read it.
+    type Step: Send + Sync + Debug;
+
+    fn name(&self) -> &'static str;
+
+    /// Copies a checkpoint tensor (any supported dtype) into backend memory.
+    fn upload(&self, tensor: &HostTensor<'_>) -> Result<Self::Tensor, BackendError>;
+
+    fn alloc_kv(&self, layout: &KvLayout) -> Result<Self::KvCache, BackendError>;
+
+    fn prepare_step(&self, meta: &StepMeta) -> Result<Self::Step, BackendError>;
+
+    /// Rows of `table` selected by the step's token ids.
+    fn embed(&self, table: &Self::Tensor, step: &Self::Step) -> Result<Self::Tensor, BackendError>;
+
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor, BackendError>;
+
+    /// `x @ weight^T + bias`, weight stored `[out, in]` as in the checkpoint.
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor, BackendError>;
+
+    /// Exact (erf) GELU, in place.
+    fn gelu(&self, x: &mut Self::Tensor) -> Result<(), BackendError>;
+
+    /// `x += y`, in place.
+    fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<(), BackendError>;
+
+    /// Splits the fused qkv rows (`[groups, q_per_kv + 2, head_dim]` per token), applies
+    /// the step's rotary tables to queries and keys, writes keys and values into `layer`
+    /// of the KV cache at the step's slots, then attends causally over each sequence's
+    /// cached positions. Returns `[rows, num_heads * head_dim]`.
+    fn attention(
+        &self,
+        qkv: &Self::Tensor,
+        kv: &mut Self::KvCache,
+        layer: usize,
+        step: &Self::Step,
+        attn: &AttnConfig,
+    ) -> Result<Self::Tensor, BackendError>;
+
+    /// The step's logit rows of `x`.
+    fn gather_logit_rows(
+        &self,
+        x: &Self::Tensor,
+        step: &Self::Step,
+    ) -> Result<Self::Tensor, BackendError>;
+
+    /// Reads a tensor back to the host (used for logits and shard hand-offs).
+    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
+
+    /// Builds a `[rows, cols]` tensor from host data (shard hand-offs).
+    fn from_host(
+        &self,
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self::Tensor, BackendError>;
+
+    /// Copies whole KV blocks `src -> dst` in every layer (copy-on-write of shared prefixes).
+    fn copy_kv_blocks(
+        &self,
+        kv: &mut Self::KvCache,
+        copies: &[(u32, u32)],
+    ) -> Result<(), BackendError>;
+}

@@ -1,0 +1,6 @@
+//! TEMPORARY placeholder.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error("x")]
+    X,
+}

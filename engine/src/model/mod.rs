@@ -1,0 +1,290 @@
+//! The Falcon decoder over a paged KV cache, generic over a [`Backend`].
+//!
+//! One forward pass runs any mix of prefill, one-token decode and multi-token verify
+//! chunks for many sequences at once. A [`Falcon`] may hold all layers or a contiguous
+//! range of them (a pipeline shard): the first shard embeds, the last one produces
+//! logits, and hidden states travel between shards as backend tensors.
+
+mod step;
+mod weights;
+
+use std::ops::Range;
+use std::sync::Arc;
+
+pub use step::SeqChunk;
+pub use weights::expected_tensors;
+
+use crate::backend::{AttnConfig, Backend, KvLayout, StepMeta};
+use crate::checkpoint::ModelDir;
+use crate::config::FalconConfig;
+use crate::error::{ForwardError, LoadError, Result};
+use crate::posenc::{alibi, rope::Rope};
+use weights::{HeadWeights, LayerNormWeights, LayerWeights, Linear, Loader};
+
+/// How much KV memory to give a model and which layers to load.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Layers this instance holds; `None` means all.
+    pub layers: Option<Range<usize>>,
+    pub kv_blocks: usize,
+    pub block_size: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            layers: None,
+            kv_blocks: 256,
+            block_size: 16,
+        }
+    }
+}
+
+/// Logits for the rows a chunk asked for, `[rows, vocab]` row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logits {
+    pub vocab_size: usize,
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    pub fn num_rows(&self) -> usize {
+        self.data.len() / self.vocab_size.max(1)
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab_size..(i + 1) * self.vocab_size]
+    }
+
+    pub fn last(&self) -> &[f32] {
+        self.row(self.num_rows().saturating_sub(1))
+    }
+
+    pub fn rows(&self) -> impl Iterator<Item = &[f32]> {
+        self.data.chunks(self.vocab_size.max(1))
+    }
+}
+
+/// A prepared forward step: host metadata plus its backend-resident copy.
+#[derive(Debug)]
+pub struct Step<B: Backend> {
+    pub meta: StepMeta,
+    pub device: B::Step,
+    /// Logit rows per chunk, to split the output.
+    rows_per_chunk: Vec<usize>,
+}
+
+/// A Falcon model, or a contiguous layer range of one.
+#[derive(Debug)]
+pub struct Falcon<B: Backend> {
+    cfg: FalconConfig,
+    backend: Arc<B>,
+    layers_range: Range<usize>,
+    embeddings: Option<Arc<B::Tensor>>,
+    layers: Vec<LayerWeights<B>>,
+    head: Option<HeadWeights<B>>,
+    rope: Option<Rope>,
+    attn: AttnConfig,
+    kv: B::KvCache,
+    kv_layout: KvLayout,
+}
+
+impl<B: Backend> Falcon<B> {
+    /// Loads `dir` (or a layer range of it) onto `backend`.
+    pub fn load(dir: &ModelDir, backend: Arc<B>, opts: &LoadOptions) -> Result<Self, LoadError> {
+        let cfg = dir.config()?;
+        let files = dir.weights()?;
+        weights::check_no_unexpected(&cfg, &files)?;
+        let range = opts.layers.clone().unwrap_or(0..cfg.num_layers);
+        if range.start >= range.end || range.end > cfg.num_layers {
+            return Err(LoadError::LayerRange {
+                start: range.start,
+                end: range.end,
+                num_layers: cfg.num_layers,
+            });
+        }
+        let loader = Loader {
+            backend: backend.as_ref(),
+            files: &files,
+            cfg: &cfg,
+        };
+        let embeddings = if range.start == 0 {
+            Some(Arc::new(loader.embeddings()?))
+        } else {
+            None
+        };
+        let layers = loader.layers(range.clone())?;
+        let head = if range.end == cfg.num_layers {
+            Some(loader.head(embeddings.as_ref())?)
+        } else {
+            None
+        };
+        let kv_layout = KvLayout {
+            num_layers: range.len(),
+            num_blocks: opts.kv_blocks,
+            block_size: opts.block_size.max(1),
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        };
+        let kv = backend.alloc_kv(&kv_layout)?;
+        let attn = AttnConfig {
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            alibi_slopes: cfg.alibi.then(|| alibi::slopes(cfg.num_heads)),
+        };
+        let rope = (!cfg.alibi).then(|| Rope::new(&cfg.rope, cfg.head_dim));
+        Ok(Falcon {
+            cfg,
+            backend,
+            layers_range: range,
+            embeddings,
+            layers,
+            head,
+            rope,
+            attn,
+            kv,
+            kv_layout,
+        })
+    }
+
+    pub fn config(&self) -> &FalconConfig {
+        &self.cfg
+    }
+
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+
+    pub fn layer_range(&self) -> Range<usize> {
+        self.layers_range.clone()
+    }
+
+    pub fn kv_layout(&self) -> KvLayout {
+        self.kv_layout
+    }
+
+    /// Validates the chunks and uploads the step's metadata.
+    pub fn prepare(&self, chunks: &[SeqChunk<'_>]) -> Result<Step<B>> {
+        let meta = step::build(
+            chunks,
+            &self.cfg,
+            self.rope.as_ref(),
+            self.kv_layout.block_size,
+        )?;
+        let device = self.backend.prepare_step(&meta)?;
+        let rows_per_chunk = chunks
+            .iter()
+            .filter(|c| !c.tokens.is_empty())
+            .map(|c| if c.all_logits { c.tokens.len() } else { 1 })
+            .collect();
+        Ok(Step {
+            meta,
+            device,
+            rows_per_chunk,
+        })
+    }
+
+    /// Token embeddings (first shard only).
+    pub fn embed(&self, step: &Step<B>) -> Result<B::Tensor> {
+        let table = self
+            .embeddings
+            .as_ref()
+            .ok_or(ForwardError::NotInShard { part: "embeddings" })?;
+        Ok(self.backend.embed(table, &step.device)?)
+    }
+
+    /// Runs this instance's layers over `hidden` (`[rows, hidden]`), writing their KV.
+    pub fn run_layers(&mut self, hidden: B::Tensor, step: &Step<B>) -> Result<B::Tensor> {
+        let mut x = hidden;
+        for i in 0..self.layers.len() {
+            x = self.layer(i, x, step)?;
+        }
+        Ok(x)
+    }
+
+    fn linear(&self, x: &B::Tensor, l: &Linear<B>) -> Result<B::Tensor> {
+        Ok(self.backend.linear(x, &l.weight, l.bias.as_ref())?)
+    }
+
+    fn mlp(&self, x: &B::Tensor, w: &LayerWeights<B>) -> Result<B::Tensor> {
+        let mut h = self.linear(x, &w.h_to_4h)?;
+        self.backend.gelu(&mut h)?;
+        self.linear(&h, &w.four_h_to_h)
+    }
+
+    fn layer(&mut self, i: usize, mut x: B::Tensor, step: &Step<B>) -> Result<B::Tensor> {
+        let b = Arc::clone(&self.backend);
+        let eps = self.cfg.layer_norm_epsilon;
+        let w = &self.layers[i];
+        let ln = |n: &weights::Norm<B>, t: &B::Tensor| b.layer_norm(t, &n.weight, &n.bias, eps);
+        let (attn_in, mlp_in) = match &w.norms {
+            LayerNormWeights::Shared { input } => (ln(input, &x)?, None),
+            LayerNormWeights::Separate { attn, mlp } => (ln(attn, &x)?, Some(ln(mlp, &x)?)),
+            LayerNormWeights::Sequential { input, .. } => (ln(input, &x)?, None),
+        };
+        let qkv = self.linear(&attn_in, &w.qkv)?;
+        let ctx = b.attention(&qkv, &mut self.kv, i, &step.device, &self.attn)?;
+        let w = &self.layers[i];
+        let attn_out = self.linear(&ctx, &w.dense)?;
+        match &w.norms {
+            LayerNormWeights::Sequential { post_attention, .. } => {
+                // x + attn, then MLP on its norm, then + MLP.
+                b.add(&mut x, &attn_out)?;
+                let m = self.mlp(&ln(post_attention, &x)?, w)?;
+                b.add(&mut x, &m)?;
+            }
+            _ => {
+                // Parallel attention: x + attn(ln(x)) + mlp(ln'(x)).
+                let m = self.mlp(mlp_in.as_ref().unwrap_or(&attn_in), w)?;
+                b.add(&mut x, &attn_out)?;
+                b.add(&mut x, &m)?;
+            }
+        }
+        Ok(x)
+    }
+
+    /// Final norm and LM head over the step's logit rows (last shard only); one
+    /// [`Logits`] per non-empty chunk.
+    pub fn logits(&self, hidden: &B::Tensor, step: &Step<B>) -> Result<Vec<Logits>> {
+        let head = self.head.as_ref().ok_or(ForwardError::NotInShard {
+            part: "output head",
+        })?;
+        let rows = self.backend.gather_logit_rows(hidden, &step.device)?;
+        let normed = self.backend.layer_norm(
+            &rows,
+            &head.ln_f.weight,
+            &head.ln_f.bias,
+            self.cfg.layer_norm_epsilon,
+        )?;
+        let logits = self.backend.linear(&normed, &head.lm_head, None)?;
+        let data = self.backend.to_host(&logits)?;
+        let v = self.cfg.vocab_size;
+        let mut out = Vec::with_capacity(step.rows_per_chunk.len());
+        let mut at = 0;
+        for &n in &step.rows_per_chunk {
+            out.push(Logits {
+                vocab_size: v,
+                data: data[at * v..(at + n) * v].to_vec(),
+            });
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// A whole forward pass (this instance must hold every layer).
+    pub fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<Logits>> {
+        let step = self.prepare(chunks)?;
+        let h = self.embed(&step)?;
+        let h = self.run_layers(h, &step)?;
+        self.logits(&h, &step)
+    }
+
+    /// Copy-on-write block copies requested by the KV pool.
+    pub fn copy_kv_blocks(&mut self, copies: &[(u32, u32)]) -> Result<()> {
+        if copies.is_empty() {
+            return Ok(());
+        }
+        Ok(self.backend.copy_kv_blocks(&mut self.kv, copies)?)
+    }
+}

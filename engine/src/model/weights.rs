@@ -1,0 +1,200 @@
+//! Falcon's tensor names and shapes, and loading them (a layer range of them, for a
+//! shard) from a checkpoint into backend memory.
+
+use std::collections::BTreeSet;
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::backend::Backend;
+use crate::checkpoint::WeightFiles;
+use crate::config::{FalconConfig, LayerNorms};
+use crate::error::LoadError;
+
+/// A layer norm's scale and shift.
+#[derive(Debug)]
+pub struct Norm<B: Backend> {
+    pub weight: B::Tensor,
+    pub bias: B::Tensor,
+}
+
+/// A linear layer in checkpoint layout `[out, in]`.
+#[derive(Debug)]
+pub struct Linear<B: Backend> {
+    pub weight: B::Tensor,
+    pub bias: Option<B::Tensor>,
+}
+
+/// The norms of one decoder layer, by layout.
+#[derive(Debug)]
+pub enum LayerNormWeights<B: Backend> {
+    Shared {
+        input: Norm<B>,
+    },
+    Separate {
+        attn: Norm<B>,
+        mlp: Norm<B>,
+    },
+    Sequential {
+        input: Norm<B>,
+        post_attention: Norm<B>,
+    },
+}
+
+/// One decoder layer.
+#[derive(Debug)]
+pub struct LayerWeights<B: Backend> {
+    pub norms: LayerNormWeights<B>,
+    pub qkv: Linear<B>,
+    pub dense: Linear<B>,
+    pub h_to_4h: Linear<B>,
+    pub four_h_to_h: Linear<B>,
+}
+
+/// Final norm and output projection (held by the last shard).
+#[derive(Debug)]
+pub struct HeadWeights<B: Backend> {
+    pub ln_f: Norm<B>,
+    pub lm_head: Arc<B::Tensor>,
+}
+
+/// Every tensor name a full model of this config may hold, with its shape.
+pub fn expected_tensors(cfg: &FalconConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, f, v) = (cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size);
+    let mut out = vec![
+        ("transformer.word_embeddings.weight".to_string(), vec![v, h]),
+        ("transformer.ln_f.weight".to_string(), vec![h]),
+        ("transformer.ln_f.bias".to_string(), vec![h]),
+        ("lm_head.weight".to_string(), vec![v, h]),
+    ];
+    for i in 0..cfg.num_layers {
+        let p = format!("transformer.h.{i}");
+        for norm in norm_names(cfg.layer_norms) {
+            out.push((format!("{p}.{norm}.weight"), vec![h]));
+            out.push((format!("{p}.{norm}.bias"), vec![h]));
+        }
+        let linears = [
+            ("self_attention.query_key_value", cfg.qkv_rows(), h),
+            ("self_attention.dense", h, h),
+            ("mlp.dense_h_to_4h", f, h),
+            ("mlp.dense_4h_to_h", h, f),
+        ];
+        for (name, rows, cols) in linears {
+            out.push((format!("{p}.{name}.weight"), vec![rows, cols]));
+            if cfg.bias {
+                out.push((format!("{p}.{name}.bias"), vec![rows]));
+            }
+        }
+    }
+    out
+}
+
+fn norm_names(layout: LayerNorms) -> &'static [&'static str] {
+    match layout {
+        LayerNorms::Shared => &["input_layernorm"],
+        LayerNorms::Separate => &["ln_attn", "ln_mlp"],
+        LayerNorms::Sequential => &["input_layernorm", "post_attention_layernorm"],
+    }
+}
+
+/// Rejects tensors that are not part of this layout (a wrong config, a wrong file).
+pub fn check_no_unexpected(cfg: &FalconConfig, files: &WeightFiles) -> Result<(), LoadError> {
+    let known: BTreeSet<String> = expected_tensors(cfg).into_iter().map(|(n, _)| n).collect();
+    // HF ignores these buffers if a checkpoint carries them.
+    let ignorable = |n: &str| n.ends_with(".rotary_emb.inv_freq") || n.ends_with("masked_bias");
+    match files.names().find(|n| !known.contains(*n) && !ignorable(n)) {
+        Some(n) => Err(LoadError::UnexpectedTensor {
+            path: files.path_of(n),
+            tensor: n.to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Uploads tensors by name with shape checks.
+pub struct Loader<'a, B: Backend> {
+    pub backend: &'a B,
+    pub files: &'a WeightFiles,
+    pub cfg: &'a FalconConfig,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<B::Tensor, LoadError> {
+        let t = self.files.get(name, shape)?;
+        Ok(self.backend.upload(&t)?)
+    }
+
+    fn norm(&self, prefix: &str) -> Result<Norm<B>, LoadError> {
+        let h = self.cfg.hidden_size;
+        Ok(Norm {
+            weight: self.tensor(&format!("{prefix}.weight"), &[h])?,
+            bias: self.tensor(&format!("{prefix}.bias"), &[h])?,
+        })
+    }
+
+    fn linear(&self, prefix: &str, rows: usize, cols: usize) -> Result<Linear<B>, LoadError> {
+        Ok(Linear {
+            weight: self.tensor(&format!("{prefix}.weight"), &[rows, cols])?,
+            bias: if self.cfg.bias {
+                Some(self.tensor(&format!("{prefix}.bias"), &[rows])?)
+            } else {
+                None
+            },
+        })
+    }
+
+    pub fn embeddings(&self) -> Result<B::Tensor, LoadError> {
+        self.tensor(
+            "transformer.word_embeddings.weight",
+            &[self.cfg.vocab_size, self.cfg.hidden_size],
+        )
+    }
+
+    pub fn layers(&self, range: Range<usize>) -> Result<Vec<LayerWeights<B>>, LoadError> {
+        let (h, f) = (self.cfg.hidden_size, self.cfg.ffn_hidden_size);
+        range
+            .map(|i| {
+                let p = format!("transformer.h.{i}");
+                let norms = match self.cfg.layer_norms {
+                    LayerNorms::Shared => LayerNormWeights::Shared {
+                        input: self.norm(&format!("{p}.input_layernorm"))?,
+                    },
+                    LayerNorms::Separate => LayerNormWeights::Separate {
+                        attn: self.norm(&format!("{p}.ln_attn"))?,
+                        mlp: self.norm(&format!("{p}.ln_mlp"))?,
+                    },
+                    LayerNorms::Sequential => LayerNormWeights::Sequential {
+                        input: self.norm(&format!("{p}.input_layernorm"))?,
+                        post_attention: self.norm(&format!("{p}.post_attention_layernorm"))?,
+                    },
+                };
+                Ok(LayerWeights {
+                    norms,
+                    qkv: self.linear(
+                        &format!("{p}.self_attention.query_key_value"),
+                        self.cfg.qkv_rows(),
+                        h,
+                    )?,
+                    dense: self.linear(&format!("{p}.self_attention.dense"), h, h)?,
+                    h_to_4h: self.linear(&format!("{p}.mlp.dense_h_to_4h"), f, h)?,
+                    four_h_to_h: self.linear(&format!("{p}.mlp.dense_4h_to_h"), h, f)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The output head; a tied head reuses `embeddings` when this shard holds them.
+    pub fn head(&self, embeddings: Option<&Arc<B::Tensor>>) -> Result<HeadWeights<B>, LoadError> {
+        let lm_head = match (self.cfg.tie_word_embeddings, embeddings) {
+            (true, Some(e)) => Arc::clone(e),
+            (true, None) => Arc::new(self.embeddings()?),
+            (false, _) => Arc::new(self.tensor(
+                "lm_head.weight",
+                &[self.cfg.vocab_size, self.cfg.hidden_size],
+            )?),
+        };
+        Ok(HeadWeights {
+            ln_f: self.norm("transformer.ln_f")?,
+            lm_head,
+        })
+    }
+}

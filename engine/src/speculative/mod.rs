@@ -1,0 +1,6 @@
+//! TEMPORARY placeholder.
+#[derive(Debug, thiserror::Error)]
+pub enum SpeculativeError {
+    #[error("x")]
+    X,
+}
