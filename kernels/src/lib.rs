@@ -1,6 +1,35 @@
 //! CUDA kernels for falconer: `.cu` sources compiled at run time by NVRTC for the
 //! device's own architecture, with typed Rust launchers.
 //!
-//! This crate is the only place that launches a kernel. Until the CUDA backend lands
-//! (feature `cuda`), it holds no kernels: the CPU reference backend in
-//! `falconer-engine` needs none.
+//! This crate is the only place that launches a kernel. Everything lives behind the
+//! `cuda` feature; without it the crate is empty, and the CPU reference backend in
+//! `falconer-engine` needs nothing from it.
+//!
+//! With the feature, cudarc loads the CUDA libraries at run time, so the crate builds
+//! and its users start on machines without CUDA: [`Gpu::new`] checks that the driver,
+//! NVRTC and cuBLAS are present before touching them and returns
+//! [`KernelError::Unavailable`] otherwise.
+//!
+//! The launchers never trust an index they cannot check: per-step metadata (token ids,
+//! KV slots, block tables) is uploaded through [`Gpu::upload_step`], which validates it
+//! on the host and records the bounds each launcher checks against its operands.
+
+#[cfg(feature = "cuda")]
+mod error;
+#[cfg(feature = "cuda")]
+mod gpu;
+#[cfg(feature = "cuda")]
+mod ops;
+#[cfg(feature = "cuda")]
+mod step;
+
+#[cfg(feature = "cuda")]
+pub use error::KernelError;
+#[cfg(feature = "cuda")]
+pub use gpu::{DeviceBuffer, Elem, Gpu};
+#[cfg(feature = "cuda")]
+pub use half::bf16;
+#[cfg(feature = "cuda")]
+pub use ops::{AttentionParams, KvBuffers, GEMV_MAX_ROWS};
+#[cfg(feature = "cuda")]
+pub use step::{DeviceStep, SeqDesc, StepInput};

@@ -4,3 +4,4 @@
 mod common;
 mod golden;
 mod loader_errors;
+mod runtime;

@@ -7,6 +7,8 @@
 //! the host until [`Backend::to_host`] reads the logits.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use std::fmt::Debug;
 
@@ -131,8 +133,8 @@ pub trait Backend: Send + Sync + Debug + 'static {
     /// Reads a tensor back to the host (used for logits and shard hand-offs).
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
 
-    /// Builds a `[rows, cols]` tensor from host data (shard hand-offs).
-    fn from_host(
+    /// Builds a `[rows, cols]` activation tensor from host data (shard hand-offs).
+    fn upload_hidden(
         &self,
         data: &[f32],
         rows: usize,

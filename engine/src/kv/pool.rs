@@ -91,7 +91,7 @@ impl KvPool {
     /// The index of the block that must be copied before positions `len..new_len` are
     /// written into it: a shared block holding both old and new positions.
     fn cow_index(&self, s: &SeqBlocks, new_len: usize) -> Option<usize> {
-        if new_len <= s.len || s.len % self.block_size == 0 {
+        if new_len <= s.len || s.len.is_multiple_of(self.block_size) {
             return None;
         }
         let i = s.len / self.block_size;
@@ -154,6 +154,14 @@ impl KvPool {
         debug_assert!(len <= s.blocks.len() * bs, "set_len beyond reserved blocks");
         s.len = len.min(s.blocks.len() * bs);
         Ok(())
+    }
+
+    /// After a forward pass over reserved positions: `len` positions are valid (the
+    /// rest, e.g. rejected drafts, are dropped) and blocks past them are freed.
+    pub fn commit_len(&mut self, seq: SeqId, len: usize) -> Result<(), KvError> {
+        self.set_len(seq, len)?;
+        let cached = self.len(seq)?;
+        self.truncate(seq, cached)
     }
 
     /// Rolls `seq` back to `len` positions, freeing blocks past it (rejected drafts).

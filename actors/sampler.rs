@@ -1,0 +1,141 @@
+//! SamplerActor: each session's sampling parameters and seeded RNG, and the
+//! acceptance rule. A thin shell around `falconer_engine::sampling` and
+//! `falconer_engine::speculative`.
+
+use std::collections::HashMap;
+
+use falconer_engine::sampling::{apply_repetition_penalty, sample_token, warp_probs, Rng, SamplingParams};
+use falconer_engine::speculative::{accept_greedy, accept_sampling, Verdict};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::error::RuntimeError;
+
+/// One session's decision this round.
+#[derive(Debug, Clone)]
+pub struct DecideItem {
+    pub session: u64,
+    /// Draft tokens (empty for a plain round).
+    pub drafts: Vec<u32>,
+    /// The draft's warped distributions (sampling sessions with a draft).
+    pub q: Vec<Vec<f32>>,
+    /// `drafts.len() + 1` target logit rows.
+    pub target_rows: Vec<Vec<f32>>,
+    /// Tokens before the first row's prediction (for the repetition penalty).
+    pub context: Vec<u32>,
+}
+
+/// Messages of the sampler.
+#[derive(Debug)]
+pub enum SamplerMsg {
+    Register { session: u64, params: SamplingParams },
+    Unregister { session: u64 },
+    Decide {
+        items: Vec<DecideItem>,
+        reply: RpcReplyPort<Vec<Result<Verdict, RuntimeError>>>,
+    },
+}
+
+/// The actor.
+#[derive(Debug, Default)]
+pub struct SamplerActor;
+
+#[derive(Debug, Default)]
+pub struct SamplerState {
+    sessions: HashMap<u64, (SamplingParams, Rng)>,
+}
+
+/// The target's rows with the repetition penalty applied as plain decoding would
+/// (row i sees the context plus the first i drafts).
+fn penalised(item: &DecideItem, params: &SamplingParams) -> Vec<Vec<f32>> {
+    let mut ctx = item.context.clone();
+    item.target_rows
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let mut r = row.clone();
+            if i > 0 {
+                ctx.push(item.drafts[i - 1]);
+            }
+            if params.repetition_penalty != 1.0 {
+                apply_repetition_penalty(&mut r, &ctx, params.repetition_penalty);
+            }
+            r
+        })
+        .collect()
+}
+
+/// The acceptance rule for one item (pure; the actor only owns the RNG).
+pub fn decide(item: &DecideItem, params: &SamplingParams, rng: &mut Rng) -> Result<Verdict, RuntimeError> {
+    if item.drafts.is_empty() {
+        let row = item.target_rows.first().ok_or(RuntimeError::Model {
+            message: "no target logits".into(),
+        })?;
+        let t = sample_token(row, &item.context, params, rng)?;
+        return Ok(Verdict {
+            accepted: 0,
+            next_token: t,
+        });
+    }
+    let rows = penalised(item, params);
+    let rows_ref: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+    let verdict = if params.is_greedy() {
+        accept_greedy(&item.drafts, &rows_ref)
+    } else {
+        let p: Vec<Vec<f32>> = rows.iter().map(|r| warp_probs(r, params)).collect::<Result<_, _>>()?;
+        let p_ref: Vec<&[f32]> = p.iter().map(Vec::as_slice).collect();
+        let q_owned: Vec<Vec<f32>>;
+        let q_ref: Vec<&[f32]> = if item.q.len() == item.drafts.len() {
+            item.q.iter().map(Vec::as_slice).collect()
+        } else {
+            // Proposals without a distribution (prompt lookup) are a point mass.
+            let vocab = p.first().map_or(0, Vec::len);
+            q_owned = item
+                .drafts
+                .iter()
+                .map(|&d| {
+                    let mut q = vec![0.0; vocab];
+                    if let Some(x) = q.get_mut(d as usize) {
+                        *x = 1.0;
+                    }
+                    q
+                })
+                .collect();
+            q_owned.iter().map(Vec::as_slice).collect()
+        };
+        accept_sampling(&item.drafts, &q_ref, &p_ref, rng)
+    };
+    verdict.map_err(RuntimeError::model)
+}
+
+impl Actor for SamplerActor {
+    type Msg = SamplerMsg;
+    type State = SamplerState;
+    type Arguments = ();
+
+    async fn pre_start(&self, _me: ActorRef<SamplerMsg>, _: ()) -> Result<SamplerState, ActorProcessingErr> {
+        Ok(SamplerState::default())
+    }
+
+    async fn handle(&self, _me: ActorRef<SamplerMsg>, msg: SamplerMsg, s: &mut SamplerState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SamplerMsg::Register { session, params } => {
+                let rng = Rng::new(params.seed);
+                s.sessions.insert(session, (params, rng));
+            }
+            SamplerMsg::Unregister { session } => {
+                s.sessions.remove(&session);
+            }
+            SamplerMsg::Decide { items, reply } => {
+                let out = items
+                    .iter()
+                    .map(|item| match s.sessions.get_mut(&item.session) {
+                        Some((params, rng)) => decide(item, params, rng),
+                        None => Err(RuntimeError::model("session unknown to the sampler")),
+                    })
+                    .collect();
+                let _ = reply.send(out);
+            }
+        }
+        Ok(())
+    }
+}

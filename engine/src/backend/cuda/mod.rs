@@ -1,0 +1,512 @@
+//! The CUDA backend: bf16 weights and KV cache, f32 activations and accumulation, NVRTC
+//! kernels and cuBLAS from `falconer-kernels` (the only crate that launches kernels).
+//!
+//! Tensors are either f32 (activations, and the 1-D parameters: layer-norm scales and
+//! shifts and biases, which are tiny and keep full precision) or bf16 (every weight
+//! matrix). `linear` streams bf16 weights once per step for up to
+//! [`kernels::GEMV_MAX_ROWS`] rows (decode and verify cost about the same) and uses
+//! cuBLAS tensor cores beyond (prefill). Each op queues work on the GPU's stream; only
+//! [`Backend::to_host`] waits.
+//!
+//! [`CudaBackend::new`] never panics on a machine without a GPU or CUDA libraries: it
+//! returns [`BackendError::Unavailable`], so callers can fall back to the CPU.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+pub use falconer_kernels as kernels;
+use falconer_kernels::{
+    AttentionParams, DeviceBuffer, DeviceStep, Gpu, KernelError, KvBuffers, SeqDesc, StepInput,
+};
+
+use super::{AttnConfig, Backend, KvLayout, StepMeta};
+use crate::checkpoint::{Dtype, HostTensor};
+use crate::error::BackendError;
+
+fn map_err(e: KernelError) -> BackendError {
+    match e {
+        KernelError::Unavailable(reason) => BackendError::Unavailable {
+            backend: "cuda",
+            reason,
+        },
+        KernelError::OutOfMemory { requested } => BackendError::OutOfMemory { requested },
+        KernelError::Device { op, message } | KernelError::Invalid { op, message } => {
+            BackendError::Device { op, message }
+        }
+    }
+}
+
+fn invalid(op: &'static str, message: String) -> BackendError {
+    BackendError::Device { op, message }
+}
+
+/// A tensor's device storage.
+#[derive(Debug)]
+pub enum CudaData {
+    F32(DeviceBuffer<f32>),
+    Bf16(DeviceBuffer<bf16>),
+}
+
+/// A row-major `[rows, cols]` tensor in device memory.
+#[derive(Debug)]
+pub struct CudaTensor {
+    data: CudaData,
+    rows: usize,
+    cols: usize,
+}
+
+impl CudaTensor {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn data(&self) -> &CudaData {
+        &self.data
+    }
+
+    fn f32(&self, op: &'static str) -> Result<&DeviceBuffer<f32>, BackendError> {
+        match &self.data {
+            CudaData::F32(b) => Ok(b),
+            CudaData::Bf16(_) => Err(invalid(op, "expected an f32 tensor, found bf16".into())),
+        }
+    }
+
+    fn f32_mut(&mut self, op: &'static str) -> Result<&mut DeviceBuffer<f32>, BackendError> {
+        match &mut self.data {
+            CudaData::F32(b) => Ok(b),
+            CudaData::Bf16(_) => Err(invalid(op, "expected an f32 tensor, found bf16".into())),
+        }
+    }
+
+    fn bf16(&self, op: &'static str) -> Result<&DeviceBuffer<bf16>, BackendError> {
+        match &self.data {
+            CudaData::Bf16(b) => Ok(b),
+            CudaData::F32(_) => Err(invalid(op, "expected a bf16 weight, found f32".into())),
+        }
+    }
+}
+
+/// Paged bf16 K and V of every layer, `[layer][slot][kv_head][head_dim]`.
+#[derive(Debug)]
+pub struct CudaKvCache {
+    layout: KvLayout,
+    buf: KvBuffers,
+}
+
+impl CudaKvCache {
+    pub fn layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    /// Device bytes held by keys and values.
+    pub fn byte_size(&self) -> usize {
+        self.buf.byte_size()
+    }
+
+    /// Bytes per cached token: `2 (K, V) x layers x kv_heads x head_dim x 2 (bf16)`.
+    pub fn bytes_per_token(&self) -> usize {
+        self.buf.bytes_per_token()
+    }
+}
+
+/// One step's metadata on the device.
+#[derive(Debug)]
+pub struct CudaStep {
+    dev: DeviceStep,
+}
+
+/// The CUDA backend on one GPU.
+#[derive(Debug)]
+pub struct CudaBackend {
+    gpu: Gpu,
+    /// `Some(next seed)` when uploads are synthesised on the device (benchmarks).
+    synthetic: Option<AtomicU64>,
+    /// ALiBi slopes uploaded once per distinct slope vector (keyed by their bits).
+    slopes: Mutex<Vec<SlopeEntry>>,
+}
+
+/// An uploaded slope vector and the bits of its values.
+type SlopeEntry = (Vec<u32>, Arc<DeviceBuffer<f32>>);
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`. A machine without a GPU or without the CUDA libraries gets
+    /// [`BackendError::Unavailable`] (never a panic).
+    pub fn new(ordinal: usize) -> Result<Self, BackendError> {
+        Ok(CudaBackend {
+            gpu: Gpu::new(ordinal).map_err(map_err)?,
+            synthetic: None,
+            slopes: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A backend whose [`Backend::upload`] ignores the host bytes and fills each tensor
+    /// on the device instead: weight matrices with seeded uniform values of standard
+    /// deviation 0.02, vectors with values near 1. Only the shapes of a checkpoint are
+    /// read, so full-size models can be benchmarked from a sparse stand-in file.
+    pub fn synthetic(ordinal: usize, seed: u64) -> Result<Self, BackendError> {
+        let mut b = Self::new(ordinal)?;
+        b.synthetic = Some(AtomicU64::new(seed));
+        Ok(b)
+    }
+
+    /// The GPU and its launchers (benchmarks measure raw GEMM peaks through it).
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<(), BackendError> {
+        self.gpu.synchronize().map_err(map_err)
+    }
+
+    /// Fills a KV cache with seeded random keys and values (long-context benchmarks).
+    pub fn fill_kv_uniform(&self, kv: &mut CudaKvCache, seed: u64) -> Result<(), BackendError> {
+        self.gpu
+            .fill_kv_uniform(&mut kv.buf, seed, 1.0)
+            .map_err(map_err)
+    }
+
+    fn slopes_buffer(&self, slopes: &[f32]) -> Result<Arc<DeviceBuffer<f32>>, BackendError> {
+        let key: Vec<u32> = slopes.iter().map(|s| s.to_bits()).collect();
+        let mut cache = self
+            .slopes
+            .lock()
+            .map_err(|_| invalid("attention", "slope cache lock poisoned".into()))?;
+        if let Some((_, b)) = cache.iter().find(|(k, _)| *k == key) {
+            return Ok(Arc::clone(b));
+        }
+        let b = Arc::new(self.gpu.upload(slopes).map_err(map_err)?);
+        cache.push((key, Arc::clone(&b)));
+        Ok(b)
+    }
+
+    fn synthesize(
+        &self,
+        seed: &AtomicU64,
+        rows: usize,
+        cols: usize,
+        vector: bool,
+    ) -> Result<CudaTensor, BackendError> {
+        let s = seed.fetch_add(1, Ordering::Relaxed);
+        let n = rows * cols;
+        let data = if vector {
+            let mut b = self.gpu.alloc::<f32>(n).map_err(map_err)?;
+            self.gpu
+                .fill_uniform_f32(&mut b, s, 0.1, 1.0)
+                .map_err(map_err)?;
+            CudaData::F32(b)
+        } else {
+            let mut b = self.gpu.alloc::<bf16>(n).map_err(map_err)?;
+            // Uniform on (-a, a) has standard deviation a / sqrt(3).
+            self.gpu
+                .fill_uniform_bf16(&mut b, s, 0.02 * 3f32.sqrt())
+                .map_err(map_err)?;
+            CudaData::Bf16(b)
+        };
+        Ok(CudaTensor { data, rows, cols })
+    }
+}
+
+/// Checkpoint bytes of any supported dtype to bf16, in parallel (a 7B checkpoint is
+/// 14 GB).
+fn host_to_bf16(t: &HostTensor<'_>) -> Vec<bf16> {
+    const CHUNK: usize = 1 << 16;
+    let b = t.bytes;
+    match t.dtype {
+        Dtype::Bf16 => b
+            .par_chunks(2 * CHUNK)
+            .flat_map_iter(|c| c.chunks_exact(2).map(|p| bf16::from_le_bytes([p[0], p[1]])))
+            .collect(),
+        Dtype::F16 => b
+            .par_chunks(2 * CHUNK)
+            .flat_map_iter(|c| {
+                c.chunks_exact(2)
+                    .map(|p| bf16::from_f32(f16::from_le_bytes([p[0], p[1]]).to_f32()))
+            })
+            .collect(),
+        Dtype::F32 => b
+            .par_chunks(4 * CHUNK)
+            .flat_map_iter(|c| {
+                c.chunks_exact(4)
+                    .map(|p| bf16::from_f32(f32::from_le_bytes([p[0], p[1], p[2], p[3]])))
+            })
+            .collect(),
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type KvCache = CudaKvCache;
+    type Step = CudaStep;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn upload(&self, tensor: &HostTensor<'_>) -> Result<CudaTensor, BackendError> {
+        let (rows, cols, vector) = match tensor.shape {
+            [n] => (1, *n, true),
+            [r, c] => (*r, *c, false),
+            other => {
+                return Err(invalid(
+                    "upload",
+                    format!("tensors of rank {} are not supported", other.len()),
+                ))
+            }
+        };
+        let elem = if tensor.dtype == Dtype::F32 { 4 } else { 2 };
+        if self.synthetic.is_none() && tensor.bytes.len() != rows * cols * elem {
+            return Err(invalid(
+                "upload",
+                format!("{} bytes for shape {:?}", tensor.bytes.len(), tensor.shape),
+            ));
+        }
+        if let Some(seed) = &self.synthetic {
+            return self.synthesize(seed, rows, cols, vector);
+        }
+        let data = if vector {
+            CudaData::F32(self.gpu.upload(&tensor.to_f32()).map_err(map_err)?)
+        } else {
+            CudaData::Bf16(self.gpu.upload(&host_to_bf16(tensor)).map_err(map_err)?)
+        };
+        Ok(CudaTensor { data, rows, cols })
+    }
+
+    fn alloc_kv(&self, layout: &KvLayout) -> Result<CudaKvCache, BackendError> {
+        let buf = self
+            .gpu
+            .alloc_kv(
+                layout.num_layers,
+                layout.num_blocks,
+                layout.block_size,
+                layout.num_kv_heads,
+                layout.head_dim,
+            )
+            .map_err(map_err)?;
+        Ok(CudaKvCache {
+            layout: *layout,
+            buf,
+        })
+    }
+
+    fn prepare_step(&self, meta: &StepMeta) -> Result<CudaStep, BackendError> {
+        let seqs: Vec<SeqDesc<'_>> = meta
+            .seqs
+            .iter()
+            .map(|s| SeqDesc {
+                first_row: s.first_row,
+                num_rows: s.num_rows,
+                start_pos: s.start_pos,
+                block_table: &s.block_table,
+            })
+            .collect();
+        let input = StepInput {
+            token_ids: &meta.token_ids,
+            slots: &meta.slots,
+            rope_cos: &meta.rope_cos,
+            rope_sin: &meta.rope_sin,
+            seqs: &seqs,
+            logit_rows: &meta.logit_rows,
+            block_size: meta.block_size,
+        };
+        Ok(CudaStep {
+            dev: self.gpu.upload_step(&input).map_err(map_err)?,
+        })
+    }
+
+    fn embed(&self, table: &CudaTensor, step: &CudaStep) -> Result<CudaTensor, BackendError> {
+        let out = self
+            .gpu
+            .embed(table.bf16("embed")?, table.rows, table.cols, &step.dev)
+            .map_err(map_err)?;
+        Ok(CudaTensor {
+            data: CudaData::F32(out),
+            rows: step.dev.rows(),
+            cols: table.cols,
+        })
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        bias: &CudaTensor,
+        eps: f32,
+    ) -> Result<CudaTensor, BackendError> {
+        let out = self
+            .gpu
+            .layer_norm(
+                x.f32("layer_norm")?,
+                x.rows,
+                x.cols,
+                weight.f32("layer_norm")?,
+                bias.f32("layer_norm")?,
+                eps,
+            )
+            .map_err(map_err)?;
+        Ok(CudaTensor {
+            data: CudaData::F32(out),
+            rows: x.rows,
+            cols: x.cols,
+        })
+    }
+
+    fn linear(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        bias: Option<&CudaTensor>,
+    ) -> Result<CudaTensor, BackendError> {
+        if weight.cols != x.cols {
+            return Err(invalid(
+                "linear",
+                format!("input has {} columns, weight {}", x.cols, weight.cols),
+            ));
+        }
+        let bias = bias.map(|b| b.f32("linear")).transpose()?;
+        let out = self
+            .gpu
+            .linear(
+                x.f32("linear")?,
+                x.rows,
+                x.cols,
+                weight.bf16("linear")?,
+                weight.rows,
+                bias,
+            )
+            .map_err(map_err)?;
+        Ok(CudaTensor {
+            data: CudaData::F32(out),
+            rows: x.rows,
+            cols: weight.rows,
+        })
+    }
+
+    fn gelu(&self, x: &mut CudaTensor) -> Result<(), BackendError> {
+        self.gpu.gelu(x.f32_mut("gelu")?).map_err(map_err)
+    }
+
+    fn add(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<(), BackendError> {
+        if (x.rows, x.cols) != (y.rows, y.cols) {
+            return Err(invalid(
+                "add",
+                format!("{}x{} + {}x{}", x.rows, x.cols, y.rows, y.cols),
+            ));
+        }
+        let y = y.f32("add")?;
+        self.gpu.add(x.f32_mut("add")?, y).map_err(map_err)
+    }
+
+    fn attention(
+        &self,
+        qkv: &CudaTensor,
+        kv: &mut CudaKvCache,
+        layer: usize,
+        step: &CudaStep,
+        attn: &AttnConfig,
+    ) -> Result<CudaTensor, BackendError> {
+        if qkv.rows != step.dev.rows() {
+            return Err(invalid(
+                "attention",
+                format!("qkv has {} rows, the step {}", qkv.rows, step.dev.rows()),
+            ));
+        }
+        let slopes = attn
+            .alibi_slopes
+            .as_deref()
+            .map(|s| self.slopes_buffer(s))
+            .transpose()?;
+        let params = AttentionParams {
+            num_heads: attn.num_heads,
+            num_kv_heads: attn.num_kv_heads,
+            head_dim: attn.head_dim,
+            alibi_slopes: slopes.as_deref(),
+        };
+        let out = self
+            .gpu
+            .attention(
+                qkv.f32("attention")?,
+                &mut kv.buf,
+                layer,
+                &step.dev,
+                &params,
+            )
+            .map_err(map_err)?;
+        Ok(CudaTensor {
+            data: CudaData::F32(out),
+            rows: qkv.rows,
+            cols: attn.num_heads * attn.head_dim,
+        })
+    }
+
+    fn gather_logit_rows(
+        &self,
+        x: &CudaTensor,
+        step: &CudaStep,
+    ) -> Result<CudaTensor, BackendError> {
+        if x.rows != step.dev.rows() {
+            return Err(invalid(
+                "gather_logit_rows",
+                format!("input has {} rows, the step {}", x.rows, step.dev.rows()),
+            ));
+        }
+        let out = self
+            .gpu
+            .gather_logit_rows(x.f32("gather_logit_rows")?, x.cols, &step.dev)
+            .map_err(map_err)?;
+        Ok(CudaTensor {
+            data: CudaData::F32(out),
+            rows: step.dev.num_logit_rows(),
+            cols: x.cols,
+        })
+    }
+
+    fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>, BackendError> {
+        match &x.data {
+            CudaData::F32(b) => self.gpu.download(b).map_err(map_err),
+            CudaData::Bf16(b) => Ok(self
+                .gpu
+                .download(b)
+                .map_err(map_err)?
+                .into_iter()
+                .map(bf16::to_f32)
+                .collect()),
+        }
+    }
+
+    fn upload_hidden(
+        &self,
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<CudaTensor, BackendError> {
+        if data.len() != rows * cols {
+            return Err(invalid(
+                "upload_hidden",
+                format!("{} values for {rows}x{cols}", data.len()),
+            ));
+        }
+        Ok(CudaTensor {
+            data: CudaData::F32(self.gpu.upload(data).map_err(map_err)?),
+            rows,
+            cols,
+        })
+    }
+
+    fn copy_kv_blocks(
+        &self,
+        kv: &mut CudaKvCache,
+        copies: &[(u32, u32)],
+    ) -> Result<(), BackendError> {
+        self.gpu
+            .copy_kv_blocks(&mut kv.buf, copies)
+            .map_err(map_err)
+    }
+}

@@ -1,0 +1,503 @@
+// Causal attention over the paged bf16 KV cache (after rope_qkv has written this step's
+// keys and values), for any grouping of query heads over kv heads (MHA, GQA, MQA).
+//
+// Step metadata (uploaded once per step):
+//   row_info    [rows][2]  = (sequence index, position) of each token row
+//   seq_info    [seqs][4]  = (first_row, num_rows, start_pos, block table offset)
+//   block_tables           = every sequence's block ids, concatenated
+//
+// attn_decode: one block per (row, kv group x head chunk, key split), CUDA cores, f32
+//   math, online softmax; the heads of a chunk share each K/V tile loaded to shared
+//   memory. With several splits (flash-decoding over long contexts) partial results go
+//   to attn_combine. Used for decode/verify rows and for any head_dim.
+// attn_prefill_tc<HD>: flash-attention on bf16 tensor cores (mma.m16n8k16) for long
+//   chunks of one sequence (prefill), 64 query rows x one head per block.
+
+#define DEC_TK 32
+#define DEC_WARPS 8
+
+extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS)
+    attn_decode(const float* __restrict__ q, const bf16_t* __restrict__ kc,
+                const bf16_t* __restrict__ vc, u64 layer_off, const u32* __restrict__ row_list,
+                const u32* __restrict__ row_info, const u32* __restrict__ seq_info,
+                const u32* __restrict__ block_tables, int block_size,
+                const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,
+                float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh, int hd,
+                int hb, int keys_per_split, float scale) {
+    extern __shared__ float smem[];
+    const int r = row_list[blockIdx.x];
+    const int qpg = nh / kvh;
+    const int chunks = (qpg + hb - 1) / hb;
+    const int g = blockIdx.y / chunks, hc = blockIdx.y % chunks;
+    const int h0 = g * qpg + hc * hb;
+    const int nhb = min(hb, qpg - hc * hb);
+    const int seq = row_info[2 * r], pos = row_info[2 * r + 1];
+    const u32 bt_off = seq_info[4 * seq + 3];
+    const int nsplit = gridDim.z, split = blockIdx.z;
+    const int k_begin = split * keys_per_split;
+    const int k_end = min(pos + 1, k_begin + keys_per_split);
+
+    float* q_s = smem;                       // [hb][hd]
+    float* acc_s = q_s + hb * hd;            // [hb][hd]
+    float* k_s = acc_s + hb * hd;            // [DEC_TK][hd + 1] (padded: lane-per-key reads)
+    float* v_s = k_s + DEC_TK * (hd + 1);    // [DEC_TK][hd]
+    float* m_s = v_s + DEC_TK * hd;          // [hb]
+    float* l_s = m_s + hb;                   // [hb]
+    float* p_s = l_s + hb;                   // [DEC_WARPS][32]
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    for (int i = tid; i < nhb * hd; i += blockDim.x) {
+        q_s[i] = q[((size_t)r * nh + h0) * hd + i];
+        acc_s[i] = 0.0f;
+    }
+    for (int i = tid; i < nhb; i += blockDim.x) {
+        m_s[i] = NEG_INF;
+        l_s[i] = 0.0f;
+    }
+    for (int t = k_begin; t < k_end; t += DEC_TK) {
+        __syncthreads();
+        for (int i = tid; i < DEC_TK * hd; i += blockDim.x) {
+            const int j = i / hd, d = i - j * hd;
+            const int key = t + j;
+            float kv = 0.0f, vv = 0.0f;
+            if (key < k_end) {
+                const u64 slot = (u64)block_tables[bt_off + key / block_size] * block_size + key % block_size;
+                const u64 off = layer_off + (slot * kvh + g) * hd + d;
+                kv = bf2f(kc[off]);
+                vv = bf2f(vc[off]);
+            }
+            k_s[j * (hd + 1) + d] = kv;
+            v_s[j * hd + d] = vv;
+        }
+        __syncthreads();
+        const int key = t + lane;
+        const bool valid = key < k_end;
+        for (int hh = warp; hh < nhb; hh += DEC_WARPS) {
+            float s = NEG_INF;
+            if (valid) {
+                const float* qh = q_s + hh * hd;
+                const float* kr = k_s + lane * (hd + 1);
+                float dot = 0.0f;
+                for (int d = 0; d < hd; d++) dot = fmaf(qh[d], kr[d], dot);
+                s = dot * scale;
+                if (has_alibi) s += alibi_bias(slopes[h0 + hh], key, hd);
+            }
+            const float m_old = m_s[hh];
+            const float m_new = fmaxf(m_old, warp_max(s));
+            const float p = valid ? expf(s - m_new) : 0.0f;
+            const float psum = warp_sum(p);
+            const float corr = expf(m_old - m_new);
+            p_s[warp * 32 + lane] = p;
+            __syncwarp();
+            for (int d = lane; d < hd; d += 32) {
+                float a = acc_s[hh * hd + d] * corr;
+#pragma unroll 8
+                for (int j = 0; j < DEC_TK; j++) a = fmaf(p_s[warp * 32 + j], v_s[j * hd + d], a);
+                acc_s[hh * hd + d] = a;
+            }
+            __syncwarp();
+            if (lane == 0) {
+                m_s[hh] = m_new;
+                l_s[hh] = l_s[hh] * corr + psum;
+            }
+            __syncwarp();
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < nhb * hd; i += blockDim.x) {
+        const int hh = i / hd, d = i - hh * hd;
+        const size_t rh = (size_t)r * nh + h0 + hh;
+        if (nsplit == 1) {
+            out[rh * hd + d] = acc_s[i] / l_s[hh];
+        } else {
+            const size_t base = rh * nsplit + split;
+            part_o[base * hd + d] = acc_s[i];
+            if (d == 0) {
+                part_ml[2 * base] = m_s[hh];
+                part_ml[2 * base + 1] = l_s[hh];
+            }
+        }
+    }
+}
+
+// attn_decode with a compile-time head size (64, 128): the same algorithm with float4
+// shared-memory reads, four independent accumulators per dot product, value columns
+// owned per lane as vectors, and the next K/V tile prefetched into registers while the
+// current one is used (the generic kernel is latency-bound on exactly these).
+template <int HD>
+__device__ __forceinline__ void attn_decode_fixed(
+    const float* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
+    u64 layer_off, const u32* __restrict__ row_list, const u32* __restrict__ row_info,
+    const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,
+    const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,
+    float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh, int hb,
+    int keys_per_split, float scale) {
+    constexpr int KS = HD + 4;                                // padded K row, 16-byte aligned
+    constexpr int DPL = HD / 32;                              // value columns per lane
+    constexpr int CPK = HD / 8;                               // 16-byte chunks per key
+    constexpr int CH = DEC_TK * CPK / (32 * DEC_WARPS);       // chunks per thread per tile
+    extern __shared__ __align__(16) float smem_fixed[];
+    const int r = row_list[blockIdx.x];
+    const int qpg = nh / kvh;
+    const int chunks = (qpg + hb - 1) / hb;
+    const int g = blockIdx.y / chunks, hc = blockIdx.y % chunks;
+    const int h0 = g * qpg + hc * hb;
+    const int nhb = min(hb, qpg - hc * hb);
+    const int seq = row_info[2 * r], pos = row_info[2 * r + 1];
+    const u32 bt_off = seq_info[4 * seq + 3];
+    const int nsplit = gridDim.z, split = blockIdx.z;
+    const int k_begin = split * keys_per_split;
+    const int k_end = min(pos + 1, k_begin + keys_per_split);
+
+    float* q_s = smem_fixed;                 // [hb][HD]
+    float* acc_s = q_s + hb * HD;            // [hb][HD]
+    float* k_s = acc_s + hb * HD;            // [DEC_TK][KS]
+    float* v_s = k_s + DEC_TK * KS;          // [DEC_TK][HD]
+    float* p_s = v_s + DEC_TK * HD;          // [DEC_WARPS][32]
+    float* m_s = p_s + DEC_WARPS * 32;       // [hb]
+    float* l_s = m_s + hb;                   // [hb]
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    for (int i = tid; i < nhb * HD; i += blockDim.x) {
+        q_s[i] = q[((size_t)r * nh + h0) * HD + i];
+        acc_s[i] = 0.0f;
+    }
+    for (int i = tid; i < nhb; i += blockDim.x) {
+        m_s[i] = NEG_INF;
+        l_s[i] = 0.0f;
+    }
+    uint4 nk[CH], nv[CH];
+    auto fetch = [&](int t) {
+#pragma unroll
+        for (int k = 0; k < CH; k++) {
+            const int id = tid + k * 32 * DEC_WARPS;
+            const int key = t + id / CPK, c = id % CPK;
+            nk[k] = make_uint4(0, 0, 0, 0);
+            nv[k] = make_uint4(0, 0, 0, 0);
+            if (key < k_end) {
+                const u64 slot = (u64)block_tables[bt_off + key / block_size] * block_size + key % block_size;
+                const u64 off = layer_off + (slot * kvh + g) * HD + c * 8;
+                nk[k] = *(const uint4*)(kc + off);
+                nv[k] = *(const uint4*)(vc + off);
+            }
+        }
+    };
+    if (k_begin < k_end) fetch(k_begin);
+    for (int t = k_begin; t < k_end; t += DEC_TK) {
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < CH; k++) {
+            const int id = tid + k * 32 * DEC_WARPS;
+            const int j = id / CPK, c = id % CPK;
+            float4* kd = (float4*)(k_s + j * KS + c * 8);
+            float4* vd = (float4*)(v_s + j * HD + c * 8);
+            kd[0] = make_float4(lo_bf16(nk[k].x), hi_bf16(nk[k].x), lo_bf16(nk[k].y), hi_bf16(nk[k].y));
+            kd[1] = make_float4(lo_bf16(nk[k].z), hi_bf16(nk[k].z), lo_bf16(nk[k].w), hi_bf16(nk[k].w));
+            vd[0] = make_float4(lo_bf16(nv[k].x), hi_bf16(nv[k].x), lo_bf16(nv[k].y), hi_bf16(nv[k].y));
+            vd[1] = make_float4(lo_bf16(nv[k].z), hi_bf16(nv[k].z), lo_bf16(nv[k].w), hi_bf16(nv[k].w));
+        }
+        __syncthreads();
+        if (t + DEC_TK < k_end) fetch(t + DEC_TK);
+        const int key = t + lane;
+        const bool valid = key < k_end;
+        for (int hh = warp; hh < nhb; hh += DEC_WARPS) {
+            float s = NEG_INF;
+            if (valid) {
+                const float4* qv = (const float4*)(q_s + hh * HD);
+                const float4* kr = (const float4*)(k_s + lane * KS);
+                float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma unroll
+                for (int c = 0; c < HD / 4; c++) {
+                    const float4 qq = qv[c], kk = kr[c];
+                    a0 = fmaf(qq.x, kk.x, a0);
+                    a1 = fmaf(qq.y, kk.y, a1);
+                    a2 = fmaf(qq.z, kk.z, a2);
+                    a3 = fmaf(qq.w, kk.w, a3);
+                }
+                s = ((a0 + a1) + (a2 + a3)) * scale;
+                if (has_alibi) s += alibi_bias(slopes[h0 + hh], key, HD);
+            }
+            const float m_old = m_s[hh];
+            const float m_new = fmaxf(m_old, warp_max(s));
+            const float p = valid ? expf(s - m_new) : 0.0f;
+            const float psum = warp_sum(p);
+            const float corr = expf(m_old - m_new);
+            p_s[warp * 32 + lane] = p;
+            __syncwarp();
+            float* ar = acc_s + hh * HD + lane * DPL;
+            float a[DPL], b[DPL];
+#pragma unroll
+            for (int e = 0; e < DPL; e++) {
+                a[e] = ar[e] * corr;
+                b[e] = 0.0f;
+            }
+#pragma unroll
+            for (int j = 0; j < DEC_TK; j += 4) {
+                const float4 pp = *(const float4*)(p_s + warp * 32 + j);
+                const float* v0 = v_s + j * HD + lane * DPL;
+#pragma unroll
+                for (int e = 0; e < DPL; e++) {
+                    a[e] = fmaf(pp.x, v0[e], a[e]);
+                    b[e] = fmaf(pp.y, v0[HD + e], b[e]);
+                    a[e] = fmaf(pp.z, v0[2 * HD + e], a[e]);
+                    b[e] = fmaf(pp.w, v0[3 * HD + e], b[e]);
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < DPL; e++) ar[e] = a[e] + b[e];
+            __syncwarp();
+            if (lane == 0) {
+                m_s[hh] = m_new;
+                l_s[hh] = l_s[hh] * corr + psum;
+            }
+            __syncwarp();
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < nhb * HD; i += blockDim.x) {
+        const int hh = i / HD, d = i - hh * HD;
+        const size_t rh = (size_t)r * nh + h0 + hh;
+        if (nsplit == 1) {
+            out[rh * HD + d] = acc_s[i] / l_s[hh];
+        } else {
+            const size_t base = rh * nsplit + split;
+            part_o[base * HD + d] = acc_s[i];
+            if (d == 0) {
+                part_ml[2 * base] = m_s[hh];
+                part_ml[2 * base + 1] = l_s[hh];
+            }
+        }
+    }
+}
+
+#define ATTN_DECODE_KERNEL(HD)                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS) attn_decode_hd##HD(             \
+        const float* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc, \
+        u64 layer_off, const u32* __restrict__ row_list, const u32* __restrict__ row_info,      \
+        const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,  \
+        const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,               \
+        float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh, int hd, int hb, \
+        int keys_per_split, float scale) {                                                      \
+        attn_decode_fixed<HD>(q, kc, vc, layer_off, row_list, row_info, seq_info, block_tables, \
+                              block_size, slopes, has_alibi, out, part_o, part_ml, nh, kvh, hb, \
+                              keys_per_split, scale);                                           \
+    }
+
+ATTN_DECODE_KERNEL(64)
+ATTN_DECODE_KERNEL(128)
+
+// Merges the key splits of attn_decode. grid (rows in list, heads), block 64.
+extern "C" __global__ void attn_combine(const u32* __restrict__ row_list, const float* __restrict__ part_o,
+                                        const float* __restrict__ part_ml, float* __restrict__ out,
+                                        int nh, int hd, int nsplit) {
+    const int r = row_list[blockIdx.x], h = blockIdx.y;
+    const size_t base = ((size_t)r * nh + h) * nsplit;
+    float m = NEG_INF;
+    for (int z = 0; z < nsplit; z++) m = fmaxf(m, part_ml[2 * (base + z)]);
+    float l = 0.0f;
+    for (int z = 0; z < nsplit; z++) {
+        const float mz = part_ml[2 * (base + z)];
+        if (mz != NEG_INF) l += part_ml[2 * (base + z) + 1] * expf(mz - m);
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.0f;
+        for (int z = 0; z < nsplit; z++) {
+            const float mz = part_ml[2 * (base + z)];
+            if (mz != NEG_INF) a += part_o[(base + z) * hd + d] * expf(mz - m);
+        }
+        out[((size_t)r * nh + h) * hd + d] = a / l;
+    }
+}
+
+// D = A * B + D for one m16n8k16 bf16 tile, f32 accumulators.
+__device__ __forceinline__ void mma_bf16(float* d, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+#define TC_BQ 64
+#define TC_BK 64
+
+// tiles[2t] = sequence index, tiles[2t+1] = first query row (within the sequence) of
+// block t. grid (tiles, heads), block 128: warp w owns query rows 16w..16w+15.
+template <int HD>
+__device__ __forceinline__ void attn_tc(const float* __restrict__ q, const bf16_t* __restrict__ kc,
+                                        const bf16_t* __restrict__ vc, u64 layer_off,
+                                        const u32* __restrict__ tiles, const u32* __restrict__ seq_info,
+                                        const u32* __restrict__ block_tables, int block_size,
+                                        const float* __restrict__ slopes, int has_alibi,
+                                        float* __restrict__ out, int nh, int kvh, float scale) {
+    constexpr int KP = HD + 8;     // padded K row: conflict-free fragment reads
+    constexpr int VP = TC_BK + 8;  // padded transposed-V row
+    __shared__ __align__(16) bf16_t ks[TC_BK * KP];
+    __shared__ __align__(16) bf16_t vt[HD * VP];
+
+    const int h = blockIdx.y;
+    const int g = h / (nh / kvh);
+    const u32 s = tiles[2 * blockIdx.x], q0 = tiles[2 * blockIdx.x + 1];
+    const int first_row = seq_info[4 * s], nrows = seq_info[4 * s + 1];
+    const int start_pos = seq_info[4 * s + 2];
+    const u32 bt_off = seq_info[4 * s + 3];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int qr0 = q0 + warp * 16 + gid, qr1 = qr0 + 8;
+    const bool v0 = qr0 < nrows, v1 = qr1 < nrows;
+    const int pos0 = start_pos + qr0, pos1 = start_pos + qr1;
+    const float slope = has_alibi ? slopes[h] : 0.0f;
+
+    // Query fragments (row-major A operand), rounded to bf16 once.
+    u32 qf[HD / 16][4];
+    {
+        const float* qa = q + ((size_t)(first_row + (v0 ? qr0 : 0)) * nh + h) * HD;
+        const float* qb = q + ((size_t)(first_row + (v1 ? qr1 : 0)) * nh + h) * HD;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const int d = kk * 16 + 2 * tig;
+            qf[kk][0] = v0 ? pack_bf16x2(qa[d], qa[d + 1]) : 0u;
+            qf[kk][1] = v1 ? pack_bf16x2(qb[d], qb[d + 1]) : 0u;
+            qf[kk][2] = v0 ? pack_bf16x2(qa[d + 8], qa[d + 9]) : 0u;
+            qf[kk][3] = v1 ? pack_bf16x2(qb[d + 8], qb[d + 9]) : 0u;
+        }
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
+
+    const int n_keys = start_pos + min((int)q0 + TC_BQ, nrows);
+    const int warp_last = start_pos + min((int)q0 + warp * 16 + 15, nrows - 1);
+    for (int kt = 0; kt < n_keys; kt += TC_BK) {
+        __syncthreads();
+        // Key j of the tile, 8-element chunk c: consecutive threads take consecutive keys
+        // so that the transposed V stores do not collide in shared memory banks.
+        for (int i = threadIdx.x; i < TC_BK * (HD / 8); i += blockDim.x) {
+            const int j = i % TC_BK, c = i / TC_BK;
+            const int key = kt + j;
+            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            if (key < n_keys) {
+                const u64 slot = (u64)block_tables[bt_off + key / block_size] * block_size + key % block_size;
+                const u64 off = layer_off + (slot * kvh + g) * HD + c * 8;
+                kv = *(const uint4*)(kc + off);
+                vv = *(const uint4*)(vc + off);
+            }
+            *(uint4*)(ks + j * KP + c * 8) = kv;
+            const u32 w4[4] = {vv.x, vv.y, vv.z, vv.w};
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                vt[(c * 8 + 2 * e) * VP + j] = (bf16_t)(w4[e] & 0xffffu);
+                vt[(c * 8 + 2 * e + 1) * VP + j] = (bf16_t)(w4[e] >> 16);
+            }
+        }
+        __syncthreads();
+        if (kt > warp_last) continue;  // every key of this tile is in this warp's future
+
+        // S = Q K^T for 64 keys: 8 n-tiles of 8 keys.
+        float sc[TC_BK / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < TC_BK / 8; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+            const bf16_t* kr = ks + (nt * 8 + gid) * KP + 2 * tig;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                const u32 b0 = *(const u32*)(kr + kk * 16);
+                const u32 b1 = *(const u32*)(kr + kk * 16 + 8);
+                mma_bf16(sc[nt], qf[kk], b0, b1);
+            }
+        }
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < TC_BK / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = kt + nt * 8 + 2 * tig + (e & 1);
+                float v = sc[nt][e] * scale;
+                if (has_alibi) v += alibi_bias(slope, key, HD);
+                if (key > ((e < 2) ? pos0 : pos1)) v = NEG_INF;
+                sc[nt][e] = v;
+            }
+            mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        // Key 0 is visible to every row, so after the first tile the maxima are finite;
+        // a later fully masked tile leaves them unchanged.
+        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        const float c0 = expf(m0 - n0), c1 = expf(m1 - n1);
+        m0 = n0;
+        m1 = n1;
+        float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < TC_BK / 8; nt++) {
+            sc[nt][0] = expf(sc[nt][0] - n0);
+            sc[nt][1] = expf(sc[nt][1] - n0);
+            sc[nt][2] = expf(sc[nt][2] - n1);
+            sc[nt][3] = expf(sc[nt][3] - n1);
+            s0 += sc[nt][0] + sc[nt][1];
+            s1 += sc[nt][2] + sc[nt][3];
+        }
+        l0 = l0 * c0 + s0;
+        l1 = l1 * c1 + s1;
+#pragma unroll
+        for (int i = 0; i < HD / 8; i++) {
+            o[i][0] *= c0;
+            o[i][1] *= c0;
+            o[i][2] *= c1;
+            o[i][3] *= c1;
+        }
+        // O += P V: the S accumulators of n-tiles 2k, 2k+1 are exactly the A fragment of
+        // key chunk k.
+#pragma unroll
+        for (int kk = 0; kk < TC_BK / 16; kk++) {
+            u32 a[4];
+            a[0] = pack_bf16x2(sc[2 * kk][0], sc[2 * kk][1]);
+            a[1] = pack_bf16x2(sc[2 * kk][2], sc[2 * kk][3]);
+            a[2] = pack_bf16x2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+            a[3] = pack_bf16x2(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+#pragma unroll
+            for (int dt = 0; dt < HD / 8; dt++) {
+                const bf16_t* vr = vt + (dt * 8 + gid) * VP + kk * 16 + 2 * tig;
+                const u32 b0 = *(const u32*)vr;
+                const u32 b1 = *(const u32*)(vr + 8);
+                mma_bf16(o[dt], a, b0, b1);
+            }
+        }
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
+#pragma unroll
+    for (int dt = 0; dt < HD / 8; dt++) {
+        const int d = dt * 8 + 2 * tig;
+        if (v0) {
+            float* dst = out + ((size_t)(first_row + qr0) * nh + h) * HD + d;
+            dst[0] = o[dt][0] * i0;
+            dst[1] = o[dt][1] * i0;
+        }
+        if (v1) {
+            float* dst = out + ((size_t)(first_row + qr1) * nh + h) * HD + d;
+            dst[0] = o[dt][2] * i1;
+            dst[1] = o[dt][3] * i1;
+        }
+    }
+}
+
+#define ATTN_TC_KERNEL(HD)                                                                      \
+    extern "C" __global__ void __launch_bounds__(128) attn_prefill_tc##HD(                      \
+        const float* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc, \
+        u64 layer_off, const u32* __restrict__ tiles, const u32* __restrict__ seq_info,         \
+        const u32* __restrict__ block_tables, int block_size, const float* __restrict__ slopes,  \
+        int has_alibi, float* __restrict__ out, int nh, int kvh, float scale) {                 \
+        attn_tc<HD>(q, kc, vc, layer_off, tiles, seq_info, block_tables, block_size, slopes,    \
+                    has_alibi, out, nh, kvh, scale);                                            \
+    }
+
+ATTN_TC_KERNEL(64)
+ATTN_TC_KERNEL(128)

@@ -1,0 +1,75 @@
+// Shared helpers for falconer's kernels. The .cu files are concatenated after this one
+// into a single NVRTC program (NVRTC has no file system), so nothing here #includes a
+// header: bf16 is handled as raw 16-bit patterns, which also keeps the rounding exactly
+// equal to the host's `half::bf16` (round to nearest even).
+
+typedef unsigned short bf16_t;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define NEG_INF (__int_as_float(0xff800000))
+
+__device__ __forceinline__ float bf2f(bf16_t h) { return __uint_as_float(((u32)h) << 16); }
+
+__device__ __forceinline__ bf16_t f2bf(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        return (bf16_t)((u >> 16) | 0x40u);  // quiet NaN
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+
+// Rounds an f32 through bf16 (HF computes ALiBi biases in bf16).
+__device__ __forceinline__ float round_bf16(float f) { return bf2f(f2bf(f)); }
+
+// Two floats as one 32-bit register of two bf16 (lower index in the low half), the
+// operand format of the bf16 tensor-core instructions.
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    return (u32)f2bf(lo) | ((u32)f2bf(hi) << 16);
+}
+
+__device__ __forceinline__ float lo_bf16(u32 v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float hi_bf16(u32 v) { return __uint_as_float(v & 0xffff0000u); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over a whole block (blockDim.x a multiple of 32, at most 1024). `scratch` holds 32
+// floats; the result is returned to every thread.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    const int nwarps = blockDim.x >> 5;
+    float t = lane < nwarps ? scratch[lane] : 0.0f;
+    return warp_sum(t);
+}
+
+// ALiBi bias exactly as engine/src/posenc/alibi.rs `bias()`: the key position and the
+// slope * position product are rounded to bf16, then divided by sqrt(head_dim).
+__device__ __forceinline__ float alibi_bias(float slope, int key_pos, int head_dim) {
+    const float pos = round_bf16((float)key_pos);
+    return round_bf16(slope * pos) / sqrtf((float)head_dim);
+}
+
+// Weight rows are read exactly once per step: stream them past L1 so that the
+// activations they are multiplied with stay cached.
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
+    return r;
+}

@@ -1,0 +1,150 @@
+// Row-wise and element-wise kernels: embedding gather, layer norm, GELU, add, row
+// gather, dtype conversion, bias add, KV block copies, rotary + KV write, and seeded
+// random fills for benchmarks.
+
+// out[r, :] = table[ids[r], :] (bf16 -> f32). grid (rows), block 256.
+extern "C" __global__ void embed_bf16(const bf16_t* __restrict__ table, const u32* __restrict__ ids,
+                                      float* __restrict__ out, int cols) {
+    const int r = blockIdx.x;
+    const bf16_t* src = table + (size_t)ids[r] * cols;
+    float* dst = out + (size_t)r * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = bf2f(src[c]);
+}
+
+// Layer norm over each row, f32 in and out, f32 scale/shift. Two passes (mean, then
+// centred variance) like the CPU reference, which avoids the cancellation of E[x^2]-m^2.
+// grid (rows), block 256.
+extern "C" __global__ void layer_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
+                                          const float* __restrict__ b, float* __restrict__ out,
+                                          int cols, float eps) {
+    __shared__ float scratch[32];
+    const float* row = x + (size_t)blockIdx.x * cols;
+    float* dst = out + (size_t)blockIdx.x * cols;
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) s += row[c];
+    const float mean = block_sum(s, scratch) / (float)cols;
+    float v = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float d = row[c] - mean;
+        v += d * d;
+    }
+    const float var = block_sum(v, scratch) / (float)cols;
+    const float inv = rsqrtf(var + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = (row[c] - mean) * inv * w[c] + b[c];
+}
+
+// Exact (erf) GELU in place.
+extern "C" __global__ void gelu_f32(float* __restrict__ x, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        x[i] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    }
+}
+
+// x += y.
+extern "C" __global__ void add_f32(float* __restrict__ x, const float* __restrict__ y, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        x[i] += y[i];
+    }
+}
+
+// out[i, :] = x[rows[i], :]. grid (n_out), block 256.
+extern "C" __global__ void gather_rows_f32(const float* __restrict__ x, const u32* __restrict__ rows,
+                                           float* __restrict__ out, int cols) {
+    const float* src = x + (size_t)rows[blockIdx.x] * cols;
+    float* dst = out + (size_t)blockIdx.x * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
+}
+
+// Activations to bf16 for the tensor-core GEMM.
+extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16_t* __restrict__ out, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        out[i] = f2bf(x[i]);
+    }
+}
+
+// y[r, c] += bias[c] for a [rows, cols] matrix.
+extern "C" __global__ void add_bias_rows(float* __restrict__ y, const float* __restrict__ bias,
+                                         u64 n, int cols) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        y[i] += bias[i % (u64)cols];
+    }
+}
+
+// Copy-on-write of whole KV blocks: pairs[2p] -> pairs[2p+1] in every layer, K and V.
+// grid (n_pairs, num_layers), block 256. Elements are moved as 16-bit words.
+extern "C" __global__ void copy_kv_blocks(bf16_t* __restrict__ k, bf16_t* __restrict__ v,
+                                          const u32* __restrict__ pairs, u64 layer_elems,
+                                          u64 block_elems) {
+    const u64 base = (u64)blockIdx.y * layer_elems;
+    const u64 src = base + (u64)pairs[2 * blockIdx.x] * block_elems;
+    const u64 dst = base + (u64)pairs[2 * blockIdx.x + 1] * block_elems;
+    for (u64 i = threadIdx.x; i < block_elems; i += blockDim.x) {
+        k[dst + i] = k[src + i];
+        v[dst + i] = v[src + i];
+    }
+}
+
+// A 64-bit mix (splitmix64 finaliser): uniform, seeded, reproducible fills.
+__device__ __forceinline__ u64 mix64(u64 z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// out[i] = uniform(-scale, scale) as bf16.
+extern "C" __global__ void fill_uniform_bf16(bf16_t* __restrict__ out, u64 n, u64 seed, float scale) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const u64 h = mix64(seed * 0x9e3779b97f4a7c15ull + i);
+        const float u = (float)(h >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+        out[i] = f2bf((2.0f * u - 1.0f) * scale);
+    }
+}
+
+// out[i] = uniform(-scale, scale) + offset, f32.
+extern "C" __global__ void fill_uniform_f32(float* __restrict__ out, u64 n, u64 seed, float scale,
+                                            float offset) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const u64 h = mix64(seed * 0x9e3779b97f4a7c15ull + i);
+        const float u = (float)(h >> 40) * (1.0f / 16777216.0f);
+        out[i] = (2.0f * u - 1.0f) * scale + offset;
+    }
+}
+
+// Splits the fused qkv rows ([kv_heads][q_per_kv + 2][head_dim] per token), applies the
+// host-computed rotary cos/sin (NeoX rotate-half) to queries and keys, writes queries to
+// `q` ([rows, heads, head_dim], f32) and keys/values into the layer's cache slot (bf16).
+// grid (rows, kv_heads, ceil((q_per_kv + 2) * head_dim / 256)), block 256: one element
+// per thread, so a decode step (one row) still spreads over many blocks.
+extern "C" __global__ void rope_qkv(const float* __restrict__ qkv, float* __restrict__ q,
+                                    bf16_t* __restrict__ kc, bf16_t* __restrict__ vc,
+                                    const u32* __restrict__ slots, const float* __restrict__ cosv,
+                                    const float* __restrict__ sinv, int rotary, int nh, int kvh,
+                                    int hd, u64 layer_off) {
+    const int r = blockIdx.x, g = blockIdx.y;
+    const int qpg = nh / kvh, half = hd / 2;
+    const int i = blockIdx.z * blockDim.x + threadIdx.x;
+    if (i >= (qpg + 2) * hd) return;
+    const float* src = qkv + (size_t)r * kvh * (qpg + 2) * hd + (size_t)g * (qpg + 2) * hd;
+    const int head = i / hd, d = i - head * hd;
+    float val = src[i];
+    if (rotary && head <= qpg) {
+        const int j = d < half ? d : d - half;
+        const float c = cosv[(size_t)r * half + j], s = sinv[(size_t)r * half + j];
+        if (d < half) {
+            val = val * c - src[i + half] * s;
+        } else {
+            val = val * c + src[i - half] * s;
+        }
+    }
+    if (head < qpg) {
+        q[((size_t)r * nh + (size_t)g * qpg + head) * hd + d] = val;
+    } else {
+        const u64 cache = layer_off + ((u64)slots[r] * kvh + g) * hd + d;
+        if (head == qpg) {
+            kc[cache] = f2bf(val);
+        } else {
+            vc[cache] = f2bf(val);
+        }
+    }
+}

@@ -1,0 +1,536 @@
+//! One GPU: its context and stream, the NVRTC-compiled kernel module, a cuBLAS handle,
+//! device buffers and the raw launch plumbing the typed launchers in `ops` build on.
+//!
+//! Everything runs on one non-default stream in issue order, so no buffer needs events:
+//! cudarc's per-buffer event tracking is switched off before the first allocation (it
+//! would cost two events per buffer and an event wait per kernel argument), and frees
+//! are stream-ordered (`cuMemFreeAsync`), so dropping a buffer that a queued kernel still
+//! reads is safe.
+//!
+//! The ops' outputs and temporaries come from a host-side pool of freed buffers (by type
+//! and length): a decode step of a 32-layer model makes hundreds of them, and an
+//! allocation plus a free per buffer were most of the host's time per step. Reuse is safe
+//! for the same reason as stream-ordered frees: a buffer is only handed out again after
+//! its last use was queued on the one stream, so the new writer runs after the old readers.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::{CUdevice_attribute, CUmemPool_attribute, CUresult};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    DriverError, ValidAsZeroBits,
+};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use crate::error::KernelError;
+
+/// All kernel sources, one NVRTC program (NVRTC cannot #include our own files).
+const SOURCE: &str = concat!(
+    include_str!("common.cuh"),
+    include_str!("elementwise.cu"),
+    include_str!("gemv.cu"),
+    include_str!("attention.cu"),
+);
+
+/// Element types a [`DeviceBuffer`] may hold.
+pub trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static {}
+impl Elem for f32 {}
+impl Elem for u32 {}
+impl Elem for half::bf16 {}
+
+/// A typed allocation in device memory, freed (stream-ordered) on drop, or returned to
+/// its GPU's pool when it came from one.
+pub struct DeviceBuffer<T: Elem> {
+    /// Always `Some` while the buffer lives; taken by `Drop`.
+    slice: Option<CudaSlice<T>>,
+    /// Elements the caller asked for (cudarc cannot allocate zero bytes, so an empty
+    /// buffer holds one element).
+    len: usize,
+    pub(crate) ptr: u64,
+    pool: Option<Arc<Pool>>,
+}
+
+impl<T: Elem> fmt::Debug for DeviceBuffer<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceBuffer")
+            .field("len", &self.len)
+            .field("bytes", &self.num_bytes())
+            .field("pooled", &self.pool.is_some())
+            .finish()
+    }
+}
+
+impl<T: Elem> DeviceBuffer<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn num_bytes(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
+
+    /// Device address of element `i` (for kernel arguments).
+    pub(crate) fn ptr_at(&self, i: usize) -> u64 {
+        self.ptr + (i * std::mem::size_of::<T>()) as u64
+    }
+
+    fn inner(&self) -> Result<&CudaSlice<T>, KernelError> {
+        self.slice.as_ref().ok_or_else(released)
+    }
+
+    fn inner_mut(&mut self) -> Result<&mut CudaSlice<T>, KernelError> {
+        self.slice.as_mut().ok_or_else(released)
+    }
+}
+
+fn released() -> KernelError {
+    KernelError::Device {
+        op: "buffer",
+        message: "buffer already released".into(),
+    }
+}
+
+impl<T: Elem> Drop for DeviceBuffer<T> {
+    fn drop(&mut self) {
+        if let (Some(pool), Some(slice)) = (self.pool.take(), self.slice.take()) {
+            pool.put(slice);
+        }
+    }
+}
+
+/// A freed `CudaSlice<T>` of some element type.
+type Pooled = Box<dyn Any + Send>;
+
+/// Freed scratch buffers by element type and length.
+#[derive(Default)]
+pub(crate) struct Pool {
+    free: Mutex<HashMap<(TypeId, usize), Vec<Pooled>>>,
+    bytes: AtomicUsize,
+}
+
+/// The pool keeps at most this much memory, and no single buffer above `POOL_MAX_ONE`
+/// (those are rare and large: freeing them is cheap by comparison).
+const POOL_MAX_BYTES: usize = 4 << 30;
+const POOL_MAX_ONE: usize = 1 << 30;
+
+impl Pool {
+    fn take<T: Elem>(&self, len: usize) -> Option<CudaSlice<T>> {
+        let mut free = self.free.lock().ok()?;
+        let slice = free.get_mut(&(TypeId::of::<T>(), len))?.pop()?;
+        let slice = slice.downcast::<CudaSlice<T>>().ok()?;
+        self.bytes.fetch_sub(slice.num_bytes(), Ordering::Relaxed);
+        Some(*slice)
+    }
+
+    /// Keeps `slice` for reuse, or frees it (by dropping it) when the pool is full.
+    fn put<T: Elem>(&self, slice: CudaSlice<T>) {
+        let bytes = slice.num_bytes();
+        if bytes > POOL_MAX_ONE || self.bytes.load(Ordering::Relaxed) + bytes > POOL_MAX_BYTES {
+            return;
+        }
+        if let Ok(mut free) = self.free.lock() {
+            self.bytes.fetch_add(bytes, Ordering::Relaxed);
+            free.entry((TypeId::of::<T>(), slice.len()))
+                .or_default()
+                .push(Box::new(slice));
+        }
+    }
+}
+
+/// Handles of every kernel in the module.
+pub(crate) struct Kernels {
+    pub embed_bf16: CudaFunction,
+    pub layer_norm_f32: CudaFunction,
+    pub gelu_f32: CudaFunction,
+    pub add_f32: CudaFunction,
+    pub gather_rows_f32: CudaFunction,
+    pub f32_to_bf16: CudaFunction,
+    pub add_bias_rows: CudaFunction,
+    pub copy_kv_blocks: CudaFunction,
+    pub fill_uniform_bf16: CudaFunction,
+    pub fill_uniform_f32: CudaFunction,
+    pub rope_qkv: CudaFunction,
+    pub gemv: Vec<CudaFunction>,
+    pub gemv_scalar: CudaFunction,
+    pub attn_decode: CudaFunction,
+    pub attn_decode_hd64: CudaFunction,
+    pub attn_decode_hd128: CudaFunction,
+    pub attn_combine: CudaFunction,
+    pub attn_prefill_tc64: CudaFunction,
+    pub attn_prefill_tc128: CudaFunction,
+}
+
+impl Kernels {
+    fn load(module: &Arc<CudaModule>) -> Result<Self, KernelError> {
+        let f = |name: &str| {
+            module.load_function(name).map_err(|e| KernelError::Device {
+                op: "load kernel",
+                message: format!("{name}: {e:?}"),
+            })
+        };
+        let mut gemv = Vec::with_capacity(8);
+        for r in 1..=8 {
+            gemv.push(f(&format!("gemv_bf16_r{r}"))?);
+        }
+        Ok(Kernels {
+            embed_bf16: f("embed_bf16")?,
+            layer_norm_f32: f("layer_norm_f32")?,
+            gelu_f32: f("gelu_f32")?,
+            add_f32: f("add_f32")?,
+            gather_rows_f32: f("gather_rows_f32")?,
+            f32_to_bf16: f("f32_to_bf16")?,
+            add_bias_rows: f("add_bias_rows")?,
+            copy_kv_blocks: f("copy_kv_blocks")?,
+            fill_uniform_bf16: f("fill_uniform_bf16")?,
+            fill_uniform_f32: f("fill_uniform_f32")?,
+            rope_qkv: f("rope_qkv")?,
+            gemv,
+            gemv_scalar: f("gemv_bf16_scalar")?,
+            attn_decode: f("attn_decode")?,
+            attn_decode_hd64: f("attn_decode_hd64")?,
+            attn_decode_hd128: f("attn_decode_hd128")?,
+            attn_combine: f("attn_combine")?,
+            attn_prefill_tc64: f("attn_prefill_tc64")?,
+            attn_prefill_tc128: f("attn_prefill_tc128")?,
+        })
+    }
+}
+
+/// A kernel argument: device pointers and sizes travel as 64-bit words, the rest as
+/// 32-bit ints and floats, matching the kernels' parameter lists.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Arg {
+    U64(u64),
+    I32(i32),
+    F32(f32),
+}
+
+/// One GPU with its stream, kernels and cuBLAS handle. Cheap operations are queued on
+/// the stream; only downloads and [`Gpu::synchronize`] wait.
+pub struct Gpu {
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    /// cuBLAS handles are not safe for concurrent use.
+    pub(crate) blas: Mutex<CudaBlas>,
+    pub(crate) k: Kernels,
+    pool: Arc<Pool>,
+    name: String,
+    cc: (i32, i32),
+    sm_count: u32,
+    total_mem: usize,
+}
+
+impl fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gpu")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("name", &self.name)
+            .field("compute_capability", &self.cc)
+            .field("sm_count", &self.sm_count)
+            .finish()
+    }
+}
+
+/// PTX per architecture, compiled once per process: every [`Gpu`] of that architecture
+/// (each test, each shard) loads the same text.
+fn ptx_for(arch: &str) -> Result<String, KernelError> {
+    static CACHE: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = cache.lock().map_err(|_| KernelError::Device {
+        op: "nvrtc",
+        message: "PTX cache lock poisoned".into(),
+    })?;
+    if let Some(p) = map.get(arch) {
+        return Ok(p.clone());
+    }
+    let opts = CompileOptions {
+        options: vec![
+            format!("--gpu-architecture={arch}"),
+            "--std=c++17".into(),
+            "--extra-device-vectorization".into(),
+        ],
+        name: Some("falconer_kernels.cu".into()),
+        ..CompileOptions::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| {
+        let message = match &e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                format!("{}", log.to_string_lossy())
+            }
+            other => format!("{other:?}"),
+        };
+        KernelError::Device {
+            op: "nvrtc compile",
+            message,
+        }
+    })?;
+    let text = ptx.to_src();
+    map.insert(arch.to_string(), text.clone());
+    Ok(text)
+}
+
+fn unavailable(reason: impl Into<String>) -> KernelError {
+    KernelError::Unavailable(reason.into())
+}
+
+impl Gpu {
+    /// Opens device `ordinal`: checks that the CUDA driver, NVRTC and cuBLAS libraries
+    /// can be loaded (cudarc panics on a missing library, so this comes first), creates
+    /// a context and stream, and compiles the kernels for the device's architecture.
+    pub fn new(ordinal: usize) -> Result<Self, KernelError> {
+        // SAFETY: these only try to dlopen the libraries.
+        unsafe {
+            if !cudarc::driver::sys::is_culib_present() {
+                return Err(unavailable(
+                    "the CUDA driver library (libcuda) is not installed",
+                ));
+            }
+            if !cudarc::nvrtc::sys::is_culib_present() {
+                return Err(unavailable("the NVRTC library (libnvrtc) is not installed"));
+            }
+            if !cudarc::cublas::sys::is_culib_present() {
+                return Err(unavailable(
+                    "the cuBLAS library (libcublas) is not installed",
+                ));
+            }
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| unavailable(format!("cannot open CUDA device {ordinal}: {e:?}")))?;
+        let attr = |a| {
+            ctx.attribute(a)
+                .map_err(|e| KernelError::driver("device attribute", e))
+        };
+        let sm_count = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let cc = ctx
+            .compute_capability()
+            .map_err(|e| KernelError::driver("compute capability", e))?;
+        if cc.0 < 8 {
+            return Err(unavailable(format!(
+                "device {ordinal} has compute capability {}.{}; falconer's kernels need 8.0 \
+                 (bf16 tensor cores) or newer",
+                cc.0, cc.1
+            )));
+        }
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let total_mem = ctx.total_mem().unwrap_or(0);
+        // SAFETY: no buffer of this context exists yet in this Gpu, and every buffer it
+        // makes is used on its single stream only (see the module docs).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| KernelError::driver("create stream", e))?;
+        keep_pool_memory(&ctx);
+        let ptx = ptx_for(&format!("compute_{}{}", cc.0, cc.1))?;
+        let module = ctx
+            .load_module(Ptx::from_src(ptx))
+            .map_err(|e| KernelError::driver("load module", e))?;
+        let k = Kernels::load(&module)?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| KernelError::Device {
+            op: "cublas init",
+            message: format!("{e:?}"),
+        })?;
+        Ok(Gpu {
+            ctx,
+            stream,
+            blas: Mutex::new(blas),
+            k,
+            pool: Arc::new(Pool::default()),
+            name,
+            cc,
+            sm_count: sm_count.max(1) as u32,
+            total_mem,
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.cc
+    }
+
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    pub fn total_memory(&self) -> usize {
+        self.total_mem
+    }
+
+    /// Waits for everything queued so far.
+    pub fn synchronize(&self) -> Result<(), KernelError> {
+        self.stream
+            .synchronize()
+            .map_err(|e| KernelError::driver("synchronize", e))
+    }
+
+    /// A buffer of `len` elements with unspecified contents.
+    pub fn alloc<T: Elem>(&self, len: usize) -> Result<DeviceBuffer<T>, KernelError> {
+        // SAFETY: the memory is only ever read by kernels after they or a copy wrote it,
+        // or as plain bits (any bit pattern is a valid f32/u32/bf16).
+        let slice = unsafe { self.stream.alloc::<T>(len.max(1)) }
+            .map_err(|e| alloc_error(e, len * std::mem::size_of::<T>()))?;
+        Ok(self.wrap(slice, len, None))
+    }
+
+    /// Like [`Gpu::alloc`], from (and, when dropped, back to) the pool: for op outputs
+    /// and temporaries.
+    pub(crate) fn scratch<T: Elem>(&self, len: usize) -> Result<DeviceBuffer<T>, KernelError> {
+        let slice = match self.pool.take::<T>(len.max(1)) {
+            Some(s) => s,
+            // SAFETY: as in `alloc`.
+            None => unsafe { self.stream.alloc::<T>(len.max(1)) }
+                .map_err(|e| alloc_error(e, len * std::mem::size_of::<T>()))?,
+        };
+        Ok(self.wrap(slice, len, Some(Arc::clone(&self.pool))))
+    }
+
+    pub fn zeros<T: Elem>(&self, len: usize) -> Result<DeviceBuffer<T>, KernelError> {
+        let slice = self
+            .stream
+            .alloc_zeros::<T>(len.max(1))
+            .map_err(|e| alloc_error(e, len * std::mem::size_of::<T>()))?;
+        Ok(self.wrap(slice, len, None))
+    }
+
+    pub fn upload<T: Elem>(&self, data: &[T]) -> Result<DeviceBuffer<T>, KernelError> {
+        if data.is_empty() {
+            return self.zeros(0);
+        }
+        let slice = self
+            .stream
+            .clone_htod(data)
+            .map_err(|e| alloc_error(e, std::mem::size_of_val(data)))?;
+        Ok(self.wrap(slice, data.len(), None))
+    }
+
+    /// Copies a buffer to the host, waiting for the work that produces it.
+    pub fn download<T: Elem>(&self, buf: &DeviceBuffer<T>) -> Result<Vec<T>, KernelError> {
+        if buf.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut out = vec![T::default(); buf.len];
+        let view = buf.inner()?.slice(0..buf.len);
+        self.stream
+            .memcpy_dtoh(&view, &mut out)
+            .map_err(|e| KernelError::driver("copy to host", e))?;
+        self.synchronize()?;
+        Ok(out)
+    }
+
+    /// A copy of `src` in a new buffer (device to device).
+    pub fn duplicate<T: Elem>(
+        &self,
+        src: &DeviceBuffer<T>,
+    ) -> Result<DeviceBuffer<T>, KernelError> {
+        let mut dst = self.alloc::<T>(src.len)?;
+        if src.len > 0 {
+            self.stream
+                .memcpy_dtod(src.inner()?, dst.inner_mut()?)
+                .map_err(|e| KernelError::driver("device copy", e))?;
+        }
+        Ok(dst)
+    }
+
+    fn wrap<T: Elem>(
+        &self,
+        slice: CudaSlice<T>,
+        len: usize,
+        pool: Option<Arc<Pool>>,
+    ) -> DeviceBuffer<T> {
+        let ptr = {
+            let (ptr, _sync) = slice.device_ptr(&self.stream);
+            ptr
+        };
+        DeviceBuffer {
+            slice: Some(slice),
+            len,
+            ptr,
+            pool,
+        }
+    }
+
+    /// Queues `func` with `args` (validated by the typed launcher that calls this).
+    pub(crate) fn launch(
+        &self,
+        func: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<(), KernelError> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| KernelError::driver("bind context", e))?;
+        let mut vals: Vec<Arg> = args.to_vec();
+        let mut ptrs: Vec<*mut c_void> = vals
+            .iter_mut()
+            .map(|a| match a {
+                Arg::U64(v) => v as *mut u64 as *mut c_void,
+                Arg::I32(v) => v as *mut i32 as *mut c_void,
+                Arg::F32(v) => v as *mut f32 as *mut c_void,
+            })
+            .collect();
+        // SAFETY: every launcher in `ops` passes exactly the parameter list of its
+        // kernel, with device pointers of live buffers whose lengths it checked against
+        // the sizes the kernel will index; `vals` outlives the call, and cuLaunchKernel
+        // copies the argument values before returning.
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                func.cu_function(),
+                grid,
+                (block, 1, 1),
+                smem,
+                self.stream.cu_stream(),
+                &mut ptrs,
+            )
+        }
+        .map_err(|e| KernelError::driver("kernel launch", e))
+    }
+}
+
+/// Stream-ordered allocations come from the device's default memory pool; by default
+/// it hands memory back to the driver at every synchronisation, which makes the next
+/// step's allocations slow. Keep it instead (best effort: a failure only costs speed).
+fn keep_pool_memory(ctx: &Arc<CudaContext>) {
+    if !ctx.has_async_alloc() {
+        return;
+    }
+    // SAFETY: the device handle comes from a live context; the attribute takes a u64.
+    unsafe {
+        if let Ok(pool) = cudarc::driver::result::device::get_default_mem_pool(ctx.cu_device()) {
+            let mut threshold = u64::MAX;
+            let _ = cudarc::driver::result::mem_pool::set_attribute(
+                pool,
+                CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut c_void,
+            );
+        }
+    }
+}
+
+fn alloc_error(e: DriverError, requested: usize) -> KernelError {
+    if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        KernelError::OutOfMemory { requested }
+    } else {
+        KernelError::driver("allocate", e)
+    }
+}

@@ -1,0 +1,477 @@
+//! The CUDA backend against HF transformers and against the CPU reference backend.
+//!
+//! Model level, on every fixture layout: prefill and decode logits within 1e-2 relative
+//! (bf16 weights and KV cache), greedy continuations identical (a flip is tolerated
+//! only at a bf16 near tie, and reported), verify passes equal to one-at-a-time decoding,
+//! truncate-then-redecode, copy-on-write forks, batched sequences, and the KV cache's
+//! bytes per token.
+//!
+//! Op level, against the CPU backend on random data in shapes the fixtures do not
+//! reach: the GEMV and cuBLAS paths of `linear`, and attention in every kernel path
+//! (tensor-core prefill at head_dim 64/128, split-K decode, MQA/GQA/MHA, ALiBi, chunked
+//! prefill mixed with decode rows, non-contiguous block tables).
+//!
+//! Without a GPU or CUDA libraries (CI, the development machine) every test prints
+//! `skipped: no CUDA device (<reason>)` and passes. Run with `--test-threads=1` on a GPU.
+#![cfg(feature = "cuda")]
+
+use std::sync::{Arc, OnceLock};
+
+use falconer_engine::backend::cuda::kernels::bf16;
+use falconer_engine::backend::cuda::CudaBackend;
+use falconer_engine::backend::{AttnConfig, Backend, KvLayout, SeqMeta, StepMeta};
+use falconer_engine::checkpoint::{Dtype, HostTensor};
+use falconer_engine::config::{RopeConfig, RopeScaling};
+use falconer_engine::error::BackendError;
+use falconer_engine::posenc::{alibi, rope::Rope};
+use falconer_engine::sampling::argmax;
+use falconer_engine::{CpuBackend, Falcon, LoadOptions, ModelRunner, SeqWork};
+
+use crate::common::{fixture, reference, rel_err, LAYOUTS};
+
+const TOL: f32 = 1e-2;
+
+/// One backend for the whole test binary (context, kernels and cuBLAS set up once), or
+/// the reason there is none.
+fn backend() -> Option<Arc<CudaBackend>> {
+    static B: OnceLock<Result<Arc<CudaBackend>, String>> = OnceLock::new();
+    let b = B.get_or_init(|| match CudaBackend::new(0) {
+        Ok(b) => Ok(Arc::new(b)),
+        Err(BackendError::Unavailable { reason, .. }) => Err(reason),
+        Err(e) => panic!("CUDA backend failed on a machine that has CUDA: {e}"),
+    });
+    match b {
+        Ok(b) => Some(Arc::clone(b)),
+        Err(reason) => {
+            println!("skipped: no CUDA device ({reason})");
+            None
+        }
+    }
+}
+
+fn cuda_runner(b: &Arc<CudaBackend>, name: &str) -> ModelRunner<CudaBackend> {
+    let opts = LoadOptions {
+        kv_blocks: 64,
+        block_size: 4,
+        ..LoadOptions::default()
+    };
+    let model = Falcon::load(&fixture(name), Arc::clone(b), &opts).unwrap();
+    ModelRunner::new(model)
+}
+
+fn work(seq: u64, tokens: &[u32], all_logits: bool) -> SeqWork<'_> {
+    SeqWork {
+        seq,
+        tokens,
+        all_logits,
+    }
+}
+
+/// Prints one line per layout and fails at the end, so that one run shows every
+/// layout's numbers even when several fail.
+fn report(what: &str, failures: &[String]) {
+    assert!(failures.is_empty(), "{what} failed for: {failures:#?}");
+}
+
+#[test]
+fn cuda_prefill_and_decode_logits_match_transformers() {
+    let Some(b) = backend() else { return };
+    let mut failures = Vec::new();
+    for &name in LAYOUTS {
+        let r = reference(name);
+        let mut m = cuda_runner(&b, name);
+        m.add_sequence(1).unwrap();
+        let pre = m.forward(&[work(1, &r.prompt_ids, true)]).unwrap();
+        assert_eq!(pre[0].num_rows(), r.prompt_ids.len());
+        let prefill = r
+            .prefill_logits
+            .iter()
+            .enumerate()
+            .map(|(i, want)| rel_err(pre[0].row(i), want))
+            .fold(0.0f32, f32::max);
+        let mut decode = 0.0f32;
+        for (i, want) in r.decode_step_logits.iter().enumerate() {
+            let out = m.forward(&[work(1, &[r.greedy_ids[i]], false)]).unwrap();
+            decode = decode.max(rel_err(out[0].last(), want));
+        }
+        println!(
+            "{name}: logits rel err vs transformers: prefill {prefill:.2e}, decode {decode:.2e}"
+        );
+        if prefill >= TOL || decode >= TOL {
+            failures.push(format!(
+                "{name}: prefill {prefill:.3e}, decode {decode:.3e}"
+            ));
+        }
+    }
+    report("logits within 1e-2", &failures);
+}
+
+#[test]
+fn cuda_greedy_continuations_match_transformers() {
+    let Some(b) = backend() else { return };
+    let mut failures = Vec::new();
+    for &name in LAYOUTS {
+        let r = reference(name);
+        let mut m = cuda_runner(&b, name);
+        m.add_sequence(7).unwrap();
+        let mut next = r.prompt_ids.clone();
+        for (i, &want) in r.greedy_ids.iter().enumerate() {
+            let out = m.forward(&[work(7, &next, false)]).unwrap();
+            let logits = out[0].last();
+            let got = argmax(logits);
+            if got != want {
+                // A flip is acceptable only where bf16 rounding can decide it: the two
+                // candidates' logits within 1e-2 of the logit scale.
+                let scale = logits.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                let margin = (logits[got as usize] - logits[want as usize]).abs() / scale;
+                println!(
+                    "{name}: greedy token {i} is {got}, transformers {want}: margin \
+                     {margin:.2e} of the logit scale {scale:.3} (tokens before it match)"
+                );
+                if margin >= 1e-2 {
+                    failures.push(format!(
+                        "{name}: token {i} flipped with margin {margin:.3e}"
+                    ));
+                }
+                break;
+            }
+            next = vec![got];
+        }
+        m.remove_sequence(7).unwrap();
+        assert_eq!(m.pool().used_blocks(), 0, "{name}: blocks leaked");
+    }
+    report("greedy continuations", &failures);
+}
+
+#[test]
+fn cuda_verify_pass_equals_one_token_at_a_time() {
+    let Some(b) = backend() else { return };
+    let mut failures = Vec::new();
+    for &name in LAYOUTS {
+        let r = reference(name);
+        let mut m = cuda_runner(&b, name);
+        let new = &r.greedy_ids[..6];
+        m.add_sequence(1).unwrap();
+        m.forward(&[work(1, &r.prompt_ids, false)]).unwrap();
+        let verify = m.forward(&[work(1, new, true)]).unwrap();
+        m.add_sequence(2).unwrap();
+        m.forward(&[work(2, &r.prompt_ids, false)]).unwrap();
+        let mut worst = 0.0f32;
+        for (i, t) in new.iter().enumerate() {
+            let one = m.forward(&[work(2, &[*t], false)]).unwrap();
+            worst = worst.max(rel_err(verify[0].row(i), one[0].last()));
+        }
+        println!("{name}: verify vs one-at-a-time worst rel err {worst:.2e}");
+        if worst >= TOL {
+            failures.push(format!("{name}: {worst:.3e}"));
+        }
+    }
+    report("verify == one at a time", &failures);
+}
+
+#[test]
+fn cuda_truncate_then_redecode_equals_never_decoded() {
+    let Some(b) = backend() else { return };
+    let mut failures = Vec::new();
+    for &name in LAYOUTS {
+        let r = reference(name);
+        let mut m = cuda_runner(&b, name);
+        m.add_sequence(1).unwrap();
+        m.forward(&[work(1, &r.prompt_ids, false)]).unwrap();
+        let n = r.prompt_ids.len();
+        m.forward(&[work(1, &[3, 5, 7, 11, 13], true)]).unwrap();
+        m.truncate(1, n).unwrap();
+        assert_eq!(m.cached_len(1).unwrap(), n);
+        let out = m.forward(&[work(1, &[r.greedy_ids[0]], false)]).unwrap();
+        let e = rel_err(out[0].last(), &r.decode_step_logits[0]);
+        println!("{name}: after truncate rel err vs transformers {e:.2e}");
+        if e >= TOL {
+            failures.push(format!("{name}: {e:.3e}"));
+        }
+    }
+    report("truncate then redecode", &failures);
+}
+
+#[test]
+fn cuda_fork_copies_shared_block_on_write() {
+    let Some(b) = backend() else { return };
+    let mut failures = Vec::new();
+    for name in ["falcon7b_mqa", "new_arch_gqa_sharded", "alibi_rw"] {
+        let r = reference(name);
+        let mut m = cuda_runner(&b, name);
+        // 18 prompt tokens in blocks of 4: the last block is half full and shared.
+        let prompt = &r.prompt_ids[..18];
+        m.add_sequence(1).unwrap();
+        m.forward(&[work(1, prompt, false)]).unwrap();
+        m.fork(1, 2, 18).unwrap();
+        let child = m.forward(&[work(2, &[r.prompt_ids[18]], false)]).unwrap();
+        let parent = m.forward(&[work(1, &[r.prompt_ids[18]], false)]).unwrap();
+        m.add_sequence(3).unwrap();
+        let fresh = m.forward(&[work(3, &r.prompt_ids[..19], false)]).unwrap();
+        let e1 = rel_err(child[0].last(), fresh[0].last());
+        let e2 = rel_err(parent[0].last(), fresh[0].last());
+        println!("{name}: fork vs fresh rel err: child {e1:.2e}, parent {e2:.2e}");
+        if e1 >= TOL || e2 >= TOL {
+            failures.push(format!("{name}: child {e1:.3e}, parent {e2:.3e}"));
+        }
+    }
+    report("copy-on-write fork", &failures);
+}
+
+#[test]
+fn cuda_batched_sequences_match_their_solo_runs() {
+    let Some(b) = backend() else { return };
+    let name = "new_arch_gqa_sharded";
+    let r = reference(name);
+    let mut m = cuda_runner(&b, name);
+    m.add_sequence(1).unwrap();
+    m.add_sequence(2).unwrap();
+    let short = &r.prompt_ids[..9];
+    let out = m
+        .forward(&[work(1, &r.prompt_ids, true), work(2, short, true)])
+        .unwrap();
+    for (i, want) in r.prefill_logits.iter().enumerate() {
+        assert!(rel_err(out[0].row(i), want) < TOL, "row {i}");
+    }
+    for (i, want) in r.prefill_logits[..9].iter().enumerate() {
+        assert!(rel_err(out[1].row(i), want) < TOL, "short row {i}");
+    }
+}
+
+#[test]
+fn cuda_kv_cache_holds_exactly_the_kv_heads_in_bf16() {
+    let Some(b) = backend() else { return };
+    for &name in LAYOUTS {
+        let m = cuda_runner(&b, name);
+        let cfg = m.model().config().clone();
+        let layout = m.model().kv_layout();
+        let kv = b.alloc_kv(&layout).unwrap();
+        let per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2;
+        assert_eq!(kv.bytes_per_token(), per_token, "{name}");
+        assert_eq!(kv.bytes_per_token(), cfg.kv_bytes_per_token(2), "{name}");
+        assert_eq!(kv.byte_size(), per_token * layout.num_slots(), "{name}");
+    }
+}
+
+/// Deterministic pseudo-random values in (-1, 1), rounded to bf16 so that both backends
+/// start from identical numbers.
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let u = (s >> 40) as f32 / (1u64 << 24) as f32;
+            bf16::from_f32(2.0 * u - 1.0).to_f32()
+        })
+        .collect()
+}
+
+fn bf16_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter()
+        .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+        .collect()
+}
+
+#[test]
+fn cuda_linear_matches_cpu_on_both_paths() {
+    let Some(b) = backend() else { return };
+    let cpu = CpuBackend::new();
+    for (n, k) in [(200usize, 320usize), (67, 36), (4672, 4544)] {
+        let w = random(n * k, 1);
+        let bias = random(n, 2);
+        let wb = bf16_bytes(&w);
+        let shape = [n, k];
+        let wt = HostTensor {
+            dtype: Dtype::Bf16,
+            shape: &shape,
+            bytes: &wb,
+        };
+        let bshape = [n];
+        let bb = bf16_bytes(&bias);
+        let bt = HostTensor {
+            dtype: Dtype::Bf16,
+            shape: &bshape,
+            bytes: &bb,
+        };
+        let (gw, gb) = (b.upload(&wt).unwrap(), b.upload(&bt).unwrap());
+        let (cw, cb) = (cpu.upload(&wt).unwrap(), cpu.upload(&bt).unwrap());
+        for rows in [1usize, 2, 3, 5, 8, 9, 40, 100] {
+            let x = random(rows * k, 3 + rows as u64);
+            let want = cpu
+                .to_host(
+                    &cpu.linear(&cpu.upload_hidden(&x, rows, k).unwrap(), &cw, Some(&cb))
+                        .unwrap(),
+                )
+                .unwrap();
+            let gx = b.upload_hidden(&x, rows, k).unwrap();
+            let got = b.to_host(&b.linear(&gx, &gw, Some(&gb)).unwrap()).unwrap();
+            // GEMV (few rows or a small problem): f32 activations, only the summation
+            // order differs. Otherwise cuBLAS takes the activations in bf16.
+            let tol = if rows <= 8 || rows * n * k <= 1 << 26 {
+                1e-4
+            } else {
+                1e-2
+            };
+            let e = rel_err(&got, &want);
+            assert!(e < tol, "linear {rows}x{k} @ {n}x{k}: rel err {e}");
+        }
+    }
+}
+
+/// One sequence chunk of an attention step: `rows` new tokens at `start`.
+struct Chunk {
+    seq: usize,
+    start: usize,
+    rows: usize,
+}
+
+/// Runs a series of attention steps over one layer's cache on `backend`, returning
+/// each step's output.
+fn run_attention<B: Backend>(
+    backend: &B,
+    steps: &[Vec<Chunk>],
+    tables: &[Vec<u32>],
+    attn: &AttnConfig,
+    layout: &KvLayout,
+    rope: Option<&Rope>,
+    seed: u64,
+) -> Vec<Vec<f32>> {
+    let mut kv = backend.alloc_kv(layout).unwrap();
+    let width = attn.num_kv_heads * (attn.num_heads / attn.num_kv_heads + 2) * attn.head_dim;
+    let bs = layout.block_size;
+    let mut outs = Vec::new();
+    for (si, chunks) in steps.iter().enumerate() {
+        let mut meta = StepMeta {
+            block_size: bs,
+            ..StepMeta::default()
+        };
+        for c in chunks {
+            let table = &tables[c.seq];
+            meta.seqs.push(SeqMeta {
+                first_row: meta.token_ids.len(),
+                num_rows: c.rows,
+                start_pos: c.start,
+                block_table: table.clone(),
+            });
+            for pos in c.start..c.start + c.rows {
+                meta.token_ids.push(0);
+                meta.slots
+                    .push(table[pos / bs] * bs as u32 + (pos % bs) as u32);
+                if let Some(r) = rope {
+                    r.push_cos_sin(pos, pos + 1, &mut meta.rope_cos, &mut meta.rope_sin);
+                }
+            }
+        }
+        let rows = meta.token_ids.len();
+        let qkv = random(rows * width, seed + si as u64);
+        let step = backend.prepare_step(&meta).unwrap();
+        let x = backend.upload_hidden(&qkv, rows, width).unwrap();
+        let out = backend.attention(&x, &mut kv, 0, &step, attn).unwrap();
+        outs.push(backend.to_host(&out).unwrap());
+    }
+    outs
+}
+
+#[test]
+fn cuda_attention_matches_cpu_in_every_kernel_path() {
+    let Some(b) = backend() else { return };
+    let cpu = CpuBackend::new();
+    // (heads, kv heads, head dim, alibi)
+    let geometries = [
+        (8usize, 2usize, 64usize, false),
+        (71, 1, 64, false),
+        (4, 4, 128, true),
+        (6, 2, 8, true),
+        (6, 3, 16, false),
+    ];
+    let bs = 16;
+    let num_blocks = 96;
+    // Two sequences with scattered, non-contiguous blocks.
+    let tables: Vec<Vec<u32>> = vec![
+        (0..40).map(|i| (i * 7 + 3) % 96).collect(),
+        (0..40).map(|i| (i * 7 + 5) % 96).collect(),
+    ];
+    let steps = vec![
+        // Prefill of 100 rows (tensor cores where the head dim allows).
+        vec![Chunk {
+            seq: 0,
+            start: 0,
+            rows: 100,
+        }],
+        // Chunked prefill continuing it, batched with a short chunk of another sequence.
+        vec![
+            Chunk {
+                seq: 0,
+                start: 100,
+                rows: 40,
+            },
+            Chunk {
+                seq: 1,
+                start: 0,
+                rows: 3,
+            },
+        ],
+        // Verify-sized chunk and a one-token decode.
+        vec![
+            Chunk {
+                seq: 1,
+                start: 3,
+                rows: 5,
+            },
+            Chunk {
+                seq: 0,
+                start: 140,
+                rows: 1,
+            },
+        ],
+        // Long single-row decode: split-K.
+        vec![Chunk {
+            seq: 1,
+            start: 8,
+            rows: 500,
+        }],
+        vec![Chunk {
+            seq: 1,
+            start: 508,
+            rows: 1,
+        }],
+    ];
+    let mut failures = Vec::new();
+    for (nh, kvh, hd, use_alibi) in geometries {
+        let attn = AttnConfig {
+            num_heads: nh,
+            num_kv_heads: kvh,
+            head_dim: hd,
+            alibi_slopes: use_alibi.then(|| alibi::slopes(nh)),
+        };
+        let layout = KvLayout {
+            num_layers: 1,
+            num_blocks,
+            block_size: bs,
+            num_kv_heads: kvh,
+            head_dim: hd,
+        };
+        let rope_cfg = RopeConfig {
+            theta: 10_000.0,
+            scaling: RopeScaling::None,
+        };
+        let rope = (!use_alibi).then(|| Rope::new(&rope_cfg, hd));
+        let want = run_attention(&cpu, &steps, &tables, &attn, &layout, rope.as_ref(), 11);
+        let got = run_attention(&*b, &steps, &tables, &attn, &layout, rope.as_ref(), 11);
+        let errs: Vec<f32> = got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).collect();
+        let shown: Vec<String> = errs.iter().map(|e| format!("{e:.2e}")).collect();
+        println!(
+            "attention {nh} heads / {kvh} kv x {hd}, alibi {use_alibi}: rel err per step {}",
+            shown.join(" ")
+        );
+        if errs.iter().any(|&e| e >= TOL) {
+            failures.push(format!(
+                "{nh}/{kvh}x{hd} alibi={use_alibi}: {}",
+                shown.join(" ")
+            ));
+        }
+    }
+    report("attention vs CPU", &failures);
+}
