@@ -33,6 +33,8 @@ pub enum RuntimeError {
     EmptyPrompt,
     #[error("the model failed on this request: {message}")]
     Model { message: String },
+    #[error("the prefix was dropped before it was cached")]
+    PrefixDropped,
     #[error("the runtime is shut down")]
     ShutDown,
     #[error("cannot start actor {actor}: {message}")]

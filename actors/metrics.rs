@@ -14,6 +14,7 @@
 //! | `falconer_queue_depth` | gauge | requests waiting for KV space |
 //! | `falconer_active_sessions` | gauge | sessions being decoded |
 //! | `falconer_draft_restarts_total` | counter | draft actor restarts |
+//! | `falconer_preemptions_total` | counter | sessions whose KV was freed to unblock others |
 
 use std::time::Duration;
 
@@ -53,4 +54,8 @@ pub(crate) fn active_sessions(n: usize) {
 
 pub(crate) fn draft_restart() {
     metrics::counter!("falconer_draft_restarts_total").increment(1);
+}
+
+pub(crate) fn preemption() {
+    metrics::counter!("falconer_preemptions_total").increment(1);
 }

@@ -235,6 +235,13 @@ impl<B: Backend> SchedulerState<B> {
         };
         let _ = self.kv.cast(KvMsg::Remove { seq: id });
         let _ = self.sampler.cast(SamplerMsg::Unregister { session: id });
+        if let Some(reply) = self.prefix_waiters.remove(&id) {
+            // A prefix holder that failed (or was cancelled) answers its caller.
+            let _ = reply.send(match &outcome {
+                Ok(_) => Err(RuntimeError::PrefixDropped),
+                Err(e) => Err(e.clone()),
+            });
+        }
         let ev = match outcome {
             Ok(reason) => s.finished(reason, &self.tokenizer),
             Err(e) => TokenEvent::Error(e),
@@ -310,6 +317,12 @@ impl<B: Backend> Actor for Scheduler<B> {
                 .await
                 {
                     Ok(Ok(())) => {
+                        // The target pass of a prefix goes through the sampler like any
+                        // other; it forgets the holder once the prefix is ready.
+                        let _ = st.sampler.cast(SamplerMsg::Register {
+                            session: id,
+                            params: s.params,
+                        });
                         st.sessions.insert(id, s);
                         st.prefix_waiters.insert(id, reply);
                     }

@@ -226,8 +226,8 @@ async fn reserve<B: Backend>(st: &mut SchedulerState<B>, plans: &mut [Plan]) {
         }
     };
     let mut results = results.into_iter();
-    let active = plans.len();
-    let mut failed = Vec::new();
+    let mut refused = Vec::new();
+    let mut granted = false;
     for p in plans.iter_mut() {
         if !st.sessions.contains_key(&p.id) {
             continue;
@@ -237,16 +237,14 @@ async fn reserve<B: Backend>(st: &mut SchedulerState<B>, plans: &mut [Plan]) {
         match target {
             Some(Ok(r)) => {
                 p.target = Some(r);
+                granted = true;
                 st.waiting.retain(|w| *w != p.id);
             }
             Some(Err(e)) => {
-                // Alone and still too big: it never fits. Otherwise wait for others
-                // to free blocks.
-                if active == 1 {
-                    failed.push((p.id, e));
-                } else if !st.waiting.contains(&p.id) {
+                if !st.waiting.contains(&p.id) {
                     st.waiting.push_back(p.id);
                 }
+                refused.push((p.id, e));
                 continue;
             }
             None => continue,
@@ -261,7 +259,31 @@ async fn reserve<B: Backend>(st: &mut SchedulerState<B>, plans: &mut [Plan]) {
             None => {}
         }
     }
-    for (id, e) in failed {
+    if !granted && !refused.is_empty() {
+        unblock(st, refused);
+    }
+}
+
+/// Nobody could grow this round. With two or more sessions holding blocks they may be
+/// waiting on each other: the newest is preempted (its KV freed, recomputed later from
+/// its tokens, so its output is unchanged). A session that does not fit even when it
+/// is the only holder never will: it fails with the KV error.
+fn unblock<B: Backend>(st: &mut SchedulerState<B>, refused: Vec<(u64, falconer_engine::error::KvError)>) {
+    let holders: Vec<u64> = st.sessions.values().filter(|s| s.target_len > 0).map(|s| s.id).collect();
+    if let [.., newest] = holders[..] {
+        if holders.len() >= 2 {
+            if let Some(s) = st.sessions.get_mut(&newest) {
+                s.target_len = 0;
+                s.draft_len = 0;
+            }
+            let items = vec![(Pool::Target, newest, 0), (Pool::Draft, newest, 0)];
+            let _ = st.kv.cast(KvMsg::Truncate { items });
+            m::preemption();
+            return;
+        }
+    }
+    let victim = holders.first().copied().or_else(|| refused.first().map(|(id, _)| *id));
+    if let Some((id, e)) = refused.into_iter().find(|(id, _)| Some(*id) == victim) {
         st.finish(id, Err(e.into()));
     }
 }
@@ -333,6 +355,7 @@ fn fail_all<B: Backend>(st: &mut SchedulerState<B>, plans: &[Plan], e: RuntimeEr
 
 /// A prefix holder finished its prefill: keep its KV for forking.
 fn prefix_ready<B: Backend>(st: &mut SchedulerState<B>, id: u64) {
+    let _ = st.sampler.cast(SamplerMsg::Unregister { session: id });
     if let Some(s) = st.sessions.remove(&id) {
         st.prefixes.push(super::Prefix {
             seq: id,

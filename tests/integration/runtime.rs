@@ -357,7 +357,7 @@ fn speculative_sampling_draws_from_the_target_distribution() {
             assert_eq!(unexpected, 0, "{spec:?}: tokens outside the target's support");
             assert!(chi2 < 26.1, "{spec:?}: chi-square {chi2}");
             if spec == Speculation::DraftModel {
-                assert!(proposed > n as usize, "speculation did not run");
+                assert!(proposed >= n as usize, "speculation did not run: {proposed} drafts");
             }
         }
     });
