@@ -72,24 +72,41 @@ pub struct DraftState<B: Backend> {
 
 /// Runs the k draft steps; returns proposals and the time of one draft step
 /// (averaged), which the scheduler uses as the cost ratio's numerator.
-fn propose<B: Backend>(model: &mut Falcon<B>, items: &[ProposeItem], copies: &[(u32, u32)]) -> falconer_engine::Result<(Vec<Proposal>, Duration)> {
+fn propose<B: Backend>(
+    model: &mut Falcon<B>,
+    items: &[ProposeItem],
+    copies: &[(u32, u32)],
+) -> falconer_engine::Result<(Vec<Proposal>, Duration)> {
     model.copy_kv_blocks(copies)?;
     let mut out: Vec<Proposal> = items.iter().map(|_| Proposal::default()).collect();
-    let mut rngs: Vec<Option<Rng>> = items.iter().map(|i| i.sampling.map(|(_, seed)| Rng::new(seed))).collect();
+    let mut rngs: Vec<Option<Rng>> = items
+        .iter()
+        .map(|i| i.sampling.map(|(_, seed)| Rng::new(seed)))
+        .collect();
     let max_k = items.iter().map(|i| i.k).max().unwrap_or(0);
     let started = Instant::now();
     for j in 0..max_k {
         let active: Vec<usize> = (0..items.len()).filter(|&i| items[i].k > j).collect();
         let feeds: Vec<Vec<u32>> = active
             .iter()
-            .map(|&i| if j == 0 { items[i].feed.clone() } else { vec![out[i].tokens[j - 1]] })
+            .map(|&i| {
+                if j == 0 {
+                    items[i].feed.clone()
+                } else {
+                    vec![out[i].tokens[j - 1]]
+                }
+            })
             .collect();
         let chunks: Vec<SeqChunk<'_>> = active
             .iter()
             .zip(&feeds)
             .map(|(&i, f)| SeqChunk {
                 tokens: f,
-                start_pos: if j == 0 { items[i].start_pos } else { items[i].start_pos + items[i].feed.len() + j - 1 },
+                start_pos: if j == 0 {
+                    items[i].start_pos
+                } else {
+                    items[i].start_pos + items[i].feed.len() + j - 1
+                },
                 block_table: &items[i].block_table,
                 prompt_len: items[i].prompt_len,
                 all_logits: false,
@@ -110,7 +127,11 @@ fn propose<B: Backend>(model: &mut Falcon<B>, items: &[ProposeItem], copies: &[(
             out[i].tokens.push(token);
         }
     }
-    let per_step = if max_k > 0 { started.elapsed() / max_k as u32 } else { Duration::ZERO };
+    let per_step = if max_k > 0 {
+        started.elapsed() / max_k as u32
+    } else {
+        Duration::ZERO
+    };
     Ok((out, per_step))
 }
 
@@ -119,7 +140,11 @@ impl<B: Backend> Actor for DraftActor<B> {
     type State = DraftState<B>;
     type Arguments = DraftArgs<B>;
 
-    async fn pre_start(&self, _me: ActorRef<DraftMsg>, args: DraftArgs<B>) -> Result<DraftState<B>, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _me: ActorRef<DraftMsg>,
+        args: DraftArgs<B>,
+    ) -> Result<DraftState<B>, ActorProcessingErr> {
         Ok(DraftState {
             model: Some(args.model),
             panic_after: args.panic_after,
@@ -127,8 +152,17 @@ impl<B: Backend> Actor for DraftActor<B> {
         })
     }
 
-    async fn handle(&self, _me: ActorRef<DraftMsg>, msg: DraftMsg, s: &mut DraftState<B>) -> Result<(), ActorProcessingErr> {
-        let DraftMsg::Propose { items, copies, reply } = msg;
+    async fn handle(
+        &self,
+        _me: ActorRef<DraftMsg>,
+        msg: DraftMsg,
+        s: &mut DraftState<B>,
+    ) -> Result<(), ActorProcessingErr> {
+        let DraftMsg::Propose {
+            items,
+            copies,
+            reply,
+        } = msg;
         s.served += 1;
         let inject = s.panic_after.is_some_and(|n| s.served > n);
         let Some(mut model) = s.model.take() else {

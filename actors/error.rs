@@ -38,7 +38,10 @@ pub enum RuntimeError {
     #[error("the runtime is shut down")]
     ShutDown,
     #[error("cannot start actor {actor}: {message}")]
-    Spawn { actor: &'static str, message: String },
+    Spawn {
+        actor: &'static str,
+        message: String,
+    },
 }
 
 impl RuntimeError {

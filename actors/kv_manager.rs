@@ -40,9 +40,13 @@ pub enum KvMsg {
         reply: RpcReplyPort<Vec<Result<Reserved, KvError>>>,
     },
     /// Set each `(pool, seq, valid_len)` after a pass and free blocks past it.
-    Commit { items: Vec<(Pool, SeqId, usize)> },
+    Commit {
+        items: Vec<(Pool, SeqId, usize)>,
+    },
     /// Roll each `(pool, seq)` back to `len` (a failed pass).
-    Truncate { items: Vec<(Pool, SeqId, usize)> },
+    Truncate {
+        items: Vec<(Pool, SeqId, usize)>,
+    },
     Fork {
         pool: Pool,
         parent: SeqId,
@@ -51,10 +55,16 @@ pub enum KvMsg {
         reply: RpcReplyPort<Result<(), KvError>>,
     },
     /// Frees a sequence in every pool that holds it.
-    Remove { seq: SeqId },
+    Remove {
+        seq: SeqId,
+    },
     /// Forgets every draft sequence (the draft's KV memory was lost in a restart).
-    ResetDraft { reply: RpcReplyPort<()> },
-    Stats { reply: RpcReplyPort<KvStats> },
+    ResetDraft {
+        reply: RpcReplyPort<()>,
+    },
+    Stats {
+        reply: RpcReplyPort<KvStats>,
+    },
 }
 
 /// Occupancy of both pools.
@@ -104,7 +114,11 @@ impl Actor for KvCacheManager {
     type State = KvState;
     type Arguments = KvArgs;
 
-    async fn pre_start(&self, _me: ActorRef<KvMsg>, args: KvArgs) -> Result<KvState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _me: ActorRef<KvMsg>,
+        args: KvArgs,
+    ) -> Result<KvState, ActorProcessingErr> {
         let draft_shape = args.draft.unwrap_or((0, 1));
         Ok(KvState {
             target: KvPool::new(args.target.0, args.target.1),
@@ -113,7 +127,12 @@ impl Actor for KvCacheManager {
         })
     }
 
-    async fn handle(&self, _me: ActorRef<KvMsg>, msg: KvMsg, s: &mut KvState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<KvMsg>,
+        msg: KvMsg,
+        s: &mut KvState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             KvMsg::Add { seq, pools, reply } => {
                 let mut r = Ok(());

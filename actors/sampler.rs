@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 
-use falconer_engine::sampling::{apply_repetition_penalty, sample_token, warp_probs, Rng, SamplingParams};
+use falconer_engine::sampling::{
+    apply_repetition_penalty, sample_token, warp_probs, Rng, SamplingParams,
+};
 use falconer_engine::speculative::{accept_greedy, accept_sampling, Verdict};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
@@ -27,8 +29,13 @@ pub struct DecideItem {
 /// Messages of the sampler.
 #[derive(Debug)]
 pub enum SamplerMsg {
-    Register { session: u64, params: SamplingParams },
-    Unregister { session: u64 },
+    Register {
+        session: u64,
+        params: SamplingParams,
+    },
+    Unregister {
+        session: u64,
+    },
     Decide {
         items: Vec<DecideItem>,
         reply: RpcReplyPort<Vec<Result<Verdict, RuntimeError>>>,
@@ -65,7 +72,11 @@ fn penalised(item: &DecideItem, params: &SamplingParams) -> Vec<Vec<f32>> {
 }
 
 /// The acceptance rule for one item (pure; the actor only owns the RNG).
-pub fn decide(item: &DecideItem, params: &SamplingParams, rng: &mut Rng) -> Result<Verdict, RuntimeError> {
+pub fn decide(
+    item: &DecideItem,
+    params: &SamplingParams,
+    rng: &mut Rng,
+) -> Result<Verdict, RuntimeError> {
     if item.drafts.is_empty() {
         let row = item.target_rows.first().ok_or(RuntimeError::Model {
             message: "no target logits".into(),
@@ -81,7 +92,10 @@ pub fn decide(item: &DecideItem, params: &SamplingParams, rng: &mut Rng) -> Resu
     let verdict = if params.is_greedy() {
         accept_greedy(&item.drafts, &rows_ref)
     } else {
-        let p: Vec<Vec<f32>> = rows.iter().map(|r| warp_probs(r, params)).collect::<Result<_, _>>()?;
+        let p: Vec<Vec<f32>> = rows
+            .iter()
+            .map(|r| warp_probs(r, params))
+            .collect::<Result<_, _>>()?;
         let p_ref: Vec<&[f32]> = p.iter().map(Vec::as_slice).collect();
         let q_owned: Vec<Vec<f32>>;
         let q_ref: Vec<&[f32]> = if item.q.len() == item.drafts.len() {
@@ -112,11 +126,20 @@ impl Actor for SamplerActor {
     type State = SamplerState;
     type Arguments = ();
 
-    async fn pre_start(&self, _me: ActorRef<SamplerMsg>, _: ()) -> Result<SamplerState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _me: ActorRef<SamplerMsg>,
+        _: (),
+    ) -> Result<SamplerState, ActorProcessingErr> {
         Ok(SamplerState::default())
     }
 
-    async fn handle(&self, _me: ActorRef<SamplerMsg>, msg: SamplerMsg, s: &mut SamplerState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<SamplerMsg>,
+        msg: SamplerMsg,
+        s: &mut SamplerState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SamplerMsg::Register { session, params } => {
                 let rng = Rng::new(params.seed);

@@ -108,20 +108,32 @@ impl<B: Backend> Actor for TargetShard<B> {
     type State = ShardState<B>;
     type Arguments = ShardArgs<B>;
 
-    async fn pre_start(&self, _me: ActorRef<Self::Msg>, args: ShardArgs<B>) -> Result<ShardState<B>, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        args: ShardArgs<B>,
+    ) -> Result<ShardState<B>, ActorProcessingErr> {
         Ok(ShardState {
             model: Some(args.model),
             next: args.next,
         })
     }
 
-    async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, s: &mut ShardState<B>) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        s: &mut ShardState<B>,
+    ) -> Result<(), ActorProcessingErr> {
         let ShardMsg::Forward(job) = msg;
         let Some(mut model) = s.model.take() else {
-            let _ = job.reply.send(Err(RuntimeError::model("target shard lost its model")));
+            let _ = job
+                .reply
+                .send(Err(RuntimeError::model("target shard lost its model")));
             return Err("target shard has no model".into());
         };
-        let (chunks, copies, hidden) = (Arc::clone(&job.chunks), Arc::clone(&job.copies), job.hidden);
+        let (chunks, copies, hidden) =
+            (Arc::clone(&job.chunks), Arc::clone(&job.copies), job.hidden);
         let started = Instant::now();
         let joined = tokio::task::spawn_blocking(move || {
             let out = run(&mut model, &chunks, &copies, hidden);
@@ -132,7 +144,9 @@ impl<B: Backend> Actor for TargetShard<B> {
         let (model, out) = match joined {
             Ok(x) => x,
             Err(e) => {
-                let _ = job.reply.send(Err(RuntimeError::model(format!("target shard panicked: {e}"))));
+                let _ = job.reply.send(Err(RuntimeError::model(format!(
+                    "target shard panicked: {e}"
+                ))));
                 return Err(format!("target shard thread failed: {e}").into());
             }
         };
@@ -154,7 +168,9 @@ impl<B: Backend> Actor for TargetShard<B> {
                     }
                 }
                 None => {
-                    let _ = job.reply.send(Err(RuntimeError::model("shard chain ends before the last layer")));
+                    let _ = job.reply.send(Err(RuntimeError::model(
+                        "shard chain ends before the last layer",
+                    )));
                 }
             },
             Err(e) => {

@@ -44,7 +44,9 @@ pub struct SupervisorArgs<B: Backend> {
 
 impl<B: Backend> std::fmt::Debug for SupervisorArgs<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SupervisorArgs").field("max_restarts", &self.max_restarts).finish()
+        f.debug_struct("SupervisorArgs")
+            .field("max_restarts", &self.max_restarts)
+            .finish()
     }
 }
 
@@ -58,12 +60,24 @@ pub struct SupervisorState<B: Backend> {
 
 impl<B: Backend> std::fmt::Debug for SupervisorState<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SupervisorState").field("restarts", &self.restarts).finish()
+        f.debug_struct("SupervisorState")
+            .field("restarts", &self.restarts)
+            .finish()
     }
 }
 
-async fn spawn_draft<B: Backend>(model: Falcon<B>, panic_after: Option<usize>, me: ActorCell) -> Result<ActorRef<DraftMsg>, ActorProcessingErr> {
-    let (r, _) = Actor::spawn_linked(None, DraftActor::<B>::default(), DraftArgs { model, panic_after }, me).await?;
+async fn spawn_draft<B: Backend>(
+    model: Falcon<B>,
+    panic_after: Option<usize>,
+    me: ActorCell,
+) -> Result<ActorRef<DraftMsg>, ActorProcessingErr> {
+    let (r, _) = Actor::spawn_linked(
+        None,
+        DraftActor::<B>::default(),
+        DraftArgs { model, panic_after },
+        me,
+    )
+    .await?;
     Ok(r)
 }
 
@@ -72,7 +86,11 @@ impl<B: Backend> Actor for Supervisor<B> {
     type State = SupervisorState<B>;
     type Arguments = SupervisorArgs<B>;
 
-    async fn pre_start(&self, me: ActorRef<SupervisorMsg>, a: SupervisorArgs<B>) -> Result<SupervisorState<B>, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        me: ActorRef<SupervisorMsg>,
+        a: SupervisorArgs<B>,
+    ) -> Result<SupervisorState<B>, ActorProcessingErr> {
         let draft = spawn_draft(a.first, a.panic_after, me.get_cell()).await?;
         Ok(SupervisorState {
             factory: a.factory,
@@ -83,7 +101,12 @@ impl<B: Backend> Actor for Supervisor<B> {
         })
     }
 
-    async fn handle(&self, _me: ActorRef<SupervisorMsg>, msg: SupervisorMsg, st: &mut SupervisorState<B>) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<SupervisorMsg>,
+        msg: SupervisorMsg,
+        st: &mut SupervisorState<B>,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::SetScheduler(s) => st.scheduler = Some(s),
             SupervisorMsg::Draft(reply) => {
@@ -93,7 +116,12 @@ impl<B: Backend> Actor for Supervisor<B> {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, me: ActorRef<SupervisorMsg>, evt: SupervisionEvent, st: &mut SupervisorState<B>) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<SupervisorMsg>,
+        evt: SupervisionEvent,
+        st: &mut SupervisorState<B>,
+    ) -> Result<(), ActorProcessingErr> {
         let failed = match &evt {
             SupervisionEvent::ActorFailed(who, _) => Some(who.get_id()),
             SupervisionEvent::ActorTerminated(who, _, _) => Some(who.get_id()),

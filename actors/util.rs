@@ -6,7 +6,10 @@ use ractor::{ActorRef, RpcReplyPort};
 use crate::error::RuntimeError;
 
 /// Sends a request and awaits its reply; a dead actor is `RuntimeError::ShutDown`.
-pub(crate) async fn ask<M, T>(actor: &ActorRef<M>, msg: impl FnOnce(RpcReplyPort<T>) -> M) -> Result<T, RuntimeError>
+pub(crate) async fn ask<M, T>(
+    actor: &ActorRef<M>,
+    msg: impl FnOnce(RpcReplyPort<T>) -> M,
+) -> Result<T, RuntimeError>
 where
     M: ractor::Message,
     T: Send + 'static,

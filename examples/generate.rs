@@ -150,7 +150,9 @@ async fn main() -> Result<()> {
                     }
                 } else {
                     writeln!(out)?;
-                    let acc = u.acceptance_rate().map_or_else(|| "-".to_string(), |a| format!("{:.1}%", a * 100.0));
+                    let acc = u
+                        .acceptance_rate()
+                        .map_or_else(|| "-".to_string(), |a| format!("{:.1}%", a * 100.0));
                     eprintln!(
                         "[{}] {} tokens, {:.1} tokens/s, {:.2} tokens/target pass, acceptance {acc} ({} backend)",
                         f.reason.as_str(),

@@ -125,7 +125,8 @@ impl RuntimeBuilder {
             Device::Cpu => self.start(Arc::new(CpuBackend::new())).await,
             #[cfg(feature = "cuda")]
             Device::Cuda(ordinal) => {
-                let b = falconer_engine::backend::cuda::CudaBackend::new(ordinal).map_err(RuntimeError::model)?;
+                let b = falconer_engine::backend::cuda::CudaBackend::new(ordinal)
+                    .map_err(RuntimeError::model)?;
                 self.start(Arc::new(b)).await
             }
             #[cfg(not(feature = "cuda"))]
@@ -138,9 +139,16 @@ impl RuntimeBuilder {
 
     async fn start<B: Backend>(self, backend: Arc<B>) -> Result<Runtime, RuntimeError> {
         let target = ModelDir::new(self.target.clone().ok_or(RuntimeError::NoTarget)?);
-        let cfg = target.config().map_err(|e| RuntimeError::load("target config", e))?;
-        let tokenizer = Arc::new(Tokenizer::from_file(&target.tokenizer_path()).map_err(|e| RuntimeError::load("target tokenizer", e))?);
-        let gen = target.generation_defaults().map_err(|e| RuntimeError::load("generation config", e))?;
+        let cfg = target
+            .config()
+            .map_err(|e| RuntimeError::load("target config", e))?;
+        let tokenizer = Arc::new(
+            Tokenizer::from_file(&target.tokenizer_path())
+                .map_err(|e| RuntimeError::load("target tokenizer", e))?,
+        );
+        let gen = target
+            .generation_defaults()
+            .map_err(|e| RuntimeError::load("generation config", e))?;
         let draft = self.draft.clone().map(ModelDir::new);
         if let Some(d) = &draft {
             check_vocab(&cfg, &tokenizer, d)?;
@@ -171,7 +179,16 @@ impl RuntimeBuilder {
         let mut next = None;
         let mut shards = Vec::with_capacity(n);
         for model in models.into_iter().rev() {
-            let (r, _) = Actor::spawn(None, TargetShard::<B>::default(), ShardArgs { model, next: next.clone() }).await.map_err(spawn("target shard"))?;
+            let (r, _) = Actor::spawn(
+                None,
+                TargetShard::<B>::default(),
+                ShardArgs {
+                    model,
+                    next: next.clone(),
+                },
+            )
+            .await
+            .map_err(spawn("target shard"))?;
             cells.push(r.get_cell());
             next = Some(r.clone());
             shards.push(r);
@@ -183,13 +200,17 @@ impl RuntimeBuilder {
             KvCacheManager,
             KvArgs {
                 target: (self.kv_blocks, self.block_size),
-                draft: draft.as_ref().map(|_| (self.draft_kv_blocks, self.block_size)),
+                draft: draft
+                    .as_ref()
+                    .map(|_| (self.draft_kv_blocks, self.block_size)),
             },
         )
         .await
         .map_err(spawn("kv cache manager"))?;
         cells.push(kv.get_cell());
-        let (sampler, _) = Actor::spawn(None, SamplerActor, ()).await.map_err(spawn("sampler"))?;
+        let (sampler, _) = Actor::spawn(None, SamplerActor, ())
+            .await
+            .map_err(spawn("sampler"))?;
         cells.push(sampler.get_cell());
 
         let mut supervisor = None;
@@ -201,7 +222,8 @@ impl RuntimeBuilder {
                 block_size: self.block_size,
             };
             let b = Arc::clone(&backend);
-            let factory: DraftFactory<B> = Arc::new(move || Falcon::load(&d, Arc::clone(&b), &opts));
+            let factory: DraftFactory<B> =
+                Arc::new(move || Falcon::load(&d, Arc::clone(&b), &opts));
             let f = Arc::clone(&factory);
             let first = tokio::task::spawn_blocking(move || f())
                 .await
@@ -213,12 +235,18 @@ impl RuntimeBuilder {
                 panic_after: self.draft_panic_after,
                 max_restarts: 8,
             };
-            let (sup, _) = Actor::spawn(None, Supervisor::<B>::default(), args).await.map_err(spawn("supervisor"))?;
+            let (sup, _) = Actor::spawn(None, Supervisor::<B>::default(), args)
+                .await
+                .map_err(spawn("supervisor"))?;
             draft_ref = crate::util::ask(&sup, SupervisorMsg::Draft).await?;
             cells.push(sup.get_cell());
             supervisor = Some(sup);
         }
-        let default_eos = if gen.eos_token_ids.is_empty() { cfg.eos_token_ids.clone() } else { gen.eos_token_ids.clone() };
+        let default_eos = if gen.eos_token_ids.is_empty() {
+            cfg.eos_token_ids.clone()
+        } else {
+            gen.eos_token_ids.clone()
+        };
         let config = SchedulerConfig {
             policy: self.policy.clone(),
             default_eos: default_eos.clone(),
@@ -243,7 +271,10 @@ impl RuntimeBuilder {
             let _ = sup.cast(SupervisorMsg::SetScheduler(scheduler.clone()));
         }
         cells.push(scheduler.get_cell());
-        let format = falconer_engine::chat::ChatFormat::detect(&target.name(), target.chat_template().as_deref());
+        let format = falconer_engine::chat::ChatFormat::detect(
+            &target.name(),
+            target.chat_template().as_deref(),
+        );
         Ok(Runtime::from_inner(Inner::new(
             scheduler,
             tokenizer,
@@ -270,13 +301,21 @@ fn spawn(actor: &'static str) -> impl Fn(ractor::SpawnErr) -> RuntimeError {
 /// Contiguous, as-even-as-possible layer ranges.
 pub fn split_layers(layers: usize, n: usize) -> Vec<Range<usize>> {
     let n = n.clamp(1, layers.max(1));
-    (0..n).map(|i| (i * layers / n)..((i + 1) * layers / n)).collect()
+    (0..n)
+        .map(|i| (i * layers / n)..((i + 1) * layers / n))
+        .collect()
 }
 
 /// A draft must share the target's vocabulary: same size in config, and when it
 /// ships its own tokenizer, the same tokens.
-fn check_vocab(cfg: &falconer_engine::FalconConfig, tok: &Tokenizer, draft: &ModelDir) -> Result<(), RuntimeError> {
-    let dcfg = draft.config().map_err(|e| RuntimeError::load("draft config", e))?;
+fn check_vocab(
+    cfg: &falconer_engine::FalconConfig,
+    tok: &Tokenizer,
+    draft: &ModelDir,
+) -> Result<(), RuntimeError> {
+    let dcfg = draft
+        .config()
+        .map_err(|e| RuntimeError::load("draft config", e))?;
     if dcfg.vocab_size != cfg.vocab_size {
         return Err(RuntimeError::VocabularyMismatch {
             target: cfg.vocab_size,
@@ -285,9 +324,12 @@ fn check_vocab(cfg: &falconer_engine::FalconConfig, tok: &Tokenizer, draft: &Mod
     }
     let path = draft.tokenizer_path();
     if path.exists() {
-        let dtok = Tokenizer::from_file(&path).map_err(|e| RuntimeError::load("draft tokenizer", e))?;
+        let dtok =
+            Tokenizer::from_file(&path).map_err(|e| RuntimeError::load("draft tokenizer", e))?;
         let probe = "def f(x):\n    return {'a': x} # Falcon: héllo";
-        if dtok.vocab_size() != tok.vocab_size() || dtok.encode(probe).ok() != tok.encode(probe).ok() {
+        if dtok.vocab_size() != tok.vocab_size()
+            || dtok.encode(probe).ok() != tok.encode(probe).ok()
+        {
             return Err(RuntimeError::VocabularyMismatch {
                 target: tok.vocab_size(),
                 draft: dtok.vocab_size(),

@@ -32,7 +32,8 @@ impl ChatSession {
     }
 
     pub fn system(mut self, text: impl Into<String>) -> Self {
-        self.history.retain(|m| m.role != falconer_engine::chat::Role::System);
+        self.history
+            .retain(|m| m.role != falconer_engine::chat::Role::System);
         self.history.insert(0, Message::system(text));
         self
     }
@@ -63,7 +64,11 @@ impl ChatSession {
 
     /// Sends a user turn; `on_text` sees the reply as it streams. The reply joins the
     /// history; on error the history is left as it was.
-    pub async fn reply(&mut self, user: &str, mut on_text: impl FnMut(&str)) -> Result<Finished, RuntimeError> {
+    pub async fn reply(
+        &mut self,
+        user: &str,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<Finished, RuntimeError> {
         self.history.push(Message::user(user));
         let result = async {
             let prompt = self.format.render(&self.history)?;

@@ -79,7 +79,9 @@ impl Runtime {
     }
 
     pub(crate) fn from_inner(inner: Inner) -> Self {
-        Runtime { inner: Arc::new(inner) }
+        Runtime {
+            inner: Arc::new(inner),
+        }
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -112,7 +114,9 @@ impl Runtime {
             });
         }
         let stop = StopCriteria {
-            eos_ids: req.eos_token_ids.unwrap_or_else(|| self.inner.default_eos.clone()),
+            eos_ids: req
+                .eos_token_ids
+                .unwrap_or_else(|| self.inner.default_eos.clone()),
             stop_strings: req.stop,
             max_new_tokens: req.max_new_tokens,
         };
@@ -145,7 +149,11 @@ impl Runtime {
     /// (copy-on-write), e.g. one system prompt for many sessions.
     pub async fn cache_prefix(&self, text: &str) -> Result<(), RuntimeError> {
         let ids = self.inner.tokenizer.encode(text)?;
-        ask(&self.inner.scheduler, |reply| SchedulerMsg::CachePrefix { ids, reply }).await?
+        ask(&self.inner.scheduler, |reply| SchedulerMsg::CachePrefix {
+            ids,
+            reply,
+        })
+        .await?
     }
 
     /// Live figures: sessions, queue, KV blocks, draft health.

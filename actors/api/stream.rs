@@ -24,7 +24,11 @@ pub struct GenerationStream {
 }
 
 impl GenerationStream {
-    pub(crate) fn new(id: RequestId, rx: mpsc::Receiver<TokenEvent>, scheduler: ActorRef<SchedulerMsg>) -> Self {
+    pub(crate) fn new(
+        id: RequestId,
+        rx: mpsc::Receiver<TokenEvent>,
+        scheduler: ActorRef<SchedulerMsg>,
+    ) -> Self {
         GenerationStream {
             id,
             rx,
@@ -49,7 +53,10 @@ impl GenerationStream {
             return None;
         }
         let ev = self.rx.recv().await;
-        if matches!(ev, None | Some(TokenEvent::Finished(_) | TokenEvent::Error(_))) {
+        if matches!(
+            ev,
+            None | Some(TokenEvent::Finished(_) | TokenEvent::Error(_))
+        ) {
             self.done = true;
         }
         ev
@@ -77,7 +84,10 @@ impl Stream for GenerationStream {
         }
         let polled = self.rx.poll_recv(cx);
         if let Poll::Ready(ev) = &polled {
-            if matches!(ev, None | Some(TokenEvent::Finished(_) | TokenEvent::Error(_))) {
+            if matches!(
+                ev,
+                None | Some(TokenEvent::Finished(_) | TokenEvent::Error(_))
+            ) {
                 self.done = true;
             }
         }

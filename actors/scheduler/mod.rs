@@ -153,7 +153,7 @@ impl<B: Backend> SchedulerState<B> {
         };
         let policy = match (req.draft_len, &self.config.policy) {
             (Some(k), _) | (None, &DraftPolicy::Fixed(k)) => DraftLengthPolicy::Fixed(k),
-            (None, DraftPolicy::Adaptive(c)) => DraftLengthPolicy::adaptive_with(c.clone()),
+            (None, DraftPolicy::Adaptive(c)) => DraftLengthPolicy::adaptive_with(*c),
         };
         let max_new = req.stop.max_new_tokens;
         Session {
@@ -207,13 +207,25 @@ impl<B: Backend> SchedulerState<B> {
                         if pools.is_empty() {
                             Ok(Ok(()))
                         } else {
-                            ask(&self.kv, |reply| KvMsg::Add { seq: s.id, pools, reply }).await
+                            ask(&self.kv, |reply| KvMsg::Add {
+                                seq: s.id,
+                                pools,
+                                reply,
+                            })
+                            .await
                         }
                     }
                     other => other,
                 }
             }
-            None => ask(&self.kv, |reply| KvMsg::Add { seq: s.id, pools, reply }).await,
+            None => {
+                ask(&self.kv, |reply| KvMsg::Add {
+                    seq: s.id,
+                    pools,
+                    reply,
+                })
+                .await
+            }
         };
         match added {
             Ok(Ok(())) => {}
@@ -256,7 +268,11 @@ impl<B: Backend> Actor for Scheduler<B> {
     type State = SchedulerState<B>;
     type Arguments = SchedulerArgs<B>;
 
-    async fn pre_start(&self, _me: ActorRef<SchedulerMsg>, a: SchedulerArgs<B>) -> Result<SchedulerState<B>, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _me: ActorRef<SchedulerMsg>,
+        a: SchedulerArgs<B>,
+    ) -> Result<SchedulerState<B>, ActorProcessingErr> {
         Ok(SchedulerState {
             shards: a.shards,
             draft: a.draft,
@@ -274,7 +290,12 @@ impl<B: Backend> Actor for Scheduler<B> {
         })
     }
 
-    async fn handle(&self, me: ActorRef<SchedulerMsg>, msg: SchedulerMsg, st: &mut SchedulerState<B>) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<SchedulerMsg>,
+        msg: SchedulerMsg,
+        st: &mut SchedulerState<B>,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SchedulerMsg::Submit { id, req, tx } => {
                 let s = st.new_session(id, *req, tx);
@@ -367,7 +388,9 @@ impl<B: Backend> Actor for Scheduler<B> {
                 st.draft = draft;
             }
             SchedulerMsg::Stats(reply) => {
-                let kv = ask(&st.kv, |reply| KvMsg::Stats { reply }).await.unwrap_or_default();
+                let kv = ask(&st.kv, |reply| KvMsg::Stats { reply })
+                    .await
+                    .unwrap_or_default();
                 let _ = reply.send(SchedulerStats {
                     active: st.sessions.values().filter(|s| !s.prefix_only).count(),
                     waiting: st.waiting.len(),

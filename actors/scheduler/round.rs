@@ -17,7 +17,7 @@ use falconer_engine::speculative::{prompt_lookup, Verdict};
 use falconer_engine::Backend;
 
 use super::{Progress, Proposer, SchedulerState};
-use crate::draft::{DraftMsg, ProposeItem, Proposal};
+use crate::draft::{DraftMsg, Proposal, ProposeItem};
 use crate::error::RuntimeError;
 use crate::kv_manager::{KvMsg, Pool, Reserved};
 use crate::metrics as m;
@@ -44,7 +44,11 @@ pub(super) async fn run<B: Backend>(st: &mut SchedulerState<B>) {
         .values()
         .map(|s| {
             let prefilling = s.target_len + 1 < s.tokens.len() || s.prefix_only;
-            let want = if prefilling || busy { 0 } else { s.clamp_k(s.policy.next_k()) };
+            let want = if prefilling || busy {
+                0
+            } else {
+                s.clamp_k(s.policy.next_k())
+            };
             let (k, drafts, use_draft) = match s.proposer {
                 Proposer::Draft if want > 0 && st.draft.is_some() => (want, Vec::new(), true),
                 Proposer::Lookup if want > 0 => {
@@ -116,7 +120,13 @@ pub(super) async fn run<B: Backend>(st: &mut SchedulerState<B>) {
     m::target_pass();
     let logits = match result {
         Ok(l) if l.len() == plans.len() => l,
-        Ok(_) => return fail_all(st, &plans, RuntimeError::model("target returned the wrong number of results")),
+        Ok(_) => {
+            return fail_all(
+                st,
+                &plans,
+                RuntimeError::model("target returned the wrong number of results"),
+            )
+        }
         Err(e) => return fail_all(st, &plans, e),
     };
 
@@ -139,7 +149,13 @@ pub(super) async fn run<B: Backend>(st: &mut SchedulerState<B>) {
         .collect();
     let verdicts = match ask(&st.sampler, |reply| SamplerMsg::Decide { items, reply }).await {
         Ok(v) if v.len() == plans.len() => v,
-        Ok(_) => return fail_all(st, &plans, RuntimeError::model("sampler returned the wrong number of verdicts")),
+        Ok(_) => {
+            return fail_all(
+                st,
+                &plans,
+                RuntimeError::model("sampler returned the wrong number of verdicts"),
+            )
+        }
         Err(e) => return fail_all(st, &plans, e),
     };
 
@@ -176,7 +192,10 @@ pub(super) async fn run<B: Backend>(st: &mut SchedulerState<B>) {
         match s.emit(&emitted, &st.tokenizer) {
             Progress::Continue => {}
             Progress::Finished(reason) => ended.push((p.id, Ok(Some(reason)))),
-            Progress::Disconnected => ended.push((p.id, Ok(Some(falconer_engine::sampling::FinishReason::Cancelled)))),
+            Progress::Disconnected => ended.push((
+                p.id,
+                Ok(Some(falconer_engine::sampling::FinishReason::Cancelled)),
+            )),
         }
     }
     let _ = st.kv.cast(KvMsg::Commit { items: commits });
@@ -209,7 +228,9 @@ fn record(s: &mut super::Session, p: &Plan, v: &Verdict, cost: Option<f64>) {
 async fn reserve<B: Backend>(st: &mut SchedulerState<B>, plans: &mut [Plan]) {
     let mut items = Vec::new();
     for p in plans.iter() {
-        let Some(s) = st.sessions.get(&p.id) else { continue };
+        let Some(s) = st.sessions.get(&p.id) else {
+            continue;
+        };
         items.push((Pool::Target, p.id, s.tokens.len() + p.k));
         if p.use_draft {
             items.push((Pool::Draft, p.id, s.tokens.len() + p.k - 1));
@@ -268,8 +289,16 @@ async fn reserve<B: Backend>(st: &mut SchedulerState<B>, plans: &mut [Plan]) {
 /// waiting on each other: the newest is preempted (its KV freed, recomputed later from
 /// its tokens, so its output is unchanged). A session that does not fit even when it
 /// is the only holder never will: it fails with the KV error.
-fn unblock<B: Backend>(st: &mut SchedulerState<B>, refused: Vec<(u64, falconer_engine::error::KvError)>) {
-    let holders: Vec<u64> = st.sessions.values().filter(|s| s.target_len > 0).map(|s| s.id).collect();
+fn unblock<B: Backend>(
+    st: &mut SchedulerState<B>,
+    refused: Vec<(u64, falconer_engine::error::KvError)>,
+) {
+    let holders: Vec<u64> = st
+        .sessions
+        .values()
+        .filter(|s| s.target_len > 0)
+        .map(|s| s.id)
+        .collect();
     if let [.., newest] = holders[..] {
         if holders.len() >= 2 {
             if let Some(s) = st.sessions.get_mut(&newest) {
@@ -282,7 +311,10 @@ fn unblock<B: Backend>(st: &mut SchedulerState<B>, refused: Vec<(u64, falconer_e
             return;
         }
     }
-    let victim = holders.first().copied().or_else(|| refused.first().map(|(id, _)| *id));
+    let victim = holders
+        .first()
+        .copied()
+        .or_else(|| refused.first().map(|(id, _)| *id));
     if let Some((id, e)) = refused.into_iter().find(|(id, _)| Some(*id) == victim) {
         st.finish(id, Err(e.into()));
     }
@@ -296,7 +328,8 @@ async fn propose<B: Backend>(st: &mut SchedulerState<B>, plans: &mut [Plan]) -> 
     let mut idx = Vec::new();
     let mut items = Vec::new();
     for (i, p) in plans.iter().enumerate() {
-        let (Some(s), Some(r), true) = (st.sessions.get(&p.id), p.draft.as_ref(), p.use_draft) else {
+        let (Some(s), Some(r), true) = (st.sessions.get(&p.id), p.draft.as_ref(), p.use_draft)
+        else {
             continue;
         };
         copies.extend_from_slice(&r.copies);
@@ -313,7 +346,13 @@ async fn propose<B: Backend>(st: &mut SchedulerState<B>, plans: &mut [Plan]) -> 
     if items.is_empty() {
         return None;
     }
-    match ask(&draft, |reply| DraftMsg::Propose { items, copies, reply }).await {
+    match ask(&draft, |reply| DraftMsg::Propose {
+        items,
+        copies,
+        reply,
+    })
+    .await
+    {
         Ok(Ok((proposals, step))) => {
             for (i, Proposal { tokens, q }) in idx.into_iter().zip(proposals) {
                 plans[i].drafts = tokens;
@@ -345,7 +384,11 @@ async fn propose<B: Backend>(st: &mut SchedulerState<B>, plans: &mut [Plan]) -> 
 fn fail_all<B: Backend>(st: &mut SchedulerState<B>, plans: &[Plan], e: RuntimeError) {
     let items = plans
         .iter()
-        .filter_map(|p| st.sessions.get(&p.id).map(|s| (Pool::Target, p.id, s.target_len)))
+        .filter_map(|p| {
+            st.sessions
+                .get(&p.id)
+                .map(|s| (Pool::Target, p.id, s.target_len))
+        })
         .collect();
     let _ = st.kv.cast(KvMsg::Truncate { items });
     for p in plans {

@@ -83,7 +83,12 @@ impl Session {
 
     /// Cache lengths after a round that fed `k` drafts and accepted `verdict.accepted`:
     /// `(target_len, draft_len)`. Call before [`Session::emit`].
-    pub fn lengths_after(&self, k: usize, used_draft: bool, verdict: &Verdict) -> (usize, Option<usize>) {
+    pub fn lengths_after(
+        &self,
+        k: usize,
+        used_draft: bool,
+        verdict: &Verdict,
+    ) -> (usize, Option<usize>) {
         let n = self.tokens.len();
         let target = n + verdict.accepted;
         let draft = (used_draft && k > 0).then(|| n + verdict.accepted.min(k - 1));
@@ -100,7 +105,10 @@ impl Session {
             let text = tok.decode(self.generated()).unwrap_or_default();
             if let Some(stop) = self.stop.push(t, &text) {
                 let end = stop.text_end.max(self.emitted_text).min(text.len());
-                let piece = text.get(self.emitted_text..end).unwrap_or_default().to_string();
+                let piece = text
+                    .get(self.emitted_text..end)
+                    .unwrap_or_default()
+                    .to_string();
                 if self.send(TokenEvent::Token { id: t, text: piece }).is_err() {
                     return Progress::Disconnected;
                 }

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod cuda_golden;
 mod golden;
 mod loader_errors;
 mod runtime;

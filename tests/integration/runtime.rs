@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 use falconer::engine::sampling::SamplingParams;
-use falconer::{DraftPolicy, FinishReason, GenerateRequest, Runtime, RuntimeError, Speculation, TokenEvent};
+use falconer::{
+    DraftPolicy, FinishReason, GenerateRequest, Runtime, RuntimeError, Speculation, TokenEvent,
+};
 
 use crate::common::{cpu_runner, fixtures, reference, LAYOUTS};
 
@@ -13,11 +15,24 @@ fn dir(name: &str) -> PathBuf {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
-async fn greedy(rt: &Runtime, prompt: &[u32], n: usize, spec: Speculation, k: Option<usize>) -> falconer::Finished {
-    let mut req = GenerateRequest::ids(prompt.to_vec()).max_new_tokens(n).speculation(spec).eos(vec![]);
+async fn greedy(
+    rt: &Runtime,
+    prompt: &[u32],
+    n: usize,
+    spec: Speculation,
+    k: Option<usize>,
+) -> falconer::Finished {
+    let mut req = GenerateRequest::ids(prompt.to_vec())
+        .max_new_tokens(n)
+        .speculation(spec)
+        .eos(vec![]);
     if let Some(k) = k {
         req = req.draft_len(k);
     }
@@ -29,7 +44,12 @@ fn prompts(name: &str) -> Vec<Vec<u32>> {
     let r = reference(name);
     let mut all = r.prompt_ids.clone();
     all.extend_from_slice(&r.greedy_ids);
-    vec![r.prompt_ids.clone(), all[..5].to_vec(), all[3..30].to_vec(), all[10..44].to_vec()]
+    vec![
+        r.prompt_ids.clone(),
+        all[..5].to_vec(),
+        all[3..30].to_vec(),
+        all[10..44].to_vec(),
+    ]
 }
 
 #[test]
@@ -38,13 +58,27 @@ fn greedy_speculative_equals_plain_greedy_on_every_layout_and_k() {
         for &name in LAYOUTS {
             // A different random model as the draft: it disagrees often, so rounds roll
             // back a lot; prompt lookup is exercised too.
-            let draft = if name == "falcon7b_mqa" { "sequential" } else { "falcon7b_mqa" };
-            let rt = Runtime::builder().target(dir(name)).draft(dir(draft)).block_size(4).build().await.unwrap();
+            let draft = if name == "falcon7b_mqa" {
+                "sequential"
+            } else {
+                "falcon7b_mqa"
+            };
+            let rt = Runtime::builder()
+                .target(dir(name))
+                .draft(dir(draft))
+                .block_size(4)
+                .build()
+                .await
+                .unwrap();
             let mut rollbacks = 0;
             for (pi, prompt) in prompts(name).iter().enumerate() {
                 let plain = greedy(&rt, prompt, 24, Speculation::Off, None).await;
                 if pi == 0 {
-                    assert_eq!(plain.ids, reference(name).greedy_ids[..24].to_vec(), "{name}: plain != HF");
+                    assert_eq!(
+                        plain.ids,
+                        reference(name).greedy_ids[..24].to_vec(),
+                        "{name}: plain != HF"
+                    );
                 }
                 for k in 1..=8 {
                     for spec in [Speculation::DraftModel, Speculation::PromptLookup] {
@@ -58,7 +92,11 @@ fn greedy_speculative_equals_plain_greedy_on_every_layout_and_k() {
             }
             assert!(rollbacks > 50, "{name}: only {rollbacks} rejected drafts");
             let st = rt.stats().await.unwrap();
-            assert_eq!((st.kv.target_used, st.kv.draft_used), (0, 0), "{name}: leaked blocks");
+            assert_eq!(
+                (st.kv.target_used, st.kv.draft_used),
+                (0, 0),
+                "{name}: leaked blocks"
+            );
         }
     });
 }
@@ -67,13 +105,22 @@ fn greedy_speculative_equals_plain_greedy_on_every_layout_and_k() {
 fn a_draft_identical_to_the_target_is_always_accepted() {
     rt().block_on(async {
         let name = "new_arch_gqa_sharded";
-        let rt = Runtime::builder().target(dir(name)).draft(dir(name)).build().await.unwrap();
+        let rt = Runtime::builder()
+            .target(dir(name))
+            .draft(dir(name))
+            .build()
+            .await
+            .unwrap();
         let r = reference(name);
         let f = greedy(&rt, &r.prompt_ids, 32, Speculation::DraftModel, Some(4)).await;
         assert_eq!(f.ids, r.greedy_ids);
         assert!(f.usage.draft_tokens_proposed > 0);
         assert_eq!(f.usage.acceptance_rate(), Some(1.0));
-        assert!(f.usage.tokens_per_pass() > 3.0, "{}", f.usage.tokens_per_pass());
+        assert!(
+            f.usage.tokens_per_pass() > 3.0,
+            "{}",
+            f.usage.tokens_per_pass()
+        );
     });
 }
 
@@ -82,12 +129,28 @@ fn sharded_target_gives_the_unsplit_output() {
     rt().block_on(async {
         for name in ["new_arch_gqa_sharded", "alibi_rw", "rope_dynamic"] {
             let r = reference(name);
-            let two = Runtime::builder().target(dir(name)).shards(2).build().await.unwrap();
+            let two = Runtime::builder()
+                .target(dir(name))
+                .shards(2)
+                .build()
+                .await
+                .unwrap();
             let f = greedy(&two, &r.prompt_ids, 32, Speculation::Off, None).await;
             assert_eq!(f.ids, r.greedy_ids, "{name}");
         }
-        let err = Runtime::builder().target(dir("sequential")).shards(3).build().await.unwrap_err();
-        assert!(matches!(err, RuntimeError::TooManyShards { requested: 3, layers: 2 }));
+        let err = Runtime::builder()
+            .target(dir("sequential"))
+            .shards(3)
+            .build()
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            RuntimeError::TooManyShards {
+                requested: 3,
+                layers: 2
+            }
+        ));
     });
 }
 
@@ -95,7 +158,13 @@ fn sharded_target_gives_the_unsplit_output() {
 fn concurrent_sessions_each_get_their_solo_output() {
     rt().block_on(async {
         let name = "rope_yarn";
-        let rt = Runtime::builder().target(dir(name)).draft(dir("f16_weights")).block_size(4).build().await.unwrap();
+        let rt = Runtime::builder()
+            .target(dir(name))
+            .draft(dir("f16_weights"))
+            .block_size(4)
+            .build()
+            .await
+            .unwrap();
         let ps = prompts(name);
         let mut solo = Vec::new();
         for p in &ps {
@@ -104,8 +173,15 @@ fn concurrent_sessions_each_get_their_solo_output() {
         // 12 requests at once, mixed proposers, each twice.
         let mut streams = Vec::new();
         for i in 0..12 {
-            let spec = [Speculation::Off, Speculation::DraftModel, Speculation::PromptLookup][i % 3];
-            let req = GenerateRequest::ids(ps[i % ps.len()].clone()).max_new_tokens(20).speculation(spec).eos(vec![]);
+            let spec = [
+                Speculation::Off,
+                Speculation::DraftModel,
+                Speculation::PromptLookup,
+            ][i % 3];
+            let req = GenerateRequest::ids(ps[i % ps.len()].clone())
+                .max_new_tokens(20)
+                .speculation(spec)
+                .eos(vec![]);
             streams.push((i % ps.len(), rt.generate(req).await.unwrap()));
         }
         for (p, s) in streams {
@@ -149,9 +225,27 @@ fn a_draft_with_another_vocabulary_is_refused() {
             std::fs::copy(dir("falcon7b_mqa").join(f), tmp.path().join(f)).unwrap();
         }
         let cfg = std::fs::read_to_string(tmp.path().join("config.json")).unwrap();
-        std::fs::write(tmp.path().join("config.json"), cfg.replace("\"vocab_size\": 384", "\"vocab_size\": 500")).unwrap();
-        let err = Runtime::builder().target(dir("sequential")).draft(tmp.path()).build().await.unwrap_err();
-        assert!(matches!(err, RuntimeError::VocabularyMismatch { target: 384, draft: 500 }), "{err:?}");
+        std::fs::write(
+            tmp.path().join("config.json"),
+            cfg.replace("\"vocab_size\": 384", "\"vocab_size\": 500"),
+        )
+        .unwrap();
+        let err = Runtime::builder()
+            .target(dir("sequential"))
+            .draft(tmp.path())
+            .build()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RuntimeError::VocabularyMismatch {
+                    target: 384,
+                    draft: 500
+                }
+            ),
+            "{err:?}"
+        );
     });
 }
 
@@ -161,7 +255,13 @@ fn full_kv_cache_is_a_typed_error_or_a_wait_and_others_finish() {
         let name = "bias_mha";
         let r = reference(name);
         // 10 blocks of 4 positions: one 20-token prompt + 16 new tokens needs 9.
-        let rt = Runtime::builder().target(dir(name)).kv_blocks(10, 10).block_size(4).build().await.unwrap();
+        let rt = Runtime::builder()
+            .target(dir(name))
+            .kv_blocks(10, 10)
+            .block_size(4)
+            .build()
+            .await
+            .unwrap();
         // Alone and too long for the whole cache: typed error.
         let long: Vec<u32> = r.prompt_ids.iter().chain(&r.prompt_ids).copied().collect();
         let err = rt
@@ -171,12 +271,20 @@ fn full_kv_cache_is_a_typed_error_or_a_wait_and_others_finish() {
             .collect()
             .await
             .unwrap_err();
-        assert!(matches!(err, RuntimeError::Kv(falconer::engine::error::KvError::OutOfBlocks { .. })), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                RuntimeError::Kv(falconer::engine::error::KvError::OutOfBlocks { .. })
+            ),
+            "{err:?}"
+        );
         // Three that fit one at a time but not together: they wait their turn and
         // each gets its solo output.
         let mut streams = Vec::new();
         for _ in 0..3 {
-            let req = GenerateRequest::ids(r.prompt_ids.clone()).max_new_tokens(16).eos(vec![]);
+            let req = GenerateRequest::ids(r.prompt_ids.clone())
+                .max_new_tokens(16)
+                .eos(vec![]);
             streams.push(rt.generate(req).await.unwrap());
         }
         for s in streams {
@@ -190,7 +298,12 @@ fn full_kv_cache_is_a_typed_error_or_a_wait_and_others_finish() {
 fn shared_prefix_is_reused_and_output_unchanged() {
     rt().block_on(async {
         let name = "new_arch_one_ln";
-        let rt = Runtime::builder().target(dir(name)).block_size(4).build().await.unwrap();
+        let rt = Runtime::builder()
+            .target(dir(name))
+            .block_size(4)
+            .build()
+            .await
+            .unwrap();
         let tok = rt.tokenizer().clone();
         let system = "def main():\n    parser = argparse.ArgumentParser()\n";
         let prompt = format!("{system}    args = parser.parse_args()\n");
@@ -210,9 +323,21 @@ fn shared_prefix_is_reused_and_output_unchanged() {
 fn cancellation_frees_everything_and_ends_the_stream() {
     rt().block_on(async {
         let name = "sequential";
-        let rt = Runtime::builder().target(dir(name)).draft(dir("falcon7b_mqa")).build().await.unwrap();
+        let rt = Runtime::builder()
+            .target(dir(name))
+            .draft(dir("falcon7b_mqa"))
+            .build()
+            .await
+            .unwrap();
         let r = reference(name);
-        let mut s = rt.generate(GenerateRequest::ids(r.prompt_ids.clone()).max_new_tokens(10_000).eos(vec![])).await.unwrap();
+        let mut s = rt
+            .generate(
+                GenerateRequest::ids(r.prompt_ids.clone())
+                    .max_new_tokens(10_000)
+                    .eos(vec![]),
+            )
+            .await
+            .unwrap();
         let mut seen = 0;
         while let Some(ev) = s.next_event().await {
             match ev {
@@ -230,7 +355,10 @@ fn cancellation_frees_everything_and_ends_the_stream() {
             }
         }
         // Dropping a live stream cancels too.
-        let dropped = rt.generate(GenerateRequest::ids(r.prompt_ids.clone()).max_new_tokens(10_000)).await.unwrap();
+        let dropped = rt
+            .generate(GenerateRequest::ids(r.prompt_ids.clone()).max_new_tokens(10_000))
+            .await
+            .unwrap();
         drop(dropped);
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         let st = rt.stats().await.unwrap();
@@ -248,7 +376,11 @@ fn stop_strings_and_eos_end_replies() {
         // EOS: make the 5th generated token the end of sequence.
         let eos = plain.ids[4];
         let f = rt
-            .generate(GenerateRequest::ids(r.prompt_ids.clone()).max_new_tokens(32).eos(vec![eos]))
+            .generate(
+                GenerateRequest::ids(r.prompt_ids.clone())
+                    .max_new_tokens(32)
+                    .eos(vec![eos]),
+            )
             .await
             .unwrap()
             .collect()
@@ -261,7 +393,12 @@ fn stop_strings_and_eos_end_replies() {
         let stop: String = plain.text.chars().skip(6).take(3).collect();
         if !stop.trim().is_empty() && !stop.contains('\u{FFFD}') {
             let f = rt
-                .generate(GenerateRequest::ids(r.prompt_ids.clone()).max_new_tokens(32).eos(vec![]).stop(stop.clone()))
+                .generate(
+                    GenerateRequest::ids(r.prompt_ids.clone())
+                        .max_new_tokens(32)
+                        .eos(vec![])
+                        .stop(stop.clone()),
+                )
                 .await
                 .unwrap()
                 .collect()
@@ -276,7 +413,11 @@ fn stop_strings_and_eos_end_replies() {
 #[test]
 fn chat_sessions_keep_history() {
     rt().block_on(async {
-        let rt = Runtime::builder().target(dir("rope_linear")).build().await.unwrap();
+        let rt = Runtime::builder()
+            .target(dir("rope_linear"))
+            .build()
+            .await
+            .unwrap();
         let mut chat = rt.chat().system("You are terse.").max_new_tokens(8);
         let mut streamed = String::new();
         let a = chat.reply("Hello", |t| streamed.push_str(t)).await.unwrap();
@@ -311,14 +452,26 @@ fn speculative_sampling_draws_from_the_target_distribution() {
     // Exact P(t1, t2) from the model.
     let mut m = cpu_runner(name);
     m.add_sequence(1).unwrap();
-    let l = m.forward(&[SeqWork { seq: 1, tokens: &prompt, all_logits: false }]).unwrap();
+    let l = m
+        .forward(&[SeqWork {
+            seq: 1,
+            tokens: &prompt,
+            all_logits: false,
+        }])
+        .unwrap();
     let p1 = warp_probs(l[0].last(), &params).unwrap();
     let mut expected = std::collections::BTreeMap::new();
     for (t1, &pa) in p1.iter().enumerate().filter(|(_, p)| **p > 0.0) {
         let mut ctx = prompt.clone();
         ctx.push(t1 as u32);
         m.add_sequence(2).unwrap();
-        let g = m.forward(&[SeqWork { seq: 2, tokens: &ctx, all_logits: false }]).unwrap();
+        let g = m
+            .forward(&[SeqWork {
+                seq: 2,
+                tokens: &ctx,
+                all_logits: false,
+            }])
+            .unwrap();
         m.remove_sequence(2).unwrap();
         let p2 = warp_probs(g[0].last(), &params).unwrap();
         for (t2, &pb) in p2.iter().enumerate().filter(|(_, p)| **p > 0.0) {
@@ -326,7 +479,12 @@ fn speculative_sampling_draws_from_the_target_distribution() {
         }
     }
     rt().block_on(async {
-        let rt = Runtime::builder().target(dir(name)).draft(dir("f16_weights")).build().await.unwrap();
+        let rt = Runtime::builder()
+            .target(dir(name))
+            .draft(dir("f16_weights"))
+            .build()
+            .await
+            .unwrap();
         for spec in [Speculation::Off, Speculation::DraftModel] {
             let n = 3000;
             let mut counts = std::collections::BTreeMap::new();
@@ -352,12 +510,22 @@ fn speculative_sampling_draws_from_the_target_distribution() {
                     (o - e).powi(2) / e
                 })
                 .sum();
-            let unexpected: usize = counts.iter().filter(|(k, _)| !expected.contains_key(k)).map(|(_, c)| c).sum();
+            let unexpected: usize = counts
+                .iter()
+                .filter(|(k, _)| !expected.contains_key(k))
+                .map(|(_, c)| c)
+                .sum();
             // 9 cells, 8 degrees of freedom: P(chi2 > 26.1) = 0.001.
-            assert_eq!(unexpected, 0, "{spec:?}: tokens outside the target's support");
+            assert_eq!(
+                unexpected, 0,
+                "{spec:?}: tokens outside the target's support"
+            );
             assert!(chi2 < 26.1, "{spec:?}: chi-square {chi2}");
             if spec == Speculation::DraftModel {
-                assert!(proposed >= n as usize, "speculation did not run: {proposed} drafts");
+                assert!(
+                    proposed >= n as usize,
+                    "speculation did not run: {proposed} drafts"
+                );
             }
         }
     });

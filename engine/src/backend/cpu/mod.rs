@@ -233,7 +233,12 @@ impl Backend for CpuBackend {
         Ok(x.data.clone())
     }
 
-    fn upload_hidden(&self, data: &[f32], rows: usize, cols: usize) -> Result<CpuTensor, BackendError> {
+    fn upload_hidden(
+        &self,
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<CpuTensor, BackendError> {
         CpuTensor::new(data.to_vec(), rows, cols)
     }
 
