@@ -12,10 +12,10 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use falconer::engine::sampling::SamplingParams;
-use falconer::{Device, DraftPolicy, GenerateRequest, Runtime, Speculation, TokenEvent};
+use falconer::{DraftPolicy, GenerateRequest, Runtime, Speculation, TokenEvent};
 
 #[derive(Parser, Debug)]
 #[command(about = "Generate with a Falcon model (speculative decoding optional)")]
@@ -65,24 +65,13 @@ struct Args {
     json: bool,
 }
 
-fn device(s: &str) -> Result<Device> {
-    Ok(match s {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        _ => match s.strip_prefix("cuda:") {
-            Some(n) => Device::Cuda(n.parse().context("cuda ordinal")?),
-            None => bail!("unknown device {s:?} (cpu, cuda, cuda:N)"),
-        },
-    })
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
     let mut builder = Runtime::builder()
         .target(&args.model)
         .shards(args.shards)
-        .device(device(&args.device)?);
+        .device(args.device.parse()?);
     if let Some(d) = &args.draft {
         builder = builder.draft(d);
     }

@@ -25,6 +25,27 @@ pub enum Device {
     Cuda(usize),
 }
 
+impl std::str::FromStr for Device {
+    type Err = RuntimeError;
+
+    /// `cpu`, `cuda` (GPU 0) or `cuda:N`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = RuntimeError::InvalidOption {
+            option: "device",
+            reason: "expected cpu, cuda or cuda:N",
+        };
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or(bad),
+        }
+    }
+}
+
 /// Configures and starts a [`Runtime`].
 #[derive(Debug, Clone)]
 pub struct RuntimeBuilder {

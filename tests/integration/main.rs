@@ -4,5 +4,6 @@
 mod common;
 mod cuda_golden;
 mod golden;
+mod interleavings;
 mod loader_errors;
 mod runtime;
