@@ -1058,11 +1058,10 @@ fn single_file_layer_shards_load() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Known library bugs (ignored until fixed; run with `--ignored`)
+// Formerly known library bugs (fixed; kept as regression tests)
 // ---------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "library bug: an index with an empty weight_map yields MissingTensor with an empty path"]
 fn empty_weight_map_names_a_file() {
     let tmp = copy_fixture(SHARDED);
     edit_json(tmp.path(), "model.safetensors.index.json", |v| {

@@ -114,6 +114,13 @@ impl WeightFiles {
                 path: index_path.to_path_buf(),
                 field: "weight_map",
             })?;
+        if map.is_empty() {
+            return Err(LoadError::InvalidField {
+                path: index_path.to_path_buf(),
+                field: "weight_map",
+                value: "{} (no tensors)".to_string(),
+            });
+        }
         let mut files = Vec::new();
         let mut by_name: HashMap<String, usize> = HashMap::new();
         let mut index = BTreeMap::new();

@@ -14,6 +14,11 @@ use serde_json::{Map, Value};
 use crate::error::LoadError;
 pub use rope::{RopeConfig, RopeScaling};
 
+/// Largest accepted vocabulary or hidden size.
+const MAX_DIM: usize = 1 << 24;
+/// Largest accepted layer or head count.
+const MAX_COUNT: usize = 1 << 16;
+
 /// How a decoder layer arranges its layer norms and residuals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerNorms {
@@ -188,6 +193,19 @@ impl RawConfig<'_> {
         let num_heads =
             self.usize_req("num_attention_heads", &["num_attention_heads", "n_head"])?;
         let config_kv = self.usize_opt("num_kv_heads", &["num_kv_heads", "n_head_kv"])?;
+        // Far above any real model, and low enough that every size derived from these
+        // (4 * hidden, qkv rows, KV bytes per token, vocab * hidden) fits in a usize.
+        for (field, v, max) in [
+            ("vocab_size", vocab_size, MAX_DIM),
+            ("hidden_size", hidden_size, MAX_DIM),
+            ("num_hidden_layers", num_layers, MAX_COUNT),
+            ("num_attention_heads", num_heads, MAX_COUNT),
+            ("num_kv_heads", config_kv.unwrap_or(1), MAX_COUNT),
+        ] {
+            if v > max {
+                return Err(self.invalid(field, &Value::from(v)));
+            }
+        }
         if config_kv == Some(0) {
             return Err(self.invalid("num_kv_heads", &Value::from(0)));
         }
@@ -267,6 +285,9 @@ impl RawConfig<'_> {
         let ffn_hidden_size = self
             .usize_opt("ffn_hidden_size", &["ffn_hidden_size"])?
             .unwrap_or(4 * hidden_size);
+        if ffn_hidden_size > 4 * MAX_DIM {
+            return Err(self.invalid("ffn_hidden_size", &Value::from(ffn_hidden_size)));
+        }
         let layer_norm_epsilon = self
             .f64_opt("layer_norm_epsilon", &["layer_norm_epsilon"])?
             .unwrap_or(1e-5) as f32;

@@ -86,11 +86,19 @@ pub(super) fn parse(
             scaling: RopeScaling::None,
         });
     };
-    let kind = p
-        .get("rope_type")
-        .or_else(|| p.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    // `rope_type` wins; a null one falls back to the older `type` key.
+    let present = |k: &str| p.get(k).filter(|v| !v.is_null());
+    let kind = match present("rope_type")
+        .map(|v| ("rope_type", v))
+        .or_else(|| present("type").map(|v| ("type", v)))
+    {
+        None => "default",
+        Some((field, v)) => v.as_str().ok_or_else(|| LoadError::InvalidField {
+            path: path.to_path_buf(),
+            field,
+            value: v.to_string(),
+        })?,
+    };
     let factor = |required: bool| -> Result<f64, LoadError> {
         let f = num(p, "factor")?;
         match f {
@@ -113,8 +121,17 @@ pub(super) fn parse(
             max_position_embeddings,
         },
         "yarn" => {
-            let original = num(p, "original_max_position_embeddings")?
-                .map_or(max_position_embeddings, |v| v as usize);
+            let original = match num(p, "original_max_position_embeddings")? {
+                None => max_position_embeddings,
+                Some(v) if v.is_finite() && v >= 1.0 && v.fract() == 0.0 && v < 1e15 => v as usize,
+                Some(v) => {
+                    return Err(LoadError::InvalidField {
+                        path: path.to_path_buf(),
+                        field: "original_max_position_embeddings",
+                        value: v.to_string(),
+                    })
+                }
+            };
             let factor = match num(p, "factor")? {
                 Some(f) => factor(true).map(|_| f)?,
                 None => max_position_embeddings as f64 / original as f64,

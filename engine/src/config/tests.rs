@@ -1195,11 +1195,10 @@ fn every_error_names_the_file() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Known library bugs (ignored until fixed; run with `--ignored`)
+// Formerly known library bugs (fixed; kept as regression tests)
 // ---------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "library bug: 4 * hidden_size (and qkv_rows, kv_bytes_per_token) overflow and panic"]
 fn huge_hidden_size_is_an_error_not_a_panic() {
     let v = json!({
         "vocab_size": 384,
@@ -1212,7 +1211,6 @@ fn huge_hidden_size_is_an_error_not_a_panic() {
 }
 
 #[test]
-#[ignore = "library bug: yarn original_max_position_embeddings 0 or negative gives factor = inf"]
 fn yarn_original_max_position_embeddings_must_be_positive() {
     for bad in [json!(0), json!(-16)] {
         let r = parse(&with(json!({
@@ -1232,7 +1230,6 @@ fn yarn_original_max_position_embeddings_must_be_positive() {
 }
 
 #[test]
-#[ignore = "library bug: rope_type null (or non-string) silently drops rope scaling"]
 fn null_or_non_string_rope_type_does_not_drop_scaling() {
     for scaling in [
         json!({"type": "linear", "rope_type": null, "factor": 2.0}),
