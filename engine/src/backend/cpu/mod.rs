@@ -187,9 +187,10 @@ impl Backend for CpuBackend {
     fn gelu(&self, x: &mut CpuTensor) -> Result<(), BackendError> {
         self.run(|| {
             x.data.par_chunks_mut(4096).for_each(|c| {
+                // f32 erf (under 1 ulp) as torch computes it; f64 cost a sixth of a
+                // small model's decode step.
                 for v in c {
-                    let f = f64::from(*v);
-                    *v = (0.5 * f * (1.0 + libm::erf(f / std::f64::consts::SQRT_2))) as f32;
+                    *v = 0.5 * *v * (1.0 + libm::erff(*v * std::f32::consts::FRAC_1_SQRT_2));
                 }
             })
         });
