@@ -2,7 +2,9 @@
 
 use thiserror::Error;
 
-use falconer_engine::error::{ChatError, KvError, LoadError, SamplingError, TokenizerError};
+use falconer_engine::error::{
+    BackendError, ChatError, KvError, LoadError, SamplingError, TokenizerError,
+};
 
 /// Why the runtime refused to start, or why one request failed.
 #[derive(Debug, Error, Clone)]
@@ -21,6 +23,9 @@ pub enum RuntimeError {
     },
     #[error("shards: {requested} requested, the model has {layers} layers")]
     TooManyShards { requested: usize, layers: usize },
+    /// The compute backend could not start (no GPU, missing CUDA libraries, ...).
+    #[error(transparent)]
+    Backend(#[from] BackendError),
     #[error(transparent)]
     Kv(#[from] KvError),
     #[error(transparent)]

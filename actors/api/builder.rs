@@ -146,8 +146,7 @@ impl RuntimeBuilder {
             Device::Cpu => self.start(Arc::new(CpuBackend::new())).await,
             #[cfg(feature = "cuda")]
             Device::Cuda(ordinal) => {
-                let b = falconer_engine::backend::cuda::CudaBackend::new(ordinal)
-                    .map_err(RuntimeError::model)?;
+                let b = falconer_engine::backend::cuda::CudaBackend::new(ordinal)?;
                 self.start(Arc::new(b)).await
             }
             #[cfg(not(feature = "cuda"))]

@@ -3,6 +3,7 @@
 
 mod common;
 mod cuda_golden;
+mod cuda_runtime;
 mod golden;
 mod interleavings;
 mod loader_errors;

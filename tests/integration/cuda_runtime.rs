@@ -1,0 +1,110 @@
+//! The actor runtime on the CUDA backend: greedy speculative output equals plain greedy
+//! output on the GPU (draft model and prompt lookup, fixed and adaptive draft lengths),
+//! on fixture layouts and on the shipped model pair. Without a GPU every test prints
+//! `skipped: no CUDA device (...)` and passes.
+#![cfg(feature = "cuda")]
+
+use std::path::PathBuf;
+
+use falconer::engine::error::BackendError;
+use falconer::{Device, GenerateRequest, Runtime, RuntimeError, Speculation};
+
+use crate::common::{fixtures, reference};
+
+fn tokio_rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A runtime on GPU 0, or None (after printing why) when there is none.
+async fn gpu_runtime(target: PathBuf, draft: PathBuf) -> Option<Runtime> {
+    match Runtime::builder()
+        .target(target)
+        .draft(draft)
+        .device(Device::Cuda(0))
+        .block_size(16)
+        .build()
+        .await
+    {
+        Ok(rt) => Some(rt),
+        Err(RuntimeError::Backend(BackendError::Unavailable { reason, .. })) => {
+            println!("skipped: no CUDA device ({reason})");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+async fn greedy(
+    rt: &Runtime,
+    prompt: &[u32],
+    n: usize,
+    spec: Speculation,
+    k: Option<usize>,
+) -> falconer::Finished {
+    let mut req = GenerateRequest::ids(prompt.to_vec())
+        .max_new_tokens(n)
+        .speculation(spec)
+        .eos(vec![]);
+    if let Some(k) = k {
+        req = req.draft_len(k);
+    }
+    rt.generate(req).await.unwrap().collect().await.unwrap()
+}
+
+#[test]
+fn cuda_greedy_speculative_equals_plain_on_fixtures() {
+    tokio_rt().block_on(async {
+        for (target, draft) in [
+            ("new_arch_gqa_sharded", "falcon7b_mqa"),
+            ("falcon7b_mqa", "sequential"),
+            ("rope_yarn", "f16_weights"),
+        ] {
+            let Some(rt) = gpu_runtime(fixtures().join(target), fixtures().join(draft)).await
+            else {
+                return;
+            };
+            let r = reference(target);
+            let plain = greedy(&rt, &r.prompt_ids, 32, Speculation::Off, None).await;
+            let mut rejected = 0;
+            for k in [None, Some(1), Some(3), Some(5), Some(8)] {
+                for spec in [Speculation::DraftModel, Speculation::PromptLookup] {
+                    let s = greedy(&rt, &r.prompt_ids, 32, spec, k).await;
+                    assert_eq!(s.ids, plain.ids, "{target} {spec:?} k={k:?}");
+                    rejected += s.usage.draft_tokens_proposed - s.usage.draft_tokens_accepted;
+                }
+            }
+            assert!(
+                rejected > 10,
+                "{target}: only {rejected} rejected drafts, rollback not exercised"
+            );
+            println!("{target}: speculative == plain on the GPU ({rejected} rejected drafts)");
+        }
+    });
+}
+
+#[test]
+fn cuda_greedy_speculative_equals_plain_on_the_shipped_pair() {
+    let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/models");
+    tokio_rt().block_on(async {
+        let Some(rt) =
+            gpu_runtime(models.join("falcon-mini"), models.join("falcon-mini-draft")).await
+        else {
+            return;
+        };
+        let prompt = rt.tokenizer().encode("def fibonacci(n):\n").unwrap();
+        let plain = greedy(&rt, &prompt, 128, Speculation::Off, None).await;
+        for k in [None, Some(2), Some(4), Some(6)] {
+            let s = greedy(&rt, &prompt, 128, Speculation::DraftModel, k).await;
+            assert_eq!(s.ids, plain.ids, "k={k:?}");
+            println!(
+                "shipped pair k={k:?}: acceptance {:.3}, {:.2} tokens/pass",
+                s.usage.acceptance_rate().unwrap_or(0.0),
+                s.usage.tokens_per_pass()
+            );
+        }
+    });
+}
