@@ -23,7 +23,7 @@ extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS)
                 const u32* __restrict__ block_tables, int block_size,
                 const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,
                 float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh, int hd,
-                int hb, int keys_per_split, float scale) {
+                int hb, int keys_per_split, float scale) { PDL_ENTER();
     extern __shared__ float smem[];
     const int r = row_list[blockIdx.x];
     const int qpg = nh / kvh;
@@ -277,7 +277,7 @@ __device__ __forceinline__ void attn_decode_fixed(
         const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,  \
         const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,               \
         float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh, int hd, int hb, \
-        int keys_per_split, float scale) {                                                      \
+        int keys_per_split, float scale) { PDL_ENTER();                                                      \
         attn_decode_fixed<HD>(q, kc, vc, layer_off, row_list, row_info, seq_info, block_tables, \
                               block_size, slopes, has_alibi, out, part_o, part_ml, nh, kvh, hb, \
                               keys_per_split, scale);                                           \
@@ -289,7 +289,7 @@ ATTN_DECODE_KERNEL(128)
 // Merges the key splits of attn_decode. grid (rows in list, heads), block 64.
 extern "C" __global__ void attn_combine(const u32* __restrict__ row_list, const float* __restrict__ part_o,
                                         const float* __restrict__ part_ml, float* __restrict__ out,
-                                        int nh, int hd, int nsplit) {
+                                        int nh, int hd, int nsplit) { PDL_ENTER();
     const int r = row_list[blockIdx.x], h = blockIdx.y;
     const size_t base = ((size_t)r * nh + h) * nsplit;
     float m = NEG_INF;
@@ -494,7 +494,7 @@ __device__ __forceinline__ void attn_tc(const float* __restrict__ q, const bf16_
         const float* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc, \
         u64 layer_off, const u32* __restrict__ tiles, const u32* __restrict__ seq_info,         \
         const u32* __restrict__ block_tables, int block_size, const float* __restrict__ slopes,  \
-        int has_alibi, float* __restrict__ out, int nh, int kvh, float scale) {                 \
+        int has_alibi, float* __restrict__ out, int nh, int kvh, float scale) { PDL_ENTER();                 \
         attn_tc<HD>(q, kc, vc, layer_off, tiles, seq_info, block_tables, block_size, slopes,    \
                     has_alibi, out, nh, kvh, scale);                                            \
     }

@@ -73,3 +73,23 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
         : "l"(p));
     return r;
 }
+
+// Programmatic dependent launch (sm_90+): a kernel queued with the PDL launch attribute
+// may start while its predecessor on the stream is still finishing; every kernel calls
+// pdl_wait() before it touches global memory (a no-op without the attribute, and before
+// sm_90), then pdl_trigger() so that its own successor may be scheduled early.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+#define PDL_ENTER() \
+    pdl_wait();     \
+    pdl_trigger()

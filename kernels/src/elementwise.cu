@@ -4,7 +4,7 @@
 
 // out[r, :] = table[ids[r], :] (bf16 -> f32). grid (rows), block 256.
 extern "C" __global__ void embed_bf16(const bf16_t* __restrict__ table, const u32* __restrict__ ids,
-                                      float* __restrict__ out, int cols) {
+                                      float* __restrict__ out, int cols) { PDL_ENTER();
     const int r = blockIdx.x;
     const bf16_t* src = table + (size_t)ids[r] * cols;
     float* dst = out + (size_t)r * cols;
@@ -16,7 +16,7 @@ extern "C" __global__ void embed_bf16(const bf16_t* __restrict__ table, const u3
 // grid (rows), block 256.
 extern "C" __global__ void layer_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
                                           const float* __restrict__ b, float* __restrict__ out,
-                                          int cols, float eps) {
+                                          int cols, float eps) { PDL_ENTER();
     __shared__ float scratch[32];
     const float* row = x + (size_t)blockIdx.x * cols;
     float* dst = out + (size_t)blockIdx.x * cols;
@@ -34,7 +34,7 @@ extern "C" __global__ void layer_norm_f32(const float* __restrict__ x, const flo
 }
 
 // Exact (erf) GELU in place.
-extern "C" __global__ void gelu_f32(float* __restrict__ x, u64 n) {
+extern "C" __global__ void gelu_f32(float* __restrict__ x, u64 n) { PDL_ENTER();
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const float v = x[i];
         x[i] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
@@ -42,7 +42,7 @@ extern "C" __global__ void gelu_f32(float* __restrict__ x, u64 n) {
 }
 
 // x += y.
-extern "C" __global__ void add_f32(float* __restrict__ x, const float* __restrict__ y, u64 n) {
+extern "C" __global__ void add_f32(float* __restrict__ x, const float* __restrict__ y, u64 n) { PDL_ENTER();
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         x[i] += y[i];
     }
@@ -50,14 +50,14 @@ extern "C" __global__ void add_f32(float* __restrict__ x, const float* __restric
 
 // out[i, :] = x[rows[i], :]. grid (n_out), block 256.
 extern "C" __global__ void gather_rows_f32(const float* __restrict__ x, const u32* __restrict__ rows,
-                                           float* __restrict__ out, int cols) {
+                                           float* __restrict__ out, int cols) { PDL_ENTER();
     const float* src = x + (size_t)rows[blockIdx.x] * cols;
     float* dst = out + (size_t)blockIdx.x * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
 }
 
 // Activations to bf16 for the tensor-core GEMM.
-extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16_t* __restrict__ out, u64 n) {
+extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16_t* __restrict__ out, u64 n) { PDL_ENTER();
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         out[i] = f2bf(x[i]);
     }
@@ -65,7 +65,7 @@ extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16_t* __re
 
 // y[r, c] += bias[c] for a [rows, cols] matrix.
 extern "C" __global__ void add_bias_rows(float* __restrict__ y, const float* __restrict__ bias,
-                                         u64 n, int cols) {
+                                         u64 n, int cols) { PDL_ENTER();
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         y[i] += bias[i % (u64)cols];
     }
@@ -75,7 +75,7 @@ extern "C" __global__ void add_bias_rows(float* __restrict__ y, const float* __r
 // grid (n_pairs, num_layers), block 256. Elements are moved as 16-bit words.
 extern "C" __global__ void copy_kv_blocks(bf16_t* __restrict__ k, bf16_t* __restrict__ v,
                                           const u32* __restrict__ pairs, u64 layer_elems,
-                                          u64 block_elems) {
+                                          u64 block_elems) { PDL_ENTER();
     const u64 base = (u64)blockIdx.y * layer_elems;
     const u64 src = base + (u64)pairs[2 * blockIdx.x] * block_elems;
     const u64 dst = base + (u64)pairs[2 * blockIdx.x + 1] * block_elems;
@@ -93,7 +93,7 @@ __device__ __forceinline__ u64 mix64(u64 z) {
 }
 
 // out[i] = uniform(-scale, scale) as bf16.
-extern "C" __global__ void fill_uniform_bf16(bf16_t* __restrict__ out, u64 n, u64 seed, float scale) {
+extern "C" __global__ void fill_uniform_bf16(bf16_t* __restrict__ out, u64 n, u64 seed, float scale) { PDL_ENTER();
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const u64 h = mix64(seed * 0x9e3779b97f4a7c15ull + i);
         const float u = (float)(h >> 40) * (1.0f / 16777216.0f);  // [0, 1)
@@ -103,7 +103,7 @@ extern "C" __global__ void fill_uniform_bf16(bf16_t* __restrict__ out, u64 n, u6
 
 // out[i] = uniform(-scale, scale) + offset, f32.
 extern "C" __global__ void fill_uniform_f32(float* __restrict__ out, u64 n, u64 seed, float scale,
-                                            float offset) {
+                                            float offset) { PDL_ENTER();
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const u64 h = mix64(seed * 0x9e3779b97f4a7c15ull + i);
         const float u = (float)(h >> 40) * (1.0f / 16777216.0f);
@@ -120,7 +120,7 @@ extern "C" __global__ void rope_qkv(const float* __restrict__ qkv, float* __rest
                                     bf16_t* __restrict__ kc, bf16_t* __restrict__ vc,
                                     const u32* __restrict__ slots, const float* __restrict__ cosv,
                                     const float* __restrict__ sinv, int rotary, int nh, int kvh,
-                                    int hd, u64 layer_off) {
+                                    int hd, u64 layer_off) { PDL_ENTER();
     const int r = blockIdx.x, g = blockIdx.y;
     const int qpg = nh / kvh, half = hd / 2;
     const int i = blockIdx.z * blockDim.x + threadIdx.x;
@@ -146,5 +146,40 @@ extern "C" __global__ void rope_qkv(const float* __restrict__ qkv, float* __rest
         } else {
             vc[cache] = f2bf(val);
         }
+    }
+}
+
+// layer_norm_f32 for rows of at most 8 * blockDim.x values: each thread keeps its (up
+// to 8) values in registers, so the row is read from memory once. Same two-pass formula.
+// grid (rows), block a multiple of 32 with cols <= 8 * blockDim.x.
+extern "C" __global__ void __launch_bounds__(1024)
+    layer_norm_f32_reg(const float* __restrict__ x, const float* __restrict__ w,
+                       const float* __restrict__ b, float* __restrict__ out, int cols, float eps) {
+    PDL_ENTER();
+    __shared__ float scratch[32];
+    const float* row = x + (size_t)blockIdx.x * cols;
+    float* dst = out + (size_t)blockIdx.x * cols;
+    float v[8];
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const int c = threadIdx.x + i * blockDim.x;
+        v[i] = c < cols ? row[c] : 0.0f;
+        s += v[i];
+    }
+    const float mean = block_sum(s, scratch) / (float)cols;
+    float q = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const int c = threadIdx.x + i * blockDim.x;
+        const float d = c < cols ? v[i] - mean : 0.0f;
+        q += d * d;
+    }
+    const float var = block_sum(q, scratch) / (float)cols;
+    const float inv = rsqrtf(var + eps);
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const int c = threadIdx.x + i * blockDim.x;
+        if (c < cols) dst[c] = (v[i] - mean) * inv * w[c] + b[c];
     }
 }

@@ -87,7 +87,7 @@ __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16
     extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                              \
         gemv_bf16_r##R(const float* __restrict__ x, const bf16_t* __restrict__ w,              \
                        const float* __restrict__ bias, float* __restrict__ y, int N, int K,    \
-                       int has_bias) {                                                         \
+                       int has_bias) { PDL_ENTER();                                                         \
         gemv_vec<R, U, ROWS>(x, w, bias, y, N, K, has_bias);                                   \
     }
 
@@ -104,7 +104,7 @@ GEMV_KERNEL(8, 2, 4)
 // grid ceil(N / GEMV_WARPS), block 32 * GEMV_WARPS, R <= 8.
 extern "C" __global__ void gemv_bf16_scalar(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                             const float* __restrict__ bias, float* __restrict__ y,
-                                            int R, int N, int K, int has_bias) {
+                                            int R, int N, int K, int has_bias) { PDL_ENTER();
     const int lane = threadIdx.x & 31;
     const int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
     if (n >= N) return;
@@ -124,3 +124,201 @@ extern "C" __global__ void gemv_bf16_scalar(const float* __restrict__ x, const b
         if (r < R && lane == 0) y[(size_t)r * N + n] = s + (has_bias ? bias[n] : 0.0f);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Tensor-core GEMV for 1..8 activation rows: y[r, n] = sum_k x[r, k] * w[n, k] (+ bias).
+//
+// The weights are the A operand of mma.m16n8k16 (16 output features per warp tile), the
+// activations the B operand (8 columns: the rows of x). Activations are f32: each is split
+// into bf16 hi = truncate(x) and lo = truncate(x - hi), both exact in bf16, so that
+// w * hi + w * lo equals w * x to about 2^-16 relative (the tensor cores multiply exactly
+// and accumulate in f32): the result matches the f32 CUDA-core kernels above, while the
+// instruction count per weight byte is several times lower, so that even 8 rows stream
+// the weights at memory speed (a verify pass costs about one decode step).
+//
+// With R <= 4, hi and lo share one mma: column c < 4 holds row c's hi part, column 4 + c
+// its lo part, and y = C[:, c] + C[:, c + 4]. With R > 4, two mmas (hi, lo) accumulate
+// into the same C.
+//
+// Because a dot product may sum its terms in any order, each lane loads a whole 16-byte
+// chunk (8 consecutive k) of its weight row and the matching 8 activations: for chunk
+// c (32 k) the lane with (gid, tig) = (lane / 4, lane % 4) holds k = 32c + 8 tig .. +8 of
+// rows n0 + gid and n0 + gid + 8, and its B column gid; logical k 2tig, 2tig+1 of mma step
+// s are the physical k 8tig + 4s + {0, 1}, logical k 2tig+8, 2tig+9 the physical
+// 8tig + 4s + {2, 3}.
+//
+// grid (ceil(N / 16), nsplit), block 32 * TCG_WARPS. Each block covers chunks
+// [split * chunks_per_split, +chunks_per_split) of K / 32 for its 16 features; warps take
+// groups of TCG_U consecutive chunks in turn. With nsplit > 1 each block writes its
+// partial sums to part[split][R][N]; the last block of a tile to finish (counted in
+// counters[tile], which it resets to 0) adds them in split order, so the result is
+// deterministic. Requires K % 32 == 0.
+
+#define TCG_WARPS 4
+#define TCG_U 4
+
+__device__ __forceinline__ u32 hi_pair(float a, float b) {
+    return __byte_perm(__float_as_uint(a), __float_as_uint(b), 0x7632);
+}
+
+// Volatile loads: issued in program order, so that a group's loads are all in flight
+// before the first mma (the compiler otherwise interleaves them with the mmas).
+__device__ __forceinline__ uint4 ld_stream_v(const uint4* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ float4 ld_nc_v(const float4* p) {
+    float4 r;
+    asm volatile("ld.global.nc.v4.f32 {%0,%1,%2,%3}, [%4];"
+                 : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ float trunc_bf16(float a) {
+    return __uint_as_float(__float_as_uint(a) & 0xffff0000u);
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
+                                               u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int R>
+__device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_t* __restrict__ w,
+                                        const float* __restrict__ bias, float* __restrict__ y,
+                                        float* __restrict__ part, u32* __restrict__ counters,
+                                        int N, int K, int has_bias, int chunks_per_split) {
+    constexpr bool PACKED = R <= 4;
+    __shared__ float red[TCG_WARPS][32][4];
+    __shared__ float tile_out[16][8];
+    __shared__ int last_block;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int tile = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
+    const int n0 = tile * 16;
+    const int ra = min(n0 + gid, N - 1), rb = min(n0 + gid + 8, N - 1);
+    const int nchunks = K >> 5;
+    const int c_begin = split * chunks_per_split;
+    const int c_end = min(nchunks, c_begin + chunks_per_split);
+    // Chunk c of a row is uint4 number 4c + tig of that row.
+    const uint4* wa = (const uint4*)(w + (size_t)ra * K) + tig;
+    const uint4* wb = (const uint4*)(w + (size_t)rb * K) + tig;
+    // This lane's B column: packed, column c < 4 is row c's hi part and 4 + c its lo
+    // part; otherwise column c is row c (hi and lo in two mmas).
+    const int col = PACKED ? (gid & 3) : gid;
+    const bool use_hi = col < R && (!PACKED || gid < 4);
+    const bool use_lo = col < R && (!PACKED || gid >= 4);
+    const int xr = col < R ? col : 0;
+    // Every lane loads activations (lanes without a column read row 0 and drop it), so
+    // that the loop has no branches and all loads of a group are in flight together.
+    const float4* xp = (const float4*)(x + (size_t)xr * K) + 2 * tig;
+    const u32 keep_hi = use_hi ? 0xffffffffu : 0u, keep_lo = use_lo ? 0xffffffffu : 0u;
+
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    auto consume = [&](const uint4& ua, const uint4& ub, const float4& f0, const float4& f1) {
+        const float e[8] = {f0.x, f0.y, f0.z, f0.w, f1.x, f1.y, f1.z, f1.w};
+        u32 bh[4], bl[4];
+#pragma unroll
+        for (int p2 = 0; p2 < 4; p2++) {
+            const float a = e[2 * p2], b = e[2 * p2 + 1];
+            bh[p2] = hi_pair(a, b) & keep_hi;
+            bl[p2] = hi_pair(a - trunc_bf16(a), b - trunc_bf16(b)) & keep_lo;
+        }
+        if (PACKED) {
+            u32 bb[4];
+#pragma unroll
+            for (int p2 = 0; p2 < 4; p2++) bb[p2] = bh[p2] | bl[p2];
+            mma_bf16_16816(acc, ua.x, ub.x, ua.y, ub.y, bb[0], bb[1]);
+            mma_bf16_16816(acc, ua.z, ub.z, ua.w, ub.w, bb[2], bb[3]);
+        } else {
+            mma_bf16_16816(acc, ua.x, ub.x, ua.y, ub.y, bh[0], bh[1]);
+            mma_bf16_16816(acc, ua.x, ub.x, ua.y, ub.y, bl[0], bl[1]);
+            mma_bf16_16816(acc, ua.z, ub.z, ua.w, ub.w, bh[2], bh[3]);
+            mma_bf16_16816(acc, ua.z, ub.z, ua.w, ub.w, bl[2], bl[3]);
+        }
+    };
+    // Whole groups of TCG_U chunks, warps in turn; then the last < TCG_U chunks one each.
+    const int full_end = c_begin + (c_end - c_begin) / TCG_U * TCG_U;
+    for (int c0 = c_begin + warp * TCG_U; c0 < full_end; c0 += TCG_WARPS * TCG_U) {
+        uint4 va[TCG_U], vb[TCG_U];
+        float4 x0[TCG_U], x1[TCG_U];
+#pragma unroll
+        for (int u = 0; u < TCG_U; u++) {
+            va[u] = ld_stream_v(wa + 4 * (c0 + u));
+            vb[u] = ld_stream_v(wb + 4 * (c0 + u));
+        }
+#pragma unroll
+        for (int u = 0; u < TCG_U; u++) {
+            x0[u] = ld_nc_v(xp + 8 * (c0 + u));
+            x1[u] = ld_nc_v(xp + 8 * (c0 + u) + 1);
+        }
+#pragma unroll
+        for (int u = 0; u < TCG_U; u++) consume(va[u], vb[u], x0[u], x1[u]);
+    }
+    for (int c = full_end + warp; c < c_end; c += TCG_WARPS) {
+        const uint4 ua = ld_stream(wa + 4 * c), ub = ld_stream(wb + 4 * c);
+        consume(ua, ub, __ldg(xp + 8 * c), __ldg(xp + 8 * c + 1));
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) red[warp][lane][i] = acc[i];
+    __syncthreads();
+    // Thread t < 128 sums C[i][j] (i = t / 8: feature, j = t % 8: column) over the warps.
+    const int t = threadIdx.x;
+    const int i = t >> 3, j = t & 7;
+    if (t < 128) {
+        const int src_lane = (i & 7) * 4 + (j >> 1), slot = (i >= 8 ? 2 : 0) + (j & 1);
+        float s = 0.0f;
+#pragma unroll
+        for (int ww = 0; ww < TCG_WARPS; ww++) s += red[ww][src_lane][slot];
+        tile_out[i][j] = s;
+    }
+    __syncthreads();
+    const int n = n0 + i;
+    const bool writer = t < 128 && j < R && n < N;
+    float v = 0.0f;
+    if (writer) v = PACKED ? tile_out[i][j] + tile_out[i][j + 4] : tile_out[i][j];
+    if (nsplit == 1) {
+        if (writer) y[(size_t)j * N + n] = v + (has_bias ? bias[n] : 0.0f);
+        return;
+    }
+    if (writer) part[((size_t)split * R + j) * N + n] = v;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last_block = atomicAdd(&counters[tile], 1u) == (u32)(nsplit - 1);
+    __syncthreads();
+    if (!last_block) return;
+    __threadfence();
+    if (writer) {
+        float s = 0.0f;
+        for (int z = 0; z < nsplit; z++) s += __ldcg(part + ((size_t)z * R + j) * N + n);
+        y[(size_t)j * N + n] = s + (has_bias ? bias[n] : 0.0f);
+    }
+    if (threadIdx.x == 0) counters[tile] = 0u;
+}
+
+#define GEMV_TC_KERNEL(R)                                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * TCG_WARPS)                               \
+        gemv_tc_r##R(const float* __restrict__ x, const bf16_t* __restrict__ w,                \
+                     const float* __restrict__ bias, float* __restrict__ y,                    \
+                     float* __restrict__ part, u32* __restrict__ counters, int N, int K,       \
+                     int has_bias, int chunks_per_split) { PDL_ENTER();                                     \
+        gemv_tc<R>(x, w, bias, y, part, counters, N, K, has_bias, chunks_per_split);           \
+    }
+
+GEMV_TC_KERNEL(1)
+GEMV_TC_KERNEL(2)
+GEMV_TC_KERNEL(3)
+GEMV_TC_KERNEL(4)
+GEMV_TC_KERNEL(5)
+GEMV_TC_KERNEL(6)
+GEMV_TC_KERNEL(7)
+GEMV_TC_KERNEL(8)

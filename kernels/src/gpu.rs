@@ -17,7 +17,7 @@ use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
@@ -151,6 +151,7 @@ impl Pool {
 pub(crate) struct Kernels {
     pub embed_bf16: CudaFunction,
     pub layer_norm_f32: CudaFunction,
+    pub layer_norm_f32_reg: CudaFunction,
     pub gelu_f32: CudaFunction,
     pub add_f32: CudaFunction,
     pub gather_rows_f32: CudaFunction,
@@ -161,6 +162,7 @@ pub(crate) struct Kernels {
     pub fill_uniform_f32: CudaFunction,
     pub rope_qkv: CudaFunction,
     pub gemv: Vec<CudaFunction>,
+    pub gemv_tc: Vec<CudaFunction>,
     pub gemv_scalar: CudaFunction,
     pub attn_decode: CudaFunction,
     pub attn_decode_hd64: CudaFunction,
@@ -179,12 +181,15 @@ impl Kernels {
             })
         };
         let mut gemv = Vec::with_capacity(8);
+        let mut gemv_tc = Vec::with_capacity(8);
         for r in 1..=8 {
             gemv.push(f(&format!("gemv_bf16_r{r}"))?);
+            gemv_tc.push(f(&format!("gemv_tc_r{r}"))?);
         }
         Ok(Kernels {
             embed_bf16: f("embed_bf16")?,
             layer_norm_f32: f("layer_norm_f32")?,
+            layer_norm_f32_reg: f("layer_norm_f32_reg")?,
             gelu_f32: f("gelu_f32")?,
             add_f32: f("add_f32")?,
             gather_rows_f32: f("gather_rows_f32")?,
@@ -195,6 +200,7 @@ impl Kernels {
             fill_uniform_f32: f("fill_uniform_f32")?,
             rope_qkv: f("rope_qkv")?,
             gemv,
+            gemv_tc,
             gemv_scalar: f("gemv_bf16_scalar")?,
             attn_decode: f("attn_decode")?,
             attn_decode_hd64: f("attn_decode_hd64")?,
@@ -224,6 +230,13 @@ pub struct Gpu {
     pub(crate) blas: Mutex<CudaBlas>,
     pub(crate) k: Kernels,
     pool: Arc<Pool>,
+    /// Launch with programmatic dependent launch (sm_90+; see `common.cuh`).
+    pdl: AtomicBool,
+    /// Few-row `linear` kernel: [`GEMV_SIMT`], [`GEMV_TC`] or [`GEMV_AUTO`].
+    gemv_mode: AtomicU8,
+    /// Zeroed arrival counters of the split-K tensor-core GEMV (one per 16-feature
+    /// tile; each launch leaves them zeroed again). Only ever grows.
+    gemv_counters: Mutex<Option<DeviceBuffer<u32>>>,
     name: String,
     cc: (i32, i32),
     sm_count: u32,
@@ -277,6 +290,21 @@ fn ptx_for(arch: &str) -> Result<String, KernelError> {
     let text = ptx.to_src();
     map.insert(arch.to_string(), text.clone());
     Ok(text)
+}
+
+const GEMV_SIMT: u8 = 0;
+const GEMV_TC: u8 = 1;
+const GEMV_AUTO: u8 = 2;
+
+/// A boolean switch from the environment: `0`, `false`, `off` or `no` turn it off.
+fn env_flag(name: &str, default: bool) -> bool {
+    match std::env::var(name) {
+        Ok(v) => !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "0" | "false" | "off" | "no"
+        ),
+        Err(_) => default,
+    }
 }
 
 fn unavailable(reason: impl Into<String>) -> KernelError {
@@ -345,6 +373,13 @@ impl Gpu {
             blas: Mutex::new(blas),
             k,
             pool: Arc::new(Pool::default()),
+            pdl: AtomicBool::new(cc.0 >= 9 && env_flag("FALCONER_PDL", true)),
+            gemv_mode: AtomicU8::new(match std::env::var("FALCONER_GEMV").as_deref() {
+                Ok("tc") => GEMV_TC,
+                Ok("simt") => GEMV_SIMT,
+                _ => GEMV_AUTO,
+            }),
+            gemv_counters: Mutex::new(None),
             name,
             cc,
             sm_count: sm_count.max(1) as u32,
@@ -370,6 +405,56 @@ impl Gpu {
 
     pub fn total_memory(&self) -> usize {
         self.total_mem
+    }
+
+    /// Whether kernels are queued with programmatic dependent launch (on by default on
+    /// sm_90 and newer; `FALCONER_PDL=0` turns it off).
+    pub fn pdl(&self) -> bool {
+        self.pdl.load(Ordering::Relaxed)
+    }
+
+    /// Turns programmatic dependent launch on or off (ignored before sm_90).
+    pub fn set_pdl(&self, on: bool) {
+        self.pdl.store(on && self.cc.0 >= 9, Ordering::Relaxed);
+    }
+
+    /// Whether a few-row `linear` of `rows` rows on `n` output features takes the
+    /// tensor-core GEMV. By default (`GEMV_AUTO`) it does for 2 to 8 rows except on very
+    /// wide outputs (an LM head), where the CUDA-core kernel streams faster, and one row
+    /// takes the CUDA-core kernel (measured on the H200); `FALCONER_GEMV=tc` or `simt`
+    /// forces one kernel.
+    pub(crate) fn use_gemv_tc(&self, rows: usize, n: usize) -> bool {
+        match self.gemv_mode.load(Ordering::Relaxed) {
+            GEMV_TC => true,
+            GEMV_SIMT => false,
+            _ => rows >= 2 && n <= 32 * 1024,
+        }
+    }
+
+    /// Forces the tensor-core GEMV (`Some(true)`), the CUDA-core one (`Some(false)`) or
+    /// restores the automatic choice (`None`) for few-row `linear`.
+    pub fn set_gemv_tc(&self, tc: Option<bool>) {
+        let mode = match tc {
+            Some(true) => GEMV_TC,
+            Some(false) => GEMV_SIMT,
+            None => GEMV_AUTO,
+        };
+        self.gemv_mode.store(mode, Ordering::Relaxed);
+    }
+
+    /// Device address of at least `tiles` zeroed GEMV arrival counters.
+    pub(crate) fn gemv_counters(&self, tiles: usize) -> Result<u64, KernelError> {
+        let mut c = self.gemv_counters.lock().map_err(|_| KernelError::Device {
+            op: "gemv",
+            message: "counter lock poisoned".into(),
+        })?;
+        if let Some(b) = c.as_ref().filter(|b| b.len() >= tiles) {
+            return Ok(b.ptr);
+        }
+        let b = self.zeros::<u32>(tiles.max(4096))?;
+        let ptr = b.ptr;
+        *c = Some(b);
+        Ok(ptr)
     }
 
     /// Waits for everything queued so far.
@@ -493,6 +578,36 @@ impl Gpu {
         // kernel, with device pointers of live buffers whose lengths it checked against
         // the sizes the kernel will index; `vals` outlives the call, and cuLaunchKernel
         // copies the argument values before returning.
+        if self.pdl() {
+            // SAFETY: as below; the attribute array and config outlive the call.
+            let mut attr: cudarc::driver::sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = cudarc::driver::sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let cfg = cudarc::driver::sys::CUlaunchConfig {
+                gridDimX: grid.0,
+                gridDimY: grid.1,
+                gridDimZ: grid.2,
+                blockDimX: block,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: smem,
+                hStream: self.stream.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            // SAFETY: see the plain launch below; every kernel in the module starts with
+            // `pdl_wait()`, so none touches memory before its predecessor completed.
+            return unsafe {
+                cudarc::driver::sys::cuLaunchKernelEx(
+                    &cfg,
+                    func.cu_function(),
+                    ptrs.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            }
+            .result()
+            .map_err(|e| KernelError::driver("kernel launch", e));
+        }
         unsafe {
             cudarc::driver::result::launch_kernel(
                 func.cu_function(),

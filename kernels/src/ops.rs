@@ -24,6 +24,22 @@ const GEMV_WARPS: u32 = 4;
 fn gemv_features_per_block(rows: usize) -> u32 {
     GEMV_WARPS * if rows <= 2 { 2 } else { 4 }
 }
+/// Tensor-core GEMV (`gemv_tc`): warps per block, output features per block, and
+/// 32-wide K chunks a warp takes per iteration.
+const TCG_WARPS: u32 = 4;
+const TCG_FEATURES: usize = 16;
+const TCG_U: usize = 4;
+
+/// K splits and 32-wide chunks per split for the tensor-core GEMV: enough blocks for
+/// about 24 per SM (several waves, so the last one costs little), but at least one
+/// round of every warp per split.
+fn tc_split(tiles: usize, chunks: usize, sms: usize) -> (usize, usize) {
+    let per_round = TCG_WARPS as usize * TCG_U;
+    let max_split = (chunks / per_round).max(1);
+    let want = (24 * sms).div_ceil(tiles.max(1)).clamp(1, max_split);
+    let per_split = chunks.div_ceil(want).next_multiple_of(TCG_U).max(1);
+    (chunks.div_ceil(per_split).max(1), per_split)
+}
 const DEC_TK: usize = 32;
 const DEC_WARPS: usize = 8;
 const DEC_THREADS: u32 = 32 * DEC_WARPS as u32;
@@ -149,10 +165,16 @@ impl Gpu {
         check_len(OP, "weight", weight, cols)?;
         check_len(OP, "bias", bias, cols)?;
         let out = self.scratch::<f32>(rows * cols)?;
-        // One block per row: wide rows get more threads (a decode step has one row).
-        let threads = if cols >= 4096 { 1024 } else { 256 };
+        // One block per row. Rows of up to 8 values per thread (of at most 1024) stay in
+        // registers: enough threads for 4 values each.
+        let (func, threads) = if cols <= 8 * 1024 {
+            let t = cols.div_ceil(4).next_multiple_of(32).clamp(64, 1024) as u32;
+            (&self.k.layer_norm_f32_reg, t)
+        } else {
+            (&self.k.layer_norm_f32, 1024)
+        };
         self.launch(
-            &self.k.layer_norm_f32,
+            func,
             (rows as u32, 1, 1),
             threads,
             0,
@@ -250,7 +272,9 @@ impl Gpu {
             for r0 in (0..rows).step_by(GEMV_MAX_ROWS) {
                 let r = GEMV_MAX_ROWS.min(rows - r0);
                 let (xa, ya) = (Arg::U64(x.ptr_at(r0 * k)), Arg::U64(out.ptr_at(r0 * n)));
-                if k.is_multiple_of(8) {
+                if k.is_multiple_of(32) && self.use_gemv_tc(r, n) {
+                    self.gemv_tc_launch(xa, w, bias_arg, has_bias, ya, r, n, k)?;
+                } else if k.is_multiple_of(8) {
                     self.launch(
                         &self.k.gemv[r - 1],
                         ((n as u32).div_ceil(gemv_features_per_block(r)), 1, 1),
@@ -300,6 +324,53 @@ impl Gpu {
             )?;
         }
         Ok(out)
+    }
+
+    /// The tensor-core GEMV (`gemv_tc` in gemv.cu) of `r` rows on `w [n, k]`, k a
+    /// multiple of 32, split over K until the GPU has several waves of blocks.
+    #[allow(clippy::too_many_arguments)]
+    fn gemv_tc_launch(
+        &self,
+        x: Arg,
+        w: &DeviceBuffer<bf16>,
+        bias: Arg,
+        has_bias: i32,
+        y: Arg,
+        r: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "linear";
+        let tiles = n.div_ceil(TCG_FEATURES);
+        let (nsplit, per_split) = tc_split(tiles, k / 32, self.sm_count() as usize);
+        let part = if nsplit > 1 {
+            Some(self.scratch::<f32>(nsplit * r * n)?)
+        } else {
+            None
+        };
+        let counters = if nsplit > 1 {
+            self.gemv_counters(tiles)?
+        } else {
+            0
+        };
+        self.launch(
+            &self.k.gemv_tc[r - 1],
+            (tiles as u32, nsplit as u32, 1),
+            32 * TCG_WARPS,
+            0,
+            &[
+                x,
+                p(w),
+                bias,
+                y,
+                part.as_ref().map_or(y, p),
+                Arg::U64(counters),
+                Arg::I32(to_i32(OP, n)?),
+                Arg::I32(to_i32(OP, k)?),
+                Arg::I32(has_bias),
+                Arg::I32(to_i32(OP, per_split)?),
+            ],
+        )
     }
 
     /// An f32 buffer rounded to bf16.

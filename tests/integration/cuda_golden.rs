@@ -278,7 +278,7 @@ fn bf16_bytes(v: &[f32]) -> Vec<u8> {
 fn cuda_linear_matches_cpu_on_both_paths() {
     let Some(b) = backend() else { return };
     let cpu = CpuBackend::new();
-    for (n, k) in [(200usize, 320usize), (67, 36), (4672, 4544)] {
+    for (n, k) in [(200usize, 320usize), (67, 36), (4672, 4544), (1000, 18176)] {
         let w = random(n * k, 1);
         let bias = random(n, 2);
         let wb = bf16_bytes(&w);
@@ -297,7 +297,7 @@ fn cuda_linear_matches_cpu_on_both_paths() {
         };
         let (gw, gb) = (b.upload(&wt).unwrap(), b.upload(&bt).unwrap());
         let (cw, cb) = (cpu.upload(&wt).unwrap(), cpu.upload(&bt).unwrap());
-        for rows in [1usize, 2, 3, 5, 8, 9, 40, 100] {
+        for rows in [1usize, 2, 3, 4, 5, 7, 8, 9, 40, 100] {
             let x = random(rows * k, 3 + rows as u64);
             let want = cpu
                 .to_host(
@@ -306,16 +306,32 @@ fn cuda_linear_matches_cpu_on_both_paths() {
                 )
                 .unwrap();
             let gx = b.upload_hidden(&x, rows, k).unwrap();
-            let got = b.to_host(&b.linear(&gx, &gw, Some(&gb)).unwrap()).unwrap();
-            // GEMV (few rows or a small problem): f32 activations, only the summation
-            // order differs. Otherwise cuBLAS takes the activations in bf16.
-            let tol = if rows <= 8 || rows * n * k <= 1 << 26 {
-                1e-4
-            } else {
-                1e-2
-            };
-            let e = rel_err(&got, &want);
-            assert!(e < tol, "linear {rows}x{k} @ {n}x{k}: rel err {e}");
+            // Both few-row kernels: tensor cores (activations split into bf16 hi + lo,
+            // split-K with a deterministic last-block reduction) and CUDA cores.
+            for tc in [true, false] {
+                b.gpu().set_gemv_tc(Some(tc));
+                let got = b.to_host(&b.linear(&gx, &gw, Some(&gb)).unwrap()).unwrap();
+                let again = b.to_host(&b.linear(&gx, &gw, Some(&gb)).unwrap()).unwrap();
+                // GEMV (few rows or a small problem): f32 activations (or hi + lo), only
+                // the summation order differs. Otherwise cuBLAS takes them in bf16.
+                let tol = if rows <= 8 || rows * n * k <= 1 << 26 {
+                    1e-4
+                } else {
+                    1e-2
+                };
+                let e = rel_err(&got, &want);
+                assert!(
+                    e < tol,
+                    "linear {rows}x{k} @ {n}x{k} (tc {tc}): rel err {e}"
+                );
+                assert!(
+                    got.iter()
+                        .zip(&again)
+                        .all(|(a, c)| a.to_bits() == c.to_bits()),
+                    "linear {rows}x{k} @ {n}x{k} (tc {tc}) is not deterministic"
+                );
+            }
+            b.gpu().set_gemv_tc(None);
         }
     }
 }
