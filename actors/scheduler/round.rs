@@ -33,6 +33,8 @@ struct Plan {
     drafts: Vec<u32>,
     q: Vec<Vec<f32>>,
     use_draft: bool,
+    /// The session is still prefilling its prompt.
+    prefill: bool,
     target: Option<Reserved>,
     draft: Option<Reserved>,
 }
@@ -64,6 +66,7 @@ pub(super) async fn run<B: Backend>(st: &mut SchedulerState<B>) {
                 drafts,
                 q: Vec::new(),
                 use_draft,
+                prefill: prefilling,
                 target: None,
                 draft: None,
             }
@@ -159,7 +162,10 @@ pub(super) async fn run<B: Backend>(st: &mut SchedulerState<B>) {
         Err(e) => return fail_all(st, &plans, e),
     };
 
-    let cost = draft_step.map(|d| d.as_secs_f64() / target_time.as_secs_f64().max(1e-9));
+    let timing = (
+        draft_step.map(|d| d.as_secs_f64()),
+        target_time.as_secs_f64(),
+    );
     let mut commits = Vec::new();
     let mut ended = Vec::new();
     for (p, verdict) in plans.iter().zip(verdicts) {
@@ -187,7 +193,7 @@ pub(super) async fn run<B: Backend>(st: &mut SchedulerState<B>) {
             commits.push((Pool::Draft, p.id, d));
             s.draft_len = d;
         }
-        record(s, p, &verdict, cost);
+        record(s, p, &verdict, timing);
         let emitted = verdict.emitted(&p.drafts);
         match s.emit(&emitted, &st.tokenizer) {
             Progress::Continue => {}
@@ -209,7 +215,12 @@ pub(super) async fn run<B: Backend>(st: &mut SchedulerState<B>) {
 }
 
 /// Updates usage, policy and metrics after a session's round.
-fn record(s: &mut super::Session, p: &Plan, v: &Verdict, cost: Option<f64>) {
+fn record(
+    s: &mut super::Session,
+    p: &Plan,
+    v: &Verdict,
+    (draft_step, target_pass): (Option<f64>, f64),
+) {
     s.round += 1;
     s.usage.target_passes += 1;
     if p.k > 0 {
@@ -218,8 +229,11 @@ fn record(s: &mut super::Session, p: &Plan, v: &Verdict, cost: Option<f64>) {
         s.usage.draft_tokens_accepted += v.accepted;
     }
     s.policy.observe(p.k, v.accepted);
-    if let (true, Some(c)) = (p.use_draft, cost) {
-        s.policy.observe_cost(c);
+    // Decode rounds only (a prefill's pass says nothing about verify costs).
+    match (p.use_draft, draft_step) {
+        (true, Some(d)) => s.policy.observe_timing(p.k, d, target_pass),
+        (false, _) if p.k == 0 && !p.prefill => s.policy.observe_timing(0, 0.0, target_pass),
+        _ => {}
     }
     m::speculative_round(p.k, v.accepted, v.num_emitted());
 }

@@ -84,6 +84,9 @@ struct Row {
     tokens_per_s: f64,
     speedup: f64,
     bound: f64,
+    /// What a round cost besides the k draft steps, in target steps: the verify
+    /// pass plus the runtime's overhead (the bound assumes 1).
+    verify: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -194,6 +197,7 @@ async fn main() -> Result<()> {
             tokens_per_s: 1.0 / t,
             speedup: t_target / t,
             bound: e / (k_eff * c + 1.0),
+            verify: (e * t / t_target - k_eff * c).max(0.0),
         });
     }
 
@@ -209,22 +213,23 @@ async fn main() -> Result<()> {
         t_target * 1e3,
         t_draft * 1e3
     );
-    println!("| config | a | E (tokens/pass) | c | tokens/s | speed-up | bound E/(kc+1) | speed-up / bound |");
-    println!("|---|---|---|---|---|---|---|---|");
-    let mut csv = String::from("config,k,acceptance,tokens_per_pass,cost_ratio,tokens_per_s,speedup,bound,fraction_of_bound\n");
+    println!("| config | a | E (tokens/pass) | c | tokens/s | speed-up | bound E/(kc+1) | speed-up / bound | verify+overhead (steps) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut csv = String::from("config,k,acceptance,tokens_per_pass,cost_ratio,tokens_per_s,speedup,bound,fraction_of_bound,verify_cost\n");
     for r in &rows {
         println!(
-            "| {} | {:.3} | {:.2} | {c:.3} | {:.1} | {:.2}x | {:.2}x | {:.0}% |",
+            "| {} | {:.3} | {:.2} | {c:.3} | {:.1} | {:.2}x | {:.2}x | {:.0}% | {:.2} |",
             r.name,
             r.a,
             r.e,
             r.tokens_per_s,
             r.speedup,
             r.bound,
-            100.0 * r.speedup / r.bound
+            100.0 * r.speedup / r.bound,
+            r.verify
         );
         csv += &format!(
-            "{},{},{:.4},{:.4},{c:.4},{:.2},{:.4},{:.4},{:.4}\n",
+            "{},{},{:.4},{:.4},{c:.4},{:.2},{:.4},{:.4},{:.4},{:.4}\n",
             r.name,
             r.k.map_or_else(String::new, |k| k.to_string()),
             r.a,
@@ -232,7 +237,8 @@ async fn main() -> Result<()> {
             r.tokens_per_s,
             r.speedup,
             r.bound,
-            r.speedup / r.bound
+            r.speedup / r.bound,
+            r.verify
         );
     }
     if let Some(best) = rows

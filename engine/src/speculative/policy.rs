@@ -8,6 +8,14 @@
 //! `(1 - a^(k+1)) / ((1 - a) (k c + 1))`. When no `k` beats plain decoding it
 //! returns 0 ("decode plainly this round") and re-probes with a small `k`
 //! every few rounds so speculation can turn back on.
+//!
+//! That formula assumes a verify pass over `k + 1` tokens costs one decode
+//! step. Where it does not (a CPU, a large batch), the caller can report
+//! measured times with [`DraftLengthPolicy::observe_timing`]: the policy then
+//! fits the target pass time as `alpha + beta * tokens` (decayed least
+//! squares over the rounds it saw) and maximises the expected tokens per
+//! second `E(a, k) / (k d + alpha + beta (k + 1))` instead, with `d` the
+//! draft step time.
 
 /// Expected tokens emitted per target pass with `k` drafts when each draft
 /// is accepted independently with probability `a`:
@@ -88,6 +96,55 @@ pub struct AdaptivePolicy {
     cost: Option<f64>,
     /// Consecutive plain (k = 0) rounds.
     rounds_off: usize,
+    /// Measured times, when the caller reports them.
+    timing: Timing,
+}
+
+/// Decayed sums for the least-squares fit `target_time = alpha + beta * tokens`
+/// and the mean draft step time.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Timing {
+    w: f64,
+    t: f64,
+    tt: f64,
+    y: f64,
+    ty: f64,
+    draft: Option<f64>,
+}
+
+impl Timing {
+    fn add(&mut self, decay: f64, tokens: f64, secs: f64) {
+        for v in [
+            &mut self.w,
+            &mut self.t,
+            &mut self.tt,
+            &mut self.y,
+            &mut self.ty,
+        ] {
+            *v *= decay;
+        }
+        self.w += 1.0;
+        self.t += tokens;
+        self.tt += tokens * tokens;
+        self.y += secs;
+        self.ty += tokens * secs;
+    }
+
+    /// `(alpha, beta)` once passes of at least two sizes were seen; the slope is
+    /// kept non-negative and the intercept positive.
+    fn fit(&self) -> Option<(f64, f64)> {
+        if self.w < 2.0 {
+            return None;
+        }
+        let mean_t = self.t / self.w;
+        let var = self.tt / self.w - mean_t * mean_t;
+        if var < 0.1 {
+            return None;
+        }
+        let beta = ((self.ty / self.w - mean_t * self.y / self.w) / var).max(0.0);
+        let alpha = self.y / self.w - beta * mean_t;
+        (alpha > 0.0).then_some((alpha, beta))
+    }
 }
 
 impl AdaptivePolicy {
@@ -112,6 +169,7 @@ impl AdaptivePolicy {
             rounds_observed: 0,
             cost: None,
             rounds_off: 0,
+            timing: Timing::default(),
         }
     }
 
@@ -133,9 +191,20 @@ impl AdaptivePolicy {
     /// The `k` in `min_k..=max_k` with the best expected speed-up (the
     /// smallest such `k` on ties) and that speed-up.
     fn best_k(&self, a: f64, c: f64) -> (usize, f64) {
+        let timed = match (self.timing.fit(), self.timing.draft) {
+            (Some(fit), Some(d)) => Some((fit, d)),
+            _ => None,
+        };
         let mut best = (self.config.min_k, f64::NEG_INFINITY);
         for k in self.config.min_k..=self.config.max_k {
-            let s = speedup_bound(a, k, c);
+            let s = match timed {
+                // Speed-up over plain steps of alpha + beta.
+                Some(((alpha, beta), d)) => {
+                    let round = k as f64 * d + alpha + beta * (k as f64 + 1.0);
+                    expected_tokens_per_pass(a, k) * (alpha + beta) / round
+                }
+                None => speedup_bound(a, k, c),
+            };
             if s > best.1 {
                 best = (k, s);
             }
@@ -144,7 +213,8 @@ impl AdaptivePolicy {
     }
 
     fn next_k(&self) -> usize {
-        let model = match (self.acceptance_rate(), self.cost) {
+        let cost = self.cost.or(self.timing.draft.map(|_| 0.0));
+        let model = match (self.acceptance_rate(), cost) {
             (Some(a), Some(c)) if self.rounds_observed >= self.config.warmup_rounds => Some((a, c)),
             _ => None,
         };
@@ -183,6 +253,23 @@ impl AdaptivePolicy {
             self.heuristic_k.saturating_sub(1)
         }
         .clamp(self.config.min_k, self.config.max_k);
+    }
+
+    fn observe_timing(&mut self, k: usize, draft_step: f64, target_pass: f64) {
+        if !(target_pass.is_finite() && target_pass > 0.0) {
+            return;
+        }
+        let d = self.config.decay;
+        self.timing.add(d, k as f64 + 1.0, target_pass);
+        if k > 0 && draft_step.is_finite() && draft_step >= 0.0 {
+            self.timing.draft = Some(match self.timing.draft {
+                None => draft_step,
+                Some(old) => d * old + (1.0 - d) * draft_step,
+            });
+            if target_pass > 0.0 {
+                self.observe_cost(draft_step / target_pass);
+            }
+        }
     }
 
     fn observe_cost(&mut self, c: f64) {
@@ -230,6 +317,15 @@ impl DraftLengthPolicy {
     pub fn observe(&mut self, proposed: usize, accepted: usize) {
         if let Self::Adaptive(p) = self {
             p.observe(proposed, accepted);
+        }
+    }
+
+    /// Reports a decode round's measured times in seconds: one draft step (ignored
+    /// when `k == 0`) and the target pass over `k + 1` tokens. Lets the adaptive
+    /// policy account for verify passes that cost more than a decode step.
+    pub fn observe_timing(&mut self, k: usize, draft_step: f64, target_pass: f64) {
+        if let Self::Adaptive(p) = self {
+            p.observe_timing(k, draft_step, target_pass);
         }
     }
 
@@ -318,6 +414,47 @@ mod tests {
             p.observe_cost(c);
         }
         p
+    }
+
+    /// A world where a target pass over `t` tokens takes `1 + beta (t - 1)` and a
+    /// draft step `d`, each draft accepted with probability `a`.
+    fn simulate_timed(a: f64, d: f64, beta: f64, rounds: usize) -> DraftLengthPolicy {
+        let mut p = DraftLengthPolicy::adaptive();
+        let mut rng = Rng::new(7);
+        for _ in 0..rounds {
+            let k = p.next_k();
+            let accepted = (0..k).take_while(|_| rng.next_f64() < a).count();
+            p.observe(k, accepted);
+            p.observe_timing(k, d, 1.0 + beta * k as f64);
+        }
+        p
+    }
+
+    #[test]
+    fn timed_policy_accounts_for_costly_verify_passes() {
+        // Free verify passes: long drafts pay off.
+        let free = simulate_timed(0.8, 0.05, 0.0, 200).next_k();
+        // Each extra verified token costs 30% of a step: the best k is short.
+        let costly = simulate_timed(0.8, 0.05, 0.3, 200).next_k();
+        let best = |beta: f64| {
+            (1..=8)
+                .max_by(|&x, &y| {
+                    let s = |k: usize| {
+                        expected_tokens_per_pass(0.8, k) / (k as f64 * 0.05 + 1.0 + beta * k as f64)
+                    };
+                    s(x).total_cmp(&s(y))
+                })
+                .unwrap_or(1)
+        };
+        assert!(free >= 6, "free verify: k = {free}");
+        assert!(
+            costly.abs_diff(best(0.3)) <= 1,
+            "costly verify: k = {costly}, best {}",
+            best(0.3)
+        );
+        assert!(costly < free);
+        // So costly that nothing pays: speculation turns off.
+        assert_eq!(simulate_timed(0.3, 0.3, 0.8, 200).next_k(), 0);
     }
 
     #[test]
