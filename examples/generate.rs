@@ -100,7 +100,10 @@ async fn main() -> Result<()> {
         },
     };
     req = req.sampling(sampling);
-    let speculating = args.draft.is_some() || args.prompt_lookup || args.draft_len.is_some();
+    let speculating = args.draft.is_some() || args.prompt_lookup;
+    if args.draft_len.is_some() && !speculating {
+        bail!("--draft-len needs --draft DIR or --prompt-lookup");
+    }
     req = req.speculation(if args.prompt_lookup {
         Speculation::PromptLookup
     } else if args.draft.is_some() {
