@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use falconer_engine::backend::cuda::kernels::GemvKernel;
 use falconer_engine::backend::cuda::CudaBackend;
 use falconer_engine::backend::{AttnConfig, Backend, KvLayout, SeqMeta, StepMeta};
 use falconer_engine::config::FalconConfig;
@@ -138,20 +139,22 @@ fn main() -> Result<()> {
     ];
     let mut gemv = serde_json::Map::new();
     let mut est_ms = 0.0;
-    // Both few-row kernels: the tensor-core one (the default) and the CUDA-core one.
+    // Both few-row kernels: tensor cores and CUDA cores (one row takes CUDA cores by
+    // default, 2 to 8 rows tensor cores).
     for (name, n, k) in shapes {
         let mut cells = Vec::new();
         for r in [1usize, 5] {
             let mut cell = Vec::new();
-            for tc in [true, false] {
-                gpu.set_gemv_tc(Some(tc));
+            for (kind, kernel) in [("tc4", GemvKernel::Tc4), ("simt", GemvKernel::Simt)] {
+                gpu.set_gemv_kernel(kernel);
                 let (us, gbs) = gemv_bandwidth(&backend, n, k, r)?;
-                let kind = if tc { "tc" } else { "simt" };
-                cell.push(format!("{kind} {us:.1} us {gbs:.0} GB/s"));
-                let key = format!("{name}_r{r}_{kind}");
-                gemv.insert(key, json!({"us": us, "gb_s": gbs}));
-                // The per-token estimate with the kernel the automatic choice takes.
-                if r == 1 && !tc {
+                cell.push(format!("{kind} {us:.1}us {gbs:.0}"));
+                gemv.insert(
+                    format!("{name}_r{r}_{kind}"),
+                    json!({"us": us, "gb_s": gbs}),
+                );
+                // The per-token estimate with the kernel one row takes by default.
+                if r == 1 && kernel == GemvKernel::Simt {
                     let per_token = if name == "lm_head" {
                         1.0
                     } else {
@@ -162,8 +165,8 @@ fn main() -> Result<()> {
             }
             cells.push(format!("R={r}: {}", cell.join(", ")));
         }
-        gpu.set_gemv_tc(None);
-        rows.push((format!("GEMV {n}x{k} ({name})"), cells.join(" | ")));
+        gpu.set_gemv_kernel(GemvKernel::Auto);
+        rows.push((format!("GEMV {n}x{k} ({name}), us GB/s"), cells.join(" | ")));
     }
     rows.push(("sum of GEMVs per token".into(), format!("{est_ms:.3} ms")));
     out.insert("gemv".into(), Value::Object(gemv));

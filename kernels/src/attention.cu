@@ -286,26 +286,57 @@ __device__ __forceinline__ void attn_decode_fixed(
 ATTN_DECODE_KERNEL(64)
 ATTN_DECODE_KERNEL(128)
 
-// Merges the key splits of attn_decode. grid (rows in list, heads), block 64.
-extern "C" __global__ void attn_combine(const u32* __restrict__ row_list, const float* __restrict__ part_o,
-                                        const float* __restrict__ part_ml, float* __restrict__ out,
-                                        int nh, int hd, int nsplit) { PDL_ENTER();
+// Merges the key splits of attn_decode / attn_decode_tc. grid (rows in list, heads),
+// block 128. The split weights exp(m_z - m) are computed once, in parallel, into shared
+// memory; then each thread sums its output columns over the splits with independent
+// (coalesced) loads: a serial pass per split would cost a memory latency each, which
+// at a long context's hundred-odd splits dominated the whole attention.
+#define COMBINE_MAX_SPLITS 1024
+extern "C" __global__ void __launch_bounds__(128)
+    attn_combine(const u32* __restrict__ row_list, const float* __restrict__ part_o,
+                 const float* __restrict__ part_ml, float* __restrict__ out, int nh, int hd,
+                 int nsplit) {
+    PDL_ENTER();
+    __shared__ float wz[COMBINE_MAX_SPLITS];
+    __shared__ float scratch[32];
     const int r = row_list[blockIdx.x], h = blockIdx.y;
     const size_t base = ((size_t)r * nh + h) * nsplit;
     float m = NEG_INF;
-    for (int z = 0; z < nsplit; z++) m = fmaxf(m, part_ml[2 * (base + z)]);
+    for (int z = threadIdx.x; z < nsplit; z += blockDim.x) m = fmaxf(m, part_ml[2 * (base + z)]);
+    m = warp_max(m);
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = m;
+    __syncthreads();
+    m = NEG_INF;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) m = fmaxf(m, scratch[w]);
     float l = 0.0f;
-    for (int z = 0; z < nsplit; z++) {
+    for (int z = threadIdx.x; z < nsplit; z += blockDim.x) {
         const float mz = part_ml[2 * (base + z)];
-        if (mz != NEG_INF) l += part_ml[2 * (base + z) + 1] * expf(mz - m);
+        const float w = mz == NEG_INF ? 0.0f : expf(mz - m);
+        if (z < COMBINE_MAX_SPLITS) wz[z] = w;
+        l += part_ml[2 * (base + z) + 1] * w;
     }
+    l = block_sum(l, scratch);  // its barriers also publish wz
+    const float inv = 1.0f / l;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float a = 0.0f;
-        for (int z = 0; z < nsplit; z++) {
-            const float mz = part_ml[2 * (base + z)];
-            if (mz != NEG_INF) a += part_o[(base + z) * hd + d] * expf(mz - m);
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+        int z = 0;
+        for (; z + 4 <= nsplit; z += 4) {
+            const float p0 = part_o[(base + z) * hd + d], p1 = part_o[(base + z + 1) * hd + d];
+            const float p2 = part_o[(base + z + 2) * hd + d], p3 = part_o[(base + z + 3) * hd + d];
+            const float w0 = z < COMBINE_MAX_SPLITS ? wz[z] : 0.0f;
+            const float w1 = z + 1 < COMBINE_MAX_SPLITS ? wz[z + 1] : 0.0f;
+            const float w2 = z + 2 < COMBINE_MAX_SPLITS ? wz[z + 2] : 0.0f;
+            const float w3 = z + 3 < COMBINE_MAX_SPLITS ? wz[z + 3] : 0.0f;
+            a0 = fmaf(p0, w0, a0);
+            a1 = fmaf(p1, w1, a1);
+            a2 = fmaf(p2, w2, a2);
+            a3 = fmaf(p3, w3, a3);
         }
-        out[((size_t)r * nh + h) * hd + d] = a / l;
+        for (; z < nsplit; z++) {
+            const float w = z < COMBINE_MAX_SPLITS ? wz[z] : 0.0f;
+            a0 = fmaf(part_o[(base + z) * hd + d], w, a0);
+        }
+        out[((size_t)r * nh + h) * hd + d] = ((a0 + a1) + (a2 + a3)) * inv;
     }
 }
 
@@ -501,3 +532,236 @@ __device__ __forceinline__ void attn_tc(const float* __restrict__ q, const bf16_
 
 ATTN_TC_KERNEL(64)
 ATTN_TC_KERNEL(128)
+
+// Decode attention on tensor cores for many query heads per kv head (MQA / GQA with
+// q_per_kv >= 16, e.g. Falcon-7B's 71 heads on one kv head): the heads of one token
+// are the M rows of the mma tiles (up to 128 heads per block: 8 warps x 16), the keys
+// the N columns, so each K/V tile loaded to shared memory serves every head at once and
+// the math runs on tensor cores (q and p rounded to bf16, f32 accumulation, as in
+// attn_tc). The context is split over blocks (flash-decoding: grid z) and the next K/V
+// tile is prefetched into registers while the current one is used; partial results go
+// to attn_combine exactly as attn_decode's.
+// grid (rows in list, kv_heads * ceil(q_per_kv / 128), nsplit), block 256.
+#define DTC_WARPS 8
+template <int HD>
+__device__ __forceinline__ void attn_dec_tc(
+    const float* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
+    u64 layer_off, const u32* __restrict__ row_list, const u32* __restrict__ row_info,
+    const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,
+    const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,
+    float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh,
+    int keys_per_split, float scale) {
+    constexpr int KP = HD + 8;
+    constexpr int VP = TC_BK + 8;
+    constexpr int CPK = HD / 8;                                  // 16-byte chunks per key
+    constexpr int CH = TC_BK * CPK / (32 * DTC_WARPS);           // chunks per thread
+    __shared__ __align__(16) bf16_t ks[TC_BK * KP];
+    __shared__ __align__(16) bf16_t vt[HD * VP];
+
+    const int r = row_list[blockIdx.x];
+    const int qpg = nh / kvh;
+    const int tiles = (qpg + 16 * DTC_WARPS - 1) / (16 * DTC_WARPS);
+    const int g = blockIdx.y / tiles, ht = blockIdx.y % tiles;
+    const int h0 = g * qpg + ht * 16 * DTC_WARPS;
+    const int nhb = min(16 * DTC_WARPS, qpg - ht * 16 * DTC_WARPS);
+    const int seq = row_info[2 * r], pos = row_info[2 * r + 1];
+    const u32 bt_off = seq_info[4 * seq + 3];
+    const int nsplit = gridDim.z, split = blockIdx.z;
+    const int k_begin = split * keys_per_split;
+    const int k_end = min(pos + 1, k_begin + keys_per_split);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int hr0 = warp * 16 + gid, hr1 = hr0 + 8;
+    const bool v0 = hr0 < nhb, v1 = hr1 < nhb;
+    const bool active = warp * 16 < nhb;
+    const float slope0 = (has_alibi && v0) ? slopes[h0 + hr0] : 0.0f;
+    const float slope1 = (has_alibi && v1) ? slopes[h0 + hr1] : 0.0f;
+
+    u32 qf[HD / 16][4];
+    {
+        const float* qa = q + ((size_t)r * nh + h0 + (v0 ? hr0 : 0)) * HD;
+        const float* qb = q + ((size_t)r * nh + h0 + (v1 ? hr1 : 0)) * HD;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const int d = kk * 16 + 2 * tig;
+            qf[kk][0] = v0 ? pack_bf16x2(qa[d], qa[d + 1]) : 0u;
+            qf[kk][1] = v1 ? pack_bf16x2(qb[d], qb[d + 1]) : 0u;
+            qf[kk][2] = v0 ? pack_bf16x2(qa[d + 8], qa[d + 9]) : 0u;
+            qf[kk][3] = v1 ? pack_bf16x2(qb[d + 8], qb[d + 9]) : 0u;
+        }
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
+
+    // Chunk id = tid + k * blockDim: key j = id % TC_BK, 16-byte chunk c = id / TC_BK
+    // (consecutive threads take consecutive keys: conflict-free transposed V stores).
+    uint4 nk[CH], nv[CH];
+    auto fetch = [&](int t) {
+#pragma unroll
+        for (int k = 0; k < CH; k++) {
+            const int id = tid + k * 32 * DTC_WARPS;
+            const int key = t + id % TC_BK, c = id / TC_BK;
+            nk[k] = make_uint4(0, 0, 0, 0);
+            nv[k] = make_uint4(0, 0, 0, 0);
+            if (key < k_end) {
+                const u64 slot = (u64)block_tables[bt_off + key / block_size] * block_size + key % block_size;
+                const u64 off = layer_off + (slot * kvh + g) * HD + c * 8;
+                nk[k] = *(const uint4*)(kc + off);
+                nv[k] = *(const uint4*)(vc + off);
+            }
+        }
+    };
+    if (k_begin < k_end) fetch(k_begin);
+    for (int kt = k_begin; kt < k_end; kt += TC_BK) {
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < CH; k++) {
+            const int id = tid + k * 32 * DTC_WARPS;
+            const int j = id % TC_BK, c = id / TC_BK;
+            *(uint4*)(ks + j * KP + c * 8) = nk[k];
+            const u32 w4[4] = {nv[k].x, nv[k].y, nv[k].z, nv[k].w};
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                vt[(c * 8 + 2 * e) * VP + j] = (bf16_t)(w4[e] & 0xffffu);
+                vt[(c * 8 + 2 * e + 1) * VP + j] = (bf16_t)(w4[e] >> 16);
+            }
+        }
+        __syncthreads();
+        if (kt + TC_BK < k_end) fetch(kt + TC_BK);
+        if (!active) continue;
+
+        float sc[TC_BK / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < TC_BK / 8; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+            const bf16_t* kr = ks + (nt * 8 + gid) * KP + 2 * tig;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                const u32 b0 = *(const u32*)(kr + kk * 16);
+                const u32 b1 = *(const u32*)(kr + kk * 16 + 8);
+                mma_bf16(sc[nt], qf[kk], b0, b1);
+            }
+        }
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < TC_BK / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = kt + nt * 8 + 2 * tig + (e & 1);
+                float v = sc[nt][e] * scale;
+                if (has_alibi) v += alibi_bias(e < 2 ? slope0 : slope1, key, HD);
+                if (key >= k_end) v = NEG_INF;
+                sc[nt][e] = v;
+            }
+            mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        // The first tile of a split holds at least one visible key: maxima are finite.
+        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        const float c0 = expf(m0 - n0), c1 = expf(m1 - n1);
+        m0 = n0;
+        m1 = n1;
+        float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < TC_BK / 8; nt++) {
+            sc[nt][0] = expf(sc[nt][0] - n0);
+            sc[nt][1] = expf(sc[nt][1] - n0);
+            sc[nt][2] = expf(sc[nt][2] - n1);
+            sc[nt][3] = expf(sc[nt][3] - n1);
+            s0 += sc[nt][0] + sc[nt][1];
+            s1 += sc[nt][2] + sc[nt][3];
+        }
+        l0 = l0 * c0 + s0;
+        l1 = l1 * c1 + s1;
+#pragma unroll
+        for (int i = 0; i < HD / 8; i++) {
+            o[i][0] *= c0;
+            o[i][1] *= c0;
+            o[i][2] *= c1;
+            o[i][3] *= c1;
+        }
+#pragma unroll
+        for (int kk = 0; kk < TC_BK / 16; kk++) {
+            u32 a[4];
+            a[0] = pack_bf16x2(sc[2 * kk][0], sc[2 * kk][1]);
+            a[1] = pack_bf16x2(sc[2 * kk][2], sc[2 * kk][3]);
+            a[2] = pack_bf16x2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+            a[3] = pack_bf16x2(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+#pragma unroll
+            for (int dt = 0; dt < HD / 8; dt++) {
+                const bf16_t* vr = vt + (dt * 8 + gid) * VP + kk * 16 + 2 * tig;
+                const u32 b0 = *(const u32*)vr;
+                const u32 b1 = *(const u32*)(vr + 8);
+                mma_bf16(o[dt], a, b0, b1);
+            }
+        }
+    }
+    if (!active) return;
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const size_t rh0 = (size_t)r * nh + h0 + hr0, rh1 = (size_t)r * nh + h0 + hr1;
+    if (nsplit == 1) {
+        const float i0 = 1.0f / l0, i1 = 1.0f / l1;
+#pragma unroll
+        for (int dt = 0; dt < HD / 8; dt++) {
+            const int d = dt * 8 + 2 * tig;
+            if (v0) {
+                out[rh0 * HD + d] = o[dt][0] * i0;
+                out[rh0 * HD + d + 1] = o[dt][1] * i0;
+            }
+            if (v1) {
+                out[rh1 * HD + d] = o[dt][2] * i1;
+                out[rh1 * HD + d + 1] = o[dt][3] * i1;
+            }
+        }
+        return;
+    }
+    const size_t b0 = rh0 * nsplit + split, b1 = rh1 * nsplit + split;
+#pragma unroll
+    for (int dt = 0; dt < HD / 8; dt++) {
+        const int d = dt * 8 + 2 * tig;
+        if (v0) {
+            part_o[b0 * HD + d] = o[dt][0];
+            part_o[b0 * HD + d + 1] = o[dt][1];
+        }
+        if (v1) {
+            part_o[b1 * HD + d] = o[dt][2];
+            part_o[b1 * HD + d + 1] = o[dt][3];
+        }
+    }
+    if (tig == 0) {
+        if (v0) {
+            part_ml[2 * b0] = m0;
+            part_ml[2 * b0 + 1] = l0;
+        }
+        if (v1) {
+            part_ml[2 * b1] = m1;
+            part_ml[2 * b1 + 1] = l1;
+        }
+    }
+}
+
+#define ATTN_DEC_TC_KERNEL(HD)                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * DTC_WARPS) attn_decode_tc##HD(             \
+        const float* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc, \
+        u64 layer_off, const u32* __restrict__ row_list, const u32* __restrict__ row_info,      \
+        const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,  \
+        const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,               \
+        float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh,               \
+        int keys_per_split, float scale) {                                                      \
+        PDL_ENTER();                                                                            \
+        attn_dec_tc<HD>(q, kc, vc, layer_off, row_list, row_info, seq_info, block_tables,       \
+                        block_size, slopes, has_alibi, out, part_o, part_ml, nh, kvh,           \
+                        keys_per_split, scale);                                                 \
+    }
+
+ATTN_DEC_TC_KERNEL(64)
+ATTN_DEC_TC_KERNEL(128)

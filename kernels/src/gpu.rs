@@ -168,6 +168,8 @@ pub(crate) struct Kernels {
     pub attn_decode_hd64: CudaFunction,
     pub attn_decode_hd128: CudaFunction,
     pub attn_combine: CudaFunction,
+    pub attn_decode_tc64: CudaFunction,
+    pub attn_decode_tc128: CudaFunction,
     pub attn_prefill_tc64: CudaFunction,
     pub attn_prefill_tc128: CudaFunction,
 }
@@ -206,6 +208,8 @@ impl Kernels {
             attn_decode_hd64: f("attn_decode_hd64")?,
             attn_decode_hd128: f("attn_decode_hd128")?,
             attn_combine: f("attn_combine")?,
+            attn_decode_tc64: f("attn_decode_tc64")?,
+            attn_decode_tc128: f("attn_decode_tc128")?,
             attn_prefill_tc64: f("attn_prefill_tc64")?,
             attn_prefill_tc128: f("attn_prefill_tc128")?,
         })
@@ -232,8 +236,11 @@ pub struct Gpu {
     pool: Arc<Pool>,
     /// Launch with programmatic dependent launch (sm_90+; see `common.cuh`).
     pdl: AtomicBool,
-    /// Few-row `linear` kernel: [`GEMV_SIMT`], [`GEMV_TC`] or [`GEMV_AUTO`].
+    /// Few-row `linear` kernel ([`GemvKernel`] as a number).
     gemv_mode: AtomicU8,
+    /// Decode rows of at least this context take the tensor-core decode attention (when
+    /// the geometry allows).
+    attn_tc_min_ctx: AtomicUsize,
     /// Zeroed arrival counters of the split-K tensor-core GEMV (one per 16-feature
     /// tile; each launch leaves them zeroed again). Only ever grows.
     gemv_counters: Mutex<Option<DeviceBuffer<u32>>>,
@@ -292,9 +299,20 @@ fn ptx_for(arch: &str) -> Result<String, KernelError> {
     Ok(text)
 }
 
-const GEMV_SIMT: u8 = 0;
-const GEMV_TC: u8 = 1;
-const GEMV_AUTO: u8 = 2;
+/// Default context from which decode rows take the tensor-core attention kernel: long
+/// contexts, where the CUDA-core kernel is bound by its f32 arithmetic.
+pub const ATTN_TC_MIN_CTX: usize = 1024;
+
+/// The kernels of a few-row (1 to 8) `linear`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemvKernel {
+    /// Tensor cores for 2 to 8 rows, CUDA cores for one.
+    Auto = 0,
+    /// CUDA cores, f32 activations (`gemv_bf16_r*`).
+    Simt = 1,
+    /// Tensor cores, 4 chunks of 32 per warp iteration (`gemv_tc_r*`).
+    Tc4 = 2,
+}
 
 /// A boolean switch from the environment: `0`, `false`, `off` or `no` turn it off.
 fn env_flag(name: &str, default: bool) -> bool {
@@ -375,11 +393,12 @@ impl Gpu {
             pool: Arc::new(Pool::default()),
             pdl: AtomicBool::new(cc.0 >= 9 && env_flag("FALCONER_PDL", true)),
             gemv_mode: AtomicU8::new(match std::env::var("FALCONER_GEMV").as_deref() {
-                Ok("tc") => GEMV_TC,
-                Ok("simt") => GEMV_SIMT,
-                _ => GEMV_AUTO,
-            }),
+                Ok("tc") => GemvKernel::Tc4,
+                Ok("simt") => GemvKernel::Simt,
+                _ => GemvKernel::Auto,
+            } as u8),
             gemv_counters: Mutex::new(None),
+            attn_tc_min_ctx: AtomicUsize::new(ATTN_TC_MIN_CTX),
             name,
             cc,
             sm_count: sm_count.max(1) as u32,
@@ -418,28 +437,33 @@ impl Gpu {
         self.pdl.store(on && self.cc.0 >= 9, Ordering::Relaxed);
     }
 
-    /// Whether a few-row `linear` of `rows` rows on `n` output features takes the
-    /// tensor-core GEMV. By default (`GEMV_AUTO`) it does for 2 to 8 rows except on very
-    /// wide outputs (an LM head), where the CUDA-core kernel streams faster, and one row
-    /// takes the CUDA-core kernel (measured on the H200); `FALCONER_GEMV=tc` or `simt`
-    /// forces one kernel.
-    pub(crate) fn use_gemv_tc(&self, rows: usize, n: usize) -> bool {
+    /// The kernel a few-row `linear` of `rows` rows takes. By default
+    /// ([`GemvKernel::Auto`]) one row takes the CUDA-core kernel, which streams fastest
+    /// (measured on the H200), and 2 to 8 rows the tensor-core one, which costs about the
+    /// same for 2 rows as for 8; `FALCONER_GEMV=simt` or `tc` forces one.
+    pub(crate) fn gemv_kernel(&self, rows: usize) -> GemvKernel {
         match self.gemv_mode.load(Ordering::Relaxed) {
-            GEMV_TC => true,
-            GEMV_SIMT => false,
-            _ => rows >= 2 && n <= 32 * 1024,
+            m if m == GemvKernel::Simt as u8 => GemvKernel::Simt,
+            m if m == GemvKernel::Tc4 as u8 => GemvKernel::Tc4,
+            _ if rows >= 2 => GemvKernel::Tc4,
+            _ => GemvKernel::Simt,
         }
     }
 
-    /// Forces the tensor-core GEMV (`Some(true)`), the CUDA-core one (`Some(false)`) or
-    /// restores the automatic choice (`None`) for few-row `linear`.
-    pub fn set_gemv_tc(&self, tc: Option<bool>) {
-        let mode = match tc {
-            Some(true) => GEMV_TC,
-            Some(false) => GEMV_SIMT,
-            None => GEMV_AUTO,
-        };
-        self.gemv_mode.store(mode, Ordering::Relaxed);
+    /// Chooses the few-row `linear` kernel (benchmarks and tests compare them).
+    pub fn set_gemv_kernel(&self, kernel: GemvKernel) {
+        self.gemv_mode.store(kernel as u8, Ordering::Relaxed);
+    }
+
+    /// Decode rows whose context reaches `min_ctx` take the tensor-core decode attention
+    /// (head dim 64 or 128, at least 16 query heads per kv head); shorter ones the f32
+    /// CUDA-core kernel. Default [`ATTN_TC_MIN_CTX`]; tests lower it to cover the kernel.
+    pub fn set_attn_tc_min_ctx(&self, min_ctx: usize) {
+        self.attn_tc_min_ctx.store(min_ctx, Ordering::Relaxed);
+    }
+
+    pub(crate) fn attn_tc_min_ctx(&self) -> usize {
+        self.attn_tc_min_ctx.load(Ordering::Relaxed)
     }
 
     /// Device address of at least `tiles` zeroed GEMV arrival counters.

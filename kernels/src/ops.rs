@@ -8,7 +8,7 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use half::bf16;
 
 use crate::error::KernelError;
-use crate::gpu::{Arg, DeviceBuffer, Elem, Gpu};
+use crate::gpu::{Arg, DeviceBuffer, Elem, GemvKernel, Gpu};
 use crate::step::DeviceStep;
 
 /// Up to this many activation rows, `linear` streams the weights with the GEMV kernels
@@ -24,23 +24,30 @@ const GEMV_WARPS: u32 = 4;
 fn gemv_features_per_block(rows: usize) -> u32 {
     GEMV_WARPS * if rows <= 2 { 2 } else { 4 }
 }
-/// Tensor-core GEMV (`gemv_tc`): warps per block, output features per block, and
-/// 32-wide K chunks a warp takes per iteration.
+/// Tensor-core GEMV (`gemv_tc`): warps per block and output features per block.
 const TCG_WARPS: u32 = 4;
 const TCG_FEATURES: usize = 16;
+/// 32-wide K chunks a warp takes per iteration (`TCG_U` in gemv.cu).
 const TCG_U: usize = 4;
 
 /// K splits and 32-wide chunks per split for the tensor-core GEMV: enough blocks for
 /// about 24 per SM (several waves, so the last one costs little), but at least one
 /// round of every warp per split.
-fn tc_split(tiles: usize, chunks: usize, sms: usize) -> (usize, usize) {
-    let per_round = TCG_WARPS as usize * TCG_U;
+/// `u` is the kernel's chunks per warp iteration (`TCG_U`).
+fn tc_split(tiles: usize, chunks: usize, sms: usize, u: usize) -> (usize, usize) {
+    let per_round = TCG_WARPS as usize * u;
     let max_split = (chunks / per_round).max(1);
     let want = (24 * sms).div_ceil(tiles.max(1)).clamp(1, max_split);
-    let per_split = chunks.div_ceil(want).next_multiple_of(TCG_U).max(1);
+    let per_split = chunks.div_ceil(want).next_multiple_of(u).max(1);
     (chunks.div_ceil(per_split).max(1), per_split)
 }
 const DEC_TK: usize = 32;
+/// Splits whose weights `attn_combine` keeps in shared memory (more still combine, with
+/// weight 0: never produced, the launchers stay below).
+const COMBINE_MAX_SPLITS: usize = 1024;
+/// Tensor-core decode attention (`attn_decode_tc*`): warps per block, query heads per block.
+const DEC_TC_WARPS: u32 = 8;
+const DEC_TC_HEADS: usize = 16 * DEC_TC_WARPS as usize;
 const DEC_WARPS: usize = 8;
 const DEC_THREADS: u32 = 32 * DEC_WARPS as u32;
 /// Shared memory a block may use without opting in.
@@ -272,7 +279,8 @@ impl Gpu {
             for r0 in (0..rows).step_by(GEMV_MAX_ROWS) {
                 let r = GEMV_MAX_ROWS.min(rows - r0);
                 let (xa, ya) = (Arg::U64(x.ptr_at(r0 * k)), Arg::U64(out.ptr_at(r0 * n)));
-                if k.is_multiple_of(32) && self.use_gemv_tc(r, n) {
+                let kernel = self.gemv_kernel(r);
+                if k.is_multiple_of(32) && kernel != GemvKernel::Simt {
                     self.gemv_tc_launch(xa, w, bias_arg, has_bias, ya, r, n, k)?;
                 } else if k.is_multiple_of(8) {
                     self.launch(
@@ -342,7 +350,7 @@ impl Gpu {
     ) -> Result<(), KernelError> {
         const OP: &str = "linear";
         let tiles = n.div_ceil(TCG_FEATURES);
-        let (nsplit, per_split) = tc_split(tiles, k / 32, self.sm_count() as usize);
+        let (nsplit, per_split) = tc_split(tiles, k / 32, self.sm_count() as usize, TCG_U);
         let part = if nsplit > 1 {
             Some(self.scratch::<f32>(nsplit * r * n)?)
         } else {
@@ -686,6 +694,85 @@ impl Gpu {
             return Ok(out);
         }
 
+        // Many query heads per kv head over a long context: tensor cores, the heads of a
+        // token as the rows of the mma tiles, split over the context.
+        let dec_tc = match hd {
+            64 => Some(&self.k.attn_decode_tc64),
+            128 => Some(&self.k.attn_decode_tc128),
+            _ => None,
+        };
+        if let Some(func) = dec_tc.filter(|_| qpg >= 16 && max_ctx >= self.attn_tc_min_ctx()) {
+            let tiles = qpg.div_ceil(DEC_TC_HEADS);
+            let blocks = n_list * kvh * tiles;
+            // About two blocks per SM, each split at least 256 keys (the partial results
+            // of a split, every head's vector, cost as much as 71 keys of K and V).
+            let target = 2 * self.sm_count() as usize;
+            let mut nsplit = if blocks >= target {
+                1
+            } else {
+                target.div_ceil(blocks).min(max_ctx.div_ceil(256)).max(1)
+            };
+            let keys_per_split = max_ctx
+                .div_ceil(nsplit.min(COMBINE_MAX_SPLITS))
+                .div_ceil(64)
+                * 64;
+            nsplit = max_ctx.div_ceil(keys_per_split).max(1);
+            let (part_o, part_ml) = if nsplit > 1 {
+                (
+                    Some(self.scratch::<f32>(rows * nh * nsplit * hd)?),
+                    Some(self.scratch::<f32>(rows * nh * nsplit * 2)?),
+                )
+            } else {
+                (None, None)
+            };
+            let po = part_o.as_ref().map_or(p(&out), p);
+            let pm = part_ml.as_ref().map_or(p(&out), p);
+            self.launch(
+                func,
+                (n_list as u32, (kvh * tiles) as u32, nsplit as u32),
+                32 * DEC_TC_WARPS,
+                0,
+                &[
+                    p(&q),
+                    p(&kv.k),
+                    p(&kv.v),
+                    Arg::U64(layer_off),
+                    Arg::U64(step.at(list)),
+                    Arg::U64(step.at(step.off.row_info)),
+                    Arg::U64(step.at(step.off.seq_info)),
+                    Arg::U64(step.at(step.off.block_tables)),
+                    Arg::I32(step.block_size as i32),
+                    slopes,
+                    Arg::I32(has_alibi),
+                    p(&out),
+                    po,
+                    pm,
+                    Arg::I32(nhi),
+                    Arg::I32(kvhi),
+                    Arg::I32(to_i32(OP, keys_per_split)?),
+                    Arg::F32(scale),
+                ],
+            )?;
+            if nsplit > 1 {
+                self.launch(
+                    &self.k.attn_combine,
+                    (n_list as u32, nh as u32, 1),
+                    128,
+                    0,
+                    &[
+                        Arg::U64(step.at(list)),
+                        po,
+                        pm,
+                        p(&out),
+                        Arg::I32(nhi),
+                        Arg::I32(hdi),
+                        Arg::I32(nsplit as i32),
+                    ],
+                )?;
+            }
+            return Ok(out);
+        }
+
         // The compile-time head sizes take the vectorised kernel (K rows padded by 4
         // floats instead of 1).
         let (decode, pad) = match hd {
@@ -716,7 +803,10 @@ impl Gpu {
         } else {
             target.div_ceil(blocks).min(max_ctx.div_ceil(64)).max(1)
         };
-        let keys_per_split = max_ctx.div_ceil(nsplit).div_ceil(DEC_TK) * DEC_TK;
+        let keys_per_split = max_ctx
+            .div_ceil(nsplit.min(COMBINE_MAX_SPLITS))
+            .div_ceil(DEC_TK)
+            * DEC_TK;
         nsplit = max_ctx.div_ceil(keys_per_split).max(1);
         let smem = ((2 * hb * hd + 2 * hb + fixed) * 4) as u32;
         let (part_o, part_ml) = if nsplit > 1 {
@@ -761,7 +851,7 @@ impl Gpu {
             self.launch(
                 &self.k.attn_combine,
                 (n_list as u32, nh as u32, 1),
-                64,
+                128,
                 0,
                 &[
                     Arg::U64(step.at(list)),

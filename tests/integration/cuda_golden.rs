@@ -17,7 +17,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use falconer_engine::backend::cuda::kernels::bf16;
+use falconer_engine::backend::cuda::kernels::{bf16, GemvKernel, ATTN_TC_MIN_CTX};
 use falconer_engine::backend::cuda::CudaBackend;
 use falconer_engine::backend::{AttnConfig, Backend, KvLayout, SeqMeta, StepMeta};
 use falconer_engine::checkpoint::{Dtype, HostTensor};
@@ -308,8 +308,8 @@ fn cuda_linear_matches_cpu_on_both_paths() {
             let gx = b.upload_hidden(&x, rows, k).unwrap();
             // Both few-row kernels: tensor cores (activations split into bf16 hi + lo,
             // split-K with a deterministic last-block reduction) and CUDA cores.
-            for tc in [true, false] {
-                b.gpu().set_gemv_tc(Some(tc));
+            for kernel in [GemvKernel::Tc4, GemvKernel::Simt] {
+                b.gpu().set_gemv_kernel(kernel);
                 let got = b.to_host(&b.linear(&gx, &gw, Some(&gb)).unwrap()).unwrap();
                 let again = b.to_host(&b.linear(&gx, &gw, Some(&gb)).unwrap()).unwrap();
                 // GEMV (few rows or a small problem): f32 activations (or hi + lo), only
@@ -322,16 +322,16 @@ fn cuda_linear_matches_cpu_on_both_paths() {
                 let e = rel_err(&got, &want);
                 assert!(
                     e < tol,
-                    "linear {rows}x{k} @ {n}x{k} (tc {tc}): rel err {e}"
+                    "linear {rows}x{k} @ {n}x{k} ({kernel:?}): rel err {e}"
                 );
                 assert!(
                     got.iter()
                         .zip(&again)
                         .all(|(a, c)| a.to_bits() == c.to_bits()),
-                    "linear {rows}x{k} @ {n}x{k} (tc {tc}) is not deterministic"
+                    "linear {rows}x{k} @ {n}x{k} ({kernel:?}) is not deterministic"
                 );
             }
-            b.gpu().set_gemv_tc(None);
+            b.gpu().set_gemv_kernel(GemvKernel::Auto);
         }
     }
 }
@@ -398,6 +398,7 @@ fn cuda_attention_matches_cpu_in_every_kernel_path() {
     let geometries = [
         (8usize, 2usize, 64usize, false),
         (71, 1, 64, false),
+        (32, 1, 128, true),
         (4, 4, 128, true),
         (6, 2, 8, true),
         (6, 3, 16, false),
@@ -475,19 +476,26 @@ fn cuda_attention_matches_cpu_in_every_kernel_path() {
         };
         let rope = (!use_alibi).then(|| Rope::new(&rope_cfg, hd));
         let want = run_attention(&cpu, &steps, &tables, &attn, &layout, rope.as_ref(), 11);
-        let got = run_attention(&*b, &steps, &tables, &attn, &layout, rope.as_ref(), 11);
-        let errs: Vec<f32> = got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).collect();
-        let shown: Vec<String> = errs.iter().map(|e| format!("{e:.2e}")).collect();
-        println!(
-            "attention {nh} heads / {kvh} kv x {hd}, alibi {use_alibi}: rel err per step {}",
-            shown.join(" ")
-        );
-        if errs.iter().any(|&e| e >= TOL) {
-            failures.push(format!(
-                "{nh}/{kvh}x{hd} alibi={use_alibi}: {}",
+        // Decode rows on the f32 kernel (short contexts, the default), then on the
+        // tensor-core decode kernel wherever the geometry allows (many heads per kv head).
+        for tc_min_ctx in [ATTN_TC_MIN_CTX, 0] {
+            b.gpu().set_attn_tc_min_ctx(tc_min_ctx);
+            let got = run_attention(&*b, &steps, &tables, &attn, &layout, rope.as_ref(), 11);
+            let errs: Vec<f32> = got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).collect();
+            let shown: Vec<String> = errs.iter().map(|e| format!("{e:.2e}")).collect();
+            println!(
+                "attention {nh} heads / {kvh} kv x {hd}, alibi {use_alibi}, tc decode from \
+                 ctx {tc_min_ctx}: rel err per step {}",
                 shown.join(" ")
-            ));
+            );
+            if errs.iter().any(|&e| e >= TOL) {
+                failures.push(format!(
+                    "{nh}/{kvh}x{hd} alibi={use_alibi} tc from {tc_min_ctx}: {}",
+                    shown.join(" ")
+                ));
+            }
         }
+        b.gpu().set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
     }
     report("attention vs CPU", &failures);
 }
