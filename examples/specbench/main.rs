@@ -119,16 +119,6 @@ async fn pass(
     Ok((run, outs))
 }
 
-/// Median seconds per generated token of plain decoding with `rt`'s target.
-async fn step_time(rt: &Runtime, prompts: &[Vec<u32>], n: usize, reps: usize) -> Result<f64> {
-    let mut v = Vec::new();
-    for _ in 0..reps {
-        let (run, _) = pass(rt, prompts, n, Speculation::Off, None).await?;
-        v.push(run.elapsed.as_secs_f64() / run.usage.generated_tokens as f64);
-    }
-    Ok(median(v))
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -157,31 +147,49 @@ async fn main() -> Result<()> {
         device
     );
 
-    // Warm up both runtimes, then time plain decoding of the target and of the draft.
+    // Warm up both runtimes. Then each repetition times plain decoding of the target
+    // and of the draft and every speculative configuration back to back, so slow
+    // drifts of the machine hit all of them alike; ratios are taken within a
+    // repetition and their medians reported.
     let (_, plain_out) = pass(&rt, &prompts, n, Speculation::Off, None).await?;
     pass(&draft_alone, &prompts[..1], n, Speculation::Off, None).await?;
-    let t_target = step_time(&rt, &prompts, n, args.reps).await?;
-    let t_draft = step_time(&draft_alone, &prompts, n, args.reps).await?;
-    let c = t_draft / t_target;
-    drop(draft_alone);
-
     let mut configs: Vec<Option<usize>> = (1..=args.max_k).map(Some).collect();
     configs.push(None);
-    let mut rows = Vec::new();
-    for k in configs {
-        let mut per_token = Vec::new();
-        let mut last = Run::default();
-        for _ in 0..args.reps {
+    let per_token =
+        |run: &Run| run.elapsed.as_secs_f64() / run.usage.generated_tokens.max(1) as f64;
+    let (mut targets, mut drafts) = (Vec::new(), Vec::new());
+    let mut spec: Vec<Vec<(f64, Run)>> = vec![Vec::new(); configs.len()];
+    for _ in 0..args.reps {
+        let t_target = per_token(&pass(&rt, &prompts, n, Speculation::Off, None).await?.0);
+        targets.push(t_target);
+        drafts.push(per_token(
+            &pass(&draft_alone, &prompts, n, Speculation::Off, None)
+                .await?
+                .0,
+        ));
+        for (i, &k) in configs.iter().enumerate() {
             let (run, outs) = pass(&rt, &prompts, n, Speculation::DraftModel, k).await?;
             ensure!(
                 outs == plain_out,
                 "speculative output (k={k:?}) differs from plain greedy output"
             );
-            per_token.push(run.elapsed.as_secs_f64() / run.usage.generated_tokens as f64);
-            last = run;
+            spec[i].push((t_target / per_token(&run), run));
         }
-        let t = median(per_token);
-        let u = &last.usage;
+    }
+    drop(draft_alone);
+    let t_target = median(targets.clone());
+    let t_draft = median(drafts.clone());
+    let c = median(drafts.iter().zip(&targets).map(|(d, t)| d / t).collect());
+
+    let mut rows = Vec::new();
+    for (k, runs) in configs.into_iter().zip(spec) {
+        let speedup = median(runs.iter().map(|r| r.0).collect());
+        let tokens_per_s = median(runs.iter().map(|r| 1.0 / per_token(&r.1)).collect());
+        let mut total = Run::default();
+        for (_, r) in &runs {
+            total.add(&r.usage);
+        }
+        let u = &total.usage;
         let a = u.acceptance_rate().unwrap_or(0.0);
         let e = u.tokens_per_pass();
         // The adaptive policy's k varies: its bound uses the mean draft length.
@@ -194,10 +202,10 @@ async fn main() -> Result<()> {
             k,
             a,
             e,
-            tokens_per_s: 1.0 / t,
-            speedup: t_target / t,
+            tokens_per_s,
+            speedup,
             bound: e / (k_eff * c + 1.0),
-            verify: (e * t / t_target - k_eff * c).max(0.0),
+            verify: (e / speedup - k_eff * c).max(0.0),
         });
     }
 
