@@ -144,6 +144,7 @@ impl Actor for KvCacheManager {
                 let _ = reply.send(r);
             }
             KvMsg::Reserve { items, reply } => {
+                let started = std::time::Instant::now();
                 let out = items
                     .into_iter()
                     .map(|(p, seq, len)| {
@@ -155,6 +156,7 @@ impl Actor for KvCacheManager {
                         })
                     })
                     .collect();
+                m::step_latency("kv_cache_manager", started.elapsed());
                 let _ = reply.send(out);
                 s.gauges();
             }

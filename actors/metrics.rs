@@ -9,7 +9,7 @@
 //! | `falconer_acceptance_rate` | histogram | per speculative round |
 //! | `falconer_draft_length` | histogram | k chosen per session round |
 //! | `falconer_tokens_per_target_pass` | histogram | per session round |
-//! | `falconer_step_seconds{actor}` | histogram | latency of each actor's step |
+//! | `falconer_step_seconds{actor}` | histogram | one step of `target_shard`, `draft`, `sampler`, `kv_cache_manager` (a reservation) and `scheduler_round` (a whole round) |
 //! | `falconer_kv_blocks_used{model}` | gauge | KV blocks in use, target and draft |
 //! | `falconer_queue_depth` | gauge | requests waiting for KV space |
 //! | `falconer_active_sessions` | gauge | sessions being decoded |

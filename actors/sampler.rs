@@ -149,6 +149,7 @@ impl Actor for SamplerActor {
                 s.sessions.remove(&session);
             }
             SamplerMsg::Decide { items, reply } => {
+                let started = std::time::Instant::now();
                 let out = items
                     .iter()
                     .map(|item| match s.sessions.get_mut(&item.session) {
@@ -156,6 +157,7 @@ impl Actor for SamplerActor {
                         None => Err(RuntimeError::model("session unknown to the sampler")),
                     })
                     .collect();
+                crate::metrics::step_latency("sampler", started.elapsed());
                 let _ = reply.send(out);
             }
         }

@@ -358,7 +358,9 @@ impl<B: Backend> Actor for Scheduler<B> {
             SchedulerMsg::Cancel(id) => st.finish(id, Ok(FinishReason::Cancelled)),
             SchedulerMsg::Tick => {
                 st.ticking = false;
+                let started = std::time::Instant::now();
                 round::run(st).await;
+                crate::metrics::step_latency("scheduler_round", started.elapsed());
             }
             SchedulerMsg::DraftRestarted(draft) => {
                 st.draft_restarts += 1;

@@ -8,3 +8,4 @@ mod golden;
 mod interleavings;
 mod loader_errors;
 mod runtime;
+mod telemetry;
