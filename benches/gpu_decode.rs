@@ -36,6 +36,7 @@ use falconer_engine::error::BackendError;
 use falconer_engine::model::expected_tensors;
 use falconer_engine::posenc::rope::Rope;
 use falconer_engine::sampling::argmax;
+use falconer_engine::ProgressFn;
 use falconer_engine::{Falcon, LoadOptions, ModelDir, ModelRunner, SeqWork};
 use serde_json::{json, Value};
 
@@ -100,6 +101,7 @@ fn main() -> Result<()> {
         layers: None,
         kv_blocks: (PREFILL + PROMPT + NEW_TOKENS + 64) / BLOCK * 2,
         block_size: BLOCK,
+        progress: Some(ProgressFn::stderr_bar("uploading weights", 0)),
     };
     let model = Falcon::load(&ModelDir::new(dir.path()), Arc::clone(&backend), &opts)?;
     backend.synchronize()?;

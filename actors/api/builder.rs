@@ -4,7 +4,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use falconer_engine::{Backend, CpuBackend, Falcon, LoadOptions, ModelDir, Tokenizer};
+use falconer_engine::{Backend, CpuBackend, Falcon, LoadOptions, ModelDir, ProgressFn, Tokenizer};
 use ractor::Actor;
 
 use super::runtime::{Inner, ModelInfo, Runtime};
@@ -60,6 +60,7 @@ pub struct RuntimeBuilder {
     max_speculative_batch: usize,
     lookup_ngram: (usize, usize),
     draft_panic_after: Option<usize>,
+    progress: Option<ProgressFn>,
 }
 
 impl Default for RuntimeBuilder {
@@ -76,11 +77,19 @@ impl Default for RuntimeBuilder {
             max_speculative_batch: 16,
             lookup_ngram: (3, 1),
             draft_panic_after: None,
+            progress: Some(ProgressFn::stderr_bar("loading weights", 1 << 30)),
         }
     }
 }
 
 impl RuntimeBuilder {
+    /// Weight-upload progress: by default a bar on stderr for loads of 1 GB or more;
+    /// `None` for silence, or any callback.
+    pub fn load_progress(mut self, progress: Option<ProgressFn>) -> Self {
+        self.progress = progress;
+        self
+    }
+
     /// The target model directory (HF layout: config.json, safetensors, tokenizer.json).
     pub fn target(mut self, dir: impl Into<PathBuf>) -> Self {
         self.target = Some(dir.into());
@@ -188,6 +197,7 @@ impl RuntimeBuilder {
                 layers: Some(r),
                 kv_blocks: self.kv_blocks,
                 block_size: self.block_size,
+                progress: self.progress.clone(),
             };
             let m = tokio::task::spawn_blocking(move || Falcon::load(&dir, b, &opts))
                 .await
@@ -240,6 +250,7 @@ impl RuntimeBuilder {
                 layers: None,
                 kv_blocks: self.draft_kv_blocks,
                 block_size: self.block_size,
+                progress: self.progress.clone(),
             };
             let b = Arc::clone(&backend);
             let factory: DraftFactory<B> =

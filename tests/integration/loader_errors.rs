@@ -998,6 +998,7 @@ fn layer_shards_load_and_chain_to_the_full_model() {
         layers: range,
         kv_blocks: 8,
         block_size: 4,
+        progress: None,
     };
     let md = ModelDir::new(&dir);
     let mut full = Falcon::load(&md, Arc::clone(&backend), &opts(None)).unwrap();
@@ -1075,4 +1076,37 @@ fn empty_weight_map_names_a_file() {
         other => panic!("unexpected {other:?}"),
     };
     assert!(!path.as_os_str().is_empty(), "{e:?}");
+}
+
+#[test]
+fn load_progress_reports_every_byte_once_in_order() {
+    use std::sync::Mutex;
+
+    use falconer_engine::{LoadProgress, ProgressFn};
+    for (name, layers) in [
+        (SHARDED, None),
+        (SHARDED, Some(1..2)),
+        ("falcon7b_mqa", None),
+    ] {
+        let seen = Arc::new(Mutex::new(Vec::<LoadProgress>::new()));
+        let sink = Arc::clone(&seen);
+        let opts = LoadOptions {
+            layers: layers.clone(),
+            progress: Some(ProgressFn::new(move |p| sink.lock().unwrap().push(p))),
+            ..LoadOptions::default()
+        };
+        Falcon::load(&fixture(name), Arc::new(CpuBackend::new()), &opts).unwrap();
+        let seen = seen.lock().unwrap();
+        let last = *seen.last().expect("no progress reported");
+        assert!(last.bytes_total > 0);
+        assert_eq!(
+            last.bytes_done, last.bytes_total,
+            "{name} {layers:?}: load did not reach 100%"
+        );
+        assert!(
+            seen.windows(2).all(|w| w[0].bytes_done < w[1].bytes_done),
+            "{name}: not increasing"
+        );
+        assert!(seen.iter().all(|p| p.bytes_total == last.bytes_total));
+    }
 }

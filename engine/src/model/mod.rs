@@ -5,12 +5,14 @@
 //! range of them (a pipeline shard): the first shard embeds, the last one produces
 //! logits, and hidden states travel between shards as backend tensors.
 
+mod progress;
 mod step;
 mod weights;
 
 use std::ops::Range;
 use std::sync::Arc;
 
+pub use progress::{LoadProgress, ProgressFn};
 pub use step::SeqChunk;
 pub use weights::expected_tensors;
 
@@ -28,6 +30,8 @@ pub struct LoadOptions {
     pub layers: Option<Range<usize>>,
     pub kv_blocks: usize,
     pub block_size: usize,
+    /// Called as weights are uploaded (see [`ProgressFn::stderr_bar`]).
+    pub progress: Option<ProgressFn>,
 }
 
 impl Default for LoadOptions {
@@ -36,6 +40,7 @@ impl Default for LoadOptions {
             layers: None,
             kv_blocks: 256,
             block_size: 16,
+            progress: None,
         }
     }
 }
@@ -103,11 +108,15 @@ impl<B: Backend> Falcon<B> {
                 num_layers: cfg.num_layers,
             });
         }
-        let loader = Loader {
+        let mut loader = Loader {
             backend: backend.as_ref(),
             files: &files,
             cfg: &cfg,
+            progress: opts.progress.as_ref(),
+            done: std::cell::Cell::new(0),
+            total: 0,
         };
+        loader.total = loader.planned_bytes(&range);
         let embeddings = if range.start == 0 {
             Some(Arc::new(loader.embeddings()?))
         } else {

@@ -1,10 +1,12 @@
 //! Falcon's tensor names and shapes, and loading them (a layer range of them, for a
 //! shard) from a checkpoint into backend memory.
 
+use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::ops::Range;
 use std::sync::Arc;
 
+use super::progress::{LoadProgress, ProgressFn};
 use crate::backend::Backend;
 use crate::checkpoint::WeightFiles;
 use crate::config::{FalconConfig, LayerNorms};
@@ -110,17 +112,59 @@ pub fn check_no_unexpected(cfg: &FalconConfig, files: &WeightFiles) -> Result<()
     }
 }
 
-/// Uploads tensors by name with shape checks.
+/// Uploads tensors by name with shape checks, reporting progress.
 pub struct Loader<'a, B: Backend> {
     pub backend: &'a B,
     pub files: &'a WeightFiles,
     pub cfg: &'a FalconConfig,
+    pub progress: Option<&'a ProgressFn>,
+    pub done: Cell<u64>,
+    pub total: u64,
 }
 
 impl<B: Backend> Loader<'_, B> {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<B::Tensor, LoadError> {
         let t = self.files.get(name, shape)?;
-        Ok(self.backend.upload(&t)?)
+        let up = self.backend.upload(&t)?;
+        self.done.set(self.done.get() + t.bytes.len() as u64);
+        self.report();
+        Ok(up)
+    }
+
+    /// Calls the progress callback (done is clamped to the planned total).
+    pub fn report(&self) {
+        if let Some(p) = self.progress {
+            p.call(LoadProgress {
+                bytes_done: self.done.get().min(self.total),
+                bytes_total: self.total,
+            });
+        }
+    }
+
+    /// Bytes this load will upload for `range`, as far as the files can tell (tensors
+    /// that are missing or malformed fail later, in the load itself).
+    pub fn planned_bytes(&self, range: &Range<usize>) -> u64 {
+        let n = self.cfg.num_layers;
+        let tied = self.cfg.tie_word_embeddings;
+        expected_tensors(self.cfg)
+            .into_iter()
+            .filter(|(name, _)| match name.strip_prefix("transformer.h.") {
+                Some(rest) => rest
+                    .split('.')
+                    .next()
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .is_some_and(|i| range.contains(&i)),
+                None => match name.as_str() {
+                    "transformer.word_embeddings.weight" => {
+                        range.start == 0 || (range.end == n && tied)
+                    }
+                    "lm_head.weight" => range.end == n && !tied,
+                    _ => range.end == n,
+                },
+            })
+            .filter_map(|(name, shape)| self.files.get(&name, &shape).ok())
+            .map(|t| t.bytes.len() as u64)
+            .sum()
     }
 
     fn norm(&self, prefix: &str) -> Result<Norm<B>, LoadError> {
