@@ -1,8 +1,9 @@
-//! Shared helpers: fixture paths, reference files, logit comparison.
+//! Shared helpers: fixture paths, reference files, logit comparison, runtime requests.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use falconer::{GenerateRequest, Runtime, Speculation};
 use falconer_engine::{CpuBackend, Falcon, LoadOptions, ModelDir, ModelRunner};
 use serde::Deserialize;
 
@@ -62,4 +63,49 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
         .zip(want)
         .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
     diff / scale
+}
+
+/// A fixture's directory.
+pub fn fixture_dir(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+/// The tokio runtime the actor tests run on.
+pub fn tokio_rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Greedy generation of `n` tokens (no EOS stop), with a fixed draft length if given.
+pub async fn greedy(
+    rt: &Runtime,
+    prompt: &[u32],
+    n: usize,
+    spec: Speculation,
+    k: Option<usize>,
+) -> falconer::Finished {
+    let mut req = GenerateRequest::ids(prompt.to_vec())
+        .max_new_tokens(n)
+        .speculation(spec)
+        .eos(vec![]);
+    if let Some(k) = k {
+        req = req.draft_len(k);
+    }
+    rt.generate(req).await.unwrap().collect().await.unwrap()
+}
+
+/// Prompts of several lengths cut from a layout's reference prompt and continuation.
+pub fn prompts(name: &str) -> Vec<Vec<u32>> {
+    let r = reference(name);
+    let mut all = r.prompt_ids.clone();
+    all.extend_from_slice(&r.greedy_ids);
+    vec![
+        r.prompt_ids.clone(),
+        all[..5].to_vec(),
+        all[3..30].to_vec(),
+        all[10..44].to_vec(),
+    ]
 }

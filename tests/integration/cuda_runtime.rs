@@ -7,17 +7,9 @@
 use std::path::PathBuf;
 
 use falconer::engine::error::BackendError;
-use falconer::{Device, GenerateRequest, Runtime, RuntimeError, Speculation};
+use falconer::{Device, Runtime, RuntimeError, Speculation};
 
-use crate::common::{fixtures, reference};
-
-fn tokio_rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use crate::common::{fixtures, greedy, reference, tokio_rt};
 
 /// A runtime on GPU 0, or None (after printing why) when there is none.
 async fn gpu_runtime(target: PathBuf, draft: PathBuf) -> Option<Runtime> {
@@ -36,23 +28,6 @@ async fn gpu_runtime(target: PathBuf, draft: PathBuf) -> Option<Runtime> {
         }
         Err(e) => panic!("{e}"),
     }
-}
-
-async fn greedy(
-    rt: &Runtime,
-    prompt: &[u32],
-    n: usize,
-    spec: Speculation,
-    k: Option<usize>,
-) -> falconer::Finished {
-    let mut req = GenerateRequest::ids(prompt.to_vec())
-        .max_new_tokens(n)
-        .speculation(spec)
-        .eos(vec![]);
-    if let Some(k) = k {
-        req = req.draft_len(k);
-    }
-    rt.generate(req).await.unwrap().collect().await.unwrap()
 }
 
 #[test]

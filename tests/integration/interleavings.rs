@@ -3,13 +3,12 @@
 //! its end gets exactly its solo output, a cancelled one a prefix of it, and when the
 //! dust settles no KV block is held in either pool.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use falconer::{FinishReason, GenerateRequest, GenerationStream, Runtime, Speculation};
 use proptest::prelude::*;
 
-use crate::common::{fixtures, reference};
+use crate::common::{fixture_dir, prompts, tokio_rt};
 
 const TARGET: &str = "new_arch_gqa_sharded";
 const DRAFT: &str = "falcon7b_mqa";
@@ -38,34 +37,10 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn dir(name: &str) -> PathBuf {
-    fixtures().join(name)
-}
-
-fn prompts() -> Vec<Vec<u32>> {
-    let r = reference(TARGET);
-    let mut all = r.prompt_ids.clone();
-    all.extend_from_slice(&r.greedy_ids);
-    vec![
-        r.prompt_ids.clone(),
-        all[..5].to_vec(),
-        all[3..30].to_vec(),
-        all[10..44].to_vec(),
-    ]
-}
-
-fn tokio_rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 async fn build(kv_blocks: usize) -> Runtime {
     Runtime::builder()
-        .target(dir(TARGET))
-        .draft(dir(DRAFT))
+        .target(fixture_dir(TARGET))
+        .draft(fixture_dir(DRAFT))
         .block_size(4)
         .kv_blocks(kv_blocks, kv_blocks)
         .build()
@@ -78,7 +53,7 @@ fn solo_outputs() -> Vec<Vec<u32>> {
     tokio_rt().block_on(async {
         let rt = build(256).await;
         let mut out = Vec::new();
-        for p in prompts() {
+        for p in prompts(TARGET) {
             let req = GenerateRequest::ids(p)
                 .max_new_tokens(MAX_NEW)
                 .speculation(Speculation::Off)
@@ -125,7 +100,7 @@ proptest! {
     fn random_submit_cancel_drop_leaks_no_kv_and_keeps_outputs(ops in prop::collection::vec(op(), 1..24)) {
         static SOLO: std::sync::OnceLock<Vec<Vec<u32>>> = std::sync::OnceLock::new();
         let solo = SOLO.get_or_init(solo_outputs);
-        let ps = prompts();
+        let ps = prompts(TARGET);
         tokio_rt().block_on(async {
             // 24 blocks of 4 positions: one request (at most 34 + 24 positions) always
             // fits alone, a handful together do not, so requests wait and get preempted.

@@ -1,60 +1,16 @@
 //! The actor runtime: speculative output equals plain output, the sampling
 //! distribution is the target's, KV blocks never leak, failures stay contained.
 
-use std::path::PathBuf;
-
 use falconer::engine::sampling::SamplingParams;
 use falconer::{
     DraftPolicy, FinishReason, GenerateRequest, Runtime, RuntimeError, Speculation, TokenEvent,
 };
 
-use crate::common::{cpu_runner, fixtures, reference, LAYOUTS};
-
-fn dir(name: &str) -> PathBuf {
-    fixtures().join(name)
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-async fn greedy(
-    rt: &Runtime,
-    prompt: &[u32],
-    n: usize,
-    spec: Speculation,
-    k: Option<usize>,
-) -> falconer::Finished {
-    let mut req = GenerateRequest::ids(prompt.to_vec())
-        .max_new_tokens(n)
-        .speculation(spec)
-        .eos(vec![]);
-    if let Some(k) = k {
-        req = req.draft_len(k);
-    }
-    rt.generate(req).await.unwrap().collect().await.unwrap()
-}
-
-/// Prompts of several lengths cut from a layout's reference prompt and continuation.
-fn prompts(name: &str) -> Vec<Vec<u32>> {
-    let r = reference(name);
-    let mut all = r.prompt_ids.clone();
-    all.extend_from_slice(&r.greedy_ids);
-    vec![
-        r.prompt_ids.clone(),
-        all[..5].to_vec(),
-        all[3..30].to_vec(),
-        all[10..44].to_vec(),
-    ]
-}
+use crate::common::{cpu_runner, fixture_dir, greedy, prompts, reference, tokio_rt, LAYOUTS};
 
 #[test]
 fn greedy_speculative_equals_plain_greedy_on_every_layout_and_k() {
-    rt().block_on(async {
+    tokio_rt().block_on(async {
         for &name in LAYOUTS {
             // A different random model as the draft: it disagrees often, so rounds roll
             // back a lot; prompt lookup is exercised too.
@@ -64,8 +20,8 @@ fn greedy_speculative_equals_plain_greedy_on_every_layout_and_k() {
                 "falcon7b_mqa"
             };
             let rt = Runtime::builder()
-                .target(dir(name))
-                .draft(dir(draft))
+                .target(fixture_dir(name))
+                .draft(fixture_dir(draft))
                 .block_size(4)
                 .build()
                 .await
@@ -103,11 +59,11 @@ fn greedy_speculative_equals_plain_greedy_on_every_layout_and_k() {
 
 #[test]
 fn a_draft_identical_to_the_target_is_always_accepted() {
-    rt().block_on(async {
+    tokio_rt().block_on(async {
         let name = "new_arch_gqa_sharded";
         let rt = Runtime::builder()
-            .target(dir(name))
-            .draft(dir(name))
+            .target(fixture_dir(name))
+            .draft(fixture_dir(name))
             .build()
             .await
             .unwrap();
@@ -126,11 +82,11 @@ fn a_draft_identical_to_the_target_is_always_accepted() {
 
 #[test]
 fn sharded_target_gives_the_unsplit_output() {
-    rt().block_on(async {
+    tokio_rt().block_on(async {
         for name in ["new_arch_gqa_sharded", "alibi_rw", "rope_dynamic"] {
             let r = reference(name);
             let two = Runtime::builder()
-                .target(dir(name))
+                .target(fixture_dir(name))
                 .shards(2)
                 .build()
                 .await
@@ -139,7 +95,7 @@ fn sharded_target_gives_the_unsplit_output() {
             assert_eq!(f.ids, r.greedy_ids, "{name}");
         }
         let err = Runtime::builder()
-            .target(dir("sequential"))
+            .target(fixture_dir("sequential"))
             .shards(3)
             .build()
             .await
@@ -156,11 +112,11 @@ fn sharded_target_gives_the_unsplit_output() {
 
 #[test]
 fn concurrent_sessions_each_get_their_solo_output() {
-    rt().block_on(async {
+    tokio_rt().block_on(async {
         let name = "rope_yarn";
         let rt = Runtime::builder()
-            .target(dir(name))
-            .draft(dir("f16_weights"))
+            .target(fixture_dir(name))
+            .draft(fixture_dir("f16_weights"))
             .block_size(4)
             .build()
             .await
@@ -192,12 +148,12 @@ fn concurrent_sessions_each_get_their_solo_output() {
 
 #[test]
 fn draft_panic_degrades_to_plain_decoding_with_correct_output() {
-    rt().block_on(async {
+    tokio_rt().block_on(async {
         let name = "falcon7b_mqa";
         let r = reference(name);
         let rt = Runtime::builder()
-            .target(dir(name))
-            .draft(dir(name))
+            .target(fixture_dir(name))
+            .draft(fixture_dir(name))
             .draft_policy(DraftPolicy::Fixed(3))
             .inject_draft_panic_after(2)
             .build()
@@ -219,10 +175,10 @@ fn draft_panic_degrades_to_plain_decoding_with_correct_output() {
 
 #[test]
 fn a_draft_with_another_vocabulary_is_refused() {
-    rt().block_on(async {
+    tokio_rt().block_on(async {
         let tmp = tempfile::tempdir().unwrap();
         for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-            std::fs::copy(dir("falcon7b_mqa").join(f), tmp.path().join(f)).unwrap();
+            std::fs::copy(fixture_dir("falcon7b_mqa").join(f), tmp.path().join(f)).unwrap();
         }
         let cfg = std::fs::read_to_string(tmp.path().join("config.json")).unwrap();
         std::fs::write(
@@ -231,7 +187,7 @@ fn a_draft_with_another_vocabulary_is_refused() {
         )
         .unwrap();
         let err = Runtime::builder()
-            .target(dir("sequential"))
+            .target(fixture_dir("sequential"))
             .draft(tmp.path())
             .build()
             .await
@@ -251,12 +207,12 @@ fn a_draft_with_another_vocabulary_is_refused() {
 
 #[test]
 fn full_kv_cache_is_a_typed_error_or_a_wait_and_others_finish() {
-    rt().block_on(async {
+    tokio_rt().block_on(async {
         let name = "bias_mha";
         let r = reference(name);
         // 10 blocks of 4 positions: one 20-token prompt + 16 new tokens needs 9.
         let rt = Runtime::builder()
-            .target(dir(name))
+            .target(fixture_dir(name))
             .kv_blocks(10, 10)
             .block_size(4)
             .build()
@@ -296,10 +252,10 @@ fn full_kv_cache_is_a_typed_error_or_a_wait_and_others_finish() {
 
 #[test]
 fn shared_prefix_is_reused_and_output_unchanged() {
-    rt().block_on(async {
+    tokio_rt().block_on(async {
         let name = "new_arch_one_ln";
         let rt = Runtime::builder()
-            .target(dir(name))
+            .target(fixture_dir(name))
             .block_size(4)
             .build()
             .await
@@ -321,11 +277,11 @@ fn shared_prefix_is_reused_and_output_unchanged() {
 
 #[test]
 fn cancellation_frees_everything_and_ends_the_stream() {
-    rt().block_on(async {
+    tokio_rt().block_on(async {
         let name = "sequential";
         let rt = Runtime::builder()
-            .target(dir(name))
-            .draft(dir("falcon7b_mqa"))
+            .target(fixture_dir(name))
+            .draft(fixture_dir("falcon7b_mqa"))
             .build()
             .await
             .unwrap();
@@ -368,10 +324,14 @@ fn cancellation_frees_everything_and_ends_the_stream() {
 
 #[test]
 fn stop_strings_and_eos_end_replies() {
-    rt().block_on(async {
+    tokio_rt().block_on(async {
         let name = "falcon7b_mqa";
         let r = reference(name);
-        let rt = Runtime::builder().target(dir(name)).build().await.unwrap();
+        let rt = Runtime::builder()
+            .target(fixture_dir(name))
+            .build()
+            .await
+            .unwrap();
         let plain = greedy(&rt, &r.prompt_ids, 32, Speculation::Off, None).await;
         // EOS: make the 5th generated token the end of sequence.
         let eos = plain.ids[4];
@@ -412,9 +372,9 @@ fn stop_strings_and_eos_end_replies() {
 
 #[test]
 fn chat_sessions_keep_history() {
-    rt().block_on(async {
+    tokio_rt().block_on(async {
         let rt = Runtime::builder()
-            .target(dir("rope_linear"))
+            .target(fixture_dir("rope_linear"))
             .build()
             .await
             .unwrap();
@@ -478,10 +438,10 @@ fn speculative_sampling_draws_from_the_target_distribution() {
             expected.insert((t1 as u32, t2 as u32), f64::from(pa) * f64::from(pb));
         }
     }
-    rt().block_on(async {
+    tokio_rt().block_on(async {
         let rt = Runtime::builder()
-            .target(dir(name))
-            .draft(dir("f16_weights"))
+            .target(fixture_dir(name))
+            .draft(fixture_dir("f16_weights"))
             .build()
             .await
             .unwrap();

@@ -11,7 +11,7 @@ use metrics::{
     SharedString, Unit,
 };
 
-use crate::common::{fixtures, reference};
+use crate::common::{fixtures, reference, tokio_rt};
 
 /// Per metric (name plus labels): counter total, last gauge value, or number of
 /// histogram samples.
@@ -110,12 +110,7 @@ fn metrics_reach_the_recorder() {
     let before = snapshot(&s);
     let name = "new_arch_gqa_sharded";
     let r = reference(name);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let f = rt.block_on(async {
+    let f = tokio_rt().block_on(async {
         let rt = Runtime::builder()
             .target(fixtures().join(name))
             .draft(fixtures().join("falcon7b_mqa"))
