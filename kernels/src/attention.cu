@@ -352,6 +352,84 @@ __device__ __forceinline__ void mma_bf16(float* d, const u32* a, u32 b0, u32 b1)
 #define TC_BQ 64
 #define TC_BK 64
 
+// S = Q K^T for one tile of TC_BK keys (8 n-tiles of 8 keys) from the query fragments
+// `qf` and the K tile `ks` (row pitch KP).
+template <int HD, int KP>
+__device__ __forceinline__ void tc_qk_tile(float (&sc)[TC_BK / 8][4], const u32 (&qf)[HD / 16][4],
+                                           const bf16_t* ks, int gid, int tig) {
+#pragma unroll
+    for (int nt = 0; nt < TC_BK / 8; nt++) {
+        sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+        const bf16_t* kr = ks + (nt * 8 + gid) * KP + 2 * tig;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const u32 b0 = *(const u32*)(kr + kk * 16);
+            const u32 b1 = *(const u32*)(kr + kk * 16 + 8);
+            mma_bf16(sc[nt], qf[kk], b0, b1);
+        }
+    }
+}
+
+// One tile of online softmax for a warp's two fragment rows (gid and gid + 8): takes
+// the scaled, masked scores `sc`, updates the running maxima m, sums l and output o,
+// and accumulates P V from the transposed V tile `vt` (row pitch VP). The caller
+// guarantees that every row's first tile holds a visible key, so maxima are finite.
+template <int HD, int VP>
+__device__ __forceinline__ void tc_softmax_pv_tile(float (&sc)[TC_BK / 8][4], float& m0, float& m1,
+                                                   float& l0, float& l1, float (&o)[HD / 8][4],
+                                                   const bf16_t* vt, int gid, int tig) {
+    float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+    for (int nt = 0; nt < TC_BK / 8; nt++) {
+        mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
+        mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+    const float c0 = expf(m0 - n0), c1 = expf(m1 - n1);
+    m0 = n0;
+    m1 = n1;
+    float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < TC_BK / 8; nt++) {
+        sc[nt][0] = expf(sc[nt][0] - n0);
+        sc[nt][1] = expf(sc[nt][1] - n0);
+        sc[nt][2] = expf(sc[nt][2] - n1);
+        sc[nt][3] = expf(sc[nt][3] - n1);
+        s0 += sc[nt][0] + sc[nt][1];
+        s1 += sc[nt][2] + sc[nt][3];
+    }
+    l0 = l0 * c0 + s0;
+    l1 = l1 * c1 + s1;
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) {
+        o[i][0] *= c0;
+        o[i][1] *= c0;
+        o[i][2] *= c1;
+        o[i][3] *= c1;
+    }
+    // O += P V: the S accumulators of n-tiles 2k, 2k+1 are exactly the A fragment of
+    // key chunk k.
+#pragma unroll
+    for (int kk = 0; kk < TC_BK / 16; kk++) {
+        u32 a[4];
+        a[0] = pack_bf16x2(sc[2 * kk][0], sc[2 * kk][1]);
+        a[1] = pack_bf16x2(sc[2 * kk][2], sc[2 * kk][3]);
+        a[2] = pack_bf16x2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+        a[3] = pack_bf16x2(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+#pragma unroll
+        for (int dt = 0; dt < HD / 8; dt++) {
+            const bf16_t* vr = vt + (dt * 8 + gid) * VP + kk * 16 + 2 * tig;
+            const u32 b0 = *(const u32*)vr;
+            const u32 b1 = *(const u32*)(vr + 8);
+            mma_bf16(o[dt], a, b0, b1);
+        }
+    }
+}
+
 // tiles[2t] = sequence index, tiles[2t+1] = first query row (within the sequence) of
 // block t. grid (tiles, heads), block 128: warp w owns query rows 16w..16w+15.
 template <int HD>
@@ -427,18 +505,7 @@ __device__ __forceinline__ void attn_tc(const float* __restrict__ q, const bf16_
 
         // S = Q K^T for 64 keys: 8 n-tiles of 8 keys.
         float sc[TC_BK / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < TC_BK / 8; nt++) {
-            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
-            const bf16_t* kr = ks + (nt * 8 + gid) * KP + 2 * tig;
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) {
-                const u32 b0 = *(const u32*)(kr + kk * 16);
-                const u32 b1 = *(const u32*)(kr + kk * 16 + 8);
-                mma_bf16(sc[nt], qf[kk], b0, b1);
-            }
-        }
-        float mx0 = NEG_INF, mx1 = NEG_INF;
+        tc_qk_tile<HD, KP>(sc, qf, ks, gid, tig);
 #pragma unroll
         for (int nt = 0; nt < TC_BK / 8; nt++) {
 #pragma unroll
@@ -449,55 +516,10 @@ __device__ __forceinline__ void attn_tc(const float* __restrict__ q, const bf16_
                 if (key > ((e < 2) ? pos0 : pos1)) v = NEG_INF;
                 sc[nt][e] = v;
             }
-            mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
-            mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
         }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
         // Key 0 is visible to every row, so after the first tile the maxima are finite;
         // a later fully masked tile leaves them unchanged.
-        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-        const float c0 = expf(m0 - n0), c1 = expf(m1 - n1);
-        m0 = n0;
-        m1 = n1;
-        float s0 = 0.0f, s1 = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < TC_BK / 8; nt++) {
-            sc[nt][0] = expf(sc[nt][0] - n0);
-            sc[nt][1] = expf(sc[nt][1] - n0);
-            sc[nt][2] = expf(sc[nt][2] - n1);
-            sc[nt][3] = expf(sc[nt][3] - n1);
-            s0 += sc[nt][0] + sc[nt][1];
-            s1 += sc[nt][2] + sc[nt][3];
-        }
-        l0 = l0 * c0 + s0;
-        l1 = l1 * c1 + s1;
-#pragma unroll
-        for (int i = 0; i < HD / 8; i++) {
-            o[i][0] *= c0;
-            o[i][1] *= c0;
-            o[i][2] *= c1;
-            o[i][3] *= c1;
-        }
-        // O += P V: the S accumulators of n-tiles 2k, 2k+1 are exactly the A fragment of
-        // key chunk k.
-#pragma unroll
-        for (int kk = 0; kk < TC_BK / 16; kk++) {
-            u32 a[4];
-            a[0] = pack_bf16x2(sc[2 * kk][0], sc[2 * kk][1]);
-            a[1] = pack_bf16x2(sc[2 * kk][2], sc[2 * kk][3]);
-            a[2] = pack_bf16x2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-            a[3] = pack_bf16x2(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-#pragma unroll
-            for (int dt = 0; dt < HD / 8; dt++) {
-                const bf16_t* vr = vt + (dt * 8 + gid) * VP + kk * 16 + 2 * tig;
-                const u32 b0 = *(const u32*)vr;
-                const u32 b1 = *(const u32*)(vr + 8);
-                mma_bf16(o[dt], a, b0, b1);
-            }
-        }
+        tc_softmax_pv_tile<HD, VP>(sc, m0, m1, l0, l1, o, vt, gid, tig);
     }
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
@@ -633,18 +655,7 @@ __device__ __forceinline__ void attn_dec_tc(
         if (!active) continue;
 
         float sc[TC_BK / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < TC_BK / 8; nt++) {
-            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
-            const bf16_t* kr = ks + (nt * 8 + gid) * KP + 2 * tig;
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) {
-                const u32 b0 = *(const u32*)(kr + kk * 16);
-                const u32 b1 = *(const u32*)(kr + kk * 16 + 8);
-                mma_bf16(sc[nt], qf[kk], b0, b1);
-            }
-        }
-        float mx0 = NEG_INF, mx1 = NEG_INF;
+        tc_qk_tile<HD, KP>(sc, qf, ks, gid, tig);
 #pragma unroll
         for (int nt = 0; nt < TC_BK / 8; nt++) {
 #pragma unroll
@@ -655,52 +666,9 @@ __device__ __forceinline__ void attn_dec_tc(
                 if (key >= k_end) v = NEG_INF;
                 sc[nt][e] = v;
             }
-            mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
-            mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
         }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
         // The first tile of a split holds at least one visible key: maxima are finite.
-        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-        const float c0 = expf(m0 - n0), c1 = expf(m1 - n1);
-        m0 = n0;
-        m1 = n1;
-        float s0 = 0.0f, s1 = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < TC_BK / 8; nt++) {
-            sc[nt][0] = expf(sc[nt][0] - n0);
-            sc[nt][1] = expf(sc[nt][1] - n0);
-            sc[nt][2] = expf(sc[nt][2] - n1);
-            sc[nt][3] = expf(sc[nt][3] - n1);
-            s0 += sc[nt][0] + sc[nt][1];
-            s1 += sc[nt][2] + sc[nt][3];
-        }
-        l0 = l0 * c0 + s0;
-        l1 = l1 * c1 + s1;
-#pragma unroll
-        for (int i = 0; i < HD / 8; i++) {
-            o[i][0] *= c0;
-            o[i][1] *= c0;
-            o[i][2] *= c1;
-            o[i][3] *= c1;
-        }
-#pragma unroll
-        for (int kk = 0; kk < TC_BK / 16; kk++) {
-            u32 a[4];
-            a[0] = pack_bf16x2(sc[2 * kk][0], sc[2 * kk][1]);
-            a[1] = pack_bf16x2(sc[2 * kk][2], sc[2 * kk][3]);
-            a[2] = pack_bf16x2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-            a[3] = pack_bf16x2(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-#pragma unroll
-            for (int dt = 0; dt < HD / 8; dt++) {
-                const bf16_t* vr = vt + (dt * 8 + gid) * VP + kk * 16 + 2 * tig;
-                const u32 b0 = *(const u32*)vr;
-                const u32 b1 = *(const u32*)(vr + 8);
-                mma_bf16(o[dt], a, b0, b1);
-            }
-        }
+        tc_softmax_pv_tile<HD, VP>(sc, m0, m1, l0, l1, o, vt, gid, tig);
     }
     if (!active) return;
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
