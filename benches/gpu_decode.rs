@@ -650,12 +650,9 @@ fn layer_replica(
                 let a = backend.layer_norm(&x, &ln_w, &ln_b, 1e-5)?;
                 let qkv = backend.linear(&a, &qkv_w, None)?;
                 let ctx_out = backend.attention(&qkv, &mut kv, layer, &step, &attn)?;
-                let attn_out = backend.linear(&ctx_out, &dense_w, None)?;
-                let mut up = backend.linear(&a, &up_w, None)?;
-                backend.gelu(&mut up)?;
-                let down = backend.linear(&up, &down_w, None)?;
-                backend.add(&mut x, &attn_out)?;
-                backend.add(&mut x, &down)?;
+                backend.linear_add(&ctx_out, &dense_w, None, &mut x)?;
+                let up = backend.linear_gelu(&a, &up_w, None)?;
+                backend.linear_add(&up, &down_w, None, &mut x)?;
             } else {
                 let qkv = backend.linear(&x, &qkv_w, None)?;
                 let _ = qkv;

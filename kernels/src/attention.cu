@@ -277,7 +277,7 @@ __device__ __forceinline__ void attn_decode_fixed(
         const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,  \
         const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,               \
         float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh, int hd, int hb, \
-        int keys_per_split, float scale) { PDL_ENTER();                                                      \
+        int keys_per_split, float scale) { PDL_ENTER();                                         \
         attn_decode_fixed<HD>(q, kc, vc, layer_off, row_list, row_info, seq_info, block_tables, \
                               block_size, slopes, has_alibi, out, part_o, part_ml, nh, kvh, hb, \
                               keys_per_split, scale);                                           \

@@ -90,6 +90,11 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// Exact (erf) GELU, as the CPU backend computes it.
+__device__ __forceinline__ float gelu_erf(float v) {
+    return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+}
+
 #define PDL_ENTER() \
     pdl_wait();     \
     pdl_trigger()

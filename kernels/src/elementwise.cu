@@ -36,8 +36,7 @@ extern "C" __global__ void layer_norm_f32(const float* __restrict__ x, const flo
 // Exact (erf) GELU in place.
 extern "C" __global__ void gelu_f32(float* __restrict__ x, u64 n) { PDL_ENTER();
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        const float v = x[i];
-        x[i] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+        x[i] = gelu_erf(x[i]);
     }
 }
 

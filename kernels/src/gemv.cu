@@ -7,6 +7,22 @@
 
 #define GEMV_WARPS 4
 
+// What a GEMV stores for each output v = dot + bias (`epi` argument): v itself, GELU(v)
+// (the MLP's up projection), or y + v (a residual stream updated in place). The same
+// f32 operations as the separate gelu_f32 / add_f32 kernels, so fusing changes no bit.
+#define EPI_STORE 0
+#define EPI_GELU 1
+#define EPI_ACCUMULATE 2
+
+__device__ __forceinline__ void gemv_store(float* __restrict__ y, size_t i, float v, int epi) {
+    if (epi == EPI_GELU) {
+        v = gelu_erf(v);
+    } else if (epi == EPI_ACCUMULATE) {
+        v = y[i] + v;
+    }
+    y[i] = v;
+}
+
 __device__ __forceinline__ float dot8(uint4 w, float4 a, float4 b) {
     float s = lo_bf16(w.x) * a.x;
     s = fmaf(hi_bf16(w.x), a.y, s);
@@ -24,7 +40,7 @@ __device__ __forceinline__ float dot8(uint4 w, float4 a, float4 b) {
 template <int R, int U, int GEMV_ROWS>
 __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                          const float* __restrict__ bias, float* __restrict__ y,
-                                         int N, int K, int has_bias) {
+                                         int N, int K, int has_bias, int epi) {
     const int lane = threadIdx.x & 31;
     const int n0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * GEMV_ROWS;
     if (n0 >= N) return;
@@ -76,7 +92,7 @@ __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16
         for (int r = 0; r < R; r++) {
             const float s = warp_sum(acc[i][r]);
             if (lane == 0 && n0 + i < N) {
-                y[(size_t)r * N + n0 + i] = s + (has_bias ? bias[n0 + i] : 0.0f);
+                gemv_store(y, (size_t)r * N + n0 + i, s + (has_bias ? bias[n0 + i] : 0.0f), epi);
             }
         }
     }
@@ -87,8 +103,9 @@ __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16
     extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                              \
         gemv_bf16_r##R(const float* __restrict__ x, const bf16_t* __restrict__ w,              \
                        const float* __restrict__ bias, float* __restrict__ y, int N, int K,    \
-                       int has_bias) { PDL_ENTER();                                                         \
-        gemv_vec<R, U, ROWS>(x, w, bias, y, N, K, has_bias);                                   \
+                       int has_bias, int epi) {                                                \
+        PDL_ENTER();                                                                           \
+        gemv_vec<R, U, ROWS>(x, w, bias, y, N, K, has_bias, epi);                              \
     }
 
 GEMV_KERNEL(1, 4, 2)
@@ -104,7 +121,8 @@ GEMV_KERNEL(8, 2, 4)
 // grid ceil(N / GEMV_WARPS), block 32 * GEMV_WARPS, R <= 8.
 extern "C" __global__ void gemv_bf16_scalar(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                             const float* __restrict__ bias, float* __restrict__ y,
-                                            int R, int N, int K, int has_bias) { PDL_ENTER();
+                                            int R, int N, int K, int has_bias, int epi) {
+    PDL_ENTER();
     const int lane = threadIdx.x & 31;
     const int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
     if (n >= N) return;
@@ -121,7 +139,7 @@ extern "C" __global__ void gemv_bf16_scalar(const float* __restrict__ x, const b
 #pragma unroll
     for (int r = 0; r < 8; r++) {
         const float s = warp_sum(acc[r]);
-        if (r < R && lane == 0) y[(size_t)r * N + n] = s + (has_bias ? bias[n] : 0.0f);
+        if (r < R && lane == 0) gemv_store(y, (size_t)r * N + n, s + (has_bias ? bias[n] : 0.0f), epi);
     }
 }
 
@@ -195,7 +213,7 @@ template <int R, int TCG_U>
 __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                         const float* __restrict__ bias, float* __restrict__ y,
                                         float* __restrict__ part, u32* __restrict__ counters,
-                                        int N, int K, int has_bias, int chunks_per_split) {
+                                        int N, int K, int has_bias, int chunks_per_split, int epi) {
     constexpr bool PACKED = R <= 4;
     __shared__ float red[TCG_WARPS][32][4];
     __shared__ float tile_out[16][8];
@@ -286,7 +304,7 @@ __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_
     float v = 0.0f;
     if (writer) v = PACKED ? tile_out[i][j] + tile_out[i][j + 4] : tile_out[i][j];
     if (nsplit == 1) {
-        if (writer) y[(size_t)j * N + n] = v + (has_bias ? bias[n] : 0.0f);
+        if (writer) gemv_store(y, (size_t)j * N + n, v + (has_bias ? bias[n] : 0.0f), epi);
         return;
     }
     if (writer) part[((size_t)split * R + j) * N + n] = v;
@@ -299,7 +317,7 @@ __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_
     if (writer) {
         float s = 0.0f;
         for (int z = 0; z < nsplit; z++) s += __ldcg(part + ((size_t)z * R + j) * N + n);
-        y[(size_t)j * N + n] = s + (has_bias ? bias[n] : 0.0f);
+        gemv_store(y, (size_t)j * N + n, s + (has_bias ? bias[n] : 0.0f), epi);
     }
     if (threadIdx.x == 0) counters[tile] = 0u;
 }
@@ -308,9 +326,10 @@ __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_
     extern "C" __global__ void __launch_bounds__(32 * TCG_WARPS)                               \
         NAME(const float* __restrict__ x, const bf16_t* __restrict__ w,                        \
              const float* __restrict__ bias, float* __restrict__ y, float* __restrict__ part,  \
-             u32* __restrict__ counters, int N, int K, int has_bias, int chunks_per_split) {   \
+             u32* __restrict__ counters, int N, int K, int has_bias, int chunks_per_split,     \
+             int epi) {                                                                        \
         PDL_ENTER();                                                                           \
-        gemv_tc<R, U>(x, w, bias, y, part, counters, N, K, has_bias, chunks_per_split);        \
+        gemv_tc<R, U>(x, w, bias, y, part, counters, N, K, has_bias, chunks_per_split, epi);   \
     }
 
 // TCG_U = 4 chunks per warp per iteration (8 measured slower on the H200).

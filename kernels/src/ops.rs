@@ -41,6 +41,14 @@ fn tc_split(tiles: usize, chunks: usize, sms: usize, u: usize) -> (usize, usize)
     let per_split = chunks.div_ceil(want).next_multiple_of(u).max(1);
     (chunks.div_ceil(per_split).max(1), per_split)
 }
+/// What a GEMV stores (`EPI_*` in gemv.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Epilogue {
+    Store = 0,
+    Gelu = 1,
+    Accumulate = 2,
+}
+
 const DEC_TK: usize = 32;
 /// Splits whose weights `attn_combine` keeps in shared memory (more still combine, with
 /// weight 0: never produced, the launchers stay below).
@@ -259,21 +267,72 @@ impl Gpu {
         n: usize,
         bias: Option<&DeviceBuffer<f32>>,
     ) -> Result<DeviceBuffer<f32>, KernelError> {
+        let mut out = self.scratch::<f32>(rows * n)?;
+        self.linear_into(x, rows, k, w, n, bias, Epilogue::Store, &mut out)?;
+        Ok(out)
+    }
+
+    /// `gelu(x @ w^T + bias)` (exact erf GELU), the GELU fused into the GEMV's stores:
+    /// bit-identical to [`Gpu::linear`] followed by [`Gpu::gelu`].
+    pub fn linear_gelu(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        k: usize,
+        w: &DeviceBuffer<bf16>,
+        n: usize,
+        bias: Option<&DeviceBuffer<f32>>,
+    ) -> Result<DeviceBuffer<f32>, KernelError> {
+        let mut out = self.scratch::<f32>(rows * n)?;
+        self.linear_into(x, rows, k, w, n, bias, Epilogue::Gelu, &mut out)?;
+        Ok(out)
+    }
+
+    /// `acc += x @ w^T + bias` (a residual stream), fused into the GEMV's stores:
+    /// bit-identical to [`Gpu::linear`] followed by [`Gpu::add`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_accumulate(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        k: usize,
+        w: &DeviceBuffer<bf16>,
+        n: usize,
+        bias: Option<&DeviceBuffer<f32>>,
+        acc: &mut DeviceBuffer<f32>,
+    ) -> Result<(), KernelError> {
+        check_len("linear", "accumulator", acc, rows * n)?;
+        self.linear_into(x, rows, k, w, n, bias, Epilogue::Accumulate, acc)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn linear_into(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        k: usize,
+        w: &DeviceBuffer<bf16>,
+        n: usize,
+        bias: Option<&DeviceBuffer<f32>>,
+        epi: Epilogue,
+        out: &mut DeviceBuffer<f32>,
+    ) -> Result<(), KernelError> {
         const OP: &str = "linear";
         check_len(OP, "input", x, rows * k)?;
         check_len(OP, "weight", w, n * k)?;
+        check_len(OP, "output", out, rows * n)?;
         if let Some(b) = bias {
             check_len(OP, "bias", b, n)?;
         }
         let (ni, ki) = (to_i32(OP, n)?, to_i32(OP, k)?);
-        let mut out = self.scratch::<f32>(rows * n)?;
         if rows == 0 || n == 0 {
-            return Ok(out);
+            return Ok(());
         }
         let (bias_arg, has_bias) = match bias {
             Some(b) => (p(b), 1),
             None => (p(x), 0),
         };
+        let epi_arg = Arg::I32(epi as i32);
         if rows <= GEMV_MAX_ROWS || rows * n * k <= SMALL_GEMM_MACS {
             // Groups of up to GEMV_MAX_ROWS rows; each group streams the weights once.
             for r0 in (0..rows).step_by(GEMV_MAX_ROWS) {
@@ -281,7 +340,7 @@ impl Gpu {
                 let (xa, ya) = (Arg::U64(x.ptr_at(r0 * k)), Arg::U64(out.ptr_at(r0 * n)));
                 let kernel = self.gemv_kernel(r);
                 if k.is_multiple_of(32) && kernel != GemvKernel::Simt {
-                    self.gemv_tc_launch(xa, w, bias_arg, has_bias, ya, r, n, k)?;
+                    self.gemv_tc_launch(xa, w, bias_arg, has_bias, ya, r, n, k, epi)?;
                 } else if k.is_multiple_of(8) {
                     self.launch(
                         &self.k.gemv[r - 1],
@@ -296,6 +355,7 @@ impl Gpu {
                             Arg::I32(ni),
                             Arg::I32(ki),
                             Arg::I32(has_bias),
+                            epi_arg,
                         ],
                     )?;
                 } else {
@@ -313,14 +373,24 @@ impl Gpu {
                             Arg::I32(ni),
                             Arg::I32(ki),
                             Arg::I32(has_bias),
+                            epi_arg,
                         ],
                     )?;
                 }
             }
-            return Ok(out);
+            return Ok(());
         }
+        // cuBLAS: the epilogue as the separate kernels it replaces (same operations).
+        let mut tmp = match epi {
+            Epilogue::Accumulate => Some(self.scratch::<f32>(rows * n)?),
+            _ => None,
+        };
+        let dst = match tmp.as_mut() {
+            Some(t) => t,
+            None => &mut *out,
+        };
         let xb = self.to_bf16(x)?;
-        self.gemm_bf16(&xb, rows, k, w, n, &mut out)?;
+        self.gemm_bf16(&xb, rows, k, w, n, dst)?;
         if let Some(b) = bias {
             let total = rows * n;
             self.launch(
@@ -328,10 +398,14 @@ impl Gpu {
                 (self.stride_blocks(total), 1, 1),
                 256,
                 0,
-                &[p(&out), p(b), Arg::U64(total as u64), Arg::I32(ni)],
+                &[p(dst), p(b), Arg::U64(total as u64), Arg::I32(ni)],
             )?;
         }
-        Ok(out)
+        match (epi, tmp) {
+            (Epilogue::Gelu, _) => self.gelu(out),
+            (Epilogue::Accumulate, Some(t)) => self.add(out, &t),
+            _ => Ok(()),
+        }
     }
 
     /// The tensor-core GEMV (`gemv_tc` in gemv.cu) of `r` rows on `w [n, k]`, k a
@@ -347,6 +421,7 @@ impl Gpu {
         r: usize,
         n: usize,
         k: usize,
+        epi: Epilogue,
     ) -> Result<(), KernelError> {
         const OP: &str = "linear";
         let tiles = n.div_ceil(TCG_FEATURES);
@@ -377,6 +452,7 @@ impl Gpu {
                 Arg::I32(to_i32(OP, k)?),
                 Arg::I32(has_bias),
                 Arg::I32(to_i32(OP, per_split)?),
+                Arg::I32(epi as i32),
             ],
         )
     }

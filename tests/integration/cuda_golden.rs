@@ -275,7 +275,7 @@ fn bf16_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 #[test]
-fn cuda_linear_matches_cpu_on_both_paths() {
+fn cuda_linear_matches_cpu_on_both_paths_and_fused_epilogues_change_no_bit() {
     let Some(b) = backend() else { return };
     let cpu = CpuBackend::new();
     for (n, k) in [(200usize, 320usize), (67, 36), (4672, 4544), (1000, 18176)] {
@@ -329,6 +329,27 @@ fn cuda_linear_matches_cpu_on_both_paths() {
                         .zip(&again)
                         .all(|(a, c)| a.to_bits() == c.to_bits()),
                     "linear {rows}x{k} @ {n}x{k} ({kernel:?}) is not deterministic"
+                );
+                // The fused epilogues change no bit.
+                let same = |a: &[f32], c: &[f32]| {
+                    a.len() == c.len() && a.iter().zip(c).all(|(x, y)| x.to_bits() == y.to_bits())
+                };
+                let mut h = b.linear(&gx, &gw, Some(&gb)).unwrap();
+                b.gelu(&mut h).unwrap();
+                let fused = b.linear_gelu(&gx, &gw, Some(&gb)).unwrap();
+                assert!(
+                    same(&b.to_host(&fused).unwrap(), &b.to_host(&h).unwrap()),
+                    "linear_gelu {rows}x{k} @ {n}x{k} ({kernel:?}) differs from linear + gelu"
+                );
+                let acc0 = random(rows * n, 99);
+                let mut acc = b.upload_hidden(&acc0, rows, n).unwrap();
+                b.linear_add(&gx, &gw, Some(&gb), &mut acc).unwrap();
+                let mut sum = b.upload_hidden(&acc0, rows, n).unwrap();
+                b.add(&mut sum, &b.linear(&gx, &gw, Some(&gb)).unwrap())
+                    .unwrap();
+                assert!(
+                    same(&b.to_host(&acc).unwrap(), &b.to_host(&sum).unwrap()),
+                    "linear_add {rows}x{k} @ {n}x{k} ({kernel:?}) differs from linear + add"
                 );
             }
             b.gpu().set_gemv_kernel(GemvKernel::Auto);

@@ -107,6 +107,32 @@ pub trait Backend: Send + Sync + Debug + 'static {
     /// Exact (erf) GELU, in place.
     fn gelu(&self, x: &mut Self::Tensor) -> Result<(), BackendError>;
 
+    /// `gelu(x @ weight^T + bias)`. Backends may fuse the two; the result must equal
+    /// `linear` then `gelu` bit for bit.
+    fn linear_gelu(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor, BackendError> {
+        let mut y = self.linear(x, weight, bias)?;
+        self.gelu(&mut y)?;
+        Ok(y)
+    }
+
+    /// `acc += x @ weight^T + bias` (a residual stream). Backends may fuse the two; the
+    /// result must equal `linear` then `add` bit for bit.
+    fn linear_add(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        acc: &mut Self::Tensor,
+    ) -> Result<(), BackendError> {
+        let y = self.linear(x, weight, bias)?;
+        self.add(acc, &y)
+    }
+
     /// `x += y`, in place.
     fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<(), BackendError>;
 

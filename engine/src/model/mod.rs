@@ -216,10 +216,18 @@ impl<B: Backend> Falcon<B> {
         Ok(self.backend.linear(x, &l.weight, l.bias.as_ref())?)
     }
 
-    fn mlp(&self, x: &B::Tensor, w: &LayerWeights<B>) -> Result<B::Tensor> {
-        let mut h = self.linear(x, &w.h_to_4h)?;
-        self.backend.gelu(&mut h)?;
-        self.linear(&h, &w.four_h_to_h)
+    /// `acc += l(x)`: the residual add fused into the product where the backend can.
+    fn linear_add(&self, x: &B::Tensor, l: &Linear<B>, acc: &mut B::Tensor) -> Result<()> {
+        Ok(self
+            .backend
+            .linear_add(x, &l.weight, l.bias.as_ref(), acc)?)
+    }
+
+    /// `acc += mlp(x)`.
+    fn mlp_add(&self, x: &B::Tensor, w: &LayerWeights<B>, acc: &mut B::Tensor) -> Result<()> {
+        let up = &w.h_to_4h;
+        let h = self.backend.linear_gelu(x, &up.weight, up.bias.as_ref())?;
+        self.linear_add(&h, &w.four_h_to_h, acc)
     }
 
     fn layer(&mut self, i: usize, mut x: B::Tensor, step: &Step<B>) -> Result<B::Tensor> {
@@ -235,20 +243,15 @@ impl<B: Backend> Falcon<B> {
         let qkv = self.linear(&attn_in, &w.qkv)?;
         let ctx = b.attention(&qkv, &mut self.kv, i, &step.device, &self.attn)?;
         let w = &self.layers[i];
-        let attn_out = self.linear(&ctx, &w.dense)?;
+        // Parallel attention: (x + attn(ln(x))) + mlp(ln'(x)); sequential: x + attn, then
+        // + MLP of its norm. Either way the sums run in this order.
+        self.linear_add(&ctx, &w.dense, &mut x)?;
         match &w.norms {
             LayerNormWeights::Sequential { post_attention, .. } => {
-                // x + attn, then MLP on its norm, then + MLP.
-                b.add(&mut x, &attn_out)?;
-                let m = self.mlp(&ln(post_attention, &x)?, w)?;
-                b.add(&mut x, &m)?;
+                let normed = ln(post_attention, &x)?;
+                self.mlp_add(&normed, w, &mut x)?;
             }
-            _ => {
-                // Parallel attention: x + attn(ln(x)) + mlp(ln'(x)).
-                let m = self.mlp(mlp_in.as_ref().unwrap_or(&attn_in), w)?;
-                b.add(&mut x, &attn_out)?;
-                b.add(&mut x, &m)?;
-            }
+            _ => self.mlp_add(mlp_in.as_ref().unwrap_or(&attn_in), w, &mut x)?,
         }
         Ok(x)
     }

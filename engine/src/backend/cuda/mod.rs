@@ -39,6 +39,16 @@ fn map_err(e: KernelError) -> BackendError {
     }
 }
 
+fn check_linear(x: &CudaTensor, weight: &CudaTensor) -> Result<(), BackendError> {
+    if weight.cols != x.cols {
+        return Err(invalid(
+            "linear",
+            format!("input has {} columns, weight {}", x.cols, weight.cols),
+        ));
+    }
+    Ok(())
+}
+
 fn invalid(op: &'static str, message: String) -> BackendError {
     BackendError::Device { op, message }
 }
@@ -364,12 +374,7 @@ impl Backend for CudaBackend {
         weight: &CudaTensor,
         bias: Option<&CudaTensor>,
     ) -> Result<CudaTensor, BackendError> {
-        if weight.cols != x.cols {
-            return Err(invalid(
-                "linear",
-                format!("input has {} columns, weight {}", x.cols, weight.cols),
-            ));
-        }
+        check_linear(x, weight)?;
         let bias = bias.map(|b| b.f32("linear")).transpose()?;
         let out = self
             .gpu
@@ -391,6 +396,63 @@ impl Backend for CudaBackend {
 
     fn gelu(&self, x: &mut CudaTensor) -> Result<(), BackendError> {
         self.gpu.gelu(x.f32_mut("gelu")?).map_err(map_err)
+    }
+
+    fn linear_gelu(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        bias: Option<&CudaTensor>,
+    ) -> Result<CudaTensor, BackendError> {
+        check_linear(x, weight)?;
+        let bias = bias.map(|b| b.f32("linear")).transpose()?;
+        let out = self
+            .gpu
+            .linear_gelu(
+                x.f32("linear")?,
+                x.rows,
+                x.cols,
+                weight.bf16("linear")?,
+                weight.rows,
+                bias,
+            )
+            .map_err(map_err)?;
+        Ok(CudaTensor {
+            data: CudaData::F32(out),
+            rows: x.rows,
+            cols: weight.rows,
+        })
+    }
+
+    fn linear_add(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        acc: &mut CudaTensor,
+    ) -> Result<(), BackendError> {
+        check_linear(x, weight)?;
+        if (acc.rows, acc.cols) != (x.rows, weight.rows) {
+            return Err(invalid(
+                "linear",
+                format!(
+                    "{}x{} accumulator for a {}x{} product",
+                    acc.rows, acc.cols, x.rows, weight.rows
+                ),
+            ));
+        }
+        let bias = bias.map(|b| b.f32("linear")).transpose()?;
+        self.gpu
+            .linear_accumulate(
+                x.f32("linear")?,
+                x.rows,
+                x.cols,
+                weight.bf16("linear")?,
+                weight.rows,
+                bias,
+                acc.f32_mut("linear")?,
+            )
+            .map_err(map_err)
     }
 
     fn add(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<(), BackendError> {
