@@ -76,6 +76,42 @@ impl CpuBackend {
             None => f(),
         }
     }
+
+    /// `x @ weight^T + bias`, then `act` on every output inside the parallel tasks.
+    fn linear_then(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuTensor,
+        bias: Option<&CpuTensor>,
+        act: Option<fn(f32) -> f32>,
+    ) -> Result<CpuTensor, BackendError> {
+        if weight.cols != x.cols {
+            return Err(shape_error("linear", weight.cols, x.cols));
+        }
+        if let Some(b) = bias {
+            if b.data.len() != weight.rows {
+                return Err(shape_error("linear bias", b.data.len(), weight.rows));
+            }
+        }
+        let data = self.run(|| {
+            matmul::linear(
+                &x.data,
+                x.rows,
+                &weight.data,
+                weight.rows,
+                x.cols,
+                bias.map(|b| b.data.as_slice()),
+                act,
+            )
+        });
+        CpuTensor::new(data, x.rows, weight.rows)
+    }
+}
+
+/// Exact GELU with f32 erf (under 1 ulp), as torch computes it; f64 cost a sixth of a
+/// small model's decode step.
+fn gelu(v: f32) -> f32 {
+    0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 fn shape_error(op: &'static str, found: usize, expected: usize) -> BackendError {
@@ -163,34 +199,25 @@ impl Backend for CpuBackend {
         weight: &CpuTensor,
         bias: Option<&CpuTensor>,
     ) -> Result<CpuTensor, BackendError> {
-        if weight.cols != x.cols {
-            return Err(shape_error("linear", weight.cols, x.cols));
-        }
-        if let Some(b) = bias {
-            if b.data.len() != weight.rows {
-                return Err(shape_error("linear bias", b.data.len(), weight.rows));
-            }
-        }
-        let data = self.run(|| {
-            matmul::linear(
-                &x.data,
-                x.rows,
-                &weight.data,
-                weight.rows,
-                x.cols,
-                bias.map(|b| b.data.as_slice()),
-            )
-        });
-        CpuTensor::new(data, x.rows, weight.rows)
+        self.linear_then(x, weight, bias, None)
+    }
+
+    /// GELU inside the parallel matmul tasks: the same operations as `linear` then
+    /// `gelu`, spread over the threads with the products instead of after them.
+    fn linear_gelu(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuTensor,
+        bias: Option<&CpuTensor>,
+    ) -> Result<CpuTensor, BackendError> {
+        self.linear_then(x, weight, bias, Some(gelu))
     }
 
     fn gelu(&self, x: &mut CpuTensor) -> Result<(), BackendError> {
         self.run(|| {
             x.data.par_chunks_mut(4096).for_each(|c| {
-                // f32 erf (under 1 ulp) as torch computes it; f64 cost a sixth of a
-                // small model's decode step.
                 for v in c {
-                    *v = 0.5 * *v * (1.0 + libm::erff(*v * std::f32::consts::FRAC_1_SQRT_2));
+                    *v = gelu(*v);
                 }
             })
         });
