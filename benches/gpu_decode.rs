@@ -171,6 +171,33 @@ fn main() -> Result<()> {
         rows.push((format!("GEMV {n}x{k} ({name}), us GB/s"), cells.join(" | ")));
     }
     rows.push(("sum of GEMVs per token".into(), format!("{est_ms:.3} ms")));
+
+    // The split-K tensor-core GEMV by blocks per SM (more splits start more loads at
+    // once; fewer cost less in partial sums).
+    let bps_default = gpu.tc_blocks_per_sm();
+    gpu.set_gemv_kernel(GemvKernel::Tc4);
+    let mut cells = Vec::new();
+    let mut sweep = serde_json::Map::new();
+    for bps in [4usize, 8, 16, 24] {
+        gpu.set_tc_blocks_per_sm(bps);
+        let mut parts = Vec::new();
+        for (name, n, k) in &shapes[..4] {
+            let (name, n, k) = (*name, *n, *k);
+            for r in [5usize] {
+                let (us, _) = gemv_bandwidth(&backend, n, k, r)?;
+                parts.push(format!("{us:.1}"));
+                sweep.insert(format!("{bps}_{name}_r{r}_us"), json!(us));
+            }
+        }
+        cells.push(format!("{bps}: {}", parts.join("/")));
+    }
+    gpu.set_tc_blocks_per_sm(bps_default);
+    gpu.set_gemv_kernel(GemvKernel::Auto);
+    rows.push((
+        "tc GEMV r=5 us by blocks/SM (qkv/dense/h_to_4h/4h_to_h)".into(),
+        cells.join(" | "),
+    ));
+    out.insert("tc_blocks_sweep".into(), Value::Object(sweep));
     out.insert("gemv".into(), Value::Object(gemv));
     out.insert("gemv_sum_ms".into(), json!(est_ms));
 
@@ -195,7 +222,7 @@ fn main() -> Result<()> {
     let pdl_default = gpu.pdl();
     if pdl_default {
         gpu.set_pdl(false);
-        let s = decode_runs(&mut runner, vocab, 3)?;
+        let s = decode_runs(&mut runner, vocab, 3, false)?;
         let tps = NEW_TOKENS as f64 / median(&s[1..]);
         rows.push((
             "decode without programmatic dependent launch".into(),
@@ -205,7 +232,14 @@ fn main() -> Result<()> {
         gpu.set_pdl(true);
     }
     out.insert("pdl".into(), json!(pdl_default));
-    let decode_s = decode_runs(&mut runner, vocab, DECODE_RUNS)?;
+    let s = decode_runs(&mut runner, vocab, 3, true)?;
+    let tps_host = NEW_TOKENS as f64 / median(&s[1..]);
+    rows.push((
+        "decode with logits copied to the host (argmax there)".into(),
+        format!("{tps_host:.1} tokens/s (median of 2)"),
+    ));
+    out.insert("decode_host_logits_tokens_per_s".into(), json!(tps_host));
+    let decode_s = decode_runs(&mut runner, vocab, DECODE_RUNS, false)?;
     // The first run warms up (JIT, allocator pool).
     let med = median(&decode_s[1..]);
     let tps = NEW_TOKENS as f64 / med;
@@ -237,26 +271,61 @@ fn main() -> Result<()> {
         all_logits: false,
     }])?;
     let base = runner.cached_len(seq)?;
-    let step_time = |runner: &mut ModelRunner<CudaBackend>, n: usize| -> Result<f64> {
-        let mut times = Vec::new();
-        for i in 0..21 {
-            let toks = tokens(n, vocab, 1000 + i);
-            let t = Instant::now();
-            runner.forward(&[SeqWork {
-                seq,
-                tokens: &toks,
-                all_logits: true,
-            }])?;
-            times.push(t.elapsed().as_secs_f64());
-            runner.truncate(seq, base)?;
-        }
-        Ok(median(&times[1..]))
-    };
-    let one = step_time(&mut runner, 1)?;
-    let five = step_time(&mut runner, 5)?;
+    // Greedy verification as the runtime needs it: every row's argmax on the device
+    // (`host_logits`: every row's logits copied to the host instead).
+    let step_time =
+        |runner: &mut ModelRunner<CudaBackend>, n: usize, host_logits: bool| -> Result<f64> {
+            let mut times = Vec::new();
+            for i in 0..21 {
+                let toks = tokens(n, vocab, 1000 + i);
+                let t = Instant::now();
+                let work = [SeqWork {
+                    seq,
+                    tokens: &toks,
+                    all_logits: true,
+                }];
+                if host_logits {
+                    runner.forward(&work)?;
+                } else {
+                    runner.forward_greedy(&work)?;
+                }
+                times.push(t.elapsed().as_secs_f64());
+                runner.truncate(seq, base)?;
+            }
+            Ok(median(&times[1..]))
+        };
+    let one_host = step_time(&mut runner, 1, true)?;
+    let five_host = step_time(&mut runner, 5, true)?;
+    rows.push((
+        "verify(5) vs one step, logits copied to the host".into(),
+        format!(
+            "{:.3} ms vs {:.3} ms = {:.3}x",
+            five_host * 1e3,
+            one_host * 1e3,
+            five_host / one_host
+        ),
+    ));
+    out.insert(
+        "verify_ratio_host_logits".into(),
+        json!(five_host / one_host),
+    );
+    let one = step_time(&mut runner, 1, false)?;
+    let mut by_bps = Vec::new();
+    for bps in [4usize, 16, 24] {
+        gpu.set_tc_blocks_per_sm(bps);
+        let t = step_time(&mut runner, 5, false)?;
+        by_bps.push(format!("{bps}: {:.3}x", t / one));
+        out.insert(format!("verify_ratio_tc_blocks_{bps}"), json!(t / one));
+    }
+    gpu.set_tc_blocks_per_sm(bps_default);
+    let five = step_time(&mut runner, 5, false)?;
     runner.remove_sequence(seq)?;
     rows.push((
-        format!("verify(5) vs one-token step, {VERIFY_CACHE}-token cache"),
+        "verify(5) ratio by tc GEMV blocks/SM".into(),
+        format!("{} (default {bps_default})", by_bps.join(", ")),
+    ));
+    rows.push((
+        format!("verify(5) vs one-token step, {VERIFY_CACHE}-token cache, argmax on device"),
         format!(
             "{:.3} ms vs {:.3} ms = {:.3}x",
             five * 1e3,
@@ -378,8 +447,14 @@ fn main() -> Result<()> {
 }
 
 /// `runs` batch-1 greedy decodes of `NEW_TOKENS` after a `PROMPT`-token prompt: seconds
-/// each (the first is a warm-up).
-fn decode_runs(runner: &mut ModelRunner<CudaBackend>, vocab: u32, runs: usize) -> Result<Vec<f64>> {
+/// each (the first is a warm-up). Greedy tokens come from the device's argmax, or with
+/// `host_logits` from logits copied to the host.
+fn decode_runs(
+    runner: &mut ModelRunner<CudaBackend>,
+    vocab: u32,
+    runs: usize,
+    host_logits: bool,
+) -> Result<Vec<f64>> {
     let mut decode_s = Vec::new();
     for run in 0..runs {
         let prompt = tokens(PROMPT, vocab, run as u64);
@@ -393,12 +468,16 @@ fn decode_runs(runner: &mut ModelRunner<CudaBackend>, vocab: u32, runs: usize) -
         let mut next = argmax(first[0].last());
         let t = Instant::now();
         for _ in 0..NEW_TOKENS {
-            let l = runner.forward(&[SeqWork {
+            let work = [SeqWork {
                 seq,
                 tokens: &[next],
                 all_logits: false,
-            }])?;
-            next = argmax(l[0].last());
+            }];
+            next = if host_logits {
+                argmax(runner.forward(&work)?[0].last())
+            } else {
+                runner.forward_greedy(&work)?[0][0]
+            };
         }
         decode_s.push(t.elapsed().as_secs_f64());
         runner.remove_sequence(seq)?;

@@ -78,6 +78,20 @@ impl<B: Backend> ModelRunner<B> {
     /// Runs one forward pass over a batch; each sequence's new tokens continue where
     /// its cache ends. On any error no sequence's cache length changes.
     pub fn forward(&mut self, work: &[SeqWork<'_>]) -> Result<Vec<Logits>> {
+        self.run(work, |m, c| m.forward(c))
+    }
+
+    /// [`ModelRunner::forward`] returning each chunk's greedy tokens (the argmax of its
+    /// logit rows, computed by the backend) instead of logits.
+    pub fn forward_greedy(&mut self, work: &[SeqWork<'_>]) -> Result<Vec<Vec<u32>>> {
+        self.run(work, |m, c| m.forward_greedy(c))
+    }
+
+    fn run<T>(
+        &mut self,
+        work: &[SeqWork<'_>],
+        pass: impl FnOnce(&mut Falcon<B>, &[SeqChunk<'_>]) -> Result<Vec<T>>,
+    ) -> Result<Vec<T>> {
         let mut starts = Vec::with_capacity(work.len());
         for (i, w) in work.iter().enumerate() {
             let start = self.pool.len(w.seq)?;
@@ -113,7 +127,7 @@ impl<B: Backend> ModelRunner<B> {
                     }
                 })
                 .collect();
-            self.model.forward(&chunks)
+            pass(&mut self.model, &chunks)
         };
         match result {
             Ok(logits) => {

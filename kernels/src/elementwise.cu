@@ -182,3 +182,61 @@ extern "C" __global__ void __launch_bounds__(1024)
         if (c < cols) dst[c] = (v[i] - mean) * inv * w[c] + b[c];
     }
 }
+
+// Whether (v, i) beats (bv, bi) for argmax_rows: larger value, then smaller index;
+// index 0xffffffff marks "no value yet".
+__device__ __forceinline__ bool argmax_beats(float v, u32 i, float bv, u32 bi) {
+    if (i == 0xffffffffu) return false;
+    if (bi == 0xffffffffu) return true;
+    return v > bv || (v == bv && i < bi);
+}
+
+// Index of the largest non-NaN value of each row, the first one on ties and 0 when
+// every value is NaN: exactly engine/src/sampling `argmax`, so that greedy tokens need
+// not cross to the host as logits. grid (rows), block 1024.
+extern "C" __global__ void argmax_rows_f32(const float* __restrict__ x, u32* __restrict__ out, int cols) {
+    PDL_ENTER();
+    __shared__ float sv[32];
+    __shared__ u32 si[32];
+    const float* row = x + (size_t)blockIdx.x * cols;
+    float bv = NEG_INF;
+    u32 bi = 0xffffffffu;
+    // Each thread scans increasing indices: a strictly larger value replaces.
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float v = row[c];
+        if (!isnan(v) && (bi == 0xffffffffu || v > bv)) {
+            bv = v;
+            bi = (u32)c;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (argmax_beats(ov, oi, bv, bi)) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        sv[warp] = bv;
+        si[warp] = bi;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const int nwarps = blockDim.x >> 5;
+        bv = lane < nwarps ? sv[lane] : NEG_INF;
+        bi = lane < nwarps ? si[lane] : 0xffffffffu;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (argmax_beats(ov, oi, bv, bi)) {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        if (lane == 0) out[blockIdx.x] = bi == 0xffffffffu ? 0u : bi;
+    }
+}

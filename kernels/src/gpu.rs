@@ -24,7 +24,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUdevice_attribute, CUmemPool_attribute, CUresult};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    DriverError, ValidAsZeroBits,
+    DriverError, PinnedHostSlice, ValidAsZeroBits,
 };
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
@@ -154,6 +154,7 @@ pub(crate) struct Kernels {
     pub layer_norm_f32_reg: CudaFunction,
     pub gelu_f32: CudaFunction,
     pub add_f32: CudaFunction,
+    pub argmax_rows_f32: CudaFunction,
     pub gather_rows_f32: CudaFunction,
     pub f32_to_bf16: CudaFunction,
     pub add_bias_rows: CudaFunction,
@@ -194,6 +195,7 @@ impl Kernels {
             layer_norm_f32_reg: f("layer_norm_f32_reg")?,
             gelu_f32: f("gelu_f32")?,
             add_f32: f("add_f32")?,
+            argmax_rows_f32: f("argmax_rows_f32")?,
             gather_rows_f32: f("gather_rows_f32")?,
             f32_to_bf16: f("f32_to_bf16")?,
             add_bias_rows: f("add_bias_rows")?,
@@ -241,6 +243,12 @@ pub struct Gpu {
     /// Decode rows of at least this context take the tensor-core decode attention (when
     /// the geometry allows).
     attn_tc_min_ctx: AtomicUsize,
+    /// Blocks per SM the split-K tensor-core GEMV aims for.
+    tc_blocks_per_sm: AtomicUsize,
+    /// Page-locked (cached) host memory that f32 downloads go through: to a pageable
+    /// destination the driver stages the copy itself, several times slower for the
+    /// logits of a verify pass (1.3 MB at Falcon-7B's vocabulary). Only ever grows.
+    staging: Mutex<Option<PinnedHostSlice<f32>>>,
     /// Zeroed arrival counters of the split-K tensor-core GEMV (one per 16-feature
     /// tile; each launch leaves them zeroed again). Only ever grows.
     gemv_counters: Mutex<Option<DeviceBuffer<u32>>>,
@@ -302,6 +310,12 @@ fn ptx_for(arch: &str) -> Result<String, KernelError> {
 /// Default context from which decode rows take the tensor-core attention kernel: long
 /// contexts, where the CUDA-core kernel is bound by its f32 arithmetic.
 pub const ATTN_TC_MIN_CTX: usize = 1024;
+
+/// Default blocks per SM of the split-K tensor-core GEMV (`FALCONER_TC_BLOCKS`): on the
+/// H200 a verify pass over 5 rows measured 5.02 ms at 8, 5.16 at 16, 5.30 at 6, 5.38 at
+/// 12, 5.59 at 4 and about 5.2 at 24 (isolated GEMVs, partly served from L2 when repeated,
+/// favoured 3-4 instead).
+pub const TC_BLOCKS_PER_SM: usize = 8;
 
 /// The kernels of a few-row (1 to 8) `linear`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -399,6 +413,14 @@ impl Gpu {
             } as u8),
             gemv_counters: Mutex::new(None),
             attn_tc_min_ctx: AtomicUsize::new(ATTN_TC_MIN_CTX),
+            staging: Mutex::new(None),
+            tc_blocks_per_sm: AtomicUsize::new(
+                std::env::var("FALCONER_TC_BLOCKS")
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .filter(|&b: &usize| b > 0)
+                    .unwrap_or(TC_BLOCKS_PER_SM),
+            ),
             name,
             cc,
             sm_count: sm_count.max(1) as u32,
@@ -460,6 +482,17 @@ impl Gpu {
     /// CUDA-core kernel. Default [`ATTN_TC_MIN_CTX`]; tests lower it to cover the kernel.
     pub fn set_attn_tc_min_ctx(&self, min_ctx: usize) {
         self.attn_tc_min_ctx.store(min_ctx, Ordering::Relaxed);
+    }
+
+    /// Blocks per SM the split-K tensor-core GEMV aims for: more splits start more loads
+    /// at once, fewer cost less in partial sums. Default [`TC_BLOCKS_PER_SM`].
+    pub fn set_tc_blocks_per_sm(&self, blocks: usize) {
+        self.tc_blocks_per_sm
+            .store(blocks.max(1), Ordering::Relaxed);
+    }
+
+    pub fn tc_blocks_per_sm(&self) -> usize {
+        self.tc_blocks_per_sm.load(Ordering::Relaxed)
     }
 
     pub(crate) fn attn_tc_min_ctx(&self) -> usize {
@@ -540,6 +573,44 @@ impl Gpu {
             .map_err(|e| KernelError::driver("copy to host", e))?;
         self.synchronize()?;
         Ok(out)
+    }
+
+    /// [`Gpu::download`] for f32 through the pinned staging buffer (logits, hidden
+    /// states between shards).
+    pub fn download_f32(&self, buf: &DeviceBuffer<f32>) -> Result<Vec<f32>, KernelError> {
+        let n = buf.len;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut staging = self.staging.lock().map_err(|_| KernelError::Device {
+            op: "copy to host",
+            message: "staging buffer lock poisoned".into(),
+        })?;
+        if staging.as_ref().is_none_or(|s| s.len() < n) {
+            *staging = None;
+            // SAFETY: the contents are only read after the copy below has written them.
+            let fresh = unsafe {
+                self.ctx
+                    .alloc_pinned_with_flags::<f32>(n.next_power_of_two(), 0)
+            }
+            .map_err(|e| KernelError::driver("pinned host allocation", e))?;
+            *staging = Some(fresh);
+        }
+        let Some(pinned) = staging.as_mut() else {
+            return Err(released());
+        };
+        let host = pinned
+            .as_mut_slice()
+            .map_err(|e| KernelError::driver("copy to host", e))?;
+        let dst = &mut host[..n];
+        let _ = buf.inner()?;
+        // SAFETY: `dst` is n f32 of page-locked host memory and `buf.ptr` the device
+        // address of a live buffer of n f32; the copy is queued after the work that
+        // writes it and waited for before `dst` is read.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, buf.ptr, self.stream.cu_stream()) }
+            .map_err(|e| KernelError::driver("copy to host", e))?;
+        self.synchronize()?;
+        Ok(dst.to_vec())
     }
 
     /// A copy of `src` in a new buffer (device to device).

@@ -31,13 +31,12 @@ const TCG_FEATURES: usize = 16;
 const TCG_U: usize = 4;
 
 /// K splits and 32-wide chunks per split for the tensor-core GEMV: enough blocks for
-/// about 24 per SM (several waves, so the last one costs little), but at least one
-/// round of every warp per split.
+/// about `per_sm` per SM, but at least one round of every warp per split.
 /// `u` is the kernel's chunks per warp iteration (`TCG_U`).
-fn tc_split(tiles: usize, chunks: usize, sms: usize, u: usize) -> (usize, usize) {
+fn tc_split(tiles: usize, chunks: usize, sms: usize, u: usize, per_sm: usize) -> (usize, usize) {
     let per_round = TCG_WARPS as usize * u;
     let max_split = (chunks / per_round).max(1);
-    let want = (24 * sms).div_ceil(tiles.max(1)).clamp(1, max_split);
+    let want = (per_sm * sms).div_ceil(tiles.max(1)).clamp(1, max_split);
     let per_split = chunks.div_ceil(want).next_multiple_of(u).max(1);
     (chunks.div_ceil(per_split).max(1), per_split)
 }
@@ -228,6 +227,30 @@ impl Gpu {
             0,
             &[p(x), p(y), Arg::U64(n as u64)],
         )
+    }
+
+    /// Index of the largest value in each row of `x [rows, cols]` (the first on ties,
+    /// NaN skipped, 0 for an all-NaN row): greedy tokens without copying logits.
+    pub fn argmax_rows(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Vec<u32>, KernelError> {
+        const OP: &str = "argmax_rows";
+        check_len(OP, "input", x, rows * cols)?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let out = self.scratch::<u32>(rows)?;
+        self.launch(
+            &self.k.argmax_rows_f32,
+            (rows as u32, 1, 1),
+            1024,
+            0,
+            &[p(x), p(&out), Arg::I32(to_i32(OP, cols)?)],
+        )?;
+        self.download(&out)
     }
 
     /// The step's logit rows of `x` (`[step rows, cols]`).
@@ -425,7 +448,13 @@ impl Gpu {
     ) -> Result<(), KernelError> {
         const OP: &str = "linear";
         let tiles = n.div_ceil(TCG_FEATURES);
-        let (nsplit, per_split) = tc_split(tiles, k / 32, self.sm_count() as usize, TCG_U);
+        let (nsplit, per_split) = tc_split(
+            tiles,
+            k / 32,
+            self.sm_count() as usize,
+            TCG_U,
+            self.tc_blocks_per_sm(),
+        );
         let part = if nsplit > 1 {
             Some(self.scratch::<f32>(nsplit * r * n)?)
         } else {

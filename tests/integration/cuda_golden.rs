@@ -169,6 +169,47 @@ fn cuda_verify_pass_equals_one_token_at_a_time() {
     report("verify == one at a time", &failures);
 }
 
+/// Greedy tokens from the device's argmax equal the host's argmax of the same pass's
+/// logits, for prefill and verify rows, on every layout; and the kernel follows the
+/// host's rules on ties, NaN, -0.0 and rows that are all NaN.
+#[test]
+fn cuda_device_argmax_equals_host_argmax() {
+    let Some(b) = backend() else { return };
+    for &name in LAYOUTS {
+        let r = reference(name);
+        let mut m = cuda_runner(&b, name);
+        m.add_sequence(1).unwrap();
+        m.add_sequence(2).unwrap();
+        let logits = m.forward(&[work(1, &r.prompt_ids, true)]).unwrap();
+        let ids = m.forward_greedy(&[work(2, &r.prompt_ids, true)]).unwrap();
+        let want: Vec<u32> = (0..logits[0].num_rows())
+            .map(|i| argmax(logits[0].row(i)))
+            .collect();
+        assert_eq!(
+            ids[0], want,
+            "{name}: device argmax differs from the host's"
+        );
+    }
+    let v = 5000;
+    let mut rows: Vec<Vec<f32>> = (0..6u64).map(|s| random(v, 40 + s)).collect();
+    rows[1][17] = 3.0; // a tie: the first index wins
+    rows[1][4000] = 3.0;
+    rows[2].iter_mut().for_each(|x| *x = f32::NAN);
+    rows[3].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+    rows[4]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, x)| *x = if i % 3 == 0 { f32::NAN } else { 0.0 });
+    rows[4][1] = -0.0;
+    rows[5][v - 1] = f32::INFINITY;
+    let flat: Vec<f32> = rows.concat();
+    let t = b.upload_hidden(&flat, rows.len(), v).unwrap();
+    let got = b.argmax_rows(&t, v).unwrap();
+    let want: Vec<u32> = rows.iter().map(|r| argmax(r)).collect();
+    assert_eq!(got, want);
+    assert_eq!(&got[1..4], &[17, 0, 0]);
+}
+
 #[test]
 fn cuda_truncate_then_redecode_equals_never_decoded() {
     let Some(b) = backend() else { return };

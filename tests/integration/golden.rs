@@ -162,3 +162,27 @@ fn batched_sequences_match_their_solo_runs() {
         assert!(rel_err(out[1].row(i), want) < TOL);
     }
 }
+
+/// `forward_greedy` gives each row's argmax of the logits `forward` gives, for prefill
+/// and verify rows alike.
+#[test]
+fn greedy_pass_equals_argmax_of_logits() {
+    for &name in LAYOUTS {
+        let r = reference(name);
+        let mut m = cpu_runner(name);
+        m.add_sequence(1).unwrap();
+        m.add_sequence(2).unwrap();
+        let all = |seq| SeqWork {
+            seq,
+            tokens: &r.prompt_ids,
+            all_logits: true,
+        };
+        let logits = m.forward(&[all(1)]).unwrap();
+        let ids = m.forward_greedy(&[all(2)]).unwrap();
+        let want: Vec<u32> = (0..logits[0].num_rows())
+            .map(|i| falconer_engine::sampling::argmax(logits[0].row(i)))
+            .collect();
+        assert_eq!(ids[0], want, "{name}");
+        assert_eq!(ids[0].len(), r.prompt_ids.len(), "{name}");
+    }
+}

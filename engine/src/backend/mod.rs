@@ -156,6 +156,17 @@ pub trait Backend: Send + Sync + Debug + 'static {
         step: &Self::Step,
     ) -> Result<Self::Tensor, BackendError>;
 
+    /// The index of the largest value in each row of `x` (`cols` wide): the first on
+    /// ties, NaN skipped, 0 for an all-NaN row, exactly as [`crate::sampling::argmax`].
+    /// Backends may compute it in place so that greedy steps do not copy logits.
+    fn argmax_rows(&self, x: &Self::Tensor, cols: usize) -> Result<Vec<u32>, BackendError> {
+        let data = self.to_host(x)?;
+        Ok(data
+            .chunks(cols.max(1))
+            .map(crate::sampling::argmax)
+            .collect())
+    }
+
     /// Reads a tensor back to the host (used for logits and shard hand-offs).
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
 

@@ -259,17 +259,7 @@ impl<B: Backend> Falcon<B> {
     /// Final norm and LM head over the step's logit rows (last shard only); one
     /// [`Logits`] per non-empty chunk.
     pub fn logits(&self, hidden: &B::Tensor, step: &Step<B>) -> Result<Vec<Logits>> {
-        let head = self.head.as_ref().ok_or(ForwardError::NotInShard {
-            part: "output head",
-        })?;
-        let rows = self.backend.gather_logit_rows(hidden, &step.device)?;
-        let normed = self.backend.layer_norm(
-            &rows,
-            &head.ln_f.weight,
-            &head.ln_f.bias,
-            self.cfg.layer_norm_epsilon,
-        )?;
-        let logits = self.backend.linear(&normed, &head.lm_head, None)?;
+        let logits = self.head_logits(hidden, step)?;
         let data = self.backend.to_host(&logits)?;
         let v = self.cfg.vocab_size;
         let mut out = Vec::with_capacity(step.rows_per_chunk.len());
@@ -284,12 +274,49 @@ impl<B: Backend> Falcon<B> {
         Ok(out)
     }
 
+    /// Greedy tokens (the argmax of each logit row) per non-empty chunk, computed where
+    /// the logits are (last shard only): only token ids cross to the host.
+    pub fn greedy_tokens(&self, hidden: &B::Tensor, step: &Step<B>) -> Result<Vec<Vec<u32>>> {
+        let logits = self.head_logits(hidden, step)?;
+        let ids = self.backend.argmax_rows(&logits, self.cfg.vocab_size)?;
+        let mut out = Vec::with_capacity(step.rows_per_chunk.len());
+        let mut at = 0;
+        for &n in &step.rows_per_chunk {
+            out.push(ids[at..at + n].to_vec());
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// Final norm and LM head over the step's logit rows, left in backend memory.
+    fn head_logits(&self, hidden: &B::Tensor, step: &Step<B>) -> Result<B::Tensor> {
+        let head = self.head.as_ref().ok_or(ForwardError::NotInShard {
+            part: "output head",
+        })?;
+        let rows = self.backend.gather_logit_rows(hidden, &step.device)?;
+        let normed = self.backend.layer_norm(
+            &rows,
+            &head.ln_f.weight,
+            &head.ln_f.bias,
+            self.cfg.layer_norm_epsilon,
+        )?;
+        Ok(self.backend.linear(&normed, &head.lm_head, None)?)
+    }
+
     /// A whole forward pass (this instance must hold every layer).
     pub fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<Logits>> {
         let step = self.prepare(chunks)?;
         let h = self.embed(&step)?;
         let h = self.run_layers(h, &step)?;
         self.logits(&h, &step)
+    }
+
+    /// [`Falcon::forward`] returning greedy tokens instead of logits.
+    pub fn forward_greedy(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<Vec<u32>>> {
+        let step = self.prepare(chunks)?;
+        let h = self.embed(&step)?;
+        let h = self.run_layers(h, &step)?;
+        self.greedy_tokens(&h, &step)
     }
 
     /// Copy-on-write block copies requested by the KV pool.

@@ -530,9 +530,21 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn argmax_rows(&self, x: &CudaTensor, cols: usize) -> Result<Vec<u32>, BackendError> {
+        if cols != x.cols {
+            return Err(invalid(
+                "argmax_rows",
+                format!("rows of {cols} for a tensor of {} columns", x.cols),
+            ));
+        }
+        self.gpu
+            .argmax_rows(x.f32("argmax_rows")?, x.rows, x.cols)
+            .map_err(map_err)
+    }
+
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>, BackendError> {
         match &x.data {
-            CudaData::F32(b) => self.gpu.download(b).map_err(map_err),
+            CudaData::F32(b) => self.gpu.download_f32(b).map_err(map_err),
             CudaData::Bf16(b) => Ok(self
                 .gpu
                 .download(b)
