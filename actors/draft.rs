@@ -112,6 +112,15 @@ fn propose<B: Backend>(
                 all_logits: false,
             })
             .collect();
+        // All greedy: the argmax where the logits are (a draft that saw only NaN and
+        // -inf proposes 0, as the host's argmax does; the target rejects it anyway).
+        if active.iter().all(|&i| items[i].sampling.is_none()) {
+            let tokens = model.forward_greedy(&chunks)?;
+            for (&i, t) in active.iter().zip(&tokens) {
+                out[i].tokens.push(t.last().copied().flatten().unwrap_or(0));
+            }
+            continue;
+        }
         let logits = model.forward(&chunks)?;
         for (&i, l) in active.iter().zip(&logits) {
             let row = l.last();

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use falconer_engine::sampling::{
     apply_repetition_penalty, sample_token, warp_probs, Rng, SamplingParams,
 };
-use falconer_engine::speculative::{accept_greedy, accept_sampling, Verdict};
+use falconer_engine::speculative::{accept_greedy, accept_greedy_tokens, accept_sampling, Verdict};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::error::RuntimeError;
@@ -20,10 +20,19 @@ pub struct DecideItem {
     pub drafts: Vec<u32>,
     /// The draft's warped distributions (sampling sessions with a draft).
     pub q: Vec<Vec<f32>>,
-    /// `drafts.len() + 1` target logit rows.
-    pub target_rows: Vec<Vec<f32>>,
+    /// The target's `drafts.len() + 1` rows.
+    pub target: TargetRows,
     /// Tokens before the first row's prediction (for the repetition penalty).
     pub context: Vec<u32>,
+}
+
+/// The target's rows for one decision.
+#[derive(Debug, Clone)]
+pub enum TargetRows {
+    Logits(Vec<Vec<f32>>),
+    /// Each row's greedy token, taken on the device (`None`: no usable logit); only
+    /// for sessions whose parameters are [`SamplingParams::argmax_only`].
+    Greedy(Vec<Option<u32>>),
 }
 
 /// Messages of the sampler.
@@ -53,10 +62,9 @@ pub struct SamplerState {
 
 /// The target's rows with the repetition penalty applied as plain decoding would
 /// (row i sees the context plus the first i drafts).
-fn penalised(item: &DecideItem, params: &SamplingParams) -> Vec<Vec<f32>> {
+fn penalised(item: &DecideItem, rows: &[Vec<f32>], params: &SamplingParams) -> Vec<Vec<f32>> {
     let mut ctx = item.context.clone();
-    item.target_rows
-        .iter()
+    rows.iter()
         .enumerate()
         .map(|(i, row)| {
             let mut r = row.clone();
@@ -77,8 +85,19 @@ pub fn decide(
     params: &SamplingParams,
     rng: &mut Rng,
 ) -> Result<Verdict, RuntimeError> {
+    let rows = match &item.target {
+        TargetRows::Logits(rows) => rows,
+        TargetRows::Greedy(tokens) => {
+            if !params.argmax_only() {
+                return Err(RuntimeError::model(
+                    "greedy tokens for a session that samples or penalises",
+                ));
+            }
+            return accept_greedy_tokens(&item.drafts, tokens).map_err(RuntimeError::model);
+        }
+    };
     if item.drafts.is_empty() {
-        let row = item.target_rows.first().ok_or(RuntimeError::Model {
+        let row = rows.first().ok_or(RuntimeError::Model {
             message: "no target logits".into(),
         })?;
         let t = sample_token(row, &item.context, params, rng)?;
@@ -87,7 +106,7 @@ pub fn decide(
             next_token: t,
         });
     }
-    let rows = penalised(item, params);
+    let rows = penalised(item, rows, params);
     let rows_ref: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
     let verdict = if params.is_greedy() {
         accept_greedy(&item.drafts, &rows_ref)

@@ -2,8 +2,11 @@
 //!
 //! A forward job enters shard 0 (which embeds), each shard runs its layers on a
 //! blocking thread (never on a tokio worker) and hands the hidden state to the next
-//! shard with the caller's reply port; the last shard answers with the logits. Split
-//! or not, the arithmetic is the same, so 2+ shards give exactly the unsplit logits.
+//! shard with the caller's reply port; the last shard answers with the logits, or with
+//! only each row's greedy token when every chunk of the pass is greedy (the argmax is
+//! then taken where the logits are, on the GPU, and they never cross to the host).
+//! Split or not, the arithmetic is the same, so 2+ shards give exactly the unsplit
+//! logits.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -23,6 +26,9 @@ pub struct ChunkSpec {
     pub block_table: Vec<u32>,
     pub prompt_len: usize,
     pub all_logits: bool,
+    /// Only the greedy token of each logit row is needed (greedy sampling without a
+    /// repetition penalty).
+    pub greedy: bool,
 }
 
 impl ChunkSpec {
@@ -45,7 +51,15 @@ pub struct ForwardJob<B: Backend> {
     pub copies: Arc<Vec<(u32, u32)>>,
     /// `None` entering shard 0; the previous shard's output afterwards.
     pub hidden: Option<B::Tensor>,
-    pub reply: RpcReplyPort<Result<Vec<Logits>, RuntimeError>>,
+    pub reply: RpcReplyPort<Result<TargetOutput, RuntimeError>>,
+}
+
+/// What the last shard answers, per chunk of the pass.
+#[derive(Debug)]
+pub enum TargetOutput {
+    Logits(Vec<Logits>),
+    /// Every chunk was greedy: each logit row's greedy token (`None`: no usable logit).
+    Greedy(Vec<Vec<Option<u32>>>),
 }
 
 /// Messages of a target shard.
@@ -79,7 +93,7 @@ pub struct ShardState<B: Backend> {
 
 enum Output<B: Backend> {
     Hidden(B::Tensor),
-    Logits(Vec<Logits>),
+    Last(TargetOutput),
 }
 
 fn run<B: Backend>(
@@ -97,7 +111,11 @@ fn run<B: Backend>(
     };
     let h = model.run_layers(h, &step)?;
     if model.layer_range().end == model.config().num_layers {
-        Ok(Output::Logits(model.logits(&h, &step)?))
+        Ok(Output::Last(if chunks.iter().all(|c| c.greedy) {
+            TargetOutput::Greedy(model.greedy_tokens(&h, &step)?)
+        } else {
+            TargetOutput::Logits(model.logits(&h, &step)?)
+        }))
     } else {
         Ok(Output::Hidden(h))
     }
@@ -152,8 +170,8 @@ impl<B: Backend> Actor for TargetShard<B> {
         };
         s.model = Some(model);
         match out {
-            Ok(Output::Logits(l)) => {
-                let _ = job.reply.send(Ok(l));
+            Ok(Output::Last(out)) => {
+                let _ = job.reply.send(Ok(out));
             }
             Ok(Output::Hidden(h)) => match &s.next {
                 Some(next) => {

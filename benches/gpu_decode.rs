@@ -474,7 +474,7 @@ fn decode_runs(
             next = if host_logits {
                 argmax(runner.forward(&work)?[0].last())
             } else {
-                runner.forward_greedy(&work)?[0][0]
+                runner.forward_greedy(&work)?[0][0].context("no usable logit")?
             };
         }
         decode_s.push(t.elapsed().as_secs_f64());

@@ -21,8 +21,8 @@ use crate::draft::{DraftMsg, Proposal, ProposeItem};
 use crate::error::RuntimeError;
 use crate::kv_manager::{KvMsg, Pool, Reserved};
 use crate::metrics as m;
-use crate::sampler::{DecideItem, SamplerMsg};
-use crate::shard::{ChunkSpec, ForwardJob, ShardMsg};
+use crate::sampler::{DecideItem, SamplerMsg, TargetRows};
+use crate::shard::{ChunkSpec, ForwardJob, ShardMsg, TargetOutput};
 use crate::util::ask;
 
 /// A session's plan for this round.
@@ -101,6 +101,7 @@ pub(super) async fn run<B: Backend>(st: &mut SchedulerState<B>) {
                 block_table: r.block_table.clone(),
                 prompt_len: s.prompt_len,
                 all_logits: p.k > 0,
+                greedy: s.params.argmax_only(),
             })
         })
         .collect();
@@ -121,8 +122,25 @@ pub(super) async fn run<B: Backend>(st: &mut SchedulerState<B>) {
     };
     let target_time = started.elapsed();
     m::target_pass();
-    let logits = match result {
-        Ok(l) if l.len() == plans.len() => l,
+    // Each plan's target rows: logits, or greedy tokens when every chunk was greedy.
+    let rows: Vec<TargetRows> = match result {
+        Ok(TargetOutput::Logits(l)) if l.len() == plans.len() => l
+            .iter()
+            .zip(&plans)
+            .map(|(l, p)| {
+                let n = l.num_rows();
+                TargetRows::Logits(
+                    (n.saturating_sub(p.k + 1)..n)
+                        .map(|i| l.row(i).to_vec())
+                        .collect(),
+                )
+            })
+            .collect(),
+        Ok(TargetOutput::Greedy(g)) if g.len() == plans.len() => g
+            .into_iter()
+            .zip(&plans)
+            .map(|(g, p)| TargetRows::Greedy(g[g.len().saturating_sub(p.k + 1)..].to_vec()))
+            .collect(),
         Ok(_) => {
             return fail_all(
                 st,
@@ -136,16 +154,14 @@ pub(super) async fn run<B: Backend>(st: &mut SchedulerState<B>) {
     // Acceptance.
     let items: Vec<DecideItem> = plans
         .iter()
-        .zip(&logits)
-        .filter_map(|(p, l)| {
+        .zip(rows)
+        .filter_map(|(p, target)| {
             let s = st.sessions.get(&p.id)?;
-            let rows = l.num_rows();
-            let first = rows.saturating_sub(p.k + 1);
             Some(DecideItem {
                 session: p.id,
                 drafts: p.drafts.clone(),
                 q: p.q.clone(),
-                target_rows: (first..rows).map(|i| l.row(i).to_vec()).collect(),
+                target,
                 context: s.tokens.clone(),
             })
         })

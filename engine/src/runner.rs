@@ -83,7 +83,7 @@ impl<B: Backend> ModelRunner<B> {
 
     /// [`ModelRunner::forward`] returning each chunk's greedy tokens (the argmax of its
     /// logit rows, computed by the backend) instead of logits.
-    pub fn forward_greedy(&mut self, work: &[SeqWork<'_>]) -> Result<Vec<Vec<u32>>> {
+    pub fn forward_greedy(&mut self, work: &[SeqWork<'_>]) -> Result<Vec<Vec<Option<u32>>>> {
         self.run(work, |m, c| m.forward_greedy(c))
     }
 

@@ -191,9 +191,10 @@ __device__ __forceinline__ bool argmax_beats(float v, u32 i, float bv, u32 bi) {
     return v > bv || (v == bv && i < bi);
 }
 
-// Index of the largest non-NaN value of each row, the first one on ties and 0 when
-// every value is NaN: exactly engine/src/sampling `argmax`, so that greedy tokens need
-// not cross to the host as logits. grid (rows), block 1024.
+// Index of the largest value of each row, the first one on ties, NaN skipped (exactly
+// engine/src/sampling `argmax`), so that greedy tokens need not cross to the host as
+// logits; 0xffffffff for a row of nothing but NaN and -inf (no usable logit: the host
+// path's greedy acceptance reports those). grid (rows), block 1024.
 extern "C" __global__ void argmax_rows_f32(const float* __restrict__ x, u32* __restrict__ out, int cols) {
     PDL_ENTER();
     __shared__ float sv[32];
@@ -204,7 +205,7 @@ extern "C" __global__ void argmax_rows_f32(const float* __restrict__ x, u32* __r
     // Each thread scans increasing indices: a strictly larger value replaces.
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         const float v = row[c];
-        if (!isnan(v) && (bi == 0xffffffffu || v > bv)) {
+        if (!isnan(v) && v != NEG_INF && (bi == 0xffffffffu || v > bv)) {
             bv = v;
             bi = (u32)c;
         }
@@ -237,6 +238,6 @@ extern "C" __global__ void argmax_rows_f32(const float* __restrict__ x, u32* __r
                 bi = oi;
             }
         }
-        if (lane == 0) out[blockIdx.x] = bi == 0xffffffffu ? 0u : bi;
+        if (lane == 0) out[blockIdx.x] = bi;
     }
 }

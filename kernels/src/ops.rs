@@ -230,13 +230,14 @@ impl Gpu {
     }
 
     /// Index of the largest value in each row of `x [rows, cols]` (the first on ties,
-    /// NaN skipped, 0 for an all-NaN row): greedy tokens without copying logits.
+    /// NaN skipped): greedy tokens without copying logits. `None` for a row of nothing
+    /// but NaN and -inf.
     pub fn argmax_rows(
         &self,
         x: &DeviceBuffer<f32>,
         rows: usize,
         cols: usize,
-    ) -> Result<Vec<u32>, KernelError> {
+    ) -> Result<Vec<Option<u32>>, KernelError> {
         const OP: &str = "argmax_rows";
         check_len(OP, "input", x, rows * cols)?;
         if rows == 0 {
@@ -250,7 +251,11 @@ impl Gpu {
             0,
             &[p(x), p(&out), Arg::I32(to_i32(OP, cols)?)],
         )?;
-        self.download(&out)
+        Ok(self
+            .download(&out)?
+            .into_iter()
+            .map(|i| (i != u32::MAX).then_some(i))
+            .collect())
     }
 
     /// The step's logit rows of `x` (`[step rows, cols]`).

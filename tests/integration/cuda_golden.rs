@@ -24,7 +24,7 @@ use falconer_engine::checkpoint::{Dtype, HostTensor};
 use falconer_engine::config::{RopeConfig, RopeScaling};
 use falconer_engine::error::BackendError;
 use falconer_engine::posenc::{alibi, rope::Rope};
-use falconer_engine::sampling::argmax;
+use falconer_engine::sampling::{argmax, greedy_token};
 use falconer_engine::{CpuBackend, Falcon, LoadOptions, ModelRunner, SeqWork};
 
 use crate::common::{fixture, reference, rel_err, LAYOUTS};
@@ -171,7 +171,7 @@ fn cuda_verify_pass_equals_one_token_at_a_time() {
 
 /// Greedy tokens from the device's argmax equal the host's argmax of the same pass's
 /// logits, for prefill and verify rows, on every layout; and the kernel follows the
-/// host's rules on ties, NaN, -0.0 and rows that are all NaN.
+/// host's rules on ties, NaN, -0.0 and rows without a usable logit.
 #[test]
 fn cuda_device_argmax_equals_host_argmax() {
     let Some(b) = backend() else { return };
@@ -182,8 +182,8 @@ fn cuda_device_argmax_equals_host_argmax() {
         m.add_sequence(2).unwrap();
         let logits = m.forward(&[work(1, &r.prompt_ids, true)]).unwrap();
         let ids = m.forward_greedy(&[work(2, &r.prompt_ids, true)]).unwrap();
-        let want: Vec<u32> = (0..logits[0].num_rows())
-            .map(|i| argmax(logits[0].row(i)))
+        let want: Vec<Option<u32>> = (0..logits[0].num_rows())
+            .map(|i| Some(argmax(logits[0].row(i))))
             .collect();
         assert_eq!(
             ids[0], want,
@@ -205,9 +205,10 @@ fn cuda_device_argmax_equals_host_argmax() {
     let flat: Vec<f32> = rows.concat();
     let t = b.upload_hidden(&flat, rows.len(), v).unwrap();
     let got = b.argmax_rows(&t, v).unwrap();
-    let want: Vec<u32> = rows.iter().map(|r| argmax(r)).collect();
+    let want: Vec<Option<u32>> = rows.iter().map(|r| greedy_token(r)).collect();
     assert_eq!(got, want);
-    assert_eq!(&got[1..4], &[17, 0, 0]);
+    // A tie goes to the first index; all NaN or all -inf is no usable logit.
+    assert_eq!(&got[1..4], &[Some(17), None, None]);
 }
 
 #[test]

@@ -156,14 +156,15 @@ pub trait Backend: Send + Sync + Debug + 'static {
         step: &Self::Step,
     ) -> Result<Self::Tensor, BackendError>;
 
-    /// The index of the largest value in each row of `x` (`cols` wide): the first on
-    /// ties, NaN skipped, 0 for an all-NaN row, exactly as [`crate::sampling::argmax`].
-    /// Backends may compute it in place so that greedy steps do not copy logits.
-    fn argmax_rows(&self, x: &Self::Tensor, cols: usize) -> Result<Vec<u32>, BackendError> {
+    /// The greedy token of each row of `x` (`cols` wide): the index of its largest
+    /// value, the first on ties, NaN skipped, exactly as [`crate::sampling::argmax`];
+    /// `None` for a row of nothing but NaN and -inf. Backends may compute it where the
+    /// logits are, so that greedy steps do not copy them.
+    fn argmax_rows(&self, x: &Self::Tensor, cols: usize) -> Result<Vec<Option<u32>>, BackendError> {
         let data = self.to_host(x)?;
         Ok(data
             .chunks(cols.max(1))
-            .map(crate::sampling::argmax)
+            .map(crate::sampling::greedy_token)
             .collect())
     }
 

@@ -274,9 +274,14 @@ impl<B: Backend> Falcon<B> {
         Ok(out)
     }
 
-    /// Greedy tokens (the argmax of each logit row) per non-empty chunk, computed where
-    /// the logits are (last shard only): only token ids cross to the host.
-    pub fn greedy_tokens(&self, hidden: &B::Tensor, step: &Step<B>) -> Result<Vec<Vec<u32>>> {
+    /// Greedy tokens (the argmax of each logit row; `None` for a row without a usable
+    /// logit) per non-empty chunk, computed where the logits are (last shard only):
+    /// only token ids cross to the host.
+    pub fn greedy_tokens(
+        &self,
+        hidden: &B::Tensor,
+        step: &Step<B>,
+    ) -> Result<Vec<Vec<Option<u32>>>> {
         let logits = self.head_logits(hidden, step)?;
         let ids = self.backend.argmax_rows(&logits, self.cfg.vocab_size)?;
         let mut out = Vec::with_capacity(step.rows_per_chunk.len());
@@ -312,7 +317,7 @@ impl<B: Backend> Falcon<B> {
     }
 
     /// [`Falcon::forward`] returning greedy tokens instead of logits.
-    pub fn forward_greedy(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<Vec<u32>>> {
+    pub fn forward_greedy(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<Vec<Option<u32>>>> {
         let step = self.prepare(chunks)?;
         let h = self.embed(&step)?;
         let h = self.run_layers(h, &step)?;

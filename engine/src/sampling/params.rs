@@ -65,6 +65,12 @@ impl SamplingParams {
         self.temperature == 0.0
     }
 
+    /// Whether a token depends on nothing but the argmax of the raw logits (greedy
+    /// without a repetition penalty), so that the logits need not leave the device.
+    pub fn argmax_only(&self) -> bool {
+        self.is_greedy() && self.repetition_penalty == 1.0
+    }
+
     /// A fresh [`Rng`] seeded with [`Self::seed`].
     pub fn rng(&self) -> Rng {
         Rng::new(self.seed)

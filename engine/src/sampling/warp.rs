@@ -26,6 +26,16 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best.map_or(0, |(i, _)| i as u32)
 }
 
+/// The greedy token of a logits row: its [`argmax`], or `None` when the row holds
+/// nothing but NaN and -inf (no usable logit).
+pub fn greedy_token(logits: &[f32]) -> Option<u32> {
+    if logits.iter().all(|x| x.is_nan() || *x == f32::NEG_INFINITY) {
+        None
+    } else {
+        Some(argmax(logits))
+    }
+}
+
 /// HF `RepetitionPenaltyLogitsProcessor`: for each distinct token id in
 /// `context`, a negative logit is multiplied by `penalty` and a non-negative
 /// one divided by it, so `penalty > 1` always makes repeats less likely.

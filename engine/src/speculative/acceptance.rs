@@ -10,7 +10,7 @@
 
 use std::fmt;
 
-use crate::sampling::{argmax, sample_from_probs, Rng};
+use crate::sampling::{greedy_token, sample_from_probs, Rng};
 
 /// The outcome of verifying one round of `k` draft tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,14 +139,6 @@ fn check_shapes(
     Ok(vocab)
 }
 
-/// Argmax of a target logits row, rejecting rows with nothing usable.
-fn greedy_row(row: &[f32], index: usize) -> Result<u32, SpeculativeError> {
-    if row.iter().all(|x| x.is_nan() || *x == f32::NEG_INFINITY) {
-        return Err(SpeculativeError::NoFiniteLogits { row: index });
-    }
-    Ok(argmax(row))
-}
-
 /// Greedy verification: accepts the longest draft prefix that matches the
 /// target's argmax at every position, and returns the target's argmax after
 /// it. Emitting `drafts[..accepted]` then `next_token` reproduces plain
@@ -158,8 +150,26 @@ pub fn accept_greedy(
     target_logits: &[&[f32]],
 ) -> Result<Verdict, SpeculativeError> {
     check_shapes(draft_tokens, None, target_logits)?;
-    for (i, (&draft, row)) in draft_tokens.iter().zip(target_logits).enumerate() {
-        let best = greedy_row(row, i)?;
+    let best: Vec<Option<u32>> = target_logits.iter().map(|r| greedy_token(r)).collect();
+    accept_greedy_tokens(draft_tokens, &best)
+}
+
+/// [`accept_greedy`] from the target's greedy token of each row (computed where the
+/// logits are, e.g. on the GPU): `None` marks a row without a usable logit.
+pub fn accept_greedy_tokens(
+    draft_tokens: &[u32],
+    target_tokens: &[Option<u32>],
+) -> Result<Verdict, SpeculativeError> {
+    let k = draft_tokens.len();
+    if target_tokens.len() != k + 1 {
+        return Err(SpeculativeError::TargetRowCount {
+            expected: k + 1,
+            got: target_tokens.len(),
+        });
+    }
+    let token = |i: usize| target_tokens[i].ok_or(SpeculativeError::NoFiniteLogits { row: i });
+    for (i, &draft) in draft_tokens.iter().enumerate() {
+        let best = token(i)?;
         if draft != best {
             return Ok(Verdict {
                 accepted: i,
@@ -167,12 +177,10 @@ pub fn accept_greedy(
             });
         }
     }
-    let k = draft_tokens.len();
-    // Shape check guarantees k + 1 rows.
-    let next_token = greedy_row(target_logits[k], k)?;
+    // The length check above guarantees row k.
     Ok(Verdict {
         accepted: k,
-        next_token,
+        next_token: token(k)?,
     })
 }
 
@@ -262,6 +270,43 @@ mod stats_tests;
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::sampling::argmax;
+
+    /// The token path gives the logits path's verdict, row errors included.
+    #[test]
+    fn greedy_tokens_agree_with_greedy_logits() {
+        let vocab = 7;
+        let rows: Vec<Vec<f32>> = (0..4).map(|h| one_hot_logits(vocab, h + 1)).collect();
+        let ids: Vec<Option<u32>> = rows.iter().map(|r| greedy_token(r)).collect();
+        for drafts in [vec![1, 2, 3], vec![1, 5, 3], vec![6, 2, 3], vec![1, 2, 4]] {
+            let refs: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+            assert_eq!(
+                accept_greedy(&drafts, &refs).unwrap(),
+                accept_greedy_tokens(&drafts, &ids).unwrap()
+            );
+        }
+        assert_eq!(
+            accept_greedy_tokens(&[1, 2, 3], &ids).unwrap(),
+            Verdict {
+                accepted: 3,
+                next_token: 4
+            }
+        );
+        let broken = [Some(1), None, Some(3)];
+        assert!(matches!(
+            accept_greedy_tokens(&[1, 2], &broken),
+            Err(SpeculativeError::NoFiniteLogits { row: 1 })
+        ));
+        // A mismatch before the broken row decides first, as with logits.
+        assert_eq!(accept_greedy_tokens(&[4, 2], &broken).unwrap().accepted, 0);
+        assert!(matches!(
+            accept_greedy_tokens(&[1], &ids),
+            Err(SpeculativeError::TargetRowCount {
+                expected: 2,
+                got: 4
+            })
+        ));
+    }
 
     fn one_hot_logits(vocab: usize, hot: usize) -> Vec<f32> {
         (0..vocab)

@@ -31,7 +31,9 @@ pub mod acceptance;
 pub mod lookup;
 pub mod policy;
 
-pub use acceptance::{accept_greedy, accept_sampling, RowKind, SpeculativeError, Verdict};
+pub use acceptance::{
+    accept_greedy, accept_greedy_tokens, accept_sampling, RowKind, SpeculativeError, Verdict,
+};
 pub use lookup::prompt_lookup;
 pub use policy::{
     expected_tokens_per_pass, speedup_bound, AdaptiveConfig, AdaptivePolicy, DraftLengthPolicy,

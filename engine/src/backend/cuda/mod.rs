@@ -530,7 +530,7 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn argmax_rows(&self, x: &CudaTensor, cols: usize) -> Result<Vec<u32>, BackendError> {
+    fn argmax_rows(&self, x: &CudaTensor, cols: usize) -> Result<Vec<Option<u32>>, BackendError> {
         if cols != x.cols {
             return Err(invalid(
                 "argmax_rows",
