@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use falconer_engine::backend::cuda::kernels::GemvKernel;
+use falconer_engine::backend::cuda::kernels::{GemvKernel, ATTN_SPLIT, ATTN_TC_MIN_CTX};
 use falconer_engine::backend::cuda::CudaBackend;
 use falconer_engine::backend::{AttnConfig, Backend, KvLayout, SeqMeta, StepMeta};
 use falconer_engine::config::FalconConfig;
@@ -230,6 +230,15 @@ fn main() -> Result<()> {
         gpu.set_pdl(true);
     }
     out.insert("pdl".into(), json!(pdl_default));
+    gpu.set_attn_tc_min_ctx(0);
+    let s = decode_runs(&mut runner, vocab, 3, false)?;
+    gpu.set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
+    let tps_tc = NEW_TOKENS as f64 / median(&s[1..]);
+    rows.push((
+        "decode with tensor-core attention at every context".into(),
+        format!("{tps_tc:.1} tokens/s (median of 2; default from {ATTN_TC_MIN_CTX})"),
+    ));
+    out.insert("decode_tc_attention_tokens_per_s".into(), json!(tps_tc));
     let s = decode_runs(&mut runner, vocab, 3, true)?;
     let tps_host = NEW_TOKENS as f64 / median(&s[1..]);
     rows.push((
@@ -385,6 +394,26 @@ fn main() -> Result<()> {
     ));
     out.insert("attention_32k_ms".into(), json!(attn_ms));
     out.insert("attention_32k_gb_s".into(), json!(attn_gbs));
+    let mut cells = Vec::new();
+    for (per_sm, min_keys) in [(1usize, 256usize), (4, 64), (8, 64), (16, 64)] {
+        gpu.set_attn_split(per_sm, min_keys);
+        let (ms, gbs) = long_attention(&backend, &cfg)?;
+        cells.push(format!(
+            "{per_sm}/SM >={min_keys} keys: {ms:.3} ms {gbs:.0} GB/s"
+        ));
+        out.insert(
+            format!("attention_32k_split_{per_sm}_{min_keys}_ms"),
+            json!(ms),
+        );
+    }
+    gpu.set_attn_split(ATTN_SPLIT.0, ATTN_SPLIT.1);
+    rows.push((
+        format!(
+            "32k attention by split (default {}/SM, >={} keys)",
+            ATTN_SPLIT.0, ATTN_SPLIT.1
+        ),
+        cells.join(" | "),
+    ));
 
     // The HF transformers baseline (benches/hf_baseline.py), run in the same device call.
     if let Ok(path) = std::env::var("HF_BASELINE_JSON") {

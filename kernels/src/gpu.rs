@@ -245,6 +245,9 @@ pub struct Gpu {
     attn_tc_min_ctx: AtomicUsize,
     /// Blocks per SM the split-K tensor-core GEMV aims for.
     tc_blocks_per_sm: AtomicUsize,
+    /// Tensor-core decode attention: blocks per SM it aims for, and the fewest keys
+    /// per split.
+    attn_split: Mutex<(usize, usize)>,
     /// Page-locked (cached) host memory that f32 downloads go through: to a pageable
     /// destination the driver stages the copy itself, several times slower for the
     /// logits of a verify pass (1.3 MB at Falcon-7B's vocabulary). Only ever grows.
@@ -308,8 +311,16 @@ fn ptx_for(arch: &str) -> Result<String, KernelError> {
 }
 
 /// Default context from which decode rows take the tensor-core attention kernel: long
-/// contexts, where the CUDA-core kernel is bound by its f32 arithmetic.
+/// contexts, where the CUDA-core kernel is bound by its f32 arithmetic (Falcon-7B decode
+/// at 128-384 tokens of context on the H200: 229 tokens/s with this default, 222 with the
+/// tensor-core kernel at every context).
 pub const ATTN_TC_MIN_CTX: usize = 1024;
+
+/// Default (blocks per SM, fewest keys per split) of the tensor-core decode attention.
+/// On the H200 at 32k (Falcon-7B, 32 layers): 0.92-0.95 ms at (1, 256) and (2, 256),
+/// 1.48-1.53 ms at 4 to 16 blocks per SM of at least 64 keys (the splits' partial sums
+/// cost more than the extra parallelism gains).
+pub const ATTN_SPLIT: (usize, usize) = (2, 256);
 
 /// Default blocks per SM of the split-K tensor-core GEMV (`FALCONER_TC_BLOCKS`): on the
 /// H200 a verify pass over 5 rows measured 5.02 ms at 8, 5.16 at 16, 5.30 at 6, 5.38 at
@@ -414,6 +425,7 @@ impl Gpu {
             gemv_counters: Mutex::new(None),
             attn_tc_min_ctx: AtomicUsize::new(ATTN_TC_MIN_CTX),
             staging: Mutex::new(None),
+            attn_split: Mutex::new(ATTN_SPLIT),
             tc_blocks_per_sm: AtomicUsize::new(
                 std::env::var("FALCONER_TC_BLOCKS")
                     .ok()
@@ -489,6 +501,18 @@ impl Gpu {
     pub fn set_tc_blocks_per_sm(&self, blocks: usize) {
         self.tc_blocks_per_sm
             .store(blocks.max(1), Ordering::Relaxed);
+    }
+
+    /// How the tensor-core decode attention splits a long context: about `per_sm`
+    /// blocks per SM, each at least `min_keys` keys. Default [`ATTN_SPLIT`].
+    pub fn set_attn_split(&self, per_sm: usize, min_keys: usize) {
+        if let Ok(mut s) = self.attn_split.lock() {
+            *s = (per_sm.max(1), min_keys.max(64));
+        }
+    }
+
+    pub(crate) fn attn_split(&self) -> (usize, usize) {
+        self.attn_split.lock().map_or(ATTN_SPLIT, |s| *s)
     }
 
     pub fn tc_blocks_per_sm(&self) -> usize {

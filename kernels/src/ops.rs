@@ -816,11 +816,15 @@ impl Gpu {
             let blocks = n_list * kvh * tiles;
             // About two blocks per SM, each split at least 256 keys (the partial results
             // of a split, every head's vector, cost as much as 71 keys of K and V).
-            let target = 2 * self.sm_count() as usize;
+            let (per_sm, min_keys) = self.attn_split();
+            let target = per_sm * self.sm_count() as usize;
             let mut nsplit = if blocks >= target {
                 1
             } else {
-                target.div_ceil(blocks).min(max_ctx.div_ceil(256)).max(1)
+                target
+                    .div_ceil(blocks)
+                    .min(max_ctx.div_ceil(min_keys))
+                    .max(1)
             };
             let keys_per_split = max_ctx
                 .div_ceil(nsplit.min(COMBINE_MAX_SPLITS))
