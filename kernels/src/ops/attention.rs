@@ -1,0 +1,442 @@
+//! The paged KV cache and attention launchers: rotary + KV write, then the prefill,
+//! decode (CUDA-core or tensor-core, split over long contexts) and combine kernels of
+//! `attention.cu`.
+
+use half::bf16;
+
+use super::{check_len, p, to_i32};
+use crate::error::KernelError;
+use crate::gpu::{Arg, DeviceBuffer, Gpu};
+use crate::step::DeviceStep;
+
+const DEC_TK: usize = 32;
+/// Splits whose weights `attn_combine` keeps in shared memory (more still combine, with
+/// weight 0: never produced, the launchers stay below).
+const COMBINE_MAX_SPLITS: usize = 1024;
+/// Tensor-core decode attention (`attn_decode_tc*`): warps per block, query heads per block.
+const DEC_TC_WARPS: u32 = 8;
+const DEC_TC_HEADS: usize = 16 * DEC_TC_WARPS as usize;
+const DEC_WARPS: usize = 8;
+const DEC_THREADS: u32 = 32 * DEC_WARPS as u32;
+/// Shared memory a block may use without opting in.
+const SMEM_FLOATS: usize = 48 * 1024 / 4;
+
+/// The paged KV memory of one model (or shard): `[layer][slot][kv_head][head_dim]`
+/// bf16 for keys and for values.
+#[derive(Debug)]
+pub struct KvBuffers {
+    pub(crate) k: DeviceBuffer<bf16>,
+    pub(crate) v: DeviceBuffer<bf16>,
+    layers: usize,
+    num_blocks: usize,
+    block_size: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl KvBuffers {
+    pub fn num_slots(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+
+    /// Device bytes of keys and values together.
+    pub fn byte_size(&self) -> usize {
+        self.k.num_bytes() + self.v.num_bytes()
+    }
+
+    /// Bytes one token occupies: K and V, every layer, bf16.
+    pub fn bytes_per_token(&self) -> usize {
+        2 * self.layers * self.kv_heads * self.head_dim * std::mem::size_of::<bf16>()
+    }
+
+    fn layer_elems(&self) -> usize {
+        self.num_slots() * self.kv_heads * self.head_dim
+    }
+}
+
+/// Attention geometry for [`Gpu::attention`].
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionParams<'a> {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Per-head ALiBi slopes (`num_heads` values) for ALiBi models.
+    pub alibi_slopes: Option<&'a DeviceBuffer<f32>>,
+}
+
+impl Gpu {
+    /// Zeroed KV memory for `layers` layers of `num_blocks` blocks.
+    pub fn alloc_kv(
+        &self,
+        layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<KvBuffers, KernelError> {
+        if block_size == 0 || kv_heads == 0 || head_dim == 0 {
+            return Err(KernelError::invalid(
+                "alloc_kv",
+                "zero block size, kv heads or head dim",
+            ));
+        }
+        let n = layers * num_blocks * block_size * kv_heads * head_dim;
+        Ok(KvBuffers {
+            k: self.zeros::<bf16>(n)?,
+            v: self.zeros::<bf16>(n)?,
+            layers,
+            num_blocks,
+            block_size,
+            kv_heads,
+            head_dim,
+        })
+    }
+
+    /// Fills keys and values with seeded uniform values in `(-scale, scale)` (benchmarks
+    /// of long contexts without running the prefill).
+    pub fn fill_kv_uniform(
+        &self,
+        kv: &mut KvBuffers,
+        seed: u64,
+        scale: f32,
+    ) -> Result<(), KernelError> {
+        self.fill_uniform_bf16(&mut kv.k, seed, scale)?;
+        self.fill_uniform_bf16(&mut kv.v, seed ^ 0x5bd1_e995, scale)
+    }
+
+    /// Copies whole blocks `src -> dst` in every layer.
+    pub fn copy_kv_blocks(
+        &self,
+        kv: &mut KvBuffers,
+        copies: &[(u32, u32)],
+    ) -> Result<(), KernelError> {
+        if copies.is_empty() || kv.layers == 0 {
+            return Ok(());
+        }
+        let mut pairs = Vec::with_capacity(2 * copies.len());
+        for &(s, d) in copies {
+            if s as usize >= kv.num_blocks || d as usize >= kv.num_blocks {
+                return Err(KernelError::invalid(
+                    "copy_kv_blocks",
+                    format!("block {} outside {}", s.max(d), kv.num_blocks),
+                ));
+            }
+            pairs.extend([s, d]);
+        }
+        let pairs = self.upload(&pairs)?;
+        let block_elems = kv.block_size * kv.kv_heads * kv.head_dim;
+        self.launch(
+            &self.k.copy_kv_blocks,
+            (copies.len() as u32, kv.layers as u32, 1),
+            256,
+            0,
+            &[
+                p(&kv.k),
+                p(&kv.v),
+                p(&pairs),
+                Arg::U64(kv.layer_elems() as u64),
+                Arg::U64(block_elems as u64),
+            ],
+        )
+    }
+
+    /// Rotary + KV write + causal attention for one layer (see `attention.cu`).
+    /// `qkv` is `[rows, kv_heads * (q_per_kv + 2) * head_dim]`; returns
+    /// `[rows, heads * head_dim]`.
+    pub fn attention(
+        &self,
+        qkv: &DeviceBuffer<f32>,
+        kv: &mut KvBuffers,
+        layer: usize,
+        step: &DeviceStep,
+        a: &AttentionParams<'_>,
+    ) -> Result<DeviceBuffer<f32>, KernelError> {
+        const OP: &str = "attention";
+        let (nh, kvh, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
+        if kvh == 0 || nh % kvh != 0 || hd == 0 {
+            return Err(KernelError::invalid(
+                OP,
+                format!("{nh} heads over {kvh} kv heads of {hd}"),
+            ));
+        }
+        let qpg = nh / kvh;
+        let rows = step.rows;
+        check_len(OP, "qkv", qkv, rows * kvh * (qpg + 2) * hd)?;
+        if layer >= kv.layers || kv.kv_heads != kvh || kv.head_dim != hd {
+            return Err(KernelError::invalid(
+                OP,
+                format!(
+                    "layer {layer} / {kvh} kv heads of {hd} do not fit a cache of {} layers, {} kv heads of {}",
+                    kv.layers, kv.kv_heads, kv.head_dim
+                ),
+            ));
+        }
+        if step.block_size != kv.block_size
+            || step.max_slot as usize >= kv.num_slots()
+            || step.max_block as usize >= kv.num_blocks
+        {
+            return Err(KernelError::invalid(
+                OP,
+                format!(
+                    "step (block size {}, slot {}, block {}) does not fit the cache ({} blocks of {})",
+                    step.block_size, step.max_slot, step.max_block, kv.num_blocks, kv.block_size
+                ),
+            ));
+        }
+        let rotary = step.half_dim > 0;
+        if rotary && 2 * step.half_dim != hd {
+            return Err(KernelError::invalid(
+                OP,
+                format!("rotary tables of {} pairs for head dim {hd}", step.half_dim),
+            ));
+        }
+        let (slopes, has_alibi) = match a.alibi_slopes {
+            Some(s) => {
+                check_len(OP, "alibi slopes", s, nh)?;
+                (p(s), 1)
+            }
+            None => (p(qkv), 0),
+        };
+        let (nhi, kvhi, hdi) = (to_i32(OP, nh)?, to_i32(OP, kvh)?, to_i32(OP, hd)?);
+        let layer_off = (layer * kv.layer_elems()) as u64;
+        let q = self.scratch::<f32>(rows * nh * hd)?;
+        let out = self.scratch::<f32>(rows * nh * hd)?;
+        self.launch(
+            &self.k.rope_qkv,
+            (
+                rows as u32,
+                kvh as u32,
+                ((qpg + 2) * hd).div_ceil(256) as u32,
+            ),
+            256,
+            0,
+            &[
+                p(qkv),
+                p(&q),
+                p(&kv.k),
+                p(&kv.v),
+                Arg::U64(step.at(step.off.slots)),
+                Arg::U64(step.at(step.off.cos)),
+                Arg::U64(step.at(step.off.sin)),
+                Arg::I32(i32::from(rotary)),
+                Arg::I32(nhi),
+                Arg::I32(kvhi),
+                Arg::I32(hdi),
+                Arg::U64(layer_off),
+            ],
+        )?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let tc = match hd {
+            64 => Some(&self.k.attn_prefill_tc64),
+            128 => Some(&self.k.attn_prefill_tc128),
+            _ => None,
+        };
+        let (list, n_list, max_ctx) = match tc {
+            Some(func) if step.n_tiles > 0 => {
+                self.launch(
+                    func,
+                    (step.n_tiles as u32, nh as u32, 1),
+                    128,
+                    0,
+                    &[
+                        p(&q),
+                        p(&kv.k),
+                        p(&kv.v),
+                        Arg::U64(layer_off),
+                        Arg::U64(step.at(step.off.tiles)),
+                        Arg::U64(step.at(step.off.seq_info)),
+                        Arg::U64(step.at(step.off.block_tables)),
+                        Arg::I32(step.block_size as i32),
+                        slopes,
+                        Arg::I32(has_alibi),
+                        p(&out),
+                        Arg::I32(nhi),
+                        Arg::I32(kvhi),
+                        Arg::F32(scale),
+                    ],
+                )?;
+                (step.off.small_rows, step.n_small_rows, step.max_ctx_small)
+            }
+            _ => (step.off.all_rows, rows, step.max_ctx),
+        };
+        if n_list == 0 {
+            return Ok(out);
+        }
+
+        // Many query heads per kv head over a long context: tensor cores, the heads of a
+        // token as the rows of the mma tiles, split over the context.
+        let dec_tc = match hd {
+            64 => Some(&self.k.attn_decode_tc64),
+            128 => Some(&self.k.attn_decode_tc128),
+            _ => None,
+        };
+        if let Some(func) = dec_tc.filter(|_| qpg >= 16 && max_ctx >= self.attn_tc_min_ctx()) {
+            let tiles = qpg.div_ceil(DEC_TC_HEADS);
+            let blocks = n_list * kvh * tiles;
+            // About two blocks per SM, each split at least 256 keys (the partial results
+            // of a split, every head's vector, cost as much as 71 keys of K and V).
+            let (per_sm, min_keys) = self.attn_split();
+            let target = per_sm * self.sm_count() as usize;
+            let mut nsplit = if blocks >= target {
+                1
+            } else {
+                target
+                    .div_ceil(blocks)
+                    .min(max_ctx.div_ceil(min_keys))
+                    .max(1)
+            };
+            let keys_per_split = max_ctx
+                .div_ceil(nsplit.min(COMBINE_MAX_SPLITS))
+                .div_ceil(64)
+                * 64;
+            nsplit = max_ctx.div_ceil(keys_per_split).max(1);
+            let (part_o, part_ml) = if nsplit > 1 {
+                (
+                    Some(self.scratch::<f32>(rows * nh * nsplit * hd)?),
+                    Some(self.scratch::<f32>(rows * nh * nsplit * 2)?),
+                )
+            } else {
+                (None, None)
+            };
+            let po = part_o.as_ref().map_or(p(&out), p);
+            let pm = part_ml.as_ref().map_or(p(&out), p);
+            self.launch(
+                func,
+                (n_list as u32, (kvh * tiles) as u32, nsplit as u32),
+                32 * DEC_TC_WARPS,
+                0,
+                &[
+                    p(&q),
+                    p(&kv.k),
+                    p(&kv.v),
+                    Arg::U64(layer_off),
+                    Arg::U64(step.at(list)),
+                    Arg::U64(step.at(step.off.row_info)),
+                    Arg::U64(step.at(step.off.seq_info)),
+                    Arg::U64(step.at(step.off.block_tables)),
+                    Arg::I32(step.block_size as i32),
+                    slopes,
+                    Arg::I32(has_alibi),
+                    p(&out),
+                    po,
+                    pm,
+                    Arg::I32(nhi),
+                    Arg::I32(kvhi),
+                    Arg::I32(to_i32(OP, keys_per_split)?),
+                    Arg::F32(scale),
+                ],
+            )?;
+            if nsplit > 1 {
+                self.launch(
+                    &self.k.attn_combine,
+                    (n_list as u32, nh as u32, 1),
+                    128,
+                    0,
+                    &[
+                        Arg::U64(step.at(list)),
+                        po,
+                        pm,
+                        p(&out),
+                        Arg::I32(nhi),
+                        Arg::I32(hdi),
+                        Arg::I32(nsplit as i32),
+                    ],
+                )?;
+            }
+            return Ok(out);
+        }
+
+        // The compile-time head sizes take the vectorised kernel (K rows padded by 4
+        // floats instead of 1).
+        let (decode, pad) = match hd {
+            64 => (&self.k.attn_decode_hd64, 4),
+            128 => (&self.k.attn_decode_hd128, 4),
+            _ => (&self.k.attn_decode, 1),
+        };
+        // Heads per block: one per warp at most (more blocks for MQA's 71 heads), and
+        // what fits 48 KiB of shared memory.
+        let fixed = DEC_TK * (hd + pad) + DEC_TK * hd + 8 * 32;
+        let per_head = 2 * hd + 2;
+        let max_hb = SMEM_FLOATS.saturating_sub(fixed) / per_head;
+        if max_hb == 0 {
+            return Err(KernelError::invalid(
+                OP,
+                format!("head dim {hd} is too large"),
+            ));
+        }
+        let chunks0 = qpg.div_ceil(max_hb.min(DEC_WARPS));
+        let hb = qpg.div_ceil(chunks0);
+        let chunks = qpg.div_ceil(hb);
+        // Split long contexts over more blocks until the GPU is busy (flash-decoding),
+        // keeping at least 64 keys per split.
+        let blocks = n_list * kvh * chunks;
+        let target = 4 * self.sm_count() as usize;
+        let mut nsplit = if blocks >= target {
+            1
+        } else {
+            target.div_ceil(blocks).min(max_ctx.div_ceil(64)).max(1)
+        };
+        let keys_per_split = max_ctx
+            .div_ceil(nsplit.min(COMBINE_MAX_SPLITS))
+            .div_ceil(DEC_TK)
+            * DEC_TK;
+        nsplit = max_ctx.div_ceil(keys_per_split).max(1);
+        let smem = ((2 * hb * hd + 2 * hb + fixed) * 4) as u32;
+        let (part_o, part_ml) = if nsplit > 1 {
+            (
+                Some(self.scratch::<f32>(rows * nh * nsplit * hd)?),
+                Some(self.scratch::<f32>(rows * nh * nsplit * 2)?),
+            )
+        } else {
+            (None, None)
+        };
+        let po = part_o.as_ref().map_or(p(&out), p);
+        let pm = part_ml.as_ref().map_or(p(&out), p);
+        self.launch(
+            decode,
+            (n_list as u32, (kvh * chunks) as u32, nsplit as u32),
+            DEC_THREADS,
+            smem,
+            &[
+                p(&q),
+                p(&kv.k),
+                p(&kv.v),
+                Arg::U64(layer_off),
+                Arg::U64(step.at(list)),
+                Arg::U64(step.at(step.off.row_info)),
+                Arg::U64(step.at(step.off.seq_info)),
+                Arg::U64(step.at(step.off.block_tables)),
+                Arg::I32(step.block_size as i32),
+                slopes,
+                Arg::I32(has_alibi),
+                p(&out),
+                po,
+                pm,
+                Arg::I32(nhi),
+                Arg::I32(kvhi),
+                Arg::I32(hdi),
+                Arg::I32(hb as i32),
+                Arg::I32(to_i32(OP, keys_per_split)?),
+                Arg::F32(scale),
+            ],
+        )?;
+        if nsplit > 1 {
+            self.launch(
+                &self.k.attn_combine,
+                (n_list as u32, nh as u32, 1),
+                128,
+                0,
+                &[
+                    Arg::U64(step.at(list)),
+                    po,
+                    pm,
+                    p(&out),
+                    Arg::I32(nhi),
+                    Arg::I32(hdi),
+                    Arg::I32(nsplit as i32),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+}

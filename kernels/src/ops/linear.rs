@@ -1,0 +1,332 @@
+//! Matrix products: `x @ w^T` for few activation rows by the GEMV kernels of
+//! `gemv.cu` (CUDA cores or tensor cores, with fused epilogues), for many by cuBLAS.
+
+use std::ffi::c_void;
+
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use half::bf16;
+
+use super::{check_len, p, to_i32};
+use crate::error::KernelError;
+use crate::gpu::{Arg, DeviceBuffer, GemvKernel, Gpu};
+
+/// Up to this many activation rows, `linear` streams the weights with the GEMV kernels
+/// (a verify pass costs about one decode step); beyond it, cuBLAS on tensor cores.
+pub const GEMV_MAX_ROWS: usize = 8;
+/// Below this many multiply-adds a multi-row `linear` also takes the GEMV kernels (in
+/// groups of [`GEMV_MAX_ROWS`] rows): cuBLAS would need bf16 activations, whose
+/// rounding costs more accuracy than such small problems gain in speed.
+const SMALL_GEMM_MACS: usize = 1 << 26;
+const GEMV_WARPS: u32 = 4;
+
+/// Output features per GEMV block for `rows` activation rows (`GEMV_KERNEL` in gemv.cu).
+fn gemv_features_per_block(rows: usize) -> u32 {
+    GEMV_WARPS * if rows <= 2 { 2 } else { 4 }
+}
+/// Tensor-core GEMV (`gemv_tc`): warps per block and output features per block.
+const TCG_WARPS: u32 = 4;
+const TCG_FEATURES: usize = 16;
+/// 32-wide K chunks a warp takes per iteration (`TCG_U` in gemv.cu).
+const TCG_U: usize = 4;
+
+/// K splits and 32-wide chunks per split for the tensor-core GEMV: enough blocks for
+/// about `per_sm` per SM, but at least one round of every warp per split.
+/// `u` is the kernel's chunks per warp iteration (`TCG_U`).
+fn tc_split(tiles: usize, chunks: usize, sms: usize, u: usize, per_sm: usize) -> (usize, usize) {
+    let per_round = TCG_WARPS as usize * u;
+    let max_split = (chunks / per_round).max(1);
+    let want = (per_sm * sms).div_ceil(tiles.max(1)).clamp(1, max_split);
+    let per_split = chunks.div_ceil(want).next_multiple_of(u).max(1);
+    (chunks.div_ceil(per_split).max(1), per_split)
+}
+/// What a GEMV stores (`EPI_*` in gemv.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Epilogue {
+    Store = 0,
+    Gelu = 1,
+    Accumulate = 2,
+}
+
+impl Gpu {
+    /// `x @ w^T (+ bias)` for `x [rows, k]` f32 and `w [n, k]` bf16: GEMV kernels with f32
+    /// activations for few rows or small problems, cuBLAS (activations rounded to bf16,
+    /// f32 accumulation) for large ones.
+    pub fn linear(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        k: usize,
+        w: &DeviceBuffer<bf16>,
+        n: usize,
+        bias: Option<&DeviceBuffer<f32>>,
+    ) -> Result<DeviceBuffer<f32>, KernelError> {
+        let mut out = self.scratch::<f32>(rows * n)?;
+        self.linear_into(x, rows, k, w, n, bias, Epilogue::Store, &mut out)?;
+        Ok(out)
+    }
+
+    /// `gelu(x @ w^T + bias)` (exact erf GELU), the GELU fused into the GEMV's stores:
+    /// bit-identical to [`Gpu::linear`] followed by [`Gpu::gelu`].
+    pub fn linear_gelu(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        k: usize,
+        w: &DeviceBuffer<bf16>,
+        n: usize,
+        bias: Option<&DeviceBuffer<f32>>,
+    ) -> Result<DeviceBuffer<f32>, KernelError> {
+        let mut out = self.scratch::<f32>(rows * n)?;
+        self.linear_into(x, rows, k, w, n, bias, Epilogue::Gelu, &mut out)?;
+        Ok(out)
+    }
+
+    /// `acc += x @ w^T + bias` (a residual stream), fused into the GEMV's stores:
+    /// bit-identical to [`Gpu::linear`] followed by [`Gpu::add`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_accumulate(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        k: usize,
+        w: &DeviceBuffer<bf16>,
+        n: usize,
+        bias: Option<&DeviceBuffer<f32>>,
+        acc: &mut DeviceBuffer<f32>,
+    ) -> Result<(), KernelError> {
+        check_len("linear", "accumulator", acc, rows * n)?;
+        self.linear_into(x, rows, k, w, n, bias, Epilogue::Accumulate, acc)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn linear_into(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        k: usize,
+        w: &DeviceBuffer<bf16>,
+        n: usize,
+        bias: Option<&DeviceBuffer<f32>>,
+        epi: Epilogue,
+        out: &mut DeviceBuffer<f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "linear";
+        check_len(OP, "input", x, rows * k)?;
+        check_len(OP, "weight", w, n * k)?;
+        check_len(OP, "output", out, rows * n)?;
+        if let Some(b) = bias {
+            check_len(OP, "bias", b, n)?;
+        }
+        let (ni, ki) = (to_i32(OP, n)?, to_i32(OP, k)?);
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        let (bias_arg, has_bias) = match bias {
+            Some(b) => (p(b), 1),
+            None => (p(x), 0),
+        };
+        let epi_arg = Arg::I32(epi as i32);
+        if rows <= GEMV_MAX_ROWS || rows * n * k <= SMALL_GEMM_MACS {
+            // Groups of up to GEMV_MAX_ROWS rows; each group streams the weights once.
+            for r0 in (0..rows).step_by(GEMV_MAX_ROWS) {
+                let r = GEMV_MAX_ROWS.min(rows - r0);
+                let (xa, ya) = (Arg::U64(x.ptr_at(r0 * k)), Arg::U64(out.ptr_at(r0 * n)));
+                let kernel = self.gemv_kernel(r);
+                if k.is_multiple_of(32) && kernel != GemvKernel::Simt {
+                    self.gemv_tc_launch(xa, w, bias_arg, has_bias, ya, r, n, k, epi)?;
+                } else if k.is_multiple_of(8) {
+                    self.launch(
+                        &self.k.gemv[r - 1],
+                        ((n as u32).div_ceil(gemv_features_per_block(r)), 1, 1),
+                        32 * GEMV_WARPS,
+                        0,
+                        &[
+                            xa,
+                            p(w),
+                            bias_arg,
+                            ya,
+                            Arg::I32(ni),
+                            Arg::I32(ki),
+                            Arg::I32(has_bias),
+                            epi_arg,
+                        ],
+                    )?;
+                } else {
+                    self.launch(
+                        &self.k.gemv_scalar,
+                        ((n as u32).div_ceil(GEMV_WARPS), 1, 1),
+                        32 * GEMV_WARPS,
+                        0,
+                        &[
+                            xa,
+                            p(w),
+                            bias_arg,
+                            ya,
+                            Arg::I32(r as i32),
+                            Arg::I32(ni),
+                            Arg::I32(ki),
+                            Arg::I32(has_bias),
+                            epi_arg,
+                        ],
+                    )?;
+                }
+            }
+            return Ok(());
+        }
+        // cuBLAS: the epilogue as the separate kernels it replaces (same operations).
+        let mut tmp = match epi {
+            Epilogue::Accumulate => Some(self.scratch::<f32>(rows * n)?),
+            _ => None,
+        };
+        let dst = match tmp.as_mut() {
+            Some(t) => t,
+            None => &mut *out,
+        };
+        let xb = self.to_bf16(x)?;
+        self.gemm_bf16(&xb, rows, k, w, n, dst)?;
+        if let Some(b) = bias {
+            let total = rows * n;
+            self.launch(
+                &self.k.add_bias_rows,
+                (self.stride_blocks(total), 1, 1),
+                256,
+                0,
+                &[p(dst), p(b), Arg::U64(total as u64), Arg::I32(ni)],
+            )?;
+        }
+        match (epi, tmp) {
+            (Epilogue::Gelu, _) => self.gelu(out),
+            (Epilogue::Accumulate, Some(t)) => self.add(out, &t),
+            _ => Ok(()),
+        }
+    }
+
+    /// The tensor-core GEMV (`gemv_tc` in gemv.cu) of `r` rows on `w [n, k]`, k a
+    /// multiple of 32, split over K until the GPU has several waves of blocks.
+    #[allow(clippy::too_many_arguments)]
+    fn gemv_tc_launch(
+        &self,
+        x: Arg,
+        w: &DeviceBuffer<bf16>,
+        bias: Arg,
+        has_bias: i32,
+        y: Arg,
+        r: usize,
+        n: usize,
+        k: usize,
+        epi: Epilogue,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "linear";
+        let tiles = n.div_ceil(TCG_FEATURES);
+        let (nsplit, per_split) = tc_split(
+            tiles,
+            k / 32,
+            self.sm_count() as usize,
+            TCG_U,
+            self.tc_blocks_per_sm(),
+        );
+        let part = if nsplit > 1 {
+            Some(self.scratch::<f32>(nsplit * r * n)?)
+        } else {
+            None
+        };
+        let counters = if nsplit > 1 {
+            self.gemv_counters(tiles)?
+        } else {
+            0
+        };
+        self.launch(
+            &self.k.gemv_tc[r - 1],
+            (tiles as u32, nsplit as u32, 1),
+            32 * TCG_WARPS,
+            0,
+            &[
+                x,
+                p(w),
+                bias,
+                y,
+                part.as_ref().map_or(y, p),
+                Arg::U64(counters),
+                Arg::I32(to_i32(OP, n)?),
+                Arg::I32(to_i32(OP, k)?),
+                Arg::I32(has_bias),
+                Arg::I32(to_i32(OP, per_split)?),
+                Arg::I32(epi as i32),
+            ],
+        )
+    }
+
+    /// An f32 buffer rounded to bf16.
+    pub fn to_bf16(&self, x: &DeviceBuffer<f32>) -> Result<DeviceBuffer<bf16>, KernelError> {
+        let n = x.len();
+        let out = self.scratch::<bf16>(n)?;
+        self.launch(
+            &self.k.f32_to_bf16,
+            (self.stride_blocks(n), 1, 1),
+            256,
+            0,
+            &[p(x), p(&out), Arg::U64(n as u64)],
+        )?;
+        Ok(out)
+    }
+
+    /// `out [m, n] = a [m, k] @ w [n, k]^T` with cuBLAS (bf16 inputs, f32 accumulation
+    /// and output).
+    pub fn gemm_bf16(
+        &self,
+        a: &DeviceBuffer<bf16>,
+        m: usize,
+        k: usize,
+        w: &DeviceBuffer<bf16>,
+        n: usize,
+        out: &mut DeviceBuffer<f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "gemm";
+        check_len(OP, "input", a, m * k)?;
+        check_len(OP, "weight", w, n * k)?;
+        check_len(OP, "output", out, m * n)?;
+        let (mi, ni, ki) = (to_i32(OP, m)?, to_i32(OP, n)?, to_i32(OP, k)?);
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let blas = self.blas.lock().map_err(|_| KernelError::Device {
+            op: OP,
+            message: "cuBLAS handle lock poisoned".into(),
+        })?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| KernelError::driver(OP, e))?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // Row-major y[m, n] is column-major y^T[n, m] = W (col-major [k, n], transposed)
+        // times x^T (col-major [k, m]).
+        // SAFETY: the three buffers are live and hold exactly the m*k, n*k and m*n
+        // elements the call addresses (checked above); the handle is bound to our stream.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                ni,
+                mi,
+                ki,
+                &alpha as *const f32 as *const c_void,
+                w.ptr as *const c_void,
+                cudaDataType::CUDA_R_16BF,
+                ki,
+                a.ptr as *const c_void,
+                cudaDataType::CUDA_R_16BF,
+                ki,
+                &beta as *const f32 as *const c_void,
+                out.ptr as *mut c_void,
+                cudaDataType::CUDA_R_32F,
+                ni,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| KernelError::Device {
+            op: OP,
+            message: format!("{e:?}"),
+        })
+    }
+}
