@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use falconer_engine::backend::cuda::kernels::{GemvKernel, ATTN_SPLIT, ATTN_TC_MIN_CTX};
+use falconer_engine::backend::cuda::kernels::{GemvKernel, ATTN_TC_MIN_CTX};
 use falconer_engine::backend::cuda::CudaBackend;
 use falconer_engine::backend::{AttnConfig, Backend, KvLayout, SeqMeta, StepMeta};
 use falconer_engine::config::FalconConfig;
@@ -230,6 +230,15 @@ fn main() -> Result<()> {
         gpu.set_pdl(true);
     }
     out.insert("pdl".into(), json!(pdl_default));
+    gpu.set_row_invariant(true);
+    let s = decode_runs(&mut runner, vocab, 3, false)?;
+    gpu.set_row_invariant(false);
+    let tps_x = NEW_TOKENS as f64 / median(&s[1..]);
+    rows.push((
+        "decode with row-invariant (runtime) kernels".into(),
+        format!("{tps_x:.1} tokens/s (median of 2)"),
+    ));
+    out.insert("decode_row_invariant_tokens_per_s".into(), json!(tps_x));
     gpu.set_attn_tc_min_ctx(0);
     let s = decode_runs(&mut runner, vocab, 3, false)?;
     gpu.set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
@@ -326,6 +335,24 @@ fn main() -> Result<()> {
     }
     gpu.set_tc_blocks_per_sm(bps_default);
     let five = step_time(&mut runner, 5, false)?;
+    // The runtime's row-invariant products: a verify pass gives each row the bits of a
+    // one-token step (greedy speculation equals plain greedy decoding by construction).
+    gpu.set_row_invariant(true);
+    let one_x = step_time(&mut runner, 1, false)?;
+    let five_x = step_time(&mut runner, 5, false)?;
+    gpu.set_row_invariant(false);
+    rows.push((
+        "verify(5) vs one step, row-invariant (runtime) kernels".into(),
+        format!(
+            "{:.3} ms vs {:.3} ms = {:.3}x",
+            five_x * 1e3,
+            one_x * 1e3,
+            five_x / one_x
+        ),
+    ));
+    out.insert("row_invariant_step_1_ms".into(), json!(one_x * 1e3));
+    out.insert("row_invariant_verify_5_ms".into(), json!(five_x * 1e3));
+    out.insert("row_invariant_verify_ratio".into(), json!(five_x / one_x));
     runner.remove_sequence(seq)?;
     rows.push((
         "verify(5) ratio by tc GEMV blocks/SM".into(),
@@ -394,26 +421,6 @@ fn main() -> Result<()> {
     ));
     out.insert("attention_32k_ms".into(), json!(attn_ms));
     out.insert("attention_32k_gb_s".into(), json!(attn_gbs));
-    let mut cells = Vec::new();
-    for (per_sm, min_keys) in [(1usize, 256usize), (4, 64), (8, 64), (16, 64)] {
-        gpu.set_attn_split(per_sm, min_keys);
-        let (ms, gbs) = long_attention(&backend, &cfg)?;
-        cells.push(format!(
-            "{per_sm}/SM >={min_keys} keys: {ms:.3} ms {gbs:.0} GB/s"
-        ));
-        out.insert(
-            format!("attention_32k_split_{per_sm}_{min_keys}_ms"),
-            json!(ms),
-        );
-    }
-    gpu.set_attn_split(ATTN_SPLIT.0, ATTN_SPLIT.1);
-    rows.push((
-        format!(
-            "32k attention by split (default {}/SM, >={} keys)",
-            ATTN_SPLIT.0, ATTN_SPLIT.1
-        ),
-        cells.join(" | "),
-    ));
 
     // The HF transformers baseline (benches/hf_baseline.py), run in the same device call.
     if let Ok(path) = std::env::var("HF_BASELINE_JSON") {

@@ -156,6 +156,10 @@ impl RuntimeBuilder {
             #[cfg(feature = "cuda")]
             Device::Cuda(ordinal) => {
                 let b = falconer_engine::backend::cuda::CudaBackend::new(ordinal)?;
+                // Any request may speculate (a draft, prompt lookup): products whose
+                // rows do not depend on each other keep greedy speculation exactly equal
+                // to plain greedy decoding.
+                b.gpu().set_row_invariant(true);
                 self.start(Arc::new(b)).await
             }
             #[cfg(not(feature = "cuda"))]

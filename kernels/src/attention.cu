@@ -108,7 +108,7 @@ extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS)
         const int hh = i / hd, d = i - hh * hd;
         const size_t rh = (size_t)r * nh + h0 + hh;
         if (nsplit == 1) {
-            out[rh * hd + d] = acc_s[i] / l_s[hh];
+            out[rh * hd + d] = acc_s[i] * (1.0f / l_s[hh]);
         } else {
             const size_t base = rh * nsplit + split;
             part_o[base * hd + d] = acc_s[i];
@@ -258,7 +258,7 @@ __device__ __forceinline__ void attn_decode_fixed(
         const int hh = i / HD, d = i - hh * HD;
         const size_t rh = (size_t)r * nh + h0 + hh;
         if (nsplit == 1) {
-            out[rh * HD + d] = acc_s[i] / l_s[hh];
+            out[rh * HD + d] = acc_s[i] * (1.0f / l_s[hh]);
         } else {
             const size_t base = rh * nsplit + split;
             part_o[base * HD + d] = acc_s[i];
@@ -318,24 +318,21 @@ extern "C" __global__ void __launch_bounds__(128)
     l = block_sum(l, scratch);  // its barriers also publish wz
     const float inv = 1.0f / l;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        // Split z always goes to accumulator z % 4, so that splits without keys (zero
+        // weight) change nothing: a row's output is the same bits whatever the split
+        // count of its step, and the same as attn_decode's direct path for one split.
         float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+        auto wt = [&](int z) { return z < COMBINE_MAX_SPLITS ? wz[z] : 0.0f; };
         int z = 0;
         for (; z + 4 <= nsplit; z += 4) {
-            const float p0 = part_o[(base + z) * hd + d], p1 = part_o[(base + z + 1) * hd + d];
-            const float p2 = part_o[(base + z + 2) * hd + d], p3 = part_o[(base + z + 3) * hd + d];
-            const float w0 = z < COMBINE_MAX_SPLITS ? wz[z] : 0.0f;
-            const float w1 = z + 1 < COMBINE_MAX_SPLITS ? wz[z + 1] : 0.0f;
-            const float w2 = z + 2 < COMBINE_MAX_SPLITS ? wz[z + 2] : 0.0f;
-            const float w3 = z + 3 < COMBINE_MAX_SPLITS ? wz[z + 3] : 0.0f;
-            a0 = fmaf(p0, w0, a0);
-            a1 = fmaf(p1, w1, a1);
-            a2 = fmaf(p2, w2, a2);
-            a3 = fmaf(p3, w3, a3);
+            a0 = fmaf(part_o[(base + z) * hd + d], wt(z), a0);
+            a1 = fmaf(part_o[(base + z + 1) * hd + d], wt(z + 1), a1);
+            a2 = fmaf(part_o[(base + z + 2) * hd + d], wt(z + 2), a2);
+            a3 = fmaf(part_o[(base + z + 3) * hd + d], wt(z + 3), a3);
         }
-        for (; z < nsplit; z++) {
-            const float w = z < COMBINE_MAX_SPLITS ? wz[z] : 0.0f;
-            a0 = fmaf(part_o[(base + z) * hd + d], w, a0);
-        }
+        if (z < nsplit) a0 = fmaf(part_o[(base + z) * hd + d], wt(z), a0);
+        if (z + 1 < nsplit) a1 = fmaf(part_o[(base + z + 1) * hd + d], wt(z + 1), a1);
+        if (z + 2 < nsplit) a2 = fmaf(part_o[(base + z + 2) * hd + d], wt(z + 2), a2);
         out[((size_t)r * nh + h) * hd + d] = ((a0 + a1) + (a2 + a3)) * inv;
     }
 }

@@ -209,12 +209,12 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, u32 a0, u32 a1, u32 a2,
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-template <int R, int TCG_U>
+template <int R, int TCG_U, bool PACK>
 __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                         const float* __restrict__ bias, float* __restrict__ y,
                                         float* __restrict__ part, u32* __restrict__ counters,
                                         int N, int K, int has_bias, int chunks_per_split, int epi) {
-    constexpr bool PACKED = R <= 4;
+    constexpr bool PACKED = PACK && R <= 4;
     __shared__ float red[TCG_WARPS][32][4];
     __shared__ float tile_out[16][8];
     __shared__ int last_block;
@@ -322,22 +322,30 @@ __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_
     if (threadIdx.x == 0) counters[tile] = 0u;
 }
 
-#define GEMV_TC_KERNEL(NAME, R, U)                                                             \
+#define GEMV_TC_KERNEL(NAME, R, U, PACK)                                                       \
     extern "C" __global__ void __launch_bounds__(32 * TCG_WARPS)                               \
         NAME(const float* __restrict__ x, const bf16_t* __restrict__ w,                        \
              const float* __restrict__ bias, float* __restrict__ y, float* __restrict__ part,  \
              u32* __restrict__ counters, int N, int K, int has_bias, int chunks_per_split,     \
              int epi) {                                                                        \
         PDL_ENTER();                                                                           \
-        gemv_tc<R, U>(x, w, bias, y, part, counters, N, K, has_bias, chunks_per_split, epi);   \
+        gemv_tc<R, U, PACK>(x, w, bias, y, part, counters, N, K, has_bias, chunks_per_split,   \
+                            epi);                                                              \
     }
 
 // TCG_U = 4 chunks per warp per iteration (8 measured slower on the H200).
-GEMV_TC_KERNEL(gemv_tc_r1, 1, 4)
-GEMV_TC_KERNEL(gemv_tc_r2, 2, 4)
-GEMV_TC_KERNEL(gemv_tc_r3, 3, 4)
-GEMV_TC_KERNEL(gemv_tc_r4, 4, 4)
-GEMV_TC_KERNEL(gemv_tc_r5, 5, 4)
-GEMV_TC_KERNEL(gemv_tc_r6, 6, 4)
-GEMV_TC_KERNEL(gemv_tc_r7, 7, 4)
-GEMV_TC_KERNEL(gemv_tc_r8, 8, 4)
+GEMV_TC_KERNEL(gemv_tc_r1, 1, 4, true)
+GEMV_TC_KERNEL(gemv_tc_r2, 2, 4, true)
+GEMV_TC_KERNEL(gemv_tc_r3, 3, 4, true)
+GEMV_TC_KERNEL(gemv_tc_r4, 4, 4, true)
+GEMV_TC_KERNEL(gemv_tc_r5, 5, 4, true)
+GEMV_TC_KERNEL(gemv_tc_r6, 6, 4, true)
+GEMV_TC_KERNEL(gemv_tc_r7, 7, 4, true)
+GEMV_TC_KERNEL(gemv_tc_r8, 8, 4, true)
+// Row-invariant variants of 1 to 4 rows: hi and lo parts in two mmas into one column,
+// as with 5 to 8 rows, so that a row's result is the same bits in any row count (a
+// one-token step and a verify pass; each column of an mma is computed on its own).
+GEMV_TC_KERNEL(gemv_tcx_r1, 1, 4, false)
+GEMV_TC_KERNEL(gemv_tcx_r2, 2, 4, false)
+GEMV_TC_KERNEL(gemv_tcx_r3, 3, 4, false)
+GEMV_TC_KERNEL(gemv_tcx_r4, 4, 4, false)

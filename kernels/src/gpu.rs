@@ -164,6 +164,8 @@ pub(crate) struct Kernels {
     pub rope_qkv: CudaFunction,
     pub gemv: Vec<CudaFunction>,
     pub gemv_tc: Vec<CudaFunction>,
+    /// Row-invariant tensor-core GEMVs (`gemv_tcx_r1..4`, then `gemv_tc_r5..8`).
+    pub gemv_tc_exact: Vec<CudaFunction>,
     pub gemv_scalar: CudaFunction,
     pub attn_decode: CudaFunction,
     pub attn_decode_hd64: CudaFunction,
@@ -185,9 +187,12 @@ impl Kernels {
         };
         let mut gemv = Vec::with_capacity(8);
         let mut gemv_tc = Vec::with_capacity(8);
+        let mut gemv_tc_exact = Vec::with_capacity(8);
         for r in 1..=8 {
             gemv.push(f(&format!("gemv_bf16_r{r}"))?);
             gemv_tc.push(f(&format!("gemv_tc_r{r}"))?);
+            let exact = if r <= 4 { "gemv_tcx_r" } else { "gemv_tc_r" };
+            gemv_tc_exact.push(f(&format!("{exact}{r}"))?);
         }
         Ok(Kernels {
             embed_bf16: f("embed_bf16")?,
@@ -205,6 +210,7 @@ impl Kernels {
             rope_qkv: f("rope_qkv")?,
             gemv,
             gemv_tc,
+            gemv_tc_exact,
             gemv_scalar: f("gemv_bf16_scalar")?,
             attn_decode: f("attn_decode")?,
             attn_decode_hd64: f("attn_decode_hd64")?,
@@ -245,9 +251,9 @@ pub struct Gpu {
     attn_tc_min_ctx: AtomicUsize,
     /// Blocks per SM the split-K tensor-core GEMV aims for.
     tc_blocks_per_sm: AtomicUsize,
-    /// Tensor-core decode attention: blocks per SM it aims for, and the fewest keys
-    /// per split.
-    attn_split: Mutex<(usize, usize)>,
+    /// Few-row products give each row the same bits in any row count (see
+    /// [`Gpu::set_row_invariant`]).
+    row_invariant: AtomicBool,
     /// Page-locked (cached) host memory that f32 downloads go through: to a pageable
     /// destination the driver stages the copy itself, several times slower for the
     /// logits of a verify pass (1.3 MB at Falcon-7B's vocabulary). Only ever grows.
@@ -316,11 +322,9 @@ fn ptx_for(arch: &str) -> Result<String, KernelError> {
 /// tensor-core kernel at every context).
 pub const ATTN_TC_MIN_CTX: usize = 1024;
 
-/// Default (blocks per SM, fewest keys per split) of the tensor-core decode attention.
-/// On the H200 at 32k (Falcon-7B, 32 layers): 0.92-0.95 ms at (1, 256) and (2, 256),
-/// 1.48-1.53 ms at 4 to 16 blocks per SM of at least 64 keys (the splits' partial sums
-/// cost more than the extra parallelism gains).
-pub const ATTN_SPLIT: (usize, usize) = (2, 256);
+/// The most rows a row-invariant `linear` keeps out of cuBLAS (a verify pass over 8
+/// drafts plus catch-up tokens).
+pub const ROW_INVARIANT_MAX_ROWS: usize = 16;
 
 /// Default blocks per SM of the split-K tensor-core GEMV (`FALCONER_TC_BLOCKS`): on the
 /// H200 a verify pass over 5 rows measured 5.02 ms at 8, 5.16 at 16, 5.30 at 6, 5.38 at
@@ -425,7 +429,7 @@ impl Gpu {
             gemv_counters: Mutex::new(None),
             attn_tc_min_ctx: AtomicUsize::new(ATTN_TC_MIN_CTX),
             staging: Mutex::new(None),
-            attn_split: Mutex::new(ATTN_SPLIT),
+            row_invariant: AtomicBool::new(env_flag("FALCONER_ROW_INVARIANT", false)),
             tc_blocks_per_sm: AtomicUsize::new(
                 std::env::var("FALCONER_TC_BLOCKS")
                     .ok()
@@ -503,16 +507,20 @@ impl Gpu {
             .store(blocks.max(1), Ordering::Relaxed);
     }
 
-    /// How the tensor-core decode attention splits a long context: about `per_sm`
-    /// blocks per SM, each at least `min_keys` keys. Default [`ATTN_SPLIT`].
-    pub fn set_attn_split(&self, per_sm: usize, min_keys: usize) {
-        if let Ok(mut s) = self.attn_split.lock() {
-            *s = (per_sm.max(1), min_keys.max(64));
-        }
+    /// Row-invariant products: every `linear` of up to [`ROW_INVARIANT_MAX_ROWS`] rows
+    /// takes kernels whose result for a row does not depend on the other rows (the
+    /// tensor-core GEMV, hi and lo parts in separate mmas, in groups of up to 8; never
+    /// cuBLAS), so that a verify pass gives each row exactly what a one-token step
+    /// gives it and greedy speculation reproduces plain greedy decoding bit for bit.
+    /// The runtime turns it on; a single-row step is then slower than with the CUDA-core
+    /// GEMV (see the benchmark). Off by default for direct engine use, or
+    /// `FALCONER_ROW_INVARIANT=1`.
+    pub fn set_row_invariant(&self, on: bool) {
+        self.row_invariant.store(on, Ordering::Relaxed);
     }
 
-    pub(crate) fn attn_split(&self) -> (usize, usize) {
-        self.attn_split.lock().map_or(ATTN_SPLIT, |s| *s)
+    pub fn row_invariant(&self) -> bool {
+        self.row_invariant.load(Ordering::Relaxed)
     }
 
     pub fn tc_blocks_per_sm(&self) -> usize {

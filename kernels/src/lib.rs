@@ -26,7 +26,9 @@ mod step;
 #[cfg(feature = "cuda")]
 pub use error::KernelError;
 #[cfg(feature = "cuda")]
-pub use gpu::{DeviceBuffer, Elem, GemvKernel, Gpu, ATTN_SPLIT, ATTN_TC_MIN_CTX, TC_BLOCKS_PER_SM};
+pub use gpu::{
+    DeviceBuffer, Elem, GemvKernel, Gpu, ATTN_TC_MIN_CTX, ROW_INVARIANT_MAX_ROWS, TC_BLOCKS_PER_SM,
+};
 #[cfg(feature = "cuda")]
 pub use half::bf16;
 #[cfg(feature = "cuda")]

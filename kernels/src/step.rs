@@ -51,6 +51,8 @@ pub(crate) struct Offsets {
     pub logit_rows: usize,
     pub all_rows: usize,
     pub small_rows: usize,
+    pub short_rows: usize,
+    pub long_rows: usize,
     pub tiles: usize,
 }
 
@@ -65,6 +67,12 @@ pub struct DeviceStep {
     pub(crate) block_size: usize,
     pub(crate) n_logit_rows: usize,
     pub(crate) n_small_rows: usize,
+    /// `small_rows` split by each row's own context against the tensor-core decode
+    /// attention's threshold, so that a row takes the same kernel in every step.
+    pub(crate) n_short_rows: usize,
+    pub(crate) n_long_rows: usize,
+    pub(crate) max_ctx_short: usize,
+    pub(crate) max_ctx_long: usize,
     pub(crate) n_tiles: usize,
     pub(crate) max_token: u32,
     pub(crate) max_slot: u32,
@@ -134,6 +142,9 @@ impl Gpu {
         let mut seq_info = Vec::with_capacity(4 * input.seqs.len());
         let mut tables = Vec::new();
         let mut small_rows = Vec::new();
+        let (mut short_rows, mut long_rows) = (Vec::new(), Vec::new());
+        let (mut max_ctx_short, mut max_ctx_long) = (0usize, 0usize);
+        let tc_from = self.attn_tc_min_ctx();
         let mut tiles = Vec::new();
         let (mut max_ctx, mut max_ctx_small, mut max_block) = (0usize, 0usize, 0u32);
         for (si, s) in input.seqs.iter().enumerate() {
@@ -179,6 +190,16 @@ impl Gpu {
             } else {
                 small_rows.extend((s.first_row..s.first_row + s.num_rows).map(|r| r as u32));
                 max_ctx_small = max_ctx_small.max(end);
+                for i in 0..s.num_rows {
+                    let ctx = s.start_pos + i + 1;
+                    if ctx >= tc_from {
+                        long_rows.push((s.first_row + i) as u32);
+                        max_ctx_long = max_ctx_long.max(ctx);
+                    } else {
+                        short_rows.push((s.first_row + i) as u32);
+                        max_ctx_short = max_ctx_short.max(ctx);
+                    }
+                }
             }
         }
         if let Some(r) = row_info.chunks(2).position(|p| p[0] == u32::MAX) {
@@ -206,6 +227,8 @@ impl Gpu {
             logit_rows: push(&mut words, input.logit_rows),
             all_rows: push(&mut words, &all_rows),
             small_rows: push(&mut words, &small_rows),
+            short_rows: push(&mut words, &short_rows),
+            long_rows: push(&mut words, &long_rows),
             tiles: push(&mut words, &tiles),
         };
         Ok(DeviceStep {
@@ -216,6 +239,10 @@ impl Gpu {
             block_size: bs,
             n_logit_rows: input.logit_rows.len(),
             n_small_rows: small_rows.len(),
+            n_short_rows: short_rows.len(),
+            n_long_rows: long_rows.len(),
+            max_ctx_short,
+            max_ctx_long,
             n_tiles: tiles.len() / 2,
             max_token: input.token_ids.iter().copied().max().unwrap_or(0),
             max_slot: input.slots.iter().copied().max().unwrap_or(0),

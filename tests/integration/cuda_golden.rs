@@ -562,3 +562,144 @@ fn cuda_attention_matches_cpu_in_every_kernel_path() {
     }
     report("attention vs CPU", &failures);
 }
+
+/// A verify pass gives every row of attention exactly the bits a one-token step gives
+/// it: contexts that cross a split boundary (64 keys on CUDA cores, 256 on tensor
+/// cores) and the tensor-core threshold, for MQA (tensor-core decode) and GQA.
+#[test]
+fn cuda_attention_rows_are_the_same_bits_in_any_step() {
+    let Some(b) = backend() else { return };
+    let bs = 16;
+    let table: Vec<u32> = (0..96).map(|i| (i * 7 + 3) % 96).collect();
+    // (heads, kv heads, head dim, prefix length, tensor-core threshold)
+    let cases = [
+        (71usize, 1usize, 64usize, 61usize, 1024usize),
+        (71, 1, 64, 1278, 1024),
+        (71, 1, 64, 1021, 1024),
+        (8, 2, 64, 125, 1024),
+        (32, 1, 128, 253, 0),
+    ];
+    for (nh, kvh, hd, prefix, tc_from) in cases {
+        b.gpu().set_attn_tc_min_ctx(tc_from);
+        let attn = AttnConfig {
+            num_heads: nh,
+            num_kv_heads: kvh,
+            head_dim: hd,
+            alibi_slopes: None,
+        };
+        let layout = KvLayout {
+            num_layers: 1,
+            num_blocks: 96,
+            block_size: bs,
+            num_kv_heads: kvh,
+            head_dim: hd,
+        };
+        let width = kvh * (nh / kvh + 2) * hd;
+        let meta = |start: usize, rows: usize| {
+            let mut m = StepMeta {
+                block_size: bs,
+                ..StepMeta::default()
+            };
+            m.seqs.push(SeqMeta {
+                first_row: 0,
+                num_rows: rows,
+                start_pos: start,
+                block_table: table.clone(),
+            });
+            for pos in start..start + rows {
+                m.token_ids.push(0);
+                m.slots
+                    .push(table[pos / bs] * bs as u32 + (pos % bs) as u32);
+            }
+            m
+        };
+        let attend = |kv: &mut _, start: usize, qkv: &[f32], rows: usize| {
+            let step = b.prepare_step(&meta(start, rows)).unwrap();
+            let x = b.upload_hidden(qkv, rows, width).unwrap();
+            b.to_host(&b.attention(&x, kv, 0, &step, &attn).unwrap())
+                .unwrap()
+        };
+        let pre = random(prefix * width, 5);
+        let new = random(5 * width, 6);
+        let mut kv1 = b.alloc_kv(&layout).unwrap();
+        let mut kv2 = b.alloc_kv(&layout).unwrap();
+        attend(&mut kv1, 0, &pre, prefix);
+        attend(&mut kv2, 0, &pre, prefix);
+        let verify = attend(&mut kv1, prefix, &new, 5);
+        let out_w = nh * hd;
+        for i in 0..5 {
+            let one = attend(&mut kv2, prefix + i, &new[i * width..(i + 1) * width], 1);
+            let row = &verify[i * out_w..(i + 1) * out_w];
+            assert!(
+                row.iter()
+                    .zip(&one)
+                    .all(|(a, c)| a.to_bits() == c.to_bits()),
+                "{nh}/{kvh}x{hd}, context {}: the verify row differs from the one-token step",
+                prefix + i + 1
+            );
+        }
+    }
+    b.gpu().set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
+}
+
+/// In row-invariant mode (the runtime's), a verify pass gives every row the logits a
+/// one-token step gives it, bit for bit, on every fixture layout; and a product of 1 to
+/// 16 rows gives each row the bits of that row alone, at Falcon-7B's qkv shape.
+#[test]
+fn cuda_row_invariant_mode_gives_every_row_the_same_bits() {
+    let Some(b) = backend() else { return };
+    b.gpu().set_row_invariant(true);
+    let (n, k) = (4672usize, 4544usize);
+    let w = random(n * k, 11);
+    let shape = [n, k];
+    let wb = bf16_bytes(&w);
+    let gw = b
+        .upload(&HostTensor {
+            dtype: Dtype::Bf16,
+            shape: &shape,
+            bytes: &wb,
+        })
+        .unwrap();
+    let x = random(16 * k, 12);
+    let alone: Vec<Vec<f32>> = (0..16)
+        .map(|r| {
+            let gx = b.upload_hidden(&x[r * k..(r + 1) * k], 1, k).unwrap();
+            b.to_host(&b.linear(&gx, &gw, None).unwrap()).unwrap()
+        })
+        .collect();
+    for rows in 1..=16 {
+        let gx = b.upload_hidden(&x[..rows * k], rows, k).unwrap();
+        let y = b.to_host(&b.linear(&gx, &gw, None).unwrap()).unwrap();
+        for (r, want) in alone.iter().enumerate().take(rows) {
+            assert!(
+                y[r * n..(r + 1) * n]
+                    .iter()
+                    .zip(want)
+                    .all(|(a, c)| a.to_bits() == c.to_bits()),
+                "row {r} of {rows} differs from the row alone"
+            );
+        }
+    }
+    for &name in LAYOUTS {
+        let r = reference(name);
+        let mut m = cuda_runner(&b, name);
+        let new = &r.greedy_ids[..6];
+        m.add_sequence(1).unwrap();
+        m.forward(&[work(1, &r.prompt_ids, false)]).unwrap();
+        let verify = m.forward(&[work(1, new, true)]).unwrap();
+        m.add_sequence(2).unwrap();
+        m.forward(&[work(2, &r.prompt_ids, false)]).unwrap();
+        for (i, t) in new.iter().enumerate() {
+            let one = m.forward(&[work(2, &[*t], false)]).unwrap();
+            assert!(
+                verify[0]
+                    .row(i)
+                    .iter()
+                    .zip(one[0].last())
+                    .all(|(a, c)| a.to_bits() == c.to_bits()),
+                "{name}: verify row {i} differs from the one-token step"
+            );
+        }
+    }
+    b.gpu().set_row_invariant(false);
+}

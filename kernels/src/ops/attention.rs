@@ -6,10 +6,18 @@ use half::bf16;
 
 use super::{check_len, p, to_i32};
 use crate::error::KernelError;
+use cudarc::driver::CudaFunction;
+
 use crate::gpu::{Arg, DeviceBuffer, Gpu};
 use crate::step::DeviceStep;
 
 const DEC_TK: usize = 32;
+/// Keys per split of the decode kernels (multiples of their key tiles, 32 and 64): the
+/// same for every step, so that a row's result does not depend on its step's other
+/// rows. At 32k keys on the H200, 256 per tensor-core split measured 0.92-0.95 ms over
+/// 32 layers of Falcon-7B; 4 to 16 blocks per SM of 64 keys 1.48-1.53 ms.
+const DEC_SPLIT_KEYS: usize = 64;
+const DEC_TC_SPLIT_KEYS: usize = 256;
 /// Splits whose weights `attn_combine` keeps in shared memory (more still combine, with
 /// weight 0: never produced, the launchers stay below).
 const COMBINE_MAX_SPLITS: usize = 1024;
@@ -62,6 +70,30 @@ pub struct AttentionParams<'a> {
     pub head_dim: usize,
     /// Per-head ALiBi slopes (`num_heads` values) for ALiBi models.
     pub alibi_slopes: Option<&'a DeviceBuffer<f32>>,
+}
+
+/// The operands every decode-attention launch of one layer shares.
+struct Decode<'a> {
+    q: Arg,
+    out: Arg,
+    k: Arg,
+    v: Arg,
+    layer_off: u64,
+    step: &'a DeviceStep,
+    slopes: Arg,
+    has_alibi: i32,
+    nh: usize,
+    kvh: usize,
+    hd: usize,
+    scale: f32,
+}
+
+/// Splits of a decode attention over `max_ctx` keys: `keys` each (more only past
+/// `COMBINE_MAX_SPLITS` splits), so that split boundaries do not depend on the other
+/// rows of a step. Returns (splits, keys per split).
+fn fixed_splits(max_ctx: usize, keys: usize) -> (usize, usize) {
+    let per = keys.max(max_ctx.div_ceil(COMBINE_MAX_SPLITS).next_multiple_of(keys));
+    (max_ctx.div_ceil(per).max(1), per)
 }
 
 impl Gpu {
@@ -262,90 +294,115 @@ impl Gpu {
         if n_list == 0 {
             return Ok(out);
         }
-
+        let d = Decode {
+            q: p(&q),
+            out: p(&out),
+            k: p(&kv.k),
+            v: p(&kv.v),
+            layer_off,
+            step,
+            slopes,
+            has_alibi,
+            nh,
+            kvh,
+            hd,
+            scale,
+        };
         // Many query heads per kv head over a long context: tensor cores, the heads of a
-        // token as the rows of the mma tiles, split over the context.
+        // token as the rows of the mma tiles. Which kernel a row takes depends only on
+        // its own context (the step's lists are split by it), and both kernels split the
+        // context at fixed key counts, so a row gets the same bits in a one-token step
+        // as in a verify pass (greedy speculation relies on that).
         let dec_tc = match hd {
             64 => Some(&self.k.attn_decode_tc64),
             128 => Some(&self.k.attn_decode_tc128),
             _ => None,
         };
-        if let Some(func) = dec_tc.filter(|_| qpg >= 16 && max_ctx >= self.attn_tc_min_ctx()) {
-            let tiles = qpg.div_ceil(DEC_TC_HEADS);
-            let blocks = n_list * kvh * tiles;
-            // About two blocks per SM, each split at least 256 keys (the partial results
-            // of a split, every head's vector, cost as much as 71 keys of K and V).
-            let (per_sm, min_keys) = self.attn_split();
-            let target = per_sm * self.sm_count() as usize;
-            let mut nsplit = if blocks >= target {
-                1
-            } else {
-                target
-                    .div_ceil(blocks)
-                    .min(max_ctx.div_ceil(min_keys))
-                    .max(1)
-            };
-            let keys_per_split = max_ctx
-                .div_ceil(nsplit.min(COMBINE_MAX_SPLITS))
-                .div_ceil(64)
-                * 64;
-            nsplit = max_ctx.div_ceil(keys_per_split).max(1);
-            let (part_o, part_ml) = if nsplit > 1 {
-                (
-                    Some(self.scratch::<f32>(rows * nh * nsplit * hd)?),
-                    Some(self.scratch::<f32>(rows * nh * nsplit * 2)?),
-                )
-            } else {
-                (None, None)
-            };
-            let po = part_o.as_ref().map_or(p(&out), p);
-            let pm = part_ml.as_ref().map_or(p(&out), p);
-            self.launch(
-                func,
-                (n_list as u32, (kvh * tiles) as u32, nsplit as u32),
-                32 * DEC_TC_WARPS,
-                0,
-                &[
-                    p(&q),
-                    p(&kv.k),
-                    p(&kv.v),
-                    Arg::U64(layer_off),
-                    Arg::U64(step.at(list)),
-                    Arg::U64(step.at(step.off.row_info)),
-                    Arg::U64(step.at(step.off.seq_info)),
-                    Arg::U64(step.at(step.off.block_tables)),
-                    Arg::I32(step.block_size as i32),
-                    slopes,
-                    Arg::I32(has_alibi),
-                    p(&out),
-                    po,
-                    pm,
-                    Arg::I32(nhi),
-                    Arg::I32(kvhi),
-                    Arg::I32(to_i32(OP, keys_per_split)?),
-                    Arg::F32(scale),
-                ],
-            )?;
-            if nsplit > 1 {
-                self.launch(
-                    &self.k.attn_combine,
-                    (n_list as u32, nh as u32, 1),
-                    128,
-                    0,
-                    &[
-                        Arg::U64(step.at(list)),
-                        po,
-                        pm,
-                        p(&out),
-                        Arg::I32(nhi),
-                        Arg::I32(hdi),
-                        Arg::I32(nsplit as i32),
-                    ],
-                )?;
+        // (With these head sizes the prefill kernel exists too, so `list` holds exactly
+        // the step's short and long rows.)
+        match dec_tc.filter(|_| qpg >= 16) {
+            Some(func) => {
+                if step.n_long_rows > 0 {
+                    self.decode_tc(
+                        func,
+                        &d,
+                        step.off.long_rows,
+                        step.n_long_rows,
+                        step.max_ctx_long,
+                    )?;
+                }
+                if step.n_short_rows > 0 {
+                    self.decode_simt(
+                        &d,
+                        step.off.short_rows,
+                        step.n_short_rows,
+                        step.max_ctx_short,
+                    )?;
+                }
             }
-            return Ok(out);
+            None => self.decode_simt(&d, list, n_list, max_ctx)?,
         }
+        Ok(out)
+    }
 
+    /// `attn_decode_tc*` over the listed rows, then `attn_combine` when split.
+    fn decode_tc(
+        &self,
+        func: &CudaFunction,
+        d: &Decode<'_>,
+        list: usize,
+        n_list: usize,
+        max_ctx: usize,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "attention";
+        let tiles = (d.nh / d.kvh).div_ceil(DEC_TC_HEADS);
+        let (nsplit, keys_per_split) = fixed_splits(max_ctx, DEC_TC_SPLIT_KEYS);
+        let (part_o, part_ml) = self.partials(d, nsplit)?;
+        let (po, pm) = (
+            part_o.as_ref().map_or(d.out, p),
+            part_ml.as_ref().map_or(d.out, p),
+        );
+        self.launch(
+            func,
+            (n_list as u32, (d.kvh * tiles) as u32, nsplit as u32),
+            32 * DEC_TC_WARPS,
+            0,
+            &[
+                d.q,
+                d.k,
+                d.v,
+                Arg::U64(d.layer_off),
+                Arg::U64(d.step.at(list)),
+                Arg::U64(d.step.at(d.step.off.row_info)),
+                Arg::U64(d.step.at(d.step.off.seq_info)),
+                Arg::U64(d.step.at(d.step.off.block_tables)),
+                Arg::I32(d.step.block_size as i32),
+                d.slopes,
+                Arg::I32(d.has_alibi),
+                d.out,
+                po,
+                pm,
+                Arg::I32(to_i32(OP, d.nh)?),
+                Arg::I32(to_i32(OP, d.kvh)?),
+                Arg::I32(to_i32(OP, keys_per_split)?),
+                Arg::F32(d.scale),
+            ],
+        )?;
+        self.combine(d, list, n_list, nsplit, po, pm)
+    }
+
+    /// `attn_decode*` (CUDA cores, any head size) over the listed rows, then
+    /// `attn_combine` when split.
+    fn decode_simt(
+        &self,
+        d: &Decode<'_>,
+        list: usize,
+        n_list: usize,
+        max_ctx: usize,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "attention";
+        let (nh, kvh, hd) = (d.nh, d.kvh, d.hd);
+        let qpg = nh / kvh;
         // The compile-time head sizes take the vectorised kernel (K rows padded by 4
         // floats instead of 1).
         let (decode, pad) = match hd {
@@ -367,76 +424,88 @@ impl Gpu {
         let chunks0 = qpg.div_ceil(max_hb.min(DEC_WARPS));
         let hb = qpg.div_ceil(chunks0);
         let chunks = qpg.div_ceil(hb);
-        // Split long contexts over more blocks until the GPU is busy (flash-decoding),
-        // keeping at least 64 keys per split.
-        let blocks = n_list * kvh * chunks;
-        let target = 4 * self.sm_count() as usize;
-        let mut nsplit = if blocks >= target {
-            1
-        } else {
-            target.div_ceil(blocks).min(max_ctx.div_ceil(64)).max(1)
-        };
-        let keys_per_split = max_ctx
-            .div_ceil(nsplit.min(COMBINE_MAX_SPLITS))
-            .div_ceil(DEC_TK)
-            * DEC_TK;
-        nsplit = max_ctx.div_ceil(keys_per_split).max(1);
+        let (nsplit, keys_per_split) = fixed_splits(max_ctx, DEC_SPLIT_KEYS);
         let smem = ((2 * hb * hd + 2 * hb + fixed) * 4) as u32;
-        let (part_o, part_ml) = if nsplit > 1 {
-            (
-                Some(self.scratch::<f32>(rows * nh * nsplit * hd)?),
-                Some(self.scratch::<f32>(rows * nh * nsplit * 2)?),
-            )
-        } else {
-            (None, None)
-        };
-        let po = part_o.as_ref().map_or(p(&out), p);
-        let pm = part_ml.as_ref().map_or(p(&out), p);
+        let (part_o, part_ml) = self.partials(d, nsplit)?;
+        let (po, pm) = (
+            part_o.as_ref().map_or(d.out, p),
+            part_ml.as_ref().map_or(d.out, p),
+        );
         self.launch(
             decode,
             (n_list as u32, (kvh * chunks) as u32, nsplit as u32),
             DEC_THREADS,
             smem,
             &[
-                p(&q),
-                p(&kv.k),
-                p(&kv.v),
-                Arg::U64(layer_off),
-                Arg::U64(step.at(list)),
-                Arg::U64(step.at(step.off.row_info)),
-                Arg::U64(step.at(step.off.seq_info)),
-                Arg::U64(step.at(step.off.block_tables)),
-                Arg::I32(step.block_size as i32),
-                slopes,
-                Arg::I32(has_alibi),
-                p(&out),
+                d.q,
+                d.k,
+                d.v,
+                Arg::U64(d.layer_off),
+                Arg::U64(d.step.at(list)),
+                Arg::U64(d.step.at(d.step.off.row_info)),
+                Arg::U64(d.step.at(d.step.off.seq_info)),
+                Arg::U64(d.step.at(d.step.off.block_tables)),
+                Arg::I32(d.step.block_size as i32),
+                d.slopes,
+                Arg::I32(d.has_alibi),
+                d.out,
                 po,
                 pm,
-                Arg::I32(nhi),
-                Arg::I32(kvhi),
-                Arg::I32(hdi),
+                Arg::I32(to_i32(OP, nh)?),
+                Arg::I32(to_i32(OP, kvh)?),
+                Arg::I32(to_i32(OP, hd)?),
                 Arg::I32(hb as i32),
                 Arg::I32(to_i32(OP, keys_per_split)?),
-                Arg::F32(scale),
+                Arg::F32(d.scale),
             ],
         )?;
-        if nsplit > 1 {
-            self.launch(
-                &self.k.attn_combine,
-                (n_list as u32, nh as u32, 1),
-                128,
-                0,
-                &[
-                    Arg::U64(step.at(list)),
-                    po,
-                    pm,
-                    p(&out),
-                    Arg::I32(nhi),
-                    Arg::I32(hdi),
-                    Arg::I32(nsplit as i32),
-                ],
-            )?;
+        self.combine(d, list, n_list, nsplit, po, pm)
+    }
+
+    /// Partial results of `nsplit` splits for every row and head (none for one split).
+    #[allow(clippy::type_complexity)]
+    fn partials(
+        &self,
+        d: &Decode<'_>,
+        nsplit: usize,
+    ) -> Result<(Option<DeviceBuffer<f32>>, Option<DeviceBuffer<f32>>), KernelError> {
+        if nsplit <= 1 {
+            return Ok((None, None));
         }
-        Ok(out)
+        let rows = d.step.rows;
+        Ok((
+            Some(self.scratch::<f32>(rows * d.nh * nsplit * d.hd)?),
+            Some(self.scratch::<f32>(rows * d.nh * nsplit * 2)?),
+        ))
+    }
+
+    /// Merges the splits of the listed rows (`attn_combine`), if there are several.
+    fn combine(
+        &self,
+        d: &Decode<'_>,
+        list: usize,
+        n_list: usize,
+        nsplit: usize,
+        po: Arg,
+        pm: Arg,
+    ) -> Result<(), KernelError> {
+        if nsplit <= 1 {
+            return Ok(());
+        }
+        self.launch(
+            &self.k.attn_combine,
+            (n_list as u32, d.nh as u32, 1),
+            128,
+            0,
+            &[
+                Arg::U64(d.step.at(list)),
+                po,
+                pm,
+                d.out,
+                Arg::I32(to_i32("attention", d.nh)?),
+                Arg::I32(to_i32("attention", d.hd)?),
+                Arg::I32(nsplit as i32),
+            ],
+        )
     }
 }

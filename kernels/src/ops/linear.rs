@@ -8,7 +8,7 @@ use half::bf16;
 
 use super::{check_len, p, to_i32};
 use crate::error::KernelError;
-use crate::gpu::{Arg, DeviceBuffer, GemvKernel, Gpu};
+use crate::gpu::{Arg, DeviceBuffer, GemvKernel, Gpu, ROW_INVARIANT_MAX_ROWS};
 
 /// Up to this many activation rows, `linear` streams the weights with the GEMV kernels
 /// (a verify pass costs about one decode step); beyond it, cuBLAS on tensor cores.
@@ -126,14 +126,24 @@ impl Gpu {
             None => (p(x), 0),
         };
         let epi_arg = Arg::I32(epi as i32);
-        if rows <= GEMV_MAX_ROWS || rows * n * k <= SMALL_GEMM_MACS {
+        let exact = self.row_invariant();
+        if rows <= GEMV_MAX_ROWS
+            || rows * n * k <= SMALL_GEMM_MACS
+            || (exact && rows <= ROW_INVARIANT_MAX_ROWS)
+        {
             // Groups of up to GEMV_MAX_ROWS rows; each group streams the weights once.
             for r0 in (0..rows).step_by(GEMV_MAX_ROWS) {
                 let r = GEMV_MAX_ROWS.min(rows - r0);
                 let (xa, ya) = (Arg::U64(x.ptr_at(r0 * k)), Arg::U64(out.ptr_at(r0 * n)));
-                let kernel = self.gemv_kernel(r);
+                // Row-invariant: the tensor-core kernel for every row count (the CUDA-core
+                // ones are row-invariant too, for K that is not a multiple of 32).
+                let kernel = if exact {
+                    GemvKernel::Tc4
+                } else {
+                    self.gemv_kernel(r)
+                };
                 if k.is_multiple_of(32) && kernel != GemvKernel::Simt {
-                    self.gemv_tc_launch(xa, w, bias_arg, has_bias, ya, r, n, k, epi)?;
+                    self.gemv_tc_launch(xa, w, bias_arg, has_bias, ya, r, n, k, epi, exact)?;
                 } else if k.is_multiple_of(8) {
                     self.launch(
                         &self.k.gemv[r - 1],
@@ -215,6 +225,7 @@ impl Gpu {
         n: usize,
         k: usize,
         epi: Epilogue,
+        exact: bool,
     ) -> Result<(), KernelError> {
         const OP: &str = "linear";
         let tiles = n.div_ceil(TCG_FEATURES);
@@ -236,7 +247,11 @@ impl Gpu {
             0
         };
         self.launch(
-            &self.k.gemv_tc[r - 1],
+            if exact {
+                &self.k.gemv_tc_exact[r - 1]
+            } else {
+                &self.k.gemv_tc[r - 1]
+            },
             (tiles as u32, nsplit as u32, 1),
             32 * TCG_WARPS,
             0,
