@@ -191,6 +191,19 @@ __device__ __forceinline__ bool argmax_beats(float v, u32 i, float bv, u32 bi) {
     return v > bv || (v == bv && i < bi);
 }
 
+// The best (value, index) of a warp, in every lane.
+__device__ __forceinline__ void argmax_warp(float& bv, u32& bi) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (argmax_beats(ov, oi, bv, bi)) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+}
+
 // Index of the largest value of each row, the first one on ties, NaN skipped (exactly
 // engine/src/sampling `argmax`), so that greedy tokens need not cross to the host as
 // logits; 0xffffffff for a row of nothing but NaN and -inf (no usable logit: the host
@@ -210,15 +223,7 @@ extern "C" __global__ void argmax_rows_f32(const float* __restrict__ x, u32* __r
             bi = (u32)c;
         }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        const u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (argmax_beats(ov, oi, bv, bi)) {
-            bv = ov;
-            bi = oi;
-        }
-    }
+    argmax_warp(bv, bi);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) {
         sv[warp] = bv;
@@ -229,15 +234,7 @@ extern "C" __global__ void argmax_rows_f32(const float* __restrict__ x, u32* __r
         const int nwarps = blockDim.x >> 5;
         bv = lane < nwarps ? sv[lane] : NEG_INF;
         bi = lane < nwarps ? si[lane] : 0xffffffffu;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            const u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (argmax_beats(ov, oi, bv, bi)) {
-                bv = ov;
-                bi = oi;
-            }
-        }
+        argmax_warp(bv, bi);
         if (lane == 0) out[blockIdx.x] = bi;
     }
 }

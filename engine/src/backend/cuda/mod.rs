@@ -222,6 +222,31 @@ impl CudaBackend {
         };
         Ok(CudaTensor { data, rows, cols })
     }
+
+    /// `x @ weight^T + bias` on the GPU, with the exact GELU fused when `gelu`.
+    fn product(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        gelu: bool,
+    ) -> Result<CudaTensor, BackendError> {
+        check_linear(x, weight)?;
+        let bias = bias.map(|b| b.f32("linear")).transpose()?;
+        let (xs, ws) = (x.f32("linear")?, weight.bf16("linear")?);
+        let out = if gelu {
+            self.gpu
+                .linear_gelu(xs, x.rows, x.cols, ws, weight.rows, bias)
+        } else {
+            self.gpu.linear(xs, x.rows, x.cols, ws, weight.rows, bias)
+        }
+        .map_err(map_err)?;
+        Ok(CudaTensor {
+            data: CudaData::F32(out),
+            rows: x.rows,
+            cols: weight.rows,
+        })
+    }
 }
 
 /// Checkpoint bytes of any supported dtype to bf16, in parallel (a 7B checkpoint is
@@ -374,24 +399,7 @@ impl Backend for CudaBackend {
         weight: &CudaTensor,
         bias: Option<&CudaTensor>,
     ) -> Result<CudaTensor, BackendError> {
-        check_linear(x, weight)?;
-        let bias = bias.map(|b| b.f32("linear")).transpose()?;
-        let out = self
-            .gpu
-            .linear(
-                x.f32("linear")?,
-                x.rows,
-                x.cols,
-                weight.bf16("linear")?,
-                weight.rows,
-                bias,
-            )
-            .map_err(map_err)?;
-        Ok(CudaTensor {
-            data: CudaData::F32(out),
-            rows: x.rows,
-            cols: weight.rows,
-        })
+        self.product(x, weight, bias, false)
     }
 
     fn gelu(&self, x: &mut CudaTensor) -> Result<(), BackendError> {
@@ -404,24 +412,7 @@ impl Backend for CudaBackend {
         weight: &CudaTensor,
         bias: Option<&CudaTensor>,
     ) -> Result<CudaTensor, BackendError> {
-        check_linear(x, weight)?;
-        let bias = bias.map(|b| b.f32("linear")).transpose()?;
-        let out = self
-            .gpu
-            .linear_gelu(
-                x.f32("linear")?,
-                x.rows,
-                x.cols,
-                weight.bf16("linear")?,
-                weight.rows,
-                bias,
-            )
-            .map_err(map_err)?;
-        Ok(CudaTensor {
-            data: CudaData::F32(out),
-            rows: x.rows,
-            cols: weight.rows,
-        })
+        self.product(x, weight, bias, true)
     }
 
     fn linear_add(
