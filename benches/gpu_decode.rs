@@ -639,7 +639,7 @@ fn gemv_bandwidth(backend: &CudaBackend, n: usize, k: usize, rows: usize) -> Res
     let mut x = gpu.alloc(rows * k)?;
     gpu.fill_uniform_f32(&mut x, 5, 1.0, 0.0)?;
     let s = time_it(backend, 50, || {
-        let _y = gpu.linear(&x, rows, k, &w, n, None)?;
+        let _y = gpu.linear(&x, rows, k, &w, n, None, &[])?;
         Ok(())
     })?;
     Ok((s * 1e6, (n * k * 2) as f64 / s / 1e9))

@@ -512,6 +512,8 @@ impl Gpu {
     /// tensor-core GEMV, hi and lo parts in separate mmas, in groups of up to 8; never
     /// cuBLAS), so that a verify pass gives each row exactly what a one-token step
     /// gives it and greedy speculation reproduces plain greedy decoding bit for bit.
+    /// A larger product whose rows come in sequence chunks (`groups`) computes each
+    /// chunk as it would be computed alone, so batching sessions changes no bit either.
     /// The runtime turns it on; a single-row step is then slower than with the CUDA-core
     /// GEMV (see the benchmark). Off by default for direct engine use, or
     /// `FALCONER_ROW_INVARIANT=1`.
@@ -643,6 +645,22 @@ impl Gpu {
             .map_err(|e| KernelError::driver("copy to host", e))?;
         self.synchronize()?;
         Ok(dst.to_vec())
+    }
+
+    /// Copies all of `src` to device address `dst`, which the caller guarantees holds
+    /// `src.len()` f32 of a live buffer of this GPU (queued on the stream).
+    pub(crate) fn copy_f32(&self, src: &DeviceBuffer<f32>, dst: u64) -> Result<(), KernelError> {
+        let _ = src.inner()?;
+        // SAFETY: `src` is live with `src.len()` f32; the caller vouches for `dst`.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                dst,
+                src.ptr,
+                src.num_bytes(),
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| KernelError::driver("copy", e))
     }
 
     /// A copy of `src` in a new buffer (device to device).

@@ -703,3 +703,52 @@ fn cuda_row_invariant_mode_gives_every_row_the_same_bits() {
     }
     b.gpu().set_row_invariant(false);
 }
+
+/// Row-invariant mode with a step's chunks: each chunk of a batched product gets the
+/// bits it gets alone, whether it takes cuBLAS (prefill-sized) or the GEMV (decode and
+/// verify rows, however many of them are batched).
+#[test]
+fn cuda_batched_chunks_get_the_bits_they_get_alone() {
+    use falconer_engine::backend::cuda::CudaData;
+    let Some(b) = backend() else { return };
+    let gpu = b.gpu();
+    gpu.set_row_invariant(true);
+    let (n, k) = (4672usize, 4544usize);
+    let shape = [n, k];
+    let wb = bf16_bytes(&random(n * k, 21));
+    let w = b
+        .upload(&HostTensor {
+            dtype: Dtype::Bf16,
+            shape: &shape,
+            bytes: &wb,
+        })
+        .unwrap();
+    let CudaData::Bf16(w) = w.data() else {
+        panic!("weights not bf16")
+    };
+    let groups = [40usize, 1, 1, 20, 3, 15];
+    let rows: usize = groups.iter().sum();
+    let x = random(rows * k, 22);
+    let product = |x: &[f32], rows: usize, groups: &[usize]| {
+        let xt = b.upload_hidden(x, rows, k).unwrap();
+        let CudaData::F32(xd) = xt.data() else {
+            panic!("not f32")
+        };
+        let y = gpu.linear(xd, rows, k, w, n, None, groups).unwrap();
+        gpu.download_f32(&y).unwrap()
+    };
+    let batched = product(&x, rows, &groups);
+    let mut at = 0;
+    for g in groups {
+        let alone = product(&x[at * k..(at + g) * k], g, &[]);
+        assert!(
+            batched[at * n..(at + g) * n]
+                .iter()
+                .zip(&alone)
+                .all(|(a, c)| a.to_bits() == c.to_bits()),
+            "the chunk of {g} rows at row {at} differs from the chunk alone"
+        );
+        at += g;
+    }
+    gpu.set_row_invariant(false);
+}

@@ -39,6 +39,16 @@ fn tc_split(tiles: usize, chunks: usize, sms: usize, u: usize, per_sm: usize) ->
     let per_split = chunks.div_ceil(want).next_multiple_of(u).max(1);
     (chunks.div_ceil(per_split).max(1), per_split)
 }
+/// Rows `row0..row0 + rows` of a `[*, k] @ [n, k]^T` product; `gemv`: never cuBLAS.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    row0: usize,
+    rows: usize,
+    k: usize,
+    n: usize,
+    gemv: bool,
+}
+
 /// What a GEMV stores (`EPI_*` in gemv.cu).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Epilogue {
@@ -50,7 +60,10 @@ enum Epilogue {
 impl Gpu {
     /// `x @ w^T (+ bias)` for `x [rows, k]` f32 and `w [n, k]` bf16: GEMV kernels with f32
     /// activations for few rows or small problems, cuBLAS (activations rounded to bf16,
-    /// f32 accumulation) for large ones.
+    /// f32 accumulation) for large ones. `groups`, when not empty, gives the rows of each
+    /// sequence chunk in order: in row-invariant mode each chunk is then computed as it
+    /// would be alone (see [`Gpu::set_row_invariant`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn linear(
         &self,
         x: &DeviceBuffer<f32>,
@@ -59,14 +72,16 @@ impl Gpu {
         w: &DeviceBuffer<bf16>,
         n: usize,
         bias: Option<&DeviceBuffer<f32>>,
+        groups: &[usize],
     ) -> Result<DeviceBuffer<f32>, KernelError> {
         let mut out = self.scratch::<f32>(rows * n)?;
-        self.linear_into(x, rows, k, w, n, bias, Epilogue::Store, &mut out)?;
+        self.linear_into(x, rows, k, w, n, bias, Epilogue::Store, &mut out, groups)?;
         Ok(out)
     }
 
     /// `gelu(x @ w^T + bias)` (exact erf GELU), the GELU fused into the GEMV's stores:
     /// bit-identical to [`Gpu::linear`] followed by [`Gpu::gelu`].
+    #[allow(clippy::too_many_arguments)]
     pub fn linear_gelu(
         &self,
         x: &DeviceBuffer<f32>,
@@ -75,9 +90,10 @@ impl Gpu {
         w: &DeviceBuffer<bf16>,
         n: usize,
         bias: Option<&DeviceBuffer<f32>>,
+        groups: &[usize],
     ) -> Result<DeviceBuffer<f32>, KernelError> {
         let mut out = self.scratch::<f32>(rows * n)?;
-        self.linear_into(x, rows, k, w, n, bias, Epilogue::Gelu, &mut out)?;
+        self.linear_into(x, rows, k, w, n, bias, Epilogue::Gelu, &mut out, groups)?;
         Ok(out)
     }
 
@@ -93,9 +109,10 @@ impl Gpu {
         n: usize,
         bias: Option<&DeviceBuffer<f32>>,
         acc: &mut DeviceBuffer<f32>,
+        groups: &[usize],
     ) -> Result<(), KernelError> {
         check_len("linear", "accumulator", acc, rows * n)?;
-        self.linear_into(x, rows, k, w, n, bias, Epilogue::Accumulate, acc)
+        self.linear_into(x, rows, k, w, n, bias, Epilogue::Accumulate, acc, groups)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -109,6 +126,7 @@ impl Gpu {
         bias: Option<&DeviceBuffer<f32>>,
         epi: Epilogue,
         out: &mut DeviceBuffer<f32>,
+        groups: &[usize],
     ) -> Result<(), KernelError> {
         const OP: &str = "linear";
         check_len(OP, "input", x, rows * k)?;
@@ -117,24 +135,86 @@ impl Gpu {
         if let Some(b) = bias {
             check_len(OP, "bias", b, n)?;
         }
-        let (ni, ki) = (to_i32(OP, n)?, to_i32(OP, k)?);
         if rows == 0 || n == 0 {
             return Ok(());
         }
+        let span = |row0, rows, gemv| Span {
+            row0,
+            rows,
+            k,
+            n,
+            gemv,
+        };
+        if !self.row_invariant()
+            || rows <= ROW_INVARIANT_MAX_ROWS
+            || groups.len() < 2
+            || groups.iter().sum::<usize>() != rows
+        {
+            return self.linear_span(x, w, bias, epi, out, span(0, rows, false));
+        }
+        // Rows of several sequence chunks, row-invariant: each chunk computed as it would
+        // be alone, so that batching never changes a sequence's bits. Runs of short
+        // chunks (decode, verify) take the row-invariant GEMV whatever their total; a
+        // longer chunk (prefill) takes the path it would take alone.
+        let (mut at, mut run) = (0, 0);
+        for &g in groups {
+            if g <= ROW_INVARIANT_MAX_ROWS {
+                run += g;
+            } else {
+                if run > 0 {
+                    self.linear_span(x, w, bias, epi, out, span(at - run, run, true))?;
+                    run = 0;
+                }
+                self.linear_span(x, w, bias, epi, out, span(at, g, false))?;
+            }
+            at += g;
+        }
+        if run > 0 {
+            self.linear_span(x, w, bias, epi, out, span(at - run, run, true))?;
+        }
+        Ok(())
+    }
+
+    /// `linear_into` over rows `s.row0..s.row0 + s.rows` of `x` and `out`: the GEMV
+    /// kernels for few rows (always with `s.gemv`), otherwise cuBLAS on copies of those
+    /// rows in fresh buffers (aligned as the whole-tensor call's, so that cuBLAS picks
+    /// the same algorithm and a chunk gets the same bits as alone).
+    fn linear_span(
+        &self,
+        x: &DeviceBuffer<f32>,
+        w: &DeviceBuffer<bf16>,
+        bias: Option<&DeviceBuffer<f32>>,
+        epi: Epilogue,
+        out: &mut DeviceBuffer<f32>,
+        s: Span,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "linear";
+        let Span {
+            row0,
+            rows,
+            k,
+            n,
+            gemv,
+        } = s;
+        let (ni, ki) = (to_i32(OP, n)?, to_i32(OP, k)?);
         let (bias_arg, has_bias) = match bias {
             Some(b) => (p(b), 1),
             None => (p(x), 0),
         };
         let epi_arg = Arg::I32(epi as i32);
         let exact = self.row_invariant();
-        if rows <= GEMV_MAX_ROWS
+        if gemv
+            || rows <= GEMV_MAX_ROWS
             || rows * n * k <= SMALL_GEMM_MACS
             || (exact && rows <= ROW_INVARIANT_MAX_ROWS)
         {
             // Groups of up to GEMV_MAX_ROWS rows; each group streams the weights once.
             for r0 in (0..rows).step_by(GEMV_MAX_ROWS) {
                 let r = GEMV_MAX_ROWS.min(rows - r0);
-                let (xa, ya) = (Arg::U64(x.ptr_at(r0 * k)), Arg::U64(out.ptr_at(r0 * n)));
+                let (xa, ya) = (
+                    Arg::U64(x.ptr_at((row0 + r0) * k)),
+                    Arg::U64(out.ptr_at((row0 + r0) * n)),
+                );
                 // Row-invariant: the tensor-core kernel for every row count (the CUDA-core
                 // ones are row-invariant too, for K that is not a multiple of 32).
                 let kernel = if exact {
@@ -184,18 +264,20 @@ impl Gpu {
             return Ok(());
         }
         // cuBLAS: the epilogue as the separate kernels it replaces (same operations).
-        let mut tmp = match epi {
-            Epilogue::Accumulate => Some(self.scratch::<f32>(rows * n)?),
-            _ => None,
+        let whole = row0 == 0 && rows * n == out.len();
+        let mut tmp = if whole && epi != Epilogue::Accumulate {
+            None
+        } else {
+            Some(self.scratch::<f32>(rows * n)?)
         };
         let dst = match tmp.as_mut() {
             Some(t) => t,
             None => &mut *out,
         };
-        let xb = self.to_bf16(x)?;
+        let xb = self.to_bf16_rows(x, row0 * k, rows * k)?;
         self.gemm_bf16(&xb, rows, k, w, n, dst)?;
+        let total = rows * n;
         if let Some(b) = bias {
-            let total = rows * n;
             self.launch(
                 &self.k.add_bias_rows,
                 (self.stride_blocks(total), 1, 1),
@@ -204,10 +286,23 @@ impl Gpu {
                 &[p(dst), p(b), Arg::U64(total as u64), Arg::I32(ni)],
             )?;
         }
-        match (epi, tmp) {
-            (Epilogue::Gelu, _) => self.gelu(out),
-            (Epilogue::Accumulate, Some(t)) => self.add(out, &t),
-            _ => Ok(()),
+        if epi == Epilogue::Gelu {
+            self.gelu(dst)?;
+        }
+        let Some(t) = tmp else {
+            return Ok(());
+        };
+        let at = Arg::U64(out.ptr_at(row0 * n));
+        if epi == Epilogue::Accumulate {
+            self.launch(
+                &self.k.add_f32,
+                (self.stride_blocks(total), 1, 1),
+                256,
+                0,
+                &[at, p(&t), Arg::U64(total as u64)],
+            )
+        } else {
+            self.copy_f32(&t, out.ptr_at(row0 * n))
         }
     }
 
@@ -273,14 +368,29 @@ impl Gpu {
 
     /// An f32 buffer rounded to bf16.
     pub fn to_bf16(&self, x: &DeviceBuffer<f32>) -> Result<DeviceBuffer<bf16>, KernelError> {
-        let n = x.len();
+        self.to_bf16_rows(x, 0, x.len())
+    }
+
+    /// Elements `from..from + n` of `x` rounded to bf16, in a fresh buffer.
+    fn to_bf16_rows(
+        &self,
+        x: &DeviceBuffer<f32>,
+        from: usize,
+        n: usize,
+    ) -> Result<DeviceBuffer<bf16>, KernelError> {
+        if from + n > x.len() {
+            return Err(KernelError::invalid(
+                "to_bf16",
+                format!("elements {from}..{} of {}", from + n, x.len()),
+            ));
+        }
         let out = self.scratch::<bf16>(n)?;
         self.launch(
             &self.k.f32_to_bf16,
             (self.stride_blocks(n), 1, 1),
             256,
             0,
-            &[p(x), p(&out), Arg::U64(n as u64)],
+            &[Arg::U64(x.ptr_at(from)), p(&out), Arg::U64(n as u64)],
         )?;
         Ok(out)
     }

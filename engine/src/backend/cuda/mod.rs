@@ -39,6 +39,11 @@ fn map_err(e: KernelError) -> BackendError {
     }
 }
 
+/// The chunk row counts of `x` (empty when its rows are not a step's).
+fn groups(x: &CudaTensor) -> &[usize] {
+    x.groups.as_deref().unwrap_or(&[])
+}
+
 fn check_linear(x: &CudaTensor, weight: &CudaTensor) -> Result<(), BackendError> {
     if weight.cols != x.cols {
         return Err(invalid(
@@ -66,6 +71,9 @@ pub struct CudaTensor {
     data: CudaData,
     rows: usize,
     cols: usize,
+    /// When the rows are a step's: how many belong to each sequence chunk, in order. In
+    /// row-invariant mode a product computes each chunk as it would be computed alone.
+    groups: Option<Arc<[usize]>>,
 }
 
 impl CudaTensor {
@@ -130,6 +138,9 @@ impl CudaKvCache {
 #[derive(Debug)]
 pub struct CudaStep {
     dev: DeviceStep,
+    /// Rows of each sequence chunk, in order, and logit rows of each.
+    chunk_rows: Arc<[usize]>,
+    logit_groups: Arc<[usize]>,
 }
 
 /// The CUDA backend on one GPU.
@@ -220,7 +231,12 @@ impl CudaBackend {
                 .map_err(map_err)?;
             CudaData::Bf16(b)
         };
-        Ok(CudaTensor { data, rows, cols })
+        Ok(CudaTensor {
+            data,
+            rows,
+            cols,
+            groups: None,
+        })
     }
 
     /// `x @ weight^T + bias` on the GPU, with the exact GELU fused when `gelu`.
@@ -236,15 +252,17 @@ impl CudaBackend {
         let (xs, ws) = (x.f32("linear")?, weight.bf16("linear")?);
         let out = if gelu {
             self.gpu
-                .linear_gelu(xs, x.rows, x.cols, ws, weight.rows, bias)
+                .linear_gelu(xs, x.rows, x.cols, ws, weight.rows, bias, groups(x))
         } else {
-            self.gpu.linear(xs, x.rows, x.cols, ws, weight.rows, bias)
+            self.gpu
+                .linear(xs, x.rows, x.cols, ws, weight.rows, bias, groups(x))
         }
         .map_err(map_err)?;
         Ok(CudaTensor {
             data: CudaData::F32(out),
             rows: x.rows,
             cols: weight.rows,
+            groups: x.groups.clone(),
         })
     }
 }
@@ -311,7 +329,12 @@ impl Backend for CudaBackend {
         } else {
             CudaData::Bf16(self.gpu.upload(&host_to_bf16(tensor)).map_err(map_err)?)
         };
-        Ok(CudaTensor { data, rows, cols })
+        Ok(CudaTensor {
+            data,
+            rows,
+            cols,
+            groups: None,
+        })
     }
 
     fn alloc_kv(&self, layout: &KvLayout) -> Result<CudaKvCache, BackendError> {
@@ -351,8 +374,24 @@ impl Backend for CudaBackend {
             logit_rows: &meta.logit_rows,
             block_size: meta.block_size,
         };
+        // Logit rows come chunk by chunk; count them per sequence in order.
+        let mut logit_groups: Vec<usize> = Vec::new();
+        let mut last_seq = None;
+        for &r in &meta.logit_rows {
+            let seq = meta
+                .seqs
+                .iter()
+                .position(|s| (s.first_row..s.first_row + s.num_rows).contains(&(r as usize)));
+            match logit_groups.last_mut() {
+                Some(c) if seq == last_seq => *c += 1,
+                _ => logit_groups.push(1),
+            }
+            last_seq = seq;
+        }
         Ok(CudaStep {
             dev: self.gpu.upload_step(&input).map_err(map_err)?,
+            chunk_rows: meta.seqs.iter().map(|s| s.num_rows).collect(),
+            logit_groups: logit_groups.into(),
         })
     }
 
@@ -365,6 +404,7 @@ impl Backend for CudaBackend {
             data: CudaData::F32(out),
             rows: step.dev.rows(),
             cols: table.cols,
+            groups: Some(Arc::clone(&step.chunk_rows)),
         })
     }
 
@@ -390,6 +430,7 @@ impl Backend for CudaBackend {
             data: CudaData::F32(out),
             rows: x.rows,
             cols: x.cols,
+            groups: x.groups.clone(),
         })
     }
 
@@ -442,6 +483,7 @@ impl Backend for CudaBackend {
                 weight.rows,
                 bias,
                 acc.f32_mut("linear")?,
+                groups(x),
             )
             .map_err(map_err)
     }
@@ -496,6 +538,7 @@ impl Backend for CudaBackend {
             data: CudaData::F32(out),
             rows: qkv.rows,
             cols: attn.num_heads * attn.head_dim,
+            groups: Some(Arc::clone(&step.chunk_rows)),
         })
     }
 
@@ -518,6 +561,7 @@ impl Backend for CudaBackend {
             data: CudaData::F32(out),
             rows: step.dev.num_logit_rows(),
             cols: x.cols,
+            groups: Some(Arc::clone(&step.logit_groups)),
         })
     }
 
@@ -562,6 +606,7 @@ impl Backend for CudaBackend {
             data: CudaData::F32(self.gpu.upload(data).map_err(map_err)?),
             rows,
             cols,
+            groups: None,
         })
     }
 
