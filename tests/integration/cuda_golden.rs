@@ -73,6 +73,34 @@ fn report(what: &str, failures: &[String]) {
     assert!(failures.is_empty(), "{what} failed for: {failures:#?}");
 }
 
+/// Whether two rows hold the same values bit for bit.
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// A fixture's prompt then a verify pass over its first 6 greedy tokens, and the same
+/// tokens one step at a time on a second sequence: (verify rows, one-step rows).
+fn verify_and_one_at_a_time(b: &Arc<CudaBackend>, name: &str) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let r = reference(name);
+    let mut m = cuda_runner(b, name);
+    let new = &r.greedy_ids[..6];
+    m.add_sequence(1).unwrap();
+    m.forward(&[work(1, &r.prompt_ids, false)]).unwrap();
+    let verify = m.forward(&[work(1, new, true)]).unwrap();
+    m.add_sequence(2).unwrap();
+    m.forward(&[work(2, &r.prompt_ids, false)]).unwrap();
+    let ones = new
+        .iter()
+        .map(|t| {
+            m.forward(&[work(2, &[*t], false)]).unwrap()[0]
+                .last()
+                .to_vec()
+        })
+        .collect();
+    let rows = (0..new.len()).map(|i| verify[0].row(i).to_vec()).collect();
+    (rows, ones)
+}
+
 #[test]
 fn cuda_prefill_and_decode_logits_match_transformers() {
     let Some(b) = backend() else { return };
@@ -148,19 +176,11 @@ fn cuda_verify_pass_equals_one_token_at_a_time() {
     let Some(b) = backend() else { return };
     let mut failures = Vec::new();
     for &name in LAYOUTS {
-        let r = reference(name);
-        let mut m = cuda_runner(&b, name);
-        let new = &r.greedy_ids[..6];
-        m.add_sequence(1).unwrap();
-        m.forward(&[work(1, &r.prompt_ids, false)]).unwrap();
-        let verify = m.forward(&[work(1, new, true)]).unwrap();
-        m.add_sequence(2).unwrap();
-        m.forward(&[work(2, &r.prompt_ids, false)]).unwrap();
-        let mut worst = 0.0f32;
-        for (i, t) in new.iter().enumerate() {
-            let one = m.forward(&[work(2, &[*t], false)]).unwrap();
-            worst = worst.max(rel_err(verify[0].row(i), one[0].last()));
-        }
+        let (verify, ones) = verify_and_one_at_a_time(&b, name);
+        let worst = verify
+            .iter()
+            .zip(&ones)
+            .fold(0.0f32, |w, (v, o)| w.max(rel_err(v, o)));
         println!("{name}: verify vs one-at-a-time worst rel err {worst:.2e}");
         if worst >= TOL {
             failures.push(format!("{name}: {worst:.3e}"));
@@ -367,20 +387,15 @@ fn cuda_linear_matches_cpu_on_both_paths_and_fused_epilogues_change_no_bit() {
                     "linear {rows}x{k} @ {n}x{k} ({kernel:?}): rel err {e}"
                 );
                 assert!(
-                    got.iter()
-                        .zip(&again)
-                        .all(|(a, c)| a.to_bits() == c.to_bits()),
+                    same_bits(&got, &again),
                     "linear {rows}x{k} @ {n}x{k} ({kernel:?}) is not deterministic"
                 );
                 // The fused epilogues change no bit.
-                let same = |a: &[f32], c: &[f32]| {
-                    a.len() == c.len() && a.iter().zip(c).all(|(x, y)| x.to_bits() == y.to_bits())
-                };
                 let mut h = b.linear(&gx, &gw, Some(&gb)).unwrap();
                 b.gelu(&mut h).unwrap();
                 let fused = b.linear_gelu(&gx, &gw, Some(&gb)).unwrap();
                 assert!(
-                    same(&b.to_host(&fused).unwrap(), &b.to_host(&h).unwrap()),
+                    same_bits(&b.to_host(&fused).unwrap(), &b.to_host(&h).unwrap()),
                     "linear_gelu {rows}x{k} @ {n}x{k} ({kernel:?}) differs from linear + gelu"
                 );
                 let acc0 = random(rows * n, 99);
@@ -390,7 +405,7 @@ fn cuda_linear_matches_cpu_on_both_paths_and_fused_epilogues_change_no_bit() {
                 b.add(&mut sum, &b.linear(&gx, &gw, Some(&gb)).unwrap())
                     .unwrap();
                 assert!(
-                    same(&b.to_host(&acc).unwrap(), &b.to_host(&sum).unwrap()),
+                    same_bits(&b.to_host(&acc).unwrap(), &b.to_host(&sum).unwrap()),
                     "linear_add {rows}x{k} @ {n}x{k} ({kernel:?}) differs from linear + add"
                 );
             }
@@ -631,9 +646,7 @@ fn cuda_attention_rows_are_the_same_bits_in_any_step() {
             let one = attend(&mut kv2, prefix + i, &new[i * width..(i + 1) * width], 1);
             let row = &verify[i * out_w..(i + 1) * out_w];
             assert!(
-                row.iter()
-                    .zip(&one)
-                    .all(|(a, c)| a.to_bits() == c.to_bits()),
+                same_bits(row, &one),
                 "{nh}/{kvh}x{hd}, context {}: the verify row differs from the one-token step",
                 prefix + i + 1
             );
@@ -672,31 +685,16 @@ fn cuda_row_invariant_mode_gives_every_row_the_same_bits() {
         let y = b.to_host(&b.linear(&gx, &gw, None).unwrap()).unwrap();
         for (r, want) in alone.iter().enumerate().take(rows) {
             assert!(
-                y[r * n..(r + 1) * n]
-                    .iter()
-                    .zip(want)
-                    .all(|(a, c)| a.to_bits() == c.to_bits()),
+                same_bits(&y[r * n..(r + 1) * n], want),
                 "row {r} of {rows} differs from the row alone"
             );
         }
     }
     for &name in LAYOUTS {
-        let r = reference(name);
-        let mut m = cuda_runner(&b, name);
-        let new = &r.greedy_ids[..6];
-        m.add_sequence(1).unwrap();
-        m.forward(&[work(1, &r.prompt_ids, false)]).unwrap();
-        let verify = m.forward(&[work(1, new, true)]).unwrap();
-        m.add_sequence(2).unwrap();
-        m.forward(&[work(2, &r.prompt_ids, false)]).unwrap();
-        for (i, t) in new.iter().enumerate() {
-            let one = m.forward(&[work(2, &[*t], false)]).unwrap();
+        let (verify, ones) = verify_and_one_at_a_time(&b, name);
+        for (i, (v, o)) in verify.iter().zip(&ones).enumerate() {
             assert!(
-                verify[0]
-                    .row(i)
-                    .iter()
-                    .zip(one[0].last())
-                    .all(|(a, c)| a.to_bits() == c.to_bits()),
+                same_bits(v, o),
                 "{name}: verify row {i} differs from the one-token step"
             );
         }
@@ -742,10 +740,7 @@ fn cuda_batched_chunks_get_the_bits_they_get_alone() {
     for g in groups {
         let alone = product(&x[at * k..(at + g) * k], g, &[]);
         assert!(
-            batched[at * n..(at + g) * n]
-                .iter()
-                .zip(&alone)
-                .all(|(a, c)| a.to_bits() == c.to_bits()),
+            same_bits(&batched[at * n..(at + g) * n], &alone),
             "the chunk of {g} rows at row {at} differs from the chunk alone"
         );
         at += g;

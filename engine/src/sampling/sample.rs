@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use crate::sampling::params::{SamplingError, SamplingParams};
 use crate::sampling::rng::Rng;
-use crate::sampling::warp::{apply_repetition_penalty, argmax, warp_probs};
+use crate::sampling::warp::{apply_repetition_penalty, argmax, greedy_token, warp_probs};
 
 /// Inverse-CDF sampling with exactly one `rng.next_f64()` draw per call.
 ///
@@ -68,10 +68,7 @@ pub fn sample_token(
         if logits.is_empty() {
             return Err(SamplingError::EmptyLogits);
         }
-        if logits.iter().all(|x| x.is_nan() || *x == f32::NEG_INFINITY) {
-            return Err(SamplingError::NoFiniteLogits);
-        }
-        return Ok(argmax(&logits));
+        return greedy_token(&logits).ok_or(SamplingError::NoFiniteLogits);
     }
     let probs = warp_probs(&logits, params)?;
     Ok(sample_from_probs(&probs, rng))

@@ -88,6 +88,31 @@ struct Decode<'a> {
     scale: f32,
 }
 
+impl Decode<'_> {
+    /// The arguments both decode kernels start with: operands, the listed rows and the
+    /// step's metadata, outputs (`po`, `pm`: the split partials) and head counts.
+    fn args(&self, list: usize, po: Arg, pm: Arg) -> Result<Vec<Arg>, KernelError> {
+        Ok(vec![
+            self.q,
+            self.k,
+            self.v,
+            Arg::U64(self.layer_off),
+            Arg::U64(self.step.at(list)),
+            Arg::U64(self.step.at(self.step.off.row_info)),
+            Arg::U64(self.step.at(self.step.off.seq_info)),
+            Arg::U64(self.step.at(self.step.off.block_tables)),
+            Arg::I32(self.step.block_size as i32),
+            self.slopes,
+            Arg::I32(self.has_alibi),
+            self.out,
+            po,
+            pm,
+            Arg::I32(to_i32("attention", self.nh)?),
+            Arg::I32(to_i32("attention", self.kvh)?),
+        ])
+    }
+}
+
 /// Splits of a decode attention over `max_ctx` keys: `keys` each (more only past
 /// `COMBINE_MAX_SPLITS` splits), so that split boundaries do not depend on the other
 /// rows of a step. Returns (splits, keys per split).
@@ -357,36 +382,15 @@ impl Gpu {
         const OP: &str = "attention";
         let tiles = (d.nh / d.kvh).div_ceil(DEC_TC_HEADS);
         let (nsplit, keys_per_split) = fixed_splits(max_ctx, DEC_TC_SPLIT_KEYS);
-        let (part_o, part_ml) = self.partials(d, nsplit)?;
-        let (po, pm) = (
-            part_o.as_ref().map_or(d.out, p),
-            part_ml.as_ref().map_or(d.out, p),
-        );
+        let (_parts, po, pm) = self.partials(d, nsplit)?;
+        let mut args = d.args(list, po, pm)?;
+        args.extend([Arg::I32(to_i32(OP, keys_per_split)?), Arg::F32(d.scale)]);
         self.launch(
             func,
             (n_list as u32, (d.kvh * tiles) as u32, nsplit as u32),
             32 * DEC_TC_WARPS,
             0,
-            &[
-                d.q,
-                d.k,
-                d.v,
-                Arg::U64(d.layer_off),
-                Arg::U64(d.step.at(list)),
-                Arg::U64(d.step.at(d.step.off.row_info)),
-                Arg::U64(d.step.at(d.step.off.seq_info)),
-                Arg::U64(d.step.at(d.step.off.block_tables)),
-                Arg::I32(d.step.block_size as i32),
-                d.slopes,
-                Arg::I32(d.has_alibi),
-                d.out,
-                po,
-                pm,
-                Arg::I32(to_i32(OP, d.nh)?),
-                Arg::I32(to_i32(OP, d.kvh)?),
-                Arg::I32(to_i32(OP, keys_per_split)?),
-                Arg::F32(d.scale),
-            ],
+            &args,
         )?;
         self.combine(d, list, n_list, nsplit, po, pm)
     }
@@ -426,57 +430,40 @@ impl Gpu {
         let chunks = qpg.div_ceil(hb);
         let (nsplit, keys_per_split) = fixed_splits(max_ctx, DEC_SPLIT_KEYS);
         let smem = ((2 * hb * hd + 2 * hb + fixed) * 4) as u32;
-        let (part_o, part_ml) = self.partials(d, nsplit)?;
-        let (po, pm) = (
-            part_o.as_ref().map_or(d.out, p),
-            part_ml.as_ref().map_or(d.out, p),
-        );
+        let (_parts, po, pm) = self.partials(d, nsplit)?;
+        let mut args = d.args(list, po, pm)?;
+        args.extend([
+            Arg::I32(to_i32(OP, hd)?),
+            Arg::I32(hb as i32),
+            Arg::I32(to_i32(OP, keys_per_split)?),
+            Arg::F32(d.scale),
+        ]);
         self.launch(
             decode,
             (n_list as u32, (kvh * chunks) as u32, nsplit as u32),
             DEC_THREADS,
             smem,
-            &[
-                d.q,
-                d.k,
-                d.v,
-                Arg::U64(d.layer_off),
-                Arg::U64(d.step.at(list)),
-                Arg::U64(d.step.at(d.step.off.row_info)),
-                Arg::U64(d.step.at(d.step.off.seq_info)),
-                Arg::U64(d.step.at(d.step.off.block_tables)),
-                Arg::I32(d.step.block_size as i32),
-                d.slopes,
-                Arg::I32(d.has_alibi),
-                d.out,
-                po,
-                pm,
-                Arg::I32(to_i32(OP, nh)?),
-                Arg::I32(to_i32(OP, kvh)?),
-                Arg::I32(to_i32(OP, hd)?),
-                Arg::I32(hb as i32),
-                Arg::I32(to_i32(OP, keys_per_split)?),
-                Arg::F32(d.scale),
-            ],
+            &args,
         )?;
         self.combine(d, list, n_list, nsplit, po, pm)
     }
 
-    /// Partial results of `nsplit` splits for every row and head (none for one split).
+    /// Partial results of `nsplit` splits for every row and head (none for one split),
+    /// and the kernel arguments addressing them (the output buffer when there are none).
     #[allow(clippy::type_complexity)]
     fn partials(
         &self,
         d: &Decode<'_>,
         nsplit: usize,
-    ) -> Result<(Option<DeviceBuffer<f32>>, Option<DeviceBuffer<f32>>), KernelError> {
+    ) -> Result<(Option<(DeviceBuffer<f32>, DeviceBuffer<f32>)>, Arg, Arg), KernelError> {
         if nsplit <= 1 {
-            return Ok((None, None));
+            return Ok((None, d.out, d.out));
         }
         let rows = d.step.rows;
-        Ok((
-            Some(self.scratch::<f32>(rows * d.nh * nsplit * d.hd)?),
-            Some(self.scratch::<f32>(rows * d.nh * nsplit * 2)?),
-        ))
+        let o = self.scratch::<f32>(rows * d.nh * nsplit * d.hd)?;
+        let ml = self.scratch::<f32>(rows * d.nh * nsplit * 2)?;
+        let (po, pm) = (p(&o), p(&ml));
+        Ok((Some((o, ml)), po, pm))
     }
 
     /// Merges the splits of the listed rows (`attn_combine`), if there are several.
