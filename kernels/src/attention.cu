@@ -23,7 +23,8 @@ extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS)
                 const u32* __restrict__ block_tables, int block_size,
                 const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,
                 float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh, int hd,
-                int hb, int keys_per_split, float scale) { PDL_ENTER();
+                int hb, int keys_per_split, float scale, int early) { PDL_ENTER();
+    (void)early;  // the generic head size keeps the plain order
     extern __shared__ float smem[];
     const int r = row_list[blockIdx.x];
     const int qpg = nh / kvh;
@@ -131,7 +132,7 @@ __device__ __forceinline__ void attn_decode_fixed(
     const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,
     const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,
     float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh, int hb,
-    int keys_per_split, float scale) {
+    int keys_per_split, float scale, int early) {
     constexpr int KS = HD + 4;                                // padded K row, 16-byte aligned
     constexpr int DPL = HD / 32;                              // value columns per lane
     constexpr int CPK = HD / 8;                               // 16-byte chunks per key
@@ -158,14 +159,6 @@ __device__ __forceinline__ void attn_decode_fixed(
     float* l_s = m_s + hb;                   // [hb]
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    for (int i = tid; i < nhb * HD; i += blockDim.x) {
-        q_s[i] = q[((size_t)r * nh + h0) * HD + i];
-        acc_s[i] = 0.0f;
-    }
-    for (int i = tid; i < nhb; i += blockDim.x) {
-        m_s[i] = NEG_INF;
-        l_s[i] = 0.0f;
-    }
     uint4 nk[CH], nv[CH];
     auto fetch = [&](int t) {
 #pragma unroll
@@ -182,7 +175,21 @@ __device__ __forceinline__ void attn_decode_fixed(
             }
         }
     };
-    if (k_begin < k_end) fetch(k_begin);
+    // Keys before this step's first position were written by earlier steps (the step
+    // metadata by the host before it): their first tile is fetched before waiting on
+    // the previous kernel, so the memory latency overlaps that kernel's end.
+    const bool early_kv = early && k_begin < k_end && k_begin + DEC_TK <= (int)seq_info[4 * seq + 2];
+    if (early_kv) fetch(k_begin);
+    PDL_ENTER();
+    for (int i = tid; i < nhb * HD; i += blockDim.x) {
+        q_s[i] = q[((size_t)r * nh + h0) * HD + i];
+        acc_s[i] = 0.0f;
+    }
+    for (int i = tid; i < nhb; i += blockDim.x) {
+        m_s[i] = NEG_INF;
+        l_s[i] = 0.0f;
+    }
+    if (!early_kv && k_begin < k_end) fetch(k_begin);
     for (int t = k_begin; t < k_end; t += DEC_TK) {
         __syncthreads();
 #pragma unroll
@@ -277,10 +284,10 @@ __device__ __forceinline__ void attn_decode_fixed(
         const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,  \
         const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,               \
         float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh, int hd, int hb, \
-        int keys_per_split, float scale) { PDL_ENTER();                                         \
+        int keys_per_split, float scale, int early) {                                           \
         attn_decode_fixed<HD>(q, kc, vc, layer_off, row_list, row_info, seq_info, block_tables, \
                               block_size, slopes, has_alibi, out, part_o, part_ml, nh, kvh, hb, \
-                              keys_per_split, scale);                                           \
+                              keys_per_split, scale, early);                                    \
     }
 
 ATTN_DECODE_KERNEL(64)
@@ -292,12 +299,12 @@ ATTN_DECODE_KERNEL(128)
 // (coalesced) loads: a serial pass per split would cost a memory latency each, which
 // at a long context's hundred-odd splits dominated the whole attention.
 #define COMBINE_MAX_SPLITS 1024
-extern "C" __global__ void __launch_bounds__(128)
+extern "C" __global__ void __launch_bounds__(256)
     attn_combine(const u32* __restrict__ row_list, const float* __restrict__ part_o,
                  const float* __restrict__ part_ml, float* __restrict__ out, int nh, int hd,
                  int nsplit) {
     PDL_ENTER();
-    __shared__ float wz[COMBINE_MAX_SPLITS];
+    extern __shared__ float wz[];  // [COMBINE_MAX_SPLITS], then [4][hd]
     __shared__ float scratch[32];
     const int r = row_list[blockIdx.x], h = blockIdx.y;
     const size_t base = ((size_t)r * nh + h) * nsplit;
@@ -317,23 +324,24 @@ extern "C" __global__ void __launch_bounds__(128)
     }
     l = block_sum(l, scratch);  // its barriers also publish wz
     const float inv = 1.0f / l;
+    // Split z always goes to accumulator z % 4, so that splits without keys (zero
+    // weight) change nothing: a row's output is the same bits whatever the split count
+    // of its step, and the same as attn_decode's direct path for one split. The four
+    // accumulators of a column are summed by four groups of threads at once (serial
+    // sums over a hundred-odd splits were the long pole at long contexts).
+    float* acc = wz + COMBINE_MAX_SPLITS;  // [4][hd]
+    const int group = threadIdx.x & 3;
+    auto wt = [&](int z) { return z < COMBINE_MAX_SPLITS ? wz[z] : 0.0f; };
+    for (int d = threadIdx.x >> 2; d < hd; d += blockDim.x >> 2) {
+        float a = 0.0f;
+#pragma unroll 8
+        for (int z = group; z < nsplit; z += 4) a = fmaf(part_o[(base + z) * hd + d], wt(z), a);
+        acc[group * hd + d] = a;
+    }
+    __syncthreads();
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        // Split z always goes to accumulator z % 4, so that splits without keys (zero
-        // weight) change nothing: a row's output is the same bits whatever the split
-        // count of its step, and the same as attn_decode's direct path for one split.
-        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-        auto wt = [&](int z) { return z < COMBINE_MAX_SPLITS ? wz[z] : 0.0f; };
-        int z = 0;
-        for (; z + 4 <= nsplit; z += 4) {
-            a0 = fmaf(part_o[(base + z) * hd + d], wt(z), a0);
-            a1 = fmaf(part_o[(base + z + 1) * hd + d], wt(z + 1), a1);
-            a2 = fmaf(part_o[(base + z + 2) * hd + d], wt(z + 2), a2);
-            a3 = fmaf(part_o[(base + z + 3) * hd + d], wt(z + 3), a3);
-        }
-        if (z < nsplit) a0 = fmaf(part_o[(base + z) * hd + d], wt(z), a0);
-        if (z + 1 < nsplit) a1 = fmaf(part_o[(base + z + 1) * hd + d], wt(z + 1), a1);
-        if (z + 2 < nsplit) a2 = fmaf(part_o[(base + z + 2) * hd + d], wt(z + 2), a2);
-        out[((size_t)r * nh + h) * hd + d] = ((a0 + a1) + (a2 + a3)) * inv;
+        out[((size_t)r * nh + h) * hd + d] =
+            ((acc[d] + acc[hd + d]) + (acc[2 * hd + d] + acc[3 * hd + d])) * inv;
     }
 }
 
@@ -569,11 +577,12 @@ __device__ __forceinline__ void attn_dec_tc(
     const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,
     const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,
     float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh,
-    int keys_per_split, float scale) {
+    int keys_per_split, float scale, int early) {
     constexpr int KP = HD + 8;
     constexpr int VP = TC_BK + 8;
     constexpr int CPK = HD / 8;                                  // 16-byte chunks per key
     constexpr int CH = TC_BK * CPK / (32 * DTC_WARPS);           // chunks per thread
+    constexpr int ST = HD <= 64 ? 4 : 2;                         // tiles in flight
     __shared__ __align__(16) bf16_t ks[TC_BK * KP];
     __shared__ __align__(16) bf16_t vt[HD * VP];
 
@@ -596,6 +605,38 @@ __device__ __forceinline__ void attn_dec_tc(
     const float slope0 = (has_alibi && v0) ? slopes[h0 + hr0] : 0.0f;
     const float slope1 = (has_alibi && v1) ? slopes[h0 + hr1] : 0.0f;
 
+    // Chunk id = tid + k * blockDim: key j = id % TC_BK, 16-byte chunk c = id / TC_BK
+    // (consecutive threads take consecutive keys: conflict-free transposed V stores).
+    // ST tiles are in flight at once (registers; stage s is always a constant after
+    // unrolling): one tile at a time left each block waiting a full memory latency,
+    // twice over with the block-table lookup, per 64 keys.
+    uint4 nk[ST][CH], nv[ST][CH];
+    auto fetch = [&](int s, int t) {
+#pragma unroll
+        for (int k = 0; k < CH; k++) {
+            const int id = tid + k * 32 * DTC_WARPS;
+            const int key = t + id % TC_BK, c = id / TC_BK;
+            nk[s][k] = make_uint4(0, 0, 0, 0);
+            nv[s][k] = make_uint4(0, 0, 0, 0);
+            if (key < k_end) {
+                const u64 slot = (u64)block_tables[bt_off + key / block_size] * block_size + key % block_size;
+                const u64 off = layer_off + (slot * kvh + g) * HD + c * 8;
+                nk[s][k] = *(const uint4*)(kc + off);
+                nv[s][k] = *(const uint4*)(vc + off);
+            }
+        }
+    };
+    auto fetch_stages = [&](int t0) {
+#pragma unroll
+        for (int s = 0; s < ST; s++)
+            if (t0 + s * TC_BK < k_end) fetch(s, t0 + s * TC_BK);
+    };
+    // The first tiles, when they hold only keys written by earlier steps, are fetched
+    // before the wait on the previous kernel (see attn_decode_fixed).
+    const bool early_kv =
+        early && k_begin < k_end && k_begin + ST * TC_BK <= (int)seq_info[4 * seq + 2];
+    if (early_kv) fetch_stages(k_begin);
+    PDL_ENTER();
     u32 qf[HD / 16][4];
     {
         const float* qa = q + ((size_t)r * nh + h0 + (v0 ? hr0 : 0)) * HD;
@@ -614,33 +655,19 @@ __device__ __forceinline__ void attn_dec_tc(
     for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
 
-    // Chunk id = tid + k * blockDim: key j = id % TC_BK, 16-byte chunk c = id / TC_BK
-    // (consecutive threads take consecutive keys: conflict-free transposed V stores).
-    uint4 nk[CH], nv[CH];
-    auto fetch = [&](int t) {
+    if (!early_kv) fetch_stages(k_begin);
+    for (int kt0 = k_begin; kt0 < k_end; kt0 += ST * TC_BK) {
 #pragma unroll
-        for (int k = 0; k < CH; k++) {
-            const int id = tid + k * 32 * DTC_WARPS;
-            const int key = t + id % TC_BK, c = id / TC_BK;
-            nk[k] = make_uint4(0, 0, 0, 0);
-            nv[k] = make_uint4(0, 0, 0, 0);
-            if (key < k_end) {
-                const u64 slot = (u64)block_tables[bt_off + key / block_size] * block_size + key % block_size;
-                const u64 off = layer_off + (slot * kvh + g) * HD + c * 8;
-                nk[k] = *(const uint4*)(kc + off);
-                nv[k] = *(const uint4*)(vc + off);
-            }
-        }
-    };
-    if (k_begin < k_end) fetch(k_begin);
-    for (int kt = k_begin; kt < k_end; kt += TC_BK) {
+    for (int s = 0; s < ST; s++) {
+        const int kt = kt0 + s * TC_BK;
+        if (kt >= k_end) break;
         __syncthreads();
 #pragma unroll
         for (int k = 0; k < CH; k++) {
             const int id = tid + k * 32 * DTC_WARPS;
             const int j = id % TC_BK, c = id / TC_BK;
-            *(uint4*)(ks + j * KP + c * 8) = nk[k];
-            const u32 w4[4] = {nv[k].x, nv[k].y, nv[k].z, nv[k].w};
+            *(uint4*)(ks + j * KP + c * 8) = nk[s][k];
+            const u32 w4[4] = {nv[s][k].x, nv[s][k].y, nv[s][k].z, nv[s][k].w};
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 vt[(c * 8 + 2 * e) * VP + j] = (bf16_t)(w4[e] & 0xffffu);
@@ -648,7 +675,7 @@ __device__ __forceinline__ void attn_dec_tc(
             }
         }
         __syncthreads();
-        if (kt + TC_BK < k_end) fetch(kt + TC_BK);
+        if (kt + ST * TC_BK < k_end) fetch(s, kt + ST * TC_BK);
         if (!active) continue;
 
         float sc[TC_BK / 8][4];
@@ -666,6 +693,7 @@ __device__ __forceinline__ void attn_dec_tc(
         }
         // The first tile of a split holds at least one visible key: maxima are finite.
         tc_softmax_pv_tile<HD, VP>(sc, m0, m1, l0, l1, o, vt, gid, tig);
+    }
     }
     if (!active) return;
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
@@ -721,11 +749,10 @@ __device__ __forceinline__ void attn_dec_tc(
         const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,  \
         const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,               \
         float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh,               \
-        int keys_per_split, float scale) {                                                      \
-        PDL_ENTER();                                                                            \
+        int keys_per_split, float scale, int early) {                                           \
         attn_dec_tc<HD>(q, kc, vc, layer_off, row_list, row_info, seq_info, block_tables,       \
                         block_size, slopes, has_alibi, out, part_o, part_ml, nh, kvh,           \
-                        keys_per_split, scale);                                                 \
+                        keys_per_split, scale, early);                                          \
     }
 
 ATTN_DEC_TC_KERNEL(64)

@@ -8,6 +8,8 @@ extern "C" __global__ void embed_bf16(const bf16_t* __restrict__ table, const u3
     const int r = blockIdx.x;
     const bf16_t* src = table + (size_t)ids[r] * cols;
     float* dst = out + (size_t)r * cols;
+    // Unrolled so that several loads are in flight (a dependent chain otherwise).
+#pragma unroll 8
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = bf2f(src[c]);
 }
 
@@ -52,6 +54,7 @@ extern "C" __global__ void gather_rows_f32(const float* __restrict__ x, const u3
                                            float* __restrict__ out, int cols) { PDL_ENTER();
     const float* src = x + (size_t)rows[blockIdx.x] * cols;
     float* dst = out + (size_t)blockIdx.x * cols;
+#pragma unroll 8
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
 }
 
@@ -154,6 +157,15 @@ extern "C" __global__ void rope_qkv(const float* __restrict__ qkv, float* __rest
 extern "C" __global__ void __launch_bounds__(1024)
     layer_norm_f32_reg(const float* __restrict__ x, const float* __restrict__ w,
                        const float* __restrict__ b, float* __restrict__ out, int cols, float eps) {
+    // The norm's own weights depend on no earlier kernel: loaded before the wait on
+    // the previous one, so that only the activations' latency remains after it.
+    float wr[8], br[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const int c = threadIdx.x + i * blockDim.x;
+        wr[i] = c < cols ? w[c] : 0.0f;
+        br[i] = c < cols ? b[c] : 0.0f;
+    }
     PDL_ENTER();
     __shared__ float scratch[32];
     const float* row = x + (size_t)blockIdx.x * cols;
@@ -179,7 +191,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 #pragma unroll
     for (int i = 0; i < 8; i++) {
         const int c = threadIdx.x + i * blockDim.x;
-        if (c < cols) dst[c] = (v[i] - mean) * inv * w[c] + b[c];
+        if (c < cols) dst[c] = (v[i] - mean) * inv * wr[i] + br[i];
     }
 }
 
@@ -215,12 +227,23 @@ extern "C" __global__ void argmax_rows_f32(const float* __restrict__ x, u32* __r
     const float* row = x + (size_t)blockIdx.x * cols;
     float bv = NEG_INF;
     u32 bi = 0xffffffffu;
-    // Each thread scans increasing indices: a strictly larger value replaces.
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float v = row[c];
-        if (!isnan(v) && v != NEG_INF && (bi == 0xffffffffu || v > bv)) {
-            bv = v;
-            bi = (u32)c;
+    // Each thread scans increasing indices: a strictly larger value replaces. Eight
+    // loads go out before any is compared (one at a time, a 65k-entry row cost 64
+    // memory latencies per thread).
+    const int stride = blockDim.x;
+    for (int c0 = threadIdx.x; c0 < cols; c0 += 8 * stride) {
+        float v[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int c = c0 + u * stride;
+            v[u] = c < cols ? row[c] : NEG_INF;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            if (!isnan(v[u]) && v[u] != NEG_INF && (bi == 0xffffffffu || v[u] > bv)) {
+                bv = v[u];
+                bi = (u32)(c0 + u * stride);
+            }
         }
     }
     argmax_warp(bv, bi);

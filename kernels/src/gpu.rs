@@ -163,6 +163,9 @@ pub(crate) struct Kernels {
     pub fill_uniform_f32: CudaFunction,
     pub rope_qkv: CudaFunction,
     pub gemv: Vec<CudaFunction>,
+    /// One-row alternatives: one feature per warp (`gemv_bf16_r1_f1`), four (`_f4`).
+    pub gemv_r1_f1: CudaFunction,
+    pub gemv_r1_f4: CudaFunction,
     pub gemv_tc: Vec<CudaFunction>,
     /// Row-invariant tensor-core GEMVs (`gemv_tcx_r1..4`, then `gemv_tc_r5..8`).
     pub gemv_tc_exact: Vec<CudaFunction>,
@@ -209,6 +212,8 @@ impl Kernels {
             fill_uniform_f32: f("fill_uniform_f32")?,
             rope_qkv: f("rope_qkv")?,
             gemv,
+            gemv_r1_f1: f("gemv_bf16_r1_f1")?,
+            gemv_r1_f4: f("gemv_bf16_r1_f4")?,
             gemv_tc,
             gemv_tc_exact,
             gemv_scalar: f("gemv_bf16_scalar")?,
@@ -254,6 +259,8 @@ pub struct Gpu {
     /// Few-row products give each row the same bits in any row count (see
     /// [`Gpu::set_row_invariant`]).
     row_invariant: AtomicBool,
+    early_loads: AtomicBool,
+    gemv1_features: AtomicUsize,
     /// Page-locked (cached) host memory that f32 downloads go through: to a pageable
     /// destination the driver stages the copy itself, several times slower for the
     /// logits of a verify pass (1.3 MB at Falcon-7B's vocabulary). Only ever grows.
@@ -331,6 +338,9 @@ pub const ROW_INVARIANT_MAX_ROWS: usize = 16;
 /// 12, 5.59 at 4 and about 5.2 at 24 (isolated GEMVs, partly served from L2 when repeated,
 /// favoured 3-4 instead).
 pub const TC_BLOCKS_PER_SM: usize = 8;
+
+/// Output features per warp of the one-row CUDA-core GEMV (`FALCONER_GEMV1_FEATURES`).
+pub const GEMV1_FEATURES: usize = 2;
 
 /// The kernels of a few-row (1 to 8) `linear`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -430,6 +440,14 @@ impl Gpu {
             attn_tc_min_ctx: AtomicUsize::new(ATTN_TC_MIN_CTX),
             staging: Mutex::new(None),
             row_invariant: AtomicBool::new(env_flag("FALCONER_ROW_INVARIANT", false)),
+            early_loads: AtomicBool::new(env_flag("FALCONER_EARLY_LOADS", true)),
+            gemv1_features: AtomicUsize::new(
+                std::env::var("FALCONER_GEMV1_FEATURES")
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .filter(|f: &usize| [1, 2, 4].contains(f))
+                    .unwrap_or(GEMV1_FEATURES),
+            ),
             tc_blocks_per_sm: AtomicUsize::new(
                 std::env::var("FALCONER_TC_BLOCKS")
                     .ok()
@@ -523,6 +541,31 @@ impl Gpu {
 
     pub fn row_invariant(&self) -> bool {
         self.row_invariant.load(Ordering::Relaxed)
+    }
+
+    /// Whether the GEMVs issue their first weight loads, and decode attention its first
+    /// tile of keys from earlier steps, before waiting on the previous kernel (neither
+    /// depends on it; on by default, `FALCONER_EARLY_LOADS=0` turns it off). Changes
+    /// no bit of any result.
+    pub fn set_early_loads(&self, on: bool) {
+        self.early_loads.store(on, Ordering::Relaxed);
+    }
+
+    pub fn early_loads(&self) -> bool {
+        self.early_loads.load(Ordering::Relaxed)
+    }
+
+    /// Output features per warp of the one-row CUDA-core GEMV: 1, 2 or 4 (default
+    /// [`GEMV1_FEATURES`]; others are ignored). Each warp sums its features in the same
+    /// order whatever this is, so the bits do not change.
+    pub fn set_gemv1_features(&self, features: usize) {
+        if [1, 2, 4].contains(&features) {
+            self.gemv1_features.store(features, Ordering::Relaxed);
+        }
+    }
+
+    pub fn gemv1_features(&self) -> usize {
+        self.gemv1_features.load(Ordering::Relaxed)
     }
 
     pub fn tc_blocks_per_sm(&self) -> usize {

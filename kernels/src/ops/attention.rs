@@ -384,7 +384,11 @@ impl Gpu {
         let (nsplit, keys_per_split) = fixed_splits(max_ctx, DEC_TC_SPLIT_KEYS);
         let (_parts, po, pm) = self.partials(d, nsplit)?;
         let mut args = d.args(list, po, pm)?;
-        args.extend([Arg::I32(to_i32(OP, keys_per_split)?), Arg::F32(d.scale)]);
+        args.extend([
+            Arg::I32(to_i32(OP, keys_per_split)?),
+            Arg::F32(d.scale),
+            Arg::I32(i32::from(self.early_loads())),
+        ]);
         self.launch(
             func,
             (n_list as u32, (d.kvh * tiles) as u32, nsplit as u32),
@@ -437,6 +441,7 @@ impl Gpu {
             Arg::I32(hb as i32),
             Arg::I32(to_i32(OP, keys_per_split)?),
             Arg::F32(d.scale),
+            Arg::I32(i32::from(self.early_loads())),
         ]);
         self.launch(
             decode,
@@ -479,11 +484,13 @@ impl Gpu {
         if nsplit <= 1 {
             return Ok(());
         }
+        // Shared memory: the split weights, then four partial sums per column.
+        let smem = ((COMBINE_MAX_SPLITS + 4 * d.hd) * 4) as u32;
         self.launch(
             &self.k.attn_combine,
             (n_list as u32, d.nh as u32, 1),
-            128,
-            0,
+            256,
+            smem,
             &[
                 Arg::U64(d.step.at(list)),
                 po,

@@ -1,0 +1,324 @@
+//! The measurements behind the benchmark's rows: timed decode runs, bandwidth and peak
+//! probes, the decode attention at a long context, a decode layer replayed op by op;
+//! and the stand-in checkpoint they run on.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use falconer_engine::backend::cuda::CudaBackend;
+use falconer_engine::backend::{AttnConfig, Backend, KvLayout, SeqMeta, StepMeta};
+use falconer_engine::config::FalconConfig;
+use falconer_engine::model::expected_tensors;
+use falconer_engine::posenc::rope::Rope;
+use falconer_engine::sampling::argmax;
+use falconer_engine::{ModelRunner, SeqWork};
+use serde_json::{json, Value};
+
+use crate::{BLOCK, LONG_CONTEXT, NEW_TOKENS, PROMPT};
+
+/// `runs` batch-1 greedy decodes of `NEW_TOKENS` after a `PROMPT`-token prompt: seconds
+/// each (the first is a warm-up). Greedy tokens come from the device's argmax, or with
+/// `host_logits` from logits copied to the host.
+pub(crate) fn decode_runs(
+    runner: &mut ModelRunner<CudaBackend>,
+    vocab: u32,
+    runs: usize,
+    host_logits: bool,
+) -> Result<Vec<f64>> {
+    let mut decode_s = Vec::new();
+    for run in 0..runs {
+        let prompt = tokens(PROMPT, vocab, run as u64);
+        let seq = 100 + run as u64;
+        runner.add_sequence(seq)?;
+        let first = runner.forward(&[SeqWork {
+            seq,
+            tokens: &prompt,
+            all_logits: false,
+        }])?;
+        let mut next = argmax(first[0].last());
+        let t = Instant::now();
+        for _ in 0..NEW_TOKENS {
+            let work = [SeqWork {
+                seq,
+                tokens: &[next],
+                all_logits: false,
+            }];
+            next = if host_logits {
+                argmax(runner.forward(&work)?[0].last())
+            } else {
+                runner.forward_greedy(&work)?[0][0].context("no usable logit")?
+            };
+        }
+        decode_s.push(t.elapsed().as_secs_f64());
+        runner.remove_sequence(seq)?;
+    }
+    Ok(decode_s)
+}
+
+/// A safetensors file of the right size whose data section is a hole: the header is
+/// real, the 14 GB of weights are never written (nor read, by the synthetic backend).
+pub(crate) fn write_sparse_checkpoint(dir: &Path, cfg: &FalconConfig) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape) in expected_tensors(cfg) {
+        if cfg.tie_word_embeddings && name == "lm_head.weight" {
+            continue;
+        }
+        let bytes = shape.iter().product::<usize>() * 2;
+        header.insert(
+            name,
+            json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut text = serde_json::to_string(&Value::Object(header))?;
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut f = std::fs::File::create(dir.join("model.safetensors"))?;
+    f.write_all(&(text.len() as u64).to_le_bytes())?;
+    f.write_all(text.as_bytes())?;
+    f.set_len((8 + text.len() + offset) as u64)?;
+    Ok(())
+}
+
+/// Bytes read per decoded token: every layer's matrices and the (tied) output head.
+pub(crate) fn weight_bytes(cfg: &FalconConfig) -> usize {
+    let h = cfg.hidden_size;
+    let per_layer = cfg.qkv_rows() * h + h * h + 2 * cfg.ffn_hidden_size * h;
+    (per_layer * cfg.num_layers + cfg.vocab_size * h) * 2
+}
+
+/// Multiply-add FLOPs of a prefill of `t` tokens: the linear layers (logits for the
+/// last token only) and causal attention (QK^T and PV over the visible keys).
+pub(crate) fn prefill_flops(cfg: &FalconConfig, t: usize) -> (f64, f64) {
+    let h = cfg.hidden_size as f64;
+    let per_layer = (cfg.qkv_rows() as f64 + h + 2.0 * cfg.ffn_hidden_size as f64) * h;
+    let linear =
+        2.0 * t as f64 * per_layer * cfg.num_layers as f64 + 2.0 * h * cfg.vocab_size as f64;
+    let visible = (t * (t + 1) / 2) as f64;
+    let attn = 4.0 * visible * (cfg.num_heads * cfg.head_dim) as f64 * cfg.num_layers as f64;
+    (linear, attn)
+}
+
+pub(crate) fn tokens(n: usize, vocab: u32, seed: u64) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % u64::from(vocab)) as u32
+        })
+        .collect()
+}
+
+pub(crate) fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Runs `f` `iters` times after one warm-up call, synchronised; seconds per call.
+pub(crate) fn time_it(backend: &CudaBackend, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    backend.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    backend.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() / iters as f64)
+}
+
+pub(crate) fn copy_bandwidth(backend: &CudaBackend) -> Result<f64> {
+    let gpu = backend.gpu();
+    let n = 1usize << 30; // 2 GiB of bf16
+    let mut src = gpu.alloc(n)?;
+    gpu.fill_uniform_bf16(&mut src, 1, 1.0)?;
+    let s = time_it(backend, 10, || {
+        let _copy = gpu.duplicate(&src)?;
+        Ok(())
+    })?;
+    Ok(2.0 * (n * 2) as f64 / s / 1e9)
+}
+
+pub(crate) fn gemm_peak(backend: &CudaBackend) -> Result<(f64, String)> {
+    let gpu = backend.gpu();
+    let mut best = (0.0, String::new());
+    for (m, n, k) in [
+        (4096usize, 4096usize, 4096usize),
+        (2048, 18176, 4544),
+        (2048, 4672, 4544),
+    ] {
+        let mut a = gpu.alloc(m * k)?;
+        let mut w = gpu.alloc(n * k)?;
+        gpu.fill_uniform_bf16(&mut a, 2, 1.0)?;
+        gpu.fill_uniform_bf16(&mut w, 3, 0.05)?;
+        let mut c = gpu.alloc(m * n)?;
+        let s = time_it(backend, 20, || Ok(gpu.gemm_bf16(&a, m, k, &w, n, &mut c)?))?;
+        let tflops = 2.0 * (m * n * k) as f64 / s / 1e12;
+        if tflops > best.0 {
+            best = (tflops, format!("{m}x{n}x{k}"));
+        }
+    }
+    Ok(best)
+}
+
+/// One `linear` of `rows` activation rows on an `[n, k]` bf16 weight: microseconds and
+/// GB/s of weights.
+pub(crate) fn gemv_bandwidth(backend: &CudaBackend, n: usize, k: usize, rows: usize) -> Result<(f64, f64)> {
+    let gpu = backend.gpu();
+    let mut w = gpu.alloc(n * k)?;
+    gpu.fill_uniform_bf16(&mut w, 4, 0.05)?;
+    let mut x = gpu.alloc(rows * k)?;
+    gpu.fill_uniform_f32(&mut x, 5, 1.0, 0.0)?;
+    let s = time_it(backend, 50, || {
+        let _y = gpu.linear(&x, rows, k, &w, n, None, &[])?;
+        Ok(())
+    })?;
+    Ok((s * 1e6, (n * k * 2) as f64 / s / 1e9))
+}
+
+/// One decode row at position 32k-1 attending over every layer's cache.
+pub(crate) fn long_attention(
+    backend: &CudaBackend,
+    cfg: &FalconConfig,
+    iters: usize,
+) -> Result<(f64, f64)> {
+    let blocks = LONG_CONTEXT / BLOCK;
+    let layout = KvLayout {
+        num_layers: cfg.num_layers,
+        num_blocks: blocks,
+        block_size: BLOCK,
+        num_kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+    };
+    let mut kv = backend.alloc_kv(&layout)?;
+    backend.fill_kv_uniform(&mut kv, 77)?;
+    let pos = LONG_CONTEXT - 1;
+    let rope = Rope::new(&cfg.rope, cfg.head_dim);
+    let mut meta = StepMeta {
+        token_ids: vec![0],
+        slots: vec![pos as u32],
+        block_size: BLOCK,
+        seqs: vec![SeqMeta {
+            first_row: 0,
+            num_rows: 1,
+            start_pos: pos,
+            block_table: (0..blocks as u32).collect(),
+        }],
+        ..StepMeta::default()
+    };
+    rope.push_cos_sin(pos, pos + 1, &mut meta.rope_cos, &mut meta.rope_sin);
+    let step = backend.prepare_step(&meta)?;
+    let attn = AttnConfig {
+        num_heads: cfg.num_heads,
+        num_kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+        alibi_slopes: None,
+    };
+    let width = cfg.qkv_rows();
+    let qkv: Vec<f32> = tokens(width, 1000, 3)
+        .iter()
+        .map(|&t| t as f32 / 500.0 - 1.0)
+        .collect();
+    let x = backend.upload_hidden(&qkv, 1, width)?;
+    let s = time_it(backend, iters, || {
+        for layer in 0..cfg.num_layers {
+            backend.attention(&x, &mut kv, layer, &step, &attn)?;
+        }
+        Ok(())
+    })?;
+    let bytes = 2 * cfg.num_layers * LONG_CONTEXT * cfg.num_kv_heads * cfg.head_dim * 2;
+    Ok((s * 1e3, bytes as f64 / s / 1e9))
+}
+
+/// Queues `cfg.num_layers` decode layers (one row at `ctx - 1`) through the backend ops
+/// with one set of layer weights: host milliseconds to queue, and milliseconds until the
+/// GPU is done. `full = false` queues only the four GEMVs per layer.
+pub(crate) fn layer_replica(
+    backend: &CudaBackend,
+    cfg: &FalconConfig,
+    ctx: usize,
+    full: bool,
+) -> Result<(f64, f64)> {
+    let h = cfg.hidden_size;
+    let f = cfg.ffn_hidden_size;
+    let tensor = |shape: &[usize]| -> Result<_> {
+        Ok(backend.upload(&falconer_engine::checkpoint::HostTensor {
+            dtype: falconer_engine::checkpoint::Dtype::Bf16,
+            shape,
+            bytes: &[],
+        })?)
+    };
+    let (qkv_w, dense_w) = (tensor(&[cfg.qkv_rows(), h])?, tensor(&[h, h])?);
+    let (up_w, down_w) = (tensor(&[f, h])?, tensor(&[h, f])?);
+    let (ln_w, ln_b) = (tensor(&[h])?, tensor(&[h])?);
+    let blocks = ctx.div_ceil(BLOCK);
+    let layout = KvLayout {
+        num_layers: cfg.num_layers,
+        num_blocks: blocks,
+        block_size: BLOCK,
+        num_kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+    };
+    let mut kv = backend.alloc_kv(&layout)?;
+    backend.fill_kv_uniform(&mut kv, 5)?;
+    let pos = ctx - 1;
+    let rope = Rope::new(&cfg.rope, cfg.head_dim);
+    let mut meta = StepMeta {
+        token_ids: vec![0],
+        slots: vec![pos as u32],
+        block_size: BLOCK,
+        seqs: vec![SeqMeta {
+            first_row: 0,
+            num_rows: 1,
+            start_pos: pos,
+            block_table: (0..blocks as u32).collect(),
+        }],
+        ..StepMeta::default()
+    };
+    rope.push_cos_sin(pos, pos + 1, &mut meta.rope_cos, &mut meta.rope_sin);
+    let step = backend.prepare_step(&meta)?;
+    let attn = AttnConfig {
+        num_heads: cfg.num_heads,
+        num_kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+        alibi_slopes: None,
+    };
+    let x0: Vec<f32> = tokens(h, 1000, 9)
+        .iter()
+        .map(|&t| t as f32 / 500.0 - 1.0)
+        .collect();
+    let mut enqueue = Vec::new();
+    let mut total = Vec::new();
+    for _ in 0..11 {
+        let mut x = backend.upload_hidden(&x0, 1, h)?;
+        backend.synchronize()?;
+        let t = Instant::now();
+        for layer in 0..cfg.num_layers {
+            if full {
+                let a = backend.layer_norm(&x, &ln_w, &ln_b, 1e-5)?;
+                let qkv = backend.linear(&a, &qkv_w, None)?;
+                let ctx_out = backend.attention(&qkv, &mut kv, layer, &step, &attn)?;
+                backend.linear_add(&ctx_out, &dense_w, None, &mut x)?;
+                let up = backend.linear_gelu(&a, &up_w, None)?;
+                backend.linear_add(&up, &down_w, None, &mut x)?;
+            } else {
+                let qkv = backend.linear(&x, &qkv_w, None)?;
+                let _ = qkv;
+                let _d = backend.linear(&x, &dense_w, None)?;
+                let up = backend.linear(&x, &up_w, None)?;
+                let _down = backend.linear(&up, &down_w, None)?;
+            }
+        }
+        enqueue.push(t.elapsed().as_secs_f64());
+        backend.synchronize()?;
+        total.push(t.elapsed().as_secs_f64());
+    }
+    Ok((median(&enqueue[1..]) * 1e3, median(&total[1..]) * 1e3))
+}
