@@ -32,7 +32,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use falconer_engine::backend::cuda::kernels::{GemvKernel, ATTN_TC_MIN_CTX};
+use falconer_engine::backend::cuda::kernels::{
+    EarlyLoads, GemvKernel, ATTN_TC_MIN_CTX, EARLY_LOADS,
+};
 use falconer_engine::backend::cuda::CudaBackend;
 use falconer_engine::config::FalconConfig;
 use falconer_engine::error::BackendError;
@@ -233,21 +235,17 @@ fn gemv_section(backend: &CudaBackend, cfg: &FalconConfig, r: &mut Report) -> Re
     }
     r.rows.push(("sum of GEMVs per token".into(), format!("{est_ms:.3} ms")));
 
-    // One-row variants: features per warp of the CUDA-core GEMV, and weight loads issued
-    // before or after the wait on the previous kernel (isolated GEMVs: only the order
-    // of the loads within a kernel changes, not the overlap with the previous one).
-    let (f_default, early_default) = (gpu.gemv1_features(), gpu.early_loads());
+    // One-row variants: output features per warp of the CUDA-core GEMV.
+    let f_default = gpu.gemv1_features();
     let mut variants = serde_json::Map::new();
+    gpu.set_gemv_kernel(GemvKernel::Simt);
     for (name, n, k) in shapes {
         let mut cells = Vec::new();
-        for (f, early) in [(1, true), (2, true), (4, true), (2, false)] {
+        for f in [1usize, 2, 4] {
             gpu.set_gemv1_features(f);
-            gpu.set_early_loads(early);
-            gpu.set_gemv_kernel(GemvKernel::Simt);
             let (us, _) = gemv_bandwidth(backend, n, k, 1)?;
-            let late = if early { "" } else { " late" };
-            cells.push(format!("f{f}{late} {us:.1}"));
-            variants.insert(format!("{name}_f{f}{late}"), json!(us));
+            cells.push(format!("f{f} {us:.1}"));
+            variants.insert(format!("{name}_f{f}"), json!(us));
         }
         r.rows.push((
             format!("GEMV r=1 us by features/warp ({name})"),
@@ -255,7 +253,6 @@ fn gemv_section(backend: &CudaBackend, cfg: &FalconConfig, r: &mut Report) -> Re
         ));
     }
     gpu.set_gemv1_features(f_default);
-    gpu.set_early_loads(early_default);
     gpu.set_gemv_kernel(GemvKernel::Auto);
     r.out.insert("gemv_r1_variants_us".into(), Value::Object(variants));
 
@@ -356,16 +353,24 @@ fn decode_section(
         format!("{tps_host:.1} tokens/s (median of 2)"),
     ));
     r.out.insert("decode_host_logits_tokens_per_s".into(), json!(tps_host));
-    // Weight loads after the wait on the previous kernel; other one-row GEMV shapes.
-    gpu.set_early_loads(false);
-    let s = decode_runs(runner, vocab, 3, false)?;
-    gpu.set_early_loads(true);
-    let tps_late = NEW_TOKENS as f64 / median(&s[1..]);
+    // What goes out before the wait on the previous kernel; other one-row GEMV shapes.
+    let mut cells = Vec::new();
+    for (name, mode) in [
+        ("off", EarlyLoads::Off),
+        ("after GEMVs", EarlyLoads::AfterGemv),
+        ("always", EarlyLoads::Always),
+    ] {
+        gpu.set_early_loads(mode);
+        let s = decode_runs(runner, vocab, 3, false)?;
+        let t = NEW_TOKENS as f64 / median(&s[1..]);
+        cells.push(format!("{name} {t:.1}"));
+        r.out.insert(format!("decode_early_{mode:?}_tokens_per_s"), json!(t));
+    }
+    gpu.set_early_loads(EARLY_LOADS);
     r.rows.push((
-        "decode with GEMV weight loads after the PDL wait".into(),
-        format!("{tps_late:.1} tokens/s (median of 2)"),
+        "decode tokens/s by loads before the PDL wait".into(),
+        format!("{} (default {EARLY_LOADS:?})", cells.join(", ")),
     ));
-    r.out.insert("decode_late_loads_tokens_per_s".into(), json!(tps_late));
     let f_default = gpu.gemv1_features();
     let mut cells = Vec::new();
     for f in [1usize, 2, 4] {
@@ -576,15 +581,15 @@ fn attention_section(
     r.out.insert("attention_32k_ms".into(), json!(attn_ms));
     r.out.insert("attention_32k_gb_s".into(), json!(attn_gbs));
     let gpu = backend.gpu();
-    gpu.set_early_loads(false);
-    let late = long_attention(backend, cfg, 20);
-    gpu.set_early_loads(true);
-    let (late_ms, _) = late?;
+    gpu.set_early_loads(EarlyLoads::Always);
+    let early = long_attention(backend, cfg, 20);
+    gpu.set_early_loads(EARLY_LOADS);
+    let (early_ms, _) = early?;
     r.rows.push((
-        "the same, keys fetched after the PDL wait".into(),
-        format!("{late_ms:.3} ms"),
+        "the same, first keys fetched before the PDL wait".into(),
+        format!("{early_ms:.3} ms"),
     ));
-    r.out.insert("attention_32k_late_ms".into(), json!(late_ms));
+    r.out.insert("attention_32k_early_ms".into(), json!(early_ms));
     Ok(())
 }
 

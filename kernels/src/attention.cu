@@ -655,12 +655,9 @@ __device__ __forceinline__ void attn_dec_tc(
     for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
 
-    if (!early_kv) fetch_stages(k_begin);
-    for (int kt0 = k_begin; kt0 < k_end; kt0 += ST * TC_BK) {
-#pragma unroll
-    for (int s = 0; s < ST; s++) {
-        const int kt = kt0 + s * TC_BK;
-        if (kt >= k_end) break;
+    // One tile: stage s's registers to shared memory, stage s refilled with the tile
+    // ST ahead, then S = Q K^T and the online softmax with P V.
+    auto tile = [&](int s, int kt) {
         __syncthreads();
 #pragma unroll
         for (int k = 0; k < CH; k++) {
@@ -676,8 +673,7 @@ __device__ __forceinline__ void attn_dec_tc(
         }
         __syncthreads();
         if (kt + ST * TC_BK < k_end) fetch(s, kt + ST * TC_BK);
-        if (!active) continue;
-
+        if (!active) return;
         float sc[TC_BK / 8][4];
         tc_qk_tile<HD, KP>(sc, qf, ks, gid, tig);
 #pragma unroll
@@ -693,7 +689,14 @@ __device__ __forceinline__ void attn_dec_tc(
         }
         // The first tile of a split holds at least one visible key: maxima are finite.
         tc_softmax_pv_tile<HD, VP>(sc, m0, m1, l0, l1, o, vt, gid, tig);
-    }
+    };
+    if (!early_kv) fetch_stages(k_begin);
+    for (int kt0 = k_begin; kt0 < k_end; kt0 += ST * TC_BK) {
+#pragma unroll
+        for (int s = 0; s < ST; s++) {
+            // The same for the whole block (the tile's barriers).
+            if (kt0 + s * TC_BK < k_end) tile(s, kt0 + s * TC_BK);
+        }
     }
     if (!active) return;
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);

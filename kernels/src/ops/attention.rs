@@ -387,7 +387,7 @@ impl Gpu {
         args.extend([
             Arg::I32(to_i32(OP, keys_per_split)?),
             Arg::F32(d.scale),
-            Arg::I32(i32::from(self.early_loads())),
+            Arg::I32(i32::from(self.early_attention())),
         ]);
         self.launch(
             func,
@@ -441,7 +441,7 @@ impl Gpu {
             Arg::I32(hb as i32),
             Arg::I32(to_i32(OP, keys_per_split)?),
             Arg::F32(d.scale),
-            Arg::I32(i32::from(self.early_loads())),
+            Arg::I32(i32::from(self.early_attention())),
         ]);
         self.launch(
             decode,

@@ -230,6 +230,7 @@ impl Gpu {
                 if k.is_multiple_of(32) && kernel != GemvKernel::Simt {
                     self.gemv_tc_launch(xa, w, bias_arg, has_bias, ya, r, n, k, epi, exact)?;
                 } else if k.is_multiple_of(8) {
+                    let early = self.early_gemv();
                     let (func, per_warp) = match (r, self.gemv1_features()) {
                         (1, 1) => (&self.k.gemv_r1_f1, 1),
                         (1, 4) => (&self.k.gemv_r1_f4, 4),
@@ -249,9 +250,10 @@ impl Gpu {
                             Arg::I32(ki),
                             Arg::I32(has_bias),
                             epi_arg,
-                            Arg::I32(i32::from(self.early_loads())),
+                            Arg::I32(i32::from(early)),
                         ],
                     )?;
+                    self.mark_gemv();
                 } else {
                     self.launch(
                         &self.k.gemv_scalar,
@@ -352,6 +354,7 @@ impl Gpu {
         } else {
             0
         };
+        let early = self.early_gemv();
         self.launch(
             if exact {
                 &self.k.gemv_tc_exact[r - 1]
@@ -373,9 +376,11 @@ impl Gpu {
                 Arg::I32(has_bias),
                 Arg::I32(to_i32(OP, per_split)?),
                 Arg::I32(epi as i32),
-                Arg::I32(i32::from(self.early_loads())),
+                Arg::I32(i32::from(early)),
             ],
-        )
+        )?;
+        self.mark_gemv();
+        Ok(())
     }
 
     /// An f32 buffer rounded to bf16.
