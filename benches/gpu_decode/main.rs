@@ -32,9 +32,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use falconer_engine::backend::cuda::kernels::{
-    EarlyLoads, GemvKernel, ATTN_TC_MIN_CTX, EARLY_LOADS,
-};
+use falconer_engine::backend::cuda::kernels::{GemvKernel, ATTN_TC_MIN_CTX};
 use falconer_engine::backend::cuda::CudaBackend;
 use falconer_engine::config::FalconConfig;
 use falconer_engine::error::BackendError;
@@ -235,27 +233,6 @@ fn gemv_section(backend: &CudaBackend, cfg: &FalconConfig, r: &mut Report) -> Re
     }
     r.rows.push(("sum of GEMVs per token".into(), format!("{est_ms:.3} ms")));
 
-    // One-row variants: output features per warp of the CUDA-core GEMV.
-    let f_default = gpu.gemv1_features();
-    let mut variants = serde_json::Map::new();
-    gpu.set_gemv_kernel(GemvKernel::Simt);
-    for (name, n, k) in shapes {
-        let mut cells = Vec::new();
-        for f in [1usize, 2, 4] {
-            gpu.set_gemv1_features(f);
-            let (us, _) = gemv_bandwidth(backend, n, k, 1)?;
-            cells.push(format!("f{f} {us:.1}"));
-            variants.insert(format!("{name}_f{f}"), json!(us));
-        }
-        r.rows.push((
-            format!("GEMV r=1 us by features/warp ({name})"),
-            cells.join(", "),
-        ));
-    }
-    gpu.set_gemv1_features(f_default);
-    gpu.set_gemv_kernel(GemvKernel::Auto);
-    r.out.insert("gemv_r1_variants_us".into(), Value::Object(variants));
-
     // The split-K tensor-core GEMV by blocks per SM (more splits start more loads at
     // once; fewer cost less in partial sums).
     let bps_default = gpu.tc_blocks_per_sm();
@@ -353,38 +330,6 @@ fn decode_section(
         format!("{tps_host:.1} tokens/s (median of 2)"),
     ));
     r.out.insert("decode_host_logits_tokens_per_s".into(), json!(tps_host));
-    // What goes out before the wait on the previous kernel; other one-row GEMV shapes.
-    let mut cells = Vec::new();
-    for (name, mode) in [
-        ("off", EarlyLoads::Off),
-        ("after GEMVs", EarlyLoads::AfterGemv),
-        ("always", EarlyLoads::Always),
-    ] {
-        gpu.set_early_loads(mode);
-        let s = decode_runs(runner, vocab, 3, false)?;
-        let t = NEW_TOKENS as f64 / median(&s[1..]);
-        cells.push(format!("{name} {t:.1}"));
-        r.out.insert(format!("decode_early_{mode:?}_tokens_per_s"), json!(t));
-    }
-    gpu.set_early_loads(EARLY_LOADS);
-    r.rows.push((
-        "decode tokens/s by loads before the PDL wait".into(),
-        format!("{} (default {EARLY_LOADS:?})", cells.join(", ")),
-    ));
-    let f_default = gpu.gemv1_features();
-    let mut cells = Vec::new();
-    for f in [1usize, 2, 4] {
-        gpu.set_gemv1_features(f);
-        let s = decode_runs(runner, vocab, 3, false)?;
-        let t = NEW_TOKENS as f64 / median(&s[1..]);
-        cells.push(format!("f{f} {t:.1}"));
-        r.out.insert(format!("decode_gemv1_f{f}_tokens_per_s"), json!(t));
-    }
-    gpu.set_gemv1_features(f_default);
-    r.rows.push((
-        "decode tokens/s by one-row GEMV features/warp".into(),
-        format!("{} (default f{f_default})", cells.join(", ")),
-    ));
     let decode_s = decode_runs(runner, vocab, DECODE_RUNS, false)?;
     // The first run warms up (JIT, allocator pool).
     let med = median(&decode_s[1..]);
@@ -580,16 +525,6 @@ fn attention_section(
     ));
     r.out.insert("attention_32k_ms".into(), json!(attn_ms));
     r.out.insert("attention_32k_gb_s".into(), json!(attn_gbs));
-    let gpu = backend.gpu();
-    gpu.set_early_loads(EarlyLoads::Always);
-    let early = long_attention(backend, cfg, 20);
-    gpu.set_early_loads(EARLY_LOADS);
-    let (early_ms, _) = early?;
-    r.rows.push((
-        "the same, first keys fetched before the PDL wait".into(),
-        format!("{early_ms:.3} ms"),
-    ));
-    r.out.insert("attention_32k_early_ms".into(), json!(early_ms));
     Ok(())
 }
 

@@ -23,8 +23,7 @@ extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS)
                 const u32* __restrict__ block_tables, int block_size,
                 const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,
                 float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh, int hd,
-                int hb, int keys_per_split, float scale, int early) { PDL_ENTER();
-    (void)early;  // the generic head size keeps the plain order
+                int hb, int keys_per_split, float scale) { PDL_ENTER();
     extern __shared__ float smem[];
     const int r = row_list[blockIdx.x];
     const int qpg = nh / kvh;
@@ -132,7 +131,7 @@ __device__ __forceinline__ void attn_decode_fixed(
     const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,
     const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,
     float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh, int hb,
-    int keys_per_split, float scale, int early) {
+    int keys_per_split, float scale) {
     constexpr int KS = HD + 4;                                // padded K row, 16-byte aligned
     constexpr int DPL = HD / 32;                              // value columns per lane
     constexpr int CPK = HD / 8;                               // 16-byte chunks per key
@@ -175,12 +174,6 @@ __device__ __forceinline__ void attn_decode_fixed(
             }
         }
     };
-    // Keys before this step's first position were written by earlier steps (the step
-    // metadata by the host before it): their first tile is fetched before waiting on
-    // the previous kernel, so the memory latency overlaps that kernel's end.
-    const bool early_kv = early && k_begin < k_end && k_begin + DEC_TK <= (int)seq_info[4 * seq + 2];
-    if (early_kv) fetch(k_begin);
-    PDL_ENTER();
     for (int i = tid; i < nhb * HD; i += blockDim.x) {
         q_s[i] = q[((size_t)r * nh + h0) * HD + i];
         acc_s[i] = 0.0f;
@@ -189,7 +182,7 @@ __device__ __forceinline__ void attn_decode_fixed(
         m_s[i] = NEG_INF;
         l_s[i] = 0.0f;
     }
-    if (!early_kv && k_begin < k_end) fetch(k_begin);
+    if (k_begin < k_end) fetch(k_begin);
     for (int t = k_begin; t < k_end; t += DEC_TK) {
         __syncthreads();
 #pragma unroll
@@ -284,10 +277,10 @@ __device__ __forceinline__ void attn_decode_fixed(
         const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,  \
         const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,               \
         float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh, int hd, int hb, \
-        int keys_per_split, float scale, int early) {                                           \
+        int keys_per_split, float scale) { PDL_ENTER();                                         \
         attn_decode_fixed<HD>(q, kc, vc, layer_off, row_list, row_info, seq_info, block_tables, \
                               block_size, slopes, has_alibi, out, part_o, part_ml, nh, kvh, hb, \
-                              keys_per_split, scale, early);                                    \
+                              keys_per_split, scale);                                           \
     }
 
 ATTN_DECODE_KERNEL(64)
@@ -577,7 +570,7 @@ __device__ __forceinline__ void attn_dec_tc(
     const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,
     const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,
     float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh,
-    int keys_per_split, float scale, int early) {
+    int keys_per_split, float scale) {
     constexpr int KP = HD + 8;
     constexpr int VP = TC_BK + 8;
     constexpr int CPK = HD / 8;                                  // 16-byte chunks per key
@@ -631,12 +624,6 @@ __device__ __forceinline__ void attn_dec_tc(
         for (int s = 0; s < ST; s++)
             if (t0 + s * TC_BK < k_end) fetch(s, t0 + s * TC_BK);
     };
-    // The first tiles, when they hold only keys written by earlier steps, are fetched
-    // before the wait on the previous kernel (see attn_decode_fixed).
-    const bool early_kv =
-        early && k_begin < k_end && k_begin + ST * TC_BK <= (int)seq_info[4 * seq + 2];
-    if (early_kv) fetch_stages(k_begin);
-    PDL_ENTER();
     u32 qf[HD / 16][4];
     {
         const float* qa = q + ((size_t)r * nh + h0 + (v0 ? hr0 : 0)) * HD;
@@ -690,7 +677,7 @@ __device__ __forceinline__ void attn_dec_tc(
         // The first tile of a split holds at least one visible key: maxima are finite.
         tc_softmax_pv_tile<HD, VP>(sc, m0, m1, l0, l1, o, vt, gid, tig);
     };
-    if (!early_kv) fetch_stages(k_begin);
+    fetch_stages(k_begin);
     for (int kt0 = k_begin; kt0 < k_end; kt0 += ST * TC_BK) {
 #pragma unroll
         for (int s = 0; s < ST; s++) {
@@ -752,10 +739,11 @@ __device__ __forceinline__ void attn_dec_tc(
         const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,  \
         const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,               \
         float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh,               \
-        int keys_per_split, float scale, int early) {                                           \
+        int keys_per_split, float scale) {                                                      \
+        PDL_ENTER();                                                                            \
         attn_dec_tc<HD>(q, kc, vc, layer_off, row_list, row_info, seq_info, block_tables,       \
                         block_size, slopes, has_alibi, out, part_o, part_ml, nh, kvh,           \
-                        keys_per_split, scale, early);                                          \
+                        keys_per_split, scale);                                                 \
     }
 
 ATTN_DEC_TC_KERNEL(64)

@@ -74,16 +74,6 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
     return r;
 }
 
-// Volatile loads: issued in program order, so that a group's loads are all in flight
-// before the first mma (the compiler otherwise interleaves them with the mmas).
-__device__ __forceinline__ uint4 ld_stream_v(const uint4* p) {
-    uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(p));
-    return r;
-}
-
 // Programmatic dependent launch (sm_90+): a kernel queued with the PDL launch attribute
 // may start while its predecessor on the stream is still finishing; every kernel calls
 // pdl_wait() before it touches global memory (a no-op without the attribute, and before

@@ -37,15 +37,10 @@ __device__ __forceinline__ float dot8(uint4 w, float4 a, float4 b) {
 
 // Requires K % 8 == 0 (16-byte aligned weight rows). grid ceil(N / (GEMV_WARPS *
 // GEMV_ROWS)), block 32 * GEMV_WARPS.
-//
-// With `early`, a warp issues its first U weight loads before waiting on the previous
-// kernel (programmatic dependent launch): weights depend on no earlier kernel, so the
-// stream is already in flight when the activations become valid, instead of starting
-// from an empty pipeline at every kernel boundary.
 template <int R, int U, int GEMV_ROWS>
 __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                          const float* __restrict__ bias, float* __restrict__ y,
-                                         int N, int K, int has_bias, int epi, int early) {
+                                         int N, int K, int has_bias, int epi) {
     const int lane = threadIdx.x & 31;
     const int n0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * GEMV_ROWS;
     if (n0 >= N) return;
@@ -59,9 +54,15 @@ __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16
 #pragma unroll
         for (int r = 0; r < R; r++) acc[i][r] = 0.0f;
 
+    int c = lane;
     // U chunks per lane per iteration, loaded before use: enough bytes in flight to
     // cover HBM latency.
-    auto use = [&](const uint4 (&wv)[U][GEMV_ROWS], int c) {
+    for (; c + 32 * (U - 1) < K8; c += 32 * U) {
+        uint4 wv[U][GEMV_ROWS];
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int i = 0; i < GEMV_ROWS; i++) wv[u][i] = ld_stream(wp[i] + c + 32 * u);
 #pragma unroll
         for (int u = 0; u < U; u++) {
 #pragma unroll
@@ -72,27 +73,6 @@ __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16
                 for (int i = 0; i < GEMV_ROWS; i++) acc[i][r] += dot8(wv[u][i], a, b);
             }
         }
-    };
-    int c = lane;
-    if (early && c + 32 * (U - 1) < K8) {
-        uint4 wv[U][GEMV_ROWS];
-#pragma unroll
-        for (int u = 0; u < U; u++)
-#pragma unroll
-            for (int i = 0; i < GEMV_ROWS; i++) wv[u][i] = ld_stream_v(wp[i] + c + 32 * u);
-        PDL_ENTER();
-        use(wv, c);
-        c += 32 * U;
-    } else {
-        PDL_ENTER();
-    }
-    for (; c + 32 * (U - 1) < K8; c += 32 * U) {
-        uint4 wv[U][GEMV_ROWS];
-#pragma unroll
-        for (int u = 0; u < U; u++)
-#pragma unroll
-            for (int i = 0; i < GEMV_ROWS; i++) wv[u][i] = ld_stream(wp[i] + c + 32 * u);
-        use(wv, c);
     }
     for (; c < K8; c += 32) {
         uint4 wv[GEMV_ROWS];
@@ -119,26 +99,23 @@ __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16
 }
 
 // Output features per block: GEMV_WARPS * ROWS (the launcher mirrors this table).
-#define GEMV_KERNEL(NAME, R, U, ROWS)                                                          \
+#define GEMV_KERNEL(R, U, ROWS)                                                                \
     extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                              \
-        NAME(const float* __restrict__ x, const bf16_t* __restrict__ w,                        \
-             const float* __restrict__ bias, float* __restrict__ y, int N, int K,              \
-             int has_bias, int epi, int early) {                                               \
-        gemv_vec<R, U, ROWS>(x, w, bias, y, N, K, has_bias, epi, early);                       \
+        gemv_bf16_r##R(const float* __restrict__ x, const bf16_t* __restrict__ w,              \
+                       const float* __restrict__ bias, float* __restrict__ y, int N, int K,    \
+                       int has_bias, int epi) {                                                \
+        PDL_ENTER();                                                                           \
+        gemv_vec<R, U, ROWS>(x, w, bias, y, N, K, has_bias, epi);                              \
     }
 
-GEMV_KERNEL(gemv_bf16_r1, 1, 4, 2)
-GEMV_KERNEL(gemv_bf16_r2, 2, 4, 2)
-GEMV_KERNEL(gemv_bf16_r3, 3, 2, 4)
-GEMV_KERNEL(gemv_bf16_r4, 4, 2, 4)
-GEMV_KERNEL(gemv_bf16_r5, 5, 2, 4)
-GEMV_KERNEL(gemv_bf16_r6, 6, 2, 4)
-GEMV_KERNEL(gemv_bf16_r7, 7, 2, 4)
-GEMV_KERNEL(gemv_bf16_r8, 8, 2, 4)
-// One-row alternatives (the benchmark compares them): one feature per warp with 8 loads
-// in flight (finer work units: less imbalance across SMs), four features with 2.
-GEMV_KERNEL(gemv_bf16_r1_f1, 1, 8, 1)
-GEMV_KERNEL(gemv_bf16_r1_f4, 1, 2, 4)
+GEMV_KERNEL(1, 4, 2)
+GEMV_KERNEL(2, 4, 2)
+GEMV_KERNEL(3, 2, 4)
+GEMV_KERNEL(4, 2, 4)
+GEMV_KERNEL(5, 2, 4)
+GEMV_KERNEL(6, 2, 4)
+GEMV_KERNEL(7, 2, 4)
+GEMV_KERNEL(8, 2, 4)
 
 // Any K, any alignment (tiny models): one warp per output feature, scalar loads.
 // grid ceil(N / GEMV_WARPS), block 32 * GEMV_WARPS, R <= 8.
@@ -201,6 +178,16 @@ __device__ __forceinline__ u32 hi_pair(float a, float b) {
     return __byte_perm(__float_as_uint(a), __float_as_uint(b), 0x7632);
 }
 
+// Volatile loads: issued in program order, so that a group's loads are all in flight
+// before the first mma (the compiler otherwise interleaves them with the mmas).
+__device__ __forceinline__ uint4 ld_stream_v(const uint4* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
 __device__ __forceinline__ float4 ld_nc_v(const float4* p) {
     float4 r;
     asm volatile("ld.global.nc.v4.f32 {%0,%1,%2,%3}, [%4];"
@@ -226,8 +213,7 @@ template <int R, int TCG_U, bool PACK>
 __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                         const float* __restrict__ bias, float* __restrict__ y,
                                         float* __restrict__ part, u32* __restrict__ counters,
-                                        int N, int K, int has_bias, int chunks_per_split, int epi,
-                                        int early) {
+                                        int N, int K, int has_bias, int chunks_per_split, int epi) {
     constexpr bool PACKED = PACK && R <= 4;
     __shared__ float red[TCG_WARPS][32][4];
     __shared__ float tile_out[16][8];
@@ -278,23 +264,15 @@ __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_
         }
     };
     // Whole groups of TCG_U chunks, warps in turn; then the last < TCG_U chunks one each.
-    // With `early`, the first group's weight loads go out before the wait on the
-    // previous kernel (see gemv_vec).
     const int full_end = c_begin + (c_end - c_begin) / TCG_U * TCG_U;
-    uint4 va[TCG_U], vb[TCG_U];
-    auto load_w = [&](int c0) {
+    for (int c0 = c_begin + warp * TCG_U; c0 < full_end; c0 += TCG_WARPS * TCG_U) {
+        uint4 va[TCG_U], vb[TCG_U];
+        float4 x0[TCG_U], x1[TCG_U];
 #pragma unroll
         for (int u = 0; u < TCG_U; u++) {
             va[u] = ld_stream_v(wa + 4 * (c0 + u));
             vb[u] = ld_stream_v(wb + 4 * (c0 + u));
         }
-    };
-    int c0 = c_begin + warp * TCG_U;
-    if (early && c0 < full_end) load_w(c0);
-    PDL_ENTER();
-    for (bool first = true; c0 < full_end; c0 += TCG_WARPS * TCG_U, first = false) {
-        float4 x0[TCG_U], x1[TCG_U];
-        if (!(first && early)) load_w(c0);
 #pragma unroll
         for (int u = 0; u < TCG_U; u++) {
             x0[u] = ld_nc_v(xp + 8 * (c0 + u));
@@ -349,9 +327,10 @@ __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_
         NAME(const float* __restrict__ x, const bf16_t* __restrict__ w,                        \
              const float* __restrict__ bias, float* __restrict__ y, float* __restrict__ part,  \
              u32* __restrict__ counters, int N, int K, int has_bias, int chunks_per_split,     \
-             int epi, int early) {                                                             \
+             int epi) {                                                                        \
+        PDL_ENTER();                                                                           \
         gemv_tc<R, U, PACK>(x, w, bias, y, part, counters, N, K, has_bias, chunks_per_split,   \
-                            epi, early);                                                       \
+                            epi);                                                              \
     }
 
 // TCG_U = 4 chunks per warp per iteration (8 measured slower on the H200).

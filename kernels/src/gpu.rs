@@ -163,9 +163,6 @@ pub(crate) struct Kernels {
     pub fill_uniform_f32: CudaFunction,
     pub rope_qkv: CudaFunction,
     pub gemv: Vec<CudaFunction>,
-    /// One-row alternatives: one feature per warp (`gemv_bf16_r1_f1`), four (`_f4`).
-    pub gemv_r1_f1: CudaFunction,
-    pub gemv_r1_f4: CudaFunction,
     pub gemv_tc: Vec<CudaFunction>,
     /// Row-invariant tensor-core GEMVs (`gemv_tcx_r1..4`, then `gemv_tc_r5..8`).
     pub gemv_tc_exact: Vec<CudaFunction>,
@@ -212,8 +209,6 @@ impl Kernels {
             fill_uniform_f32: f("fill_uniform_f32")?,
             rope_qkv: f("rope_qkv")?,
             gemv,
-            gemv_r1_f1: f("gemv_bf16_r1_f1")?,
-            gemv_r1_f4: f("gemv_bf16_r1_f4")?,
             gemv_tc,
             gemv_tc_exact,
             gemv_scalar: f("gemv_bf16_scalar")?,
@@ -259,11 +254,6 @@ pub struct Gpu {
     /// Few-row products give each row the same bits in any row count (see
     /// [`Gpu::set_row_invariant`]).
     row_invariant: AtomicBool,
-    /// [`EarlyLoads`] as a number.
-    early_loads: AtomicU8,
-    /// Whether the last kernel queued was a GEMV (see [`EarlyLoads::AfterGemv`]).
-    after_gemv: AtomicBool,
-    gemv1_features: AtomicUsize,
     /// Page-locked (cached) host memory that f32 downloads go through: to a pageable
     /// destination the driver stages the copy itself, several times slower for the
     /// logits of a verify pass (1.3 MB at Falcon-7B's vocabulary). Only ever grows.
@@ -341,26 +331,6 @@ pub const ROW_INVARIANT_MAX_ROWS: usize = 16;
 /// 12, 5.59 at 4 and about 5.2 at 24 (isolated GEMVs, partly served from L2 when repeated,
 /// favoured 3-4 instead).
 pub const TC_BLOCKS_PER_SM: usize = 8;
-
-/// What is loaded before a kernel waits on its predecessor (programmatic dependent
-/// launch; see [`Gpu::set_early_loads`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EarlyLoads {
-    /// Nothing: every load after the wait.
-    Off = 0,
-    /// A GEMV's first weights, when the previous kernel was a GEMV too (its tail then
-    /// streams alongside instead of leaving HBM idle; behind a latency-bound kernel
-    /// the extra loads would only slow it).
-    AfterGemv = 1,
-    /// GEMV weights always, and decode attention's first tiles of old keys.
-    Always = 2,
-}
-
-/// Default [`EarlyLoads`].
-pub const EARLY_LOADS: EarlyLoads = EarlyLoads::AfterGemv;
-
-/// Output features per warp of the one-row CUDA-core GEMV (`FALCONER_GEMV1_FEATURES`).
-pub const GEMV1_FEATURES: usize = 2;
 
 /// The kernels of a few-row (1 to 8) `linear`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -460,19 +430,6 @@ impl Gpu {
             attn_tc_min_ctx: AtomicUsize::new(ATTN_TC_MIN_CTX),
             staging: Mutex::new(None),
             row_invariant: AtomicBool::new(env_flag("FALCONER_ROW_INVARIANT", false)),
-            early_loads: AtomicU8::new(match std::env::var("FALCONER_EARLY_LOADS").as_deref() {
-                Ok("off") | Ok("0") => EarlyLoads::Off,
-                Ok("always") => EarlyLoads::Always,
-                _ => EARLY_LOADS,
-            } as u8),
-            after_gemv: AtomicBool::new(false),
-            gemv1_features: AtomicUsize::new(
-                std::env::var("FALCONER_GEMV1_FEATURES")
-                    .ok()
-                    .and_then(|v| v.trim().parse().ok())
-                    .filter(|f: &usize| [1, 2, 4].contains(f))
-                    .unwrap_or(GEMV1_FEATURES),
-            ),
             tc_blocks_per_sm: AtomicUsize::new(
                 std::env::var("FALCONER_TC_BLOCKS")
                     .ok()
@@ -566,54 +523,6 @@ impl Gpu {
 
     pub fn row_invariant(&self) -> bool {
         self.row_invariant.load(Ordering::Relaxed)
-    }
-
-    /// When GEMVs issue their first weight loads, and decode attention its first tiles
-    /// of keys from earlier steps, before waiting on the previous kernel (neither depends
-    /// on it). Default [`EARLY_LOADS`], or `FALCONER_EARLY_LOADS=off|gemv|always`.
-    /// Changes no bit of any result.
-    pub fn set_early_loads(&self, mode: EarlyLoads) {
-        self.early_loads.store(mode as u8, Ordering::Relaxed);
-    }
-
-    pub fn early_loads(&self) -> EarlyLoads {
-        match self.early_loads.load(Ordering::Relaxed) {
-            m if m == EarlyLoads::Always as u8 => EarlyLoads::Always,
-            m if m == EarlyLoads::AfterGemv as u8 => EarlyLoads::AfterGemv,
-            _ => EarlyLoads::Off,
-        }
-    }
-
-    /// The `early` argument of a GEMV launch queued now.
-    pub(crate) fn early_gemv(&self) -> bool {
-        match self.early_loads() {
-            EarlyLoads::Off => false,
-            EarlyLoads::AfterGemv => self.after_gemv.load(Ordering::Relaxed),
-            EarlyLoads::Always => true,
-        }
-    }
-
-    /// The `early` argument of a decode-attention launch.
-    pub(crate) fn early_attention(&self) -> bool {
-        self.early_loads() == EarlyLoads::Always
-    }
-
-    /// Records that the kernel just queued was a GEMV (every other launch clears it).
-    pub(crate) fn mark_gemv(&self) {
-        self.after_gemv.store(true, Ordering::Relaxed);
-    }
-
-    /// Output features per warp of the one-row CUDA-core GEMV: 1, 2 or 4 (default
-    /// [`GEMV1_FEATURES`]; others are ignored). Each warp sums its features in the same
-    /// order whatever this is, so the bits do not change.
-    pub fn set_gemv1_features(&self, features: usize) {
-        if [1, 2, 4].contains(&features) {
-            self.gemv1_features.store(features, Ordering::Relaxed);
-        }
-    }
-
-    pub fn gemv1_features(&self) -> usize {
-        self.gemv1_features.load(Ordering::Relaxed)
     }
 
     pub fn tc_blocks_per_sm(&self) -> usize {
@@ -798,7 +707,6 @@ impl Gpu {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
-        self.after_gemv.store(false, Ordering::Relaxed);
         self.ctx
             .bind_to_thread()
             .map_err(|e| KernelError::driver("bind context", e))?;
@@ -832,9 +740,8 @@ impl Gpu {
                 attrs: &mut attr,
                 numAttrs: 1,
             };
-            // SAFETY: see the plain launch below; before `pdl_wait()` a kernel reads only
-            // what no kernel of the stream writes (weights, step metadata uploaded
-            // before the step, keys and values of earlier steps) and writes nothing.
+            // SAFETY: see the plain launch below; every kernel in the module starts with
+            // `pdl_wait()`, so none touches memory before its predecessor completed.
             return unsafe {
                 cudarc::driver::sys::cuLaunchKernelEx(
                     &cfg,

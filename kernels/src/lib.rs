@@ -27,8 +27,7 @@ mod step;
 pub use error::KernelError;
 #[cfg(feature = "cuda")]
 pub use gpu::{
-    DeviceBuffer, EarlyLoads, Elem, GemvKernel, Gpu, ATTN_TC_MIN_CTX, EARLY_LOADS,
-    ROW_INVARIANT_MAX_ROWS, TC_BLOCKS_PER_SM,
+    DeviceBuffer, Elem, GemvKernel, Gpu, ATTN_TC_MIN_CTX, ROW_INVARIANT_MAX_ROWS, TC_BLOCKS_PER_SM,
 };
 #[cfg(feature = "cuda")]
 pub use half::bf16;

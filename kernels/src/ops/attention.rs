@@ -384,11 +384,7 @@ impl Gpu {
         let (nsplit, keys_per_split) = fixed_splits(max_ctx, DEC_TC_SPLIT_KEYS);
         let (_parts, po, pm) = self.partials(d, nsplit)?;
         let mut args = d.args(list, po, pm)?;
-        args.extend([
-            Arg::I32(to_i32(OP, keys_per_split)?),
-            Arg::F32(d.scale),
-            Arg::I32(i32::from(self.early_attention())),
-        ]);
+        args.extend([Arg::I32(to_i32(OP, keys_per_split)?), Arg::F32(d.scale)]);
         self.launch(
             func,
             (n_list as u32, (d.kvh * tiles) as u32, nsplit as u32),
@@ -441,7 +437,6 @@ impl Gpu {
             Arg::I32(hb as i32),
             Arg::I32(to_i32(OP, keys_per_split)?),
             Arg::F32(d.scale),
-            Arg::I32(i32::from(self.early_attention())),
         ]);
         self.launch(
             decode,

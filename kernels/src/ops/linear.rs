@@ -19,14 +19,9 @@ pub const GEMV_MAX_ROWS: usize = 8;
 const SMALL_GEMM_MACS: usize = 1 << 26;
 const GEMV_WARPS: u32 = 4;
 
-/// Output features per warp of the `gemv_bf16_r*` kernel for `rows` activation rows
-/// (`GEMV_KERNEL` in gemv.cu).
-fn gemv_features_per_warp(rows: usize) -> u32 {
-    if rows <= 2 {
-        2
-    } else {
-        4
-    }
+/// Output features per GEMV block for `rows` activation rows (`GEMV_KERNEL` in gemv.cu).
+fn gemv_features_per_block(rows: usize) -> u32 {
+    GEMV_WARPS * if rows <= 2 { 2 } else { 4 }
 }
 /// Tensor-core GEMV (`gemv_tc`): warps per block and output features per block.
 const TCG_WARPS: u32 = 4;
@@ -230,15 +225,9 @@ impl Gpu {
                 if k.is_multiple_of(32) && kernel != GemvKernel::Simt {
                     self.gemv_tc_launch(xa, w, bias_arg, has_bias, ya, r, n, k, epi, exact)?;
                 } else if k.is_multiple_of(8) {
-                    let early = self.early_gemv();
-                    let (func, per_warp) = match (r, self.gemv1_features()) {
-                        (1, 1) => (&self.k.gemv_r1_f1, 1),
-                        (1, 4) => (&self.k.gemv_r1_f4, 4),
-                        _ => (&self.k.gemv[r - 1], gemv_features_per_warp(r)),
-                    };
                     self.launch(
-                        func,
-                        ((n as u32).div_ceil(GEMV_WARPS * per_warp), 1, 1),
+                        &self.k.gemv[r - 1],
+                        ((n as u32).div_ceil(gemv_features_per_block(r)), 1, 1),
                         32 * GEMV_WARPS,
                         0,
                         &[
@@ -250,10 +239,8 @@ impl Gpu {
                             Arg::I32(ki),
                             Arg::I32(has_bias),
                             epi_arg,
-                            Arg::I32(i32::from(early)),
                         ],
                     )?;
-                    self.mark_gemv();
                 } else {
                     self.launch(
                         &self.k.gemv_scalar,
@@ -354,7 +341,6 @@ impl Gpu {
         } else {
             0
         };
-        let early = self.early_gemv();
         self.launch(
             if exact {
                 &self.k.gemv_tc_exact[r - 1]
@@ -376,11 +362,8 @@ impl Gpu {
                 Arg::I32(has_bias),
                 Arg::I32(to_i32(OP, per_split)?),
                 Arg::I32(epi as i32),
-                Arg::I32(i32::from(early)),
             ],
-        )?;
-        self.mark_gemv();
-        Ok(())
+        )
     }
 
     /// An f32 buffer rounded to bf16.
