@@ -40,9 +40,9 @@ __device__ __forceinline__ float dot8(uint4 w, float4 a, float4 b) {
 template <int R, int U, int GEMV_ROWS>
 __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                          const float* __restrict__ bias, float* __restrict__ y,
-                                         int N, int K, int has_bias, int epi) {
+                                         int N, int K, int has_bias, int epi, int block) {
     const int lane = threadIdx.x & 31;
-    const int n0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * GEMV_ROWS;
+    const int n0 = (block * GEMV_WARPS + (threadIdx.x >> 5)) * GEMV_ROWS;
     if (n0 >= N) return;
     const int K8 = K >> 3;
     const uint4* wp[GEMV_ROWS];
@@ -105,7 +105,7 @@ __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16
                        const float* __restrict__ bias, float* __restrict__ y, int N, int K,    \
                        int has_bias, int epi) {                                                \
         PDL_ENTER();                                                                           \
-        gemv_vec<R, U, ROWS>(x, w, bias, y, N, K, has_bias, epi);                              \
+        gemv_vec<R, U, ROWS>(x, w, bias, y, N, K, has_bias, epi, blockIdx.x);                  \
     }
 
 GEMV_KERNEL(1, 4, 2)
@@ -116,6 +116,24 @@ GEMV_KERNEL(5, 2, 4)
 GEMV_KERNEL(6, 2, 4)
 GEMV_KERNEL(7, 2, 4)
 GEMV_KERNEL(8, 2, 4)
+
+// Two products of one input in one launch (Falcon's qkv and MLP up projection under a
+// shared norm): blocks [0, blocks_a) compute the first exactly as gemv_bf16_r* alone,
+// the rest the second; one kernel boundary fewer per layer. One row (decode).
+extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
+    gemv2_bf16_r1(const float* __restrict__ x, int K, const bf16_t* __restrict__ wa,
+                  const float* __restrict__ ba, float* __restrict__ ya, int Na, int has_ba,
+                  int epi_a, int blocks_a, const bf16_t* __restrict__ wb,
+                  const float* __restrict__ bb, float* __restrict__ yb, int Nb, int has_bb,
+                  int epi_b) {
+    PDL_ENTER();
+    const int b = blockIdx.x;
+    if (b < blocks_a) {
+        gemv_vec<1, 4, 2>(x, wa, ba, ya, Na, K, has_ba, epi_a, b);
+    } else {
+        gemv_vec<1, 4, 2>(x, wb, bb, yb, Nb, K, has_bb, epi_b, b - blocks_a);
+    }
+}
 
 // Any K, any alignment (tiny models): one warp per output feature, scalar loads.
 // grid ceil(N / GEMV_WARPS), block 32 * GEMV_WARPS, R <= 8.
@@ -213,14 +231,14 @@ template <int R, int TCG_U, bool PACK>
 __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                         const float* __restrict__ bias, float* __restrict__ y,
                                         float* __restrict__ part, u32* __restrict__ counters,
-                                        int N, int K, int has_bias, int chunks_per_split, int epi) {
+                                        int N, int K, int has_bias, int chunks_per_split, int epi,
+                                        int tile, int split, int nsplit) {
     constexpr bool PACKED = PACK && R <= 4;
     __shared__ float red[TCG_WARPS][32][4];
     __shared__ float tile_out[16][8];
     __shared__ int last_block;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int gid = lane >> 2, tig = lane & 3;
-    const int tile = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
     const int n0 = tile * 16;
     const int ra = min(n0 + gid, N - 1), rb = min(n0 + gid + 8, N - 1);
     const int nchunks = K >> 5;
@@ -330,7 +348,30 @@ __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_
              int epi) {                                                                        \
         PDL_ENTER();                                                                           \
         gemv_tc<R, U, PACK>(x, w, bias, y, part, counters, N, K, has_bias, chunks_per_split,   \
-                            epi);                                                              \
+                            epi, blockIdx.x, blockIdx.y, gridDim.y);                           \
+    }
+
+// Two products of one input in one launch (see gemv2_bf16_r1): each with the tiles and
+// K splits it would have alone (so the same bits), blocks [0, tiles_a * nsplit_a) the
+// first (tile = i % tiles_a, split = i / tiles_a), the rest the second. 1-D grid.
+#define GEMV2_TC_KERNEL(NAME, R, U, PACK)                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * TCG_WARPS)                               \
+        NAME(const float* __restrict__ x, int K, const bf16_t* __restrict__ wa,                \
+             const float* __restrict__ ba, float* __restrict__ ya, float* __restrict__ pa,     \
+             u32* __restrict__ ca, int Na, int has_ba, int cps_a, int epi_a, int tiles_a,      \
+             int nsplit_a, const bf16_t* __restrict__ wb, const float* __restrict__ bb,        \
+             float* __restrict__ yb, float* __restrict__ pb, u32* __restrict__ cb, int Nb,     \
+             int has_bb, int cps_b, int epi_b, int tiles_b, int nsplit_b) {                    \
+        PDL_ENTER();                                                                           \
+        const int i = blockIdx.x, blocks_a = tiles_a * nsplit_a;                               \
+        if (i < blocks_a) {                                                                    \
+            gemv_tc<R, U, PACK>(x, wa, ba, ya, pa, ca, Na, K, has_ba, cps_a, epi_a,            \
+                                i % tiles_a, i / tiles_a, nsplit_a);                           \
+        } else {                                                                               \
+            const int j = i - blocks_a;                                                        \
+            gemv_tc<R, U, PACK>(x, wb, bb, yb, pb, cb, Nb, K, has_bb, cps_b, epi_b,            \
+                                j % tiles_b, j / tiles_b, nsplit_b);                           \
+        }                                                                                      \
     }
 
 // TCG_U = 4 chunks per warp per iteration (8 measured slower on the H200).
@@ -349,3 +390,16 @@ GEMV_TC_KERNEL(gemv_tcx_r1, 1, 4, false)
 GEMV_TC_KERNEL(gemv_tcx_r2, 2, 4, false)
 GEMV_TC_KERNEL(gemv_tcx_r3, 3, 4, false)
 GEMV_TC_KERNEL(gemv_tcx_r4, 4, 4, false)
+
+GEMV2_TC_KERNEL(gemv2_tc_r1, 1, 4, true)
+GEMV2_TC_KERNEL(gemv2_tc_r2, 2, 4, true)
+GEMV2_TC_KERNEL(gemv2_tc_r3, 3, 4, true)
+GEMV2_TC_KERNEL(gemv2_tc_r4, 4, 4, true)
+GEMV2_TC_KERNEL(gemv2_tc_r5, 5, 4, true)
+GEMV2_TC_KERNEL(gemv2_tc_r6, 6, 4, true)
+GEMV2_TC_KERNEL(gemv2_tc_r7, 7, 4, true)
+GEMV2_TC_KERNEL(gemv2_tc_r8, 8, 4, true)
+GEMV2_TC_KERNEL(gemv2_tcx_r1, 1, 4, false)
+GEMV2_TC_KERNEL(gemv2_tcx_r2, 2, 4, false)
+GEMV2_TC_KERNEL(gemv2_tcx_r3, 3, 4, false)
+GEMV2_TC_KERNEL(gemv2_tcx_r4, 4, 4, false)

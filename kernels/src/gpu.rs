@@ -167,6 +167,11 @@ pub(crate) struct Kernels {
     /// Row-invariant tensor-core GEMVs (`gemv_tcx_r1..4`, then `gemv_tc_r5..8`).
     pub gemv_tc_exact: Vec<CudaFunction>,
     pub gemv_scalar: CudaFunction,
+    /// Two products of one input per launch (`gemv2_*`): CUDA cores for one row, and
+    /// tensor cores for 1..8 rows, plain and row-invariant as `gemv_tc`/`gemv_tc_exact`.
+    pub gemv2_simt_r1: CudaFunction,
+    pub gemv2_tc: Vec<CudaFunction>,
+    pub gemv2_tc_exact: Vec<CudaFunction>,
     pub attn_decode: CudaFunction,
     pub attn_decode_hd64: CudaFunction,
     pub attn_decode_hd128: CudaFunction,
@@ -188,11 +193,15 @@ impl Kernels {
         let mut gemv = Vec::with_capacity(8);
         let mut gemv_tc = Vec::with_capacity(8);
         let mut gemv_tc_exact = Vec::with_capacity(8);
+        let mut gemv2_tc = Vec::with_capacity(8);
+        let mut gemv2_tc_exact = Vec::with_capacity(8);
         for r in 1..=8 {
             gemv.push(f(&format!("gemv_bf16_r{r}"))?);
             gemv_tc.push(f(&format!("gemv_tc_r{r}"))?);
-            let exact = if r <= 4 { "gemv_tcx_r" } else { "gemv_tc_r" };
-            gemv_tc_exact.push(f(&format!("{exact}{r}"))?);
+            let exact = if r <= 4 { "tcx" } else { "tc" };
+            gemv_tc_exact.push(f(&format!("gemv_{exact}_r{r}"))?);
+            gemv2_tc.push(f(&format!("gemv2_tc_r{r}"))?);
+            gemv2_tc_exact.push(f(&format!("gemv2_{exact}_r{r}"))?);
         }
         Ok(Kernels {
             embed_bf16: f("embed_bf16")?,
@@ -212,6 +221,9 @@ impl Kernels {
             gemv_tc,
             gemv_tc_exact,
             gemv_scalar: f("gemv_bf16_scalar")?,
+            gemv2_simt_r1: f("gemv2_bf16_r1")?,
+            gemv2_tc,
+            gemv2_tc_exact,
             attn_decode: f("attn_decode")?,
             attn_decode_hd64: f("attn_decode_hd64")?,
             attn_decode_hd128: f("attn_decode_hd128")?,

@@ -32,6 +32,6 @@ pub use gpu::{
 #[cfg(feature = "cuda")]
 pub use half::bf16;
 #[cfg(feature = "cuda")]
-pub use ops::{AttentionParams, KvBuffers, GEMV_MAX_ROWS};
+pub use ops::{AttentionParams, KvBuffers, PairHalf, GEMV_MAX_ROWS};
 #[cfg(feature = "cuda")]
 pub use step::{DeviceStep, SeqDesc, StepInput};

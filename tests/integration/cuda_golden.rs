@@ -359,6 +359,17 @@ fn cuda_linear_matches_cpu_on_both_paths_and_fused_epilogues_change_no_bit() {
         };
         let (gw, gb) = (b.upload(&wt).unwrap(), b.upload(&bt).unwrap());
         let (cw, cb) = (cpu.upload(&wt).unwrap(), cpu.upload(&bt).unwrap());
+        // A second weight of another height for the two-product launch.
+        let n2 = n / 3 + 5;
+        let w2 = bf16_bytes(&random(n2 * k, 4));
+        let shape2 = [n2, k];
+        let gw2 = b
+            .upload(&HostTensor {
+                dtype: Dtype::Bf16,
+                shape: &shape2,
+                bytes: &w2,
+            })
+            .unwrap();
         for rows in [1usize, 2, 3, 4, 5, 7, 8, 9, 40, 100] {
             let x = random(rows * k, 3 + rows as u64);
             let want = cpu
@@ -410,6 +421,24 @@ fn cuda_linear_matches_cpu_on_both_paths_and_fused_epilogues_change_no_bit() {
                 );
             }
             b.gpu().set_gemv_kernel(GemvKernel::Auto);
+            // Two products of one input (one launch for few rows): each the bits of its
+            // own call, in the default and in the row-invariant kernels.
+            for exact in [false, true] {
+                b.gpu().set_row_invariant(exact);
+                let (pa, pb) = b
+                    .linear_and_gelu(&gx, &gw, Some(&gb), &gw2, None)
+                    .unwrap();
+                let alone_a = b.linear(&gx, &gw, Some(&gb)).unwrap();
+                let alone_b = b.linear_gelu(&gx, &gw2, None).unwrap();
+                for (pair, alone, what) in [(pa, alone_a, "first"), (pb, alone_b, "second")] {
+                    assert!(
+                        same_bits(&b.to_host(&pair).unwrap(), &b.to_host(&alone).unwrap()),
+                        "linear_and_gelu {rows}x{k} (n {n} and {n2}, row-invariant {exact}): \
+                         the {what} product differs from its own call"
+                    );
+                }
+            }
+            b.gpu().set_row_invariant(false);
         }
     }
 }

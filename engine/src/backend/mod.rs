@@ -120,6 +120,20 @@ pub trait Backend: Send + Sync + Debug + 'static {
         Ok(y)
     }
 
+    /// `(x @ a^T + a_bias, gelu(x @ b^T + b_bias))`: two products of one input (Falcon's
+    /// qkv and MLP up projection under a shared norm). Backends may run them as one
+    /// launch; each result must equal `linear` and `linear_gelu` bit for bit.
+    fn linear_and_gelu(
+        &self,
+        x: &Self::Tensor,
+        a: &Self::Tensor,
+        a_bias: Option<&Self::Tensor>,
+        b: &Self::Tensor,
+        b_bias: Option<&Self::Tensor>,
+    ) -> Result<(Self::Tensor, Self::Tensor), BackendError> {
+        Ok((self.linear(x, a, a_bias)?, self.linear_gelu(x, b, b_bias)?))
+    }
+
     /// `acc += x @ weight^T + bias` (a residual stream). Backends may fuse the two; the
     /// result must equal `linear` then `add` bit for bit.
     fn linear_add(

@@ -235,23 +235,43 @@ impl<B: Backend> Falcon<B> {
         let eps = self.cfg.layer_norm_epsilon;
         let w = &self.layers[i];
         let ln = |n: &weights::Norm<B>, t: &B::Tensor| b.layer_norm(t, &n.weight, &n.bias, eps);
-        let (attn_in, mlp_in) = match &w.norms {
-            LayerNormWeights::Shared { input } => (ln(input, &x)?, None),
-            LayerNormWeights::Separate { attn, mlp } => (ln(attn, &x)?, Some(ln(mlp, &x)?)),
-            LayerNormWeights::Sequential { input, .. } => (ln(input, &x)?, None),
+        // Under a shared norm the qkv and MLP up projections read the same input: one
+        // backend call for both (one launch on the GPU), the up projection kept for later.
+        let (attn_in, mlp_in, qkv, up) = match &w.norms {
+            LayerNormWeights::Shared { input } => {
+                let a = ln(input, &x)?;
+                let (qkv, up) = b.linear_and_gelu(
+                    &a,
+                    &w.qkv.weight,
+                    w.qkv.bias.as_ref(),
+                    &w.h_to_4h.weight,
+                    w.h_to_4h.bias.as_ref(),
+                )?;
+                (a, None, qkv, Some(up))
+            }
+            LayerNormWeights::Separate { attn, mlp } => {
+                let a = ln(attn, &x)?;
+                let qkv = self.linear(&a, &w.qkv)?;
+                (a, Some(ln(mlp, &x)?), qkv, None)
+            }
+            LayerNormWeights::Sequential { input, .. } => {
+                let a = ln(input, &x)?;
+                let qkv = self.linear(&a, &w.qkv)?;
+                (a, None, qkv, None)
+            }
         };
-        let qkv = self.linear(&attn_in, &w.qkv)?;
         let ctx = b.attention(&qkv, &mut self.kv, i, &step.device, &self.attn)?;
         let w = &self.layers[i];
         // Parallel attention: (x + attn(ln(x))) + mlp(ln'(x)); sequential: x + attn, then
         // + MLP of its norm. Either way the sums run in this order.
         self.linear_add(&ctx, &w.dense, &mut x)?;
-        match &w.norms {
-            LayerNormWeights::Sequential { post_attention, .. } => {
+        match (&w.norms, up) {
+            (_, Some(up)) => self.linear_add(&up, &w.four_h_to_h, &mut x)?,
+            (LayerNormWeights::Sequential { post_attention, .. }, None) => {
                 let normed = ln(post_attention, &x)?;
                 self.mlp_add(&normed, w, &mut x)?;
             }
-            _ => self.mlp_add(mlp_in.as_ref().unwrap_or(&attn_in), w, &mut x)?,
+            (_, None) => self.mlp_add(mlp_in.as_ref().unwrap_or(&attn_in), w, &mut x)?,
         }
         Ok(x)
     }

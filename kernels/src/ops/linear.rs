@@ -17,22 +17,22 @@ pub const GEMV_MAX_ROWS: usize = 8;
 /// groups of [`GEMV_MAX_ROWS`] rows): cuBLAS would need bf16 activations, whose
 /// rounding costs more accuracy than such small problems gain in speed.
 const SMALL_GEMM_MACS: usize = 1 << 26;
-const GEMV_WARPS: u32 = 4;
+pub(super) const GEMV_WARPS: u32 = 4;
 
 /// Output features per GEMV block for `rows` activation rows (`GEMV_KERNEL` in gemv.cu).
-fn gemv_features_per_block(rows: usize) -> u32 {
+pub(super) fn gemv_features_per_block(rows: usize) -> u32 {
     GEMV_WARPS * if rows <= 2 { 2 } else { 4 }
 }
 /// Tensor-core GEMV (`gemv_tc`): warps per block and output features per block.
-const TCG_WARPS: u32 = 4;
-const TCG_FEATURES: usize = 16;
+pub(super) const TCG_WARPS: u32 = 4;
+pub(super) const TCG_FEATURES: usize = 16;
 /// 32-wide K chunks a warp takes per iteration (`TCG_U` in gemv.cu).
-const TCG_U: usize = 4;
+pub(super) const TCG_U: usize = 4;
 
 /// K splits and 32-wide chunks per split for the tensor-core GEMV: enough blocks for
 /// about `per_sm` per SM, but at least one round of every warp per split.
 /// `u` is the kernel's chunks per warp iteration (`TCG_U`).
-fn tc_split(tiles: usize, chunks: usize, sms: usize, u: usize, per_sm: usize) -> (usize, usize) {
+pub(super) fn tc_split(tiles: usize, chunks: usize, sms: usize, u: usize, per_sm: usize) -> (usize, usize) {
     let per_round = TCG_WARPS as usize * u;
     let max_split = (chunks / per_round).max(1);
     let want = (per_sm * sms).div_ceil(tiles.max(1)).clamp(1, max_split);
@@ -51,7 +51,7 @@ struct Span {
 
 /// What a GEMV stores (`EPI_*` in gemv.cu).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Epilogue {
+pub(super) enum Epilogue {
     Store = 0,
     Gelu = 1,
     Accumulate = 2,
@@ -116,7 +116,7 @@ impl Gpu {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn linear_into(
+    pub(super) fn linear_into(
         &self,
         x: &DeviceBuffer<f32>,
         rows: usize,

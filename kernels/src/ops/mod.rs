@@ -2,14 +2,17 @@
 //! bounds) against what the kernel will touch, allocates the output and queues the
 //! kernel. Activations are f32, matrices bf16, the KV cache bf16.
 //!
-//! `linear` holds the matrix products (GEMV kernels and cuBLAS), `attention` the KV
-//! cache and attention; the small element-wise launchers are here.
+//! `linear` holds the matrix products (GEMV kernels and cuBLAS), `pair` two products
+//! of one input in one launch, `attention` the KV cache and attention; the small
+//! element-wise launchers are here.
 
 mod attention;
 mod linear;
+mod pair;
 
 pub use attention::{AttentionParams, KvBuffers};
 pub use linear::GEMV_MAX_ROWS;
+pub use pair::PairHalf;
 
 use half::bf16;
 

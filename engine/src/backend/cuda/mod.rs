@@ -26,6 +26,20 @@ use super::{AttnConfig, Backend, KvLayout, StepMeta};
 use crate::checkpoint::{Dtype, HostTensor};
 use crate::error::BackendError;
 
+/// One half of [`Gpu::linear_pair`]: a weight, its bias, GELU or not.
+fn pair_half<'a>(
+    w: &'a CudaTensor,
+    bias: Option<&'a CudaTensor>,
+    gelu: bool,
+) -> Result<kernels::PairHalf<'a>, BackendError> {
+    Ok(kernels::PairHalf {
+        w: w.bf16("linear")?,
+        n: w.rows,
+        bias: bias.map(|t| t.f32("linear")).transpose()?,
+        gelu,
+    })
+}
+
 fn map_err(e: KernelError) -> BackendError {
     match e {
         KernelError::Unavailable(reason) => BackendError::Unavailable {
@@ -454,6 +468,36 @@ impl Backend for CudaBackend {
         bias: Option<&CudaTensor>,
     ) -> Result<CudaTensor, BackendError> {
         self.product(x, weight, bias, true)
+    }
+
+    fn linear_and_gelu(
+        &self,
+        x: &CudaTensor,
+        a: &CudaTensor,
+        a_bias: Option<&CudaTensor>,
+        b: &CudaTensor,
+        b_bias: Option<&CudaTensor>,
+    ) -> Result<(CudaTensor, CudaTensor), BackendError> {
+        check_linear(x, a)?;
+        check_linear(x, b)?;
+        let (ya, yb) = self
+            .gpu
+            .linear_pair(
+                x.f32("linear")?,
+                x.rows,
+                x.cols,
+                pair_half(a, a_bias, false)?,
+                pair_half(b, b_bias, true)?,
+                groups(x),
+            )
+            .map_err(map_err)?;
+        let out = |data, w: &CudaTensor| CudaTensor {
+            data: CudaData::F32(data),
+            rows: x.rows,
+            cols: w.rows,
+            groups: x.groups.clone(),
+        };
+        Ok((out(ya, a), out(yb, b)))
     }
 
     fn linear_add(

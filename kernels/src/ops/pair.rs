@@ -1,0 +1,201 @@
+//! Two products of one input in one GEMV launch: Falcon's qkv projection and MLP up
+//! projection (with GELU) under a shared norm. Each half computes exactly what its own
+//! launch would (the same kernel code, tiles and K splits), so results are bit-identical
+//! to [`Gpu::linear`] and [`Gpu::linear_gelu`]; what is saved is a kernel boundary per
+//! layer, where the GPU drains one grid and ramps up the next.
+
+use half::bf16;
+
+use super::linear::{
+    gemv_features_per_block, tc_split, Epilogue, GEMV_MAX_ROWS, GEMV_WARPS, TCG_FEATURES,
+    TCG_U, TCG_WARPS,
+};
+use super::{check_len, p, to_i32};
+use crate::error::KernelError;
+use crate::gpu::{Arg, DeviceBuffer, GemvKernel, Gpu};
+
+/// One of the two products: `w [n, k]` bf16, optional bias, GELU on the stores or not.
+#[derive(Debug, Clone, Copy)]
+pub struct PairHalf<'a> {
+    pub w: &'a DeviceBuffer<bf16>,
+    pub n: usize,
+    pub bias: Option<&'a DeviceBuffer<f32>>,
+    pub gelu: bool,
+}
+
+impl PairHalf<'_> {
+    fn epilogue(&self) -> Epilogue {
+        if self.gelu {
+            Epilogue::Gelu
+        } else {
+            Epilogue::Store
+        }
+    }
+
+    /// Bias argument and flag (a valid pointer either way).
+    fn bias_args(&self, x: &DeviceBuffer<f32>) -> (Arg, Arg) {
+        match self.bias {
+            Some(b) => (p(b), Arg::I32(1)),
+            None => (p(x), Arg::I32(0)),
+        }
+    }
+}
+
+impl Gpu {
+    /// `(a(x), b(x))` for `x [rows, k]`, each `x @ w^T (+ bias)`, GELU where asked. One
+    /// launch when both take the few-row GEMV (up to [`GEMV_MAX_ROWS`] rows); otherwise
+    /// the two products one after the other, as [`Gpu::linear`] would run them.
+    pub fn linear_pair(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        k: usize,
+        a: PairHalf<'_>,
+        b: PairHalf<'_>,
+        groups: &[usize],
+    ) -> Result<(DeviceBuffer<f32>, DeviceBuffer<f32>), KernelError> {
+        const OP: &str = "linear";
+        check_len(OP, "input", x, rows * k)?;
+        for h in [&a, &b] {
+            check_len(OP, "weight", h.w, h.n * k)?;
+            if let Some(bias) = h.bias {
+                check_len(OP, "bias", bias, h.n)?;
+            }
+        }
+        let mut ya = self.scratch::<f32>(rows * a.n)?;
+        let mut yb = self.scratch::<f32>(rows * b.n)?;
+        let fused = rows >= 1 && rows <= GEMV_MAX_ROWS && a.n > 0 && b.n > 0;
+        let exact = self.row_invariant();
+        let kernel = if exact {
+            GemvKernel::Tc4
+        } else {
+            self.gemv_kernel(rows)
+        };
+        if fused && k.is_multiple_of(32) && kernel != GemvKernel::Simt {
+            self.pair_tc(x, rows, k, &a, &b, &ya, &yb, exact)?;
+        } else if fused && rows == 1 && k.is_multiple_of(8) {
+            self.pair_simt(x, k, &a, &b, &ya, &yb)?;
+        } else {
+            for (h, y) in [(&a, &mut ya), (&b, &mut yb)] {
+                self.linear_into(x, rows, k, h.w, h.n, h.bias, h.epilogue(), y, groups)?;
+            }
+        }
+        Ok((ya, yb))
+    }
+
+    /// `gemv2_bf16_r1`: one row on CUDA cores.
+    fn pair_simt(
+        &self,
+        x: &DeviceBuffer<f32>,
+        k: usize,
+        a: &PairHalf<'_>,
+        b: &PairHalf<'_>,
+        ya: &DeviceBuffer<f32>,
+        yb: &DeviceBuffer<f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "linear";
+        let per_block = gemv_features_per_block(1);
+        let blocks_a = (a.n as u32).div_ceil(per_block);
+        let blocks_b = (b.n as u32).div_ceil(per_block);
+        let (ba, has_ba) = a.bias_args(x);
+        let (bb, has_bb) = b.bias_args(x);
+        self.launch(
+            &self.k.gemv2_simt_r1,
+            (blocks_a + blocks_b, 1, 1),
+            32 * GEMV_WARPS,
+            0,
+            &[
+                p(x),
+                Arg::I32(to_i32(OP, k)?),
+                p(a.w),
+                ba,
+                p(ya),
+                Arg::I32(to_i32(OP, a.n)?),
+                has_ba,
+                Arg::I32(a.epilogue() as i32),
+                Arg::I32(blocks_a as i32),
+                p(b.w),
+                bb,
+                p(yb),
+                Arg::I32(to_i32(OP, b.n)?),
+                has_bb,
+                Arg::I32(b.epilogue() as i32),
+            ],
+        )
+    }
+
+    /// `gemv2_tc*`: up to 8 rows on tensor cores, each half with the tiles and K splits
+    /// it has alone.
+    #[allow(clippy::too_many_arguments)]
+    fn pair_tc(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        k: usize,
+        a: &PairHalf<'_>,
+        b: &PairHalf<'_>,
+        ya: &DeviceBuffer<f32>,
+        yb: &DeviceBuffer<f32>,
+        exact: bool,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "linear";
+        let split = |n: usize| {
+            let tiles = n.div_ceil(TCG_FEATURES);
+            let (nsplit, per_split) = tc_split(
+                tiles,
+                k / 32,
+                self.sm_count() as usize,
+                TCG_U,
+                self.tc_blocks_per_sm(),
+            );
+            (tiles, nsplit, per_split)
+        };
+        let (tiles_a, nsplit_a, cps_a) = split(a.n);
+        let (tiles_b, nsplit_b, cps_b) = split(b.n);
+        let part_a = self.scratch::<f32>(nsplit_a * rows * a.n)?;
+        let part_b = self.scratch::<f32>(nsplit_b * rows * b.n)?;
+        // Arrival counters: the second half's follow the first's.
+        let counters = self.gemv_counters(tiles_a + tiles_b)?;
+        let counters_b = counters + (tiles_a * std::mem::size_of::<u32>()) as u64;
+        let (ba, has_ba) = a.bias_args(x);
+        let (bb, has_bb) = b.bias_args(x);
+        let func = if exact {
+            &self.k.gemv2_tc_exact[rows - 1]
+        } else {
+            &self.k.gemv2_tc[rows - 1]
+        };
+        let blocks = tiles_a * nsplit_a + tiles_b * nsplit_b;
+        self.launch(
+            func,
+            (to_i32(OP, blocks)? as u32, 1, 1),
+            32 * TCG_WARPS,
+            0,
+            &[
+                p(x),
+                Arg::I32(to_i32(OP, k)?),
+                p(a.w),
+                ba,
+                p(ya),
+                p(&part_a),
+                Arg::U64(counters),
+                Arg::I32(to_i32(OP, a.n)?),
+                has_ba,
+                Arg::I32(to_i32(OP, cps_a)?),
+                Arg::I32(a.epilogue() as i32),
+                Arg::I32(to_i32(OP, tiles_a)?),
+                Arg::I32(to_i32(OP, nsplit_a)?),
+                p(b.w),
+                bb,
+                p(yb),
+                p(&part_b),
+                Arg::U64(counters_b),
+                Arg::I32(to_i32(OP, b.n)?),
+                has_bb,
+                Arg::I32(to_i32(OP, cps_b)?),
+                Arg::I32(b.epilogue() as i32),
+                Arg::I32(to_i32(OP, tiles_b)?),
+                Arg::I32(to_i32(OP, nsplit_b)?),
+            ],
+        )
+    }
+}
