@@ -32,7 +32,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use falconer_engine::backend::cuda::kernels::{GemvKernel, ATTN_TC_MIN_CTX};
+use falconer_engine::backend::cuda::kernels::{
+    GemvKernel, PairLaunch, ATTN_TC_MIN_CTX, PAIR_LAUNCH,
+};
 use falconer_engine::backend::cuda::CudaBackend;
 use falconer_engine::config::FalconConfig;
 use falconer_engine::error::BackendError;
@@ -330,6 +332,31 @@ fn decode_section(
         format!("{tps_host:.1} tokens/s (median of 2)"),
     ));
     r.out.insert("decode_host_logits_tokens_per_s".into(), json!(tps_host));
+    // The qkv and MLP up projections in one launch or two, in both kernel sets.
+    let mut cells = Vec::new();
+    for exact in [false, true] {
+        gpu.set_row_invariant(exact);
+        let modes: &[PairLaunch] = if exact {
+            &[PairLaunch::Off, PairLaunch::TensorCores]
+        } else {
+            &[PairLaunch::Off, PairLaunch::Simt, PairLaunch::TensorCores]
+        };
+        for &mode in modes {
+            gpu.set_pair_launch(mode);
+            let s = decode_runs(runner, vocab, 3, false)?;
+            let t = NEW_TOKENS as f64 / median(&s[1..]);
+            let kind = if exact { "row-invariant" } else { "default" };
+            cells.push(format!("{kind} {mode:?} {t:.1}"));
+            r.out
+                .insert(format!("decode_pair_{kind}_{mode:?}_tokens_per_s"), json!(t));
+        }
+    }
+    gpu.set_row_invariant(false);
+    gpu.set_pair_launch(PAIR_LAUNCH);
+    r.rows.push((
+        "decode tokens/s, qkv + MLP up projection launches".into(),
+        format!("{} (default {PAIR_LAUNCH:?})", cells.join(", ")),
+    ));
     let decode_s = decode_runs(runner, vocab, DECODE_RUNS, false)?;
     // The first run warms up (JIT, allocator pool).
     let med = median(&decode_s[1..]);

@@ -258,6 +258,8 @@ pub struct Gpu {
     pdl: AtomicBool,
     /// Few-row `linear` kernel ([`GemvKernel`] as a number).
     gemv_mode: AtomicU8,
+    /// [`PairLaunch`] as a number.
+    pair_launch: AtomicU8,
     /// Decode rows of at least this context take the tensor-core decode attention (when
     /// the geometry allows).
     attn_tc_min_ctx: AtomicUsize,
@@ -343,6 +345,22 @@ pub const ROW_INVARIANT_MAX_ROWS: usize = 16;
 /// 12, 5.59 at 4 and about 5.2 at 24 (isolated GEMVs, partly served from L2 when repeated,
 /// favoured 3-4 instead).
 pub const TC_BLOCKS_PER_SM: usize = 8;
+
+/// How [`Gpu::linear_pair`] runs its two products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairLaunch {
+    /// Two launches, as two `linear` calls.
+    Off = 0,
+    /// One launch of the kernel each product takes alone (for one row outside
+    /// row-invariant mode, the CUDA-core GEMV).
+    Simt = 1,
+    /// One launch; a single row outside row-invariant mode takes the tensor-core
+    /// GEMV (other bits than alone, where nothing requires them to match).
+    TensorCores = 2,
+}
+
+/// Default [`PairLaunch`] (`FALCONER_PAIR=off|simt|tc`).
+pub const PAIR_LAUNCH: PairLaunch = PairLaunch::Simt;
 
 /// The kernels of a few-row (1 to 8) `linear`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -438,6 +456,12 @@ impl Gpu {
                 Ok("simt") => GemvKernel::Simt,
                 _ => GemvKernel::Auto,
             } as u8),
+            pair_launch: AtomicU8::new(match std::env::var("FALCONER_PAIR").as_deref() {
+                Ok("off") => PairLaunch::Off,
+                Ok("simt") => PairLaunch::Simt,
+                Ok("tc") => PairLaunch::TensorCores,
+                _ => PAIR_LAUNCH,
+            } as u8),
             gemv_counters: Mutex::new(None),
             attn_tc_min_ctx: AtomicUsize::new(ATTN_TC_MIN_CTX),
             staging: Mutex::new(None),
@@ -503,6 +527,19 @@ impl Gpu {
     /// Chooses the few-row `linear` kernel (benchmarks and tests compare them).
     pub fn set_gemv_kernel(&self, kernel: GemvKernel) {
         self.gemv_mode.store(kernel as u8, Ordering::Relaxed);
+    }
+
+    /// Chooses how [`Gpu::linear_pair`] runs (benchmarks compare them).
+    pub fn set_pair_launch(&self, mode: PairLaunch) {
+        self.pair_launch.store(mode as u8, Ordering::Relaxed);
+    }
+
+    pub fn pair_launch(&self) -> PairLaunch {
+        match self.pair_launch.load(Ordering::Relaxed) {
+            m if m == PairLaunch::Off as u8 => PairLaunch::Off,
+            m if m == PairLaunch::TensorCores as u8 => PairLaunch::TensorCores,
+            _ => PairLaunch::Simt,
+        }
     }
 
     /// Decode rows whose context reaches `min_ctx` take the tensor-core decode attention

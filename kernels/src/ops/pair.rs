@@ -2,7 +2,9 @@
 //! projection (with GELU) under a shared norm. Each half computes exactly what its own
 //! launch would (the same kernel code, tiles and K splits), so results are bit-identical
 //! to [`Gpu::linear`] and [`Gpu::linear_gelu`]; what is saved is a kernel boundary per
-//! layer, where the GPU drains one grid and ramps up the next.
+//! layer, where the GPU drains one grid and ramps up the next. (With
+//! [`PairLaunch::TensorCores`] a one-row pair outside row-invariant mode takes the
+//! tensor-core kernel where a single product would take the CUDA-core one.)
 
 use half::bf16;
 
@@ -12,7 +14,7 @@ use super::linear::{
 };
 use super::{check_len, p, to_i32};
 use crate::error::KernelError;
-use crate::gpu::{Arg, DeviceBuffer, GemvKernel, Gpu};
+use crate::gpu::{Arg, DeviceBuffer, GemvKernel, Gpu, PairLaunch};
 
 /// One of the two products: `w [n, k]` bf16, optional bias, GELU on the stores or not.
 #[derive(Debug, Clone, Copy)]
@@ -71,9 +73,18 @@ impl Gpu {
         } else {
             self.gemv_kernel(rows)
         };
-        if fused && k.is_multiple_of(32) && kernel != GemvKernel::Simt {
+        // One row outside row-invariant mode: the CUDA-core GEMV alone, or one launch
+        // of it or of the tensor cores (a different kernel, but nothing requires a
+        // one-row step to match a verify pass there).
+        let mode = match (self.pair_launch(), exact, rows, kernel) {
+            (PairLaunch::Off, ..) => PairLaunch::Off,
+            (m, false, 1, GemvKernel::Simt) => m,
+            (.., GemvKernel::Simt) => PairLaunch::Simt,
+            _ => PairLaunch::TensorCores,
+        };
+        if fused && k.is_multiple_of(32) && mode == PairLaunch::TensorCores {
             self.pair_tc(x, rows, k, &a, &b, &ya, &yb, exact)?;
-        } else if fused && rows == 1 && k.is_multiple_of(8) {
+        } else if fused && rows == 1 && k.is_multiple_of(8) && mode == PairLaunch::Simt {
             self.pair_simt(x, k, &a, &b, &ya, &yb)?;
         } else {
             for (h, y) in [(&a, &mut ya), (&b, &mut yb)] {
