@@ -147,7 +147,13 @@ fn main() -> Result<()> {
         replica_section(&backend, &cfg, &mut r)?;
     }
     let tps = if want("decode") {
-        Some(decode_section(&backend, &mut runner, &cfg, floor_ms, &mut r)?)
+        Some(decode_section(
+            &backend,
+            &mut runner,
+            &cfg,
+            floor_ms,
+            &mut r,
+        )?)
     } else {
         None
     };
@@ -177,7 +183,11 @@ fn main() -> Result<()> {
 
     if let Ok(path) = std::env::var("BENCH_OUT") {
         let mut f = std::fs::File::create(&path).with_context(|| format!("creating {path}"))?;
-        writeln!(f, "{}", serde_json::to_string_pretty(&Value::Object(r.out))?)?;
+        writeln!(
+            f,
+            "{}",
+            serde_json::to_string_pretty(&Value::Object(r.out))?
+        )?;
     }
     Ok(())
 }
@@ -212,7 +222,7 @@ fn gemv_section(backend: &CudaBackend, cfg: &FalconConfig, r: &mut Report) -> Re
             let mut cell = Vec::new();
             for (kind, kernel) in [("tc4", GemvKernel::Tc4), ("simt", GemvKernel::Simt)] {
                 gpu.set_gemv_kernel(kernel);
-                let (us, gbs) = gemv_bandwidth(&backend, n, k, r)?;
+                let (us, gbs) = gemv_bandwidth(backend, n, k, r)?;
                 cell.push(format!("{kind} {us:.1}us {gbs:.0}"));
                 gemv.insert(
                     format!("{name}_r{r}_{kind}"),
@@ -231,9 +241,11 @@ fn gemv_section(backend: &CudaBackend, cfg: &FalconConfig, r: &mut Report) -> Re
             cells.push(format!("R={r}: {}", cell.join(", ")));
         }
         gpu.set_gemv_kernel(GemvKernel::Auto);
-        r.rows.push((format!("GEMV {n}x{k} ({name}), us GB/s"), cells.join(" | ")));
+        r.rows
+            .push((format!("GEMV {n}x{k} ({name}), us GB/s"), cells.join(" | ")));
     }
-    r.rows.push(("sum of GEMVs per token".into(), format!("{est_ms:.3} ms")));
+    r.rows
+        .push(("sum of GEMVs per token".into(), format!("{est_ms:.3} ms")));
 
     // The split-K tensor-core GEMV by blocks per SM (more splits start more loads at
     // once; fewer cost less in partial sums).
@@ -246,7 +258,7 @@ fn gemv_section(backend: &CudaBackend, cfg: &FalconConfig, r: &mut Report) -> Re
         let mut parts = Vec::new();
         for (name, n, k) in &shapes[..4] {
             let (name, n, k) = (*name, *n, *k);
-            let (us, _) = gemv_bandwidth(&backend, n, k, 5)?;
+            let (us, _) = gemv_bandwidth(backend, n, k, 5)?;
             parts.push(format!("{us:.1}"));
             sweep.insert(format!("{bps}_{name}_r5_us"), json!(us));
         }
@@ -269,7 +281,7 @@ fn replica_section(backend: &CudaBackend, cfg: &FalconConfig, r: &mut Report) ->
     // layer: 414 MB per layer cannot stay in L2): host time to queue them against GPU
     // time, and the same with the GEMVs alone.
     for (label, full) in [("all ops", true), ("GEMVs only", false)] {
-        let (enqueue_ms, total_ms) = layer_replica(&backend, &cfg, PROMPT + NEW_TOKENS, full)?;
+        let (enqueue_ms, total_ms) = layer_replica(backend, cfg, PROMPT + NEW_TOKENS, full)?;
         r.rows.push((
             format!("decode step layers replayed ({label}), 32 layers"),
             format!("{total_ms:.3} ms GPU+host, {enqueue_ms:.3} ms to queue on the host"),
@@ -303,7 +315,8 @@ fn decode_section(
             "decode without programmatic dependent launch".into(),
             format!("{tps:.1} tokens/s (median of 2)"),
         ));
-        r.out.insert("decode_no_pdl_tokens_per_s".into(), json!(tps));
+        r.out
+            .insert("decode_no_pdl_tokens_per_s".into(), json!(tps));
         gpu.set_pdl(true);
     }
     r.out.insert("pdl".into(), json!(pdl_default));
@@ -315,7 +328,8 @@ fn decode_section(
         "decode with row-invariant (runtime) kernels".into(),
         format!("{tps_x:.1} tokens/s (median of 2)"),
     ));
-    r.out.insert("decode_row_invariant_tokens_per_s".into(), json!(tps_x));
+    r.out
+        .insert("decode_row_invariant_tokens_per_s".into(), json!(tps_x));
     gpu.set_attn_tc_min_ctx(0);
     let s = decode_runs(runner, vocab, 3, false)?;
     gpu.set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
@@ -324,14 +338,16 @@ fn decode_section(
         "decode with tensor-core attention at every context".into(),
         format!("{tps_tc:.1} tokens/s (median of 2; default from {ATTN_TC_MIN_CTX})"),
     ));
-    r.out.insert("decode_tc_attention_tokens_per_s".into(), json!(tps_tc));
+    r.out
+        .insert("decode_tc_attention_tokens_per_s".into(), json!(tps_tc));
     let s = decode_runs(runner, vocab, 3, true)?;
     let tps_host = NEW_TOKENS as f64 / median(&s[1..]);
     r.rows.push((
         "decode with logits copied to the host (argmax there)".into(),
         format!("{tps_host:.1} tokens/s (median of 2)"),
     ));
-    r.out.insert("decode_host_logits_tokens_per_s".into(), json!(tps_host));
+    r.out
+        .insert("decode_host_logits_tokens_per_s".into(), json!(tps_host));
     // The qkv and MLP up projections in one launch or two, in both kernel sets.
     let mut cells = Vec::new();
     for exact in [false, true] {
@@ -347,8 +363,10 @@ fn decode_section(
             let t = NEW_TOKENS as f64 / median(&s[1..]);
             let kind = if exact { "row-invariant" } else { "default" };
             cells.push(format!("{kind} {mode:?} {t:.1}"));
-            r.out
-                .insert(format!("decode_pair_{kind}_{mode:?}_tokens_per_s"), json!(t));
+            r.out.insert(
+                format!("decode_pair_{kind}_{mode:?}_tokens_per_s"),
+                json!(t),
+            );
         }
     }
     gpu.set_row_invariant(false);
@@ -445,7 +463,8 @@ fn verify_section(
         gpu.set_tc_blocks_per_sm(bps);
         let t = step_time(runner, 5, false)?;
         by_bps.push(format!("{bps}: {:.3}x", t / one));
-        r.out.insert(format!("verify_ratio_tc_blocks_{bps}"), json!(t / one));
+        r.out
+            .insert(format!("verify_ratio_tc_blocks_{bps}"), json!(t / one));
     }
     gpu.set_tc_blocks_per_sm(bps_default);
     let five = step_time(runner, 5, false)?;
@@ -464,9 +483,12 @@ fn verify_section(
             five_x / one_x
         ),
     ));
-    r.out.insert("row_invariant_step_1_ms".into(), json!(one_x * 1e3));
-    r.out.insert("row_invariant_verify_5_ms".into(), json!(five_x * 1e3));
-    r.out.insert("row_invariant_verify_ratio".into(), json!(five_x / one_x));
+    r.out
+        .insert("row_invariant_step_1_ms".into(), json!(one_x * 1e3));
+    r.out
+        .insert("row_invariant_verify_5_ms".into(), json!(five_x * 1e3));
+    r.out
+        .insert("row_invariant_verify_ratio".into(), json!(five_x / one_x));
     runner.remove_sequence(seq)?;
     r.rows.push((
         "verify(5) ratio by tc GEMV blocks/SM".into(),
@@ -510,7 +532,7 @@ fn prefill_section(
         runner.remove_sequence(seq)?;
     }
     let pre_s = median(&pre[1..]);
-    let (linear_flops, attn_flops) = prefill_flops(&cfg, PREFILL);
+    let (linear_flops, attn_flops) = prefill_flops(cfg, PREFILL);
     let tflops = (linear_flops + attn_flops) / pre_s / 1e12;
     r.rows.push((
         format!("prefill {PREFILL} tokens"),
@@ -594,7 +616,9 @@ fn hf_section(tps: f64, one: f64, r: &mut Report) {
                 ));
                 r.out.insert("hf_baseline".into(), hf);
             }
-            Err(e) => r.rows.push(("HF baseline".into(), format!("unreadable {path}: {e}"))),
+            Err(e) => r
+                .rows
+                .push(("HF baseline".into(), format!("unreadable {path}: {e}"))),
         }
     }
 }

@@ -123,7 +123,11 @@ pub(crate) fn median(v: &[f64]) -> f64 {
 }
 
 /// Runs `f` `iters` times after one warm-up call, synchronised; seconds per call.
-pub(crate) fn time_it(backend: &CudaBackend, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub(crate) fn time_it(
+    backend: &CudaBackend,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     f()?;
     backend.synchronize()?;
     let t = Instant::now();
@@ -170,7 +174,12 @@ pub(crate) fn gemm_peak(backend: &CudaBackend) -> Result<(f64, String)> {
 
 /// One `linear` of `rows` activation rows on an `[n, k]` bf16 weight: microseconds and
 /// GB/s of weights.
-pub(crate) fn gemv_bandwidth(backend: &CudaBackend, n: usize, k: usize, rows: usize) -> Result<(f64, f64)> {
+pub(crate) fn gemv_bandwidth(
+    backend: &CudaBackend,
+    n: usize,
+    k: usize,
+    rows: usize,
+) -> Result<(f64, f64)> {
     let gpu = backend.gpu();
     let mut w = gpu.alloc(n * k)?;
     gpu.fill_uniform_bf16(&mut w, 4, 0.05)?;

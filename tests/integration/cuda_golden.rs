@@ -425,9 +425,7 @@ fn cuda_linear_matches_cpu_on_both_paths_and_fused_epilogues_change_no_bit() {
             // own call, in the default and in the row-invariant kernels.
             for exact in [false, true] {
                 b.gpu().set_row_invariant(exact);
-                let (pa, pb) = b
-                    .linear_and_gelu(&gx, &gw, Some(&gb), &gw2, None)
-                    .unwrap();
+                let (pa, pb) = b.linear_and_gelu(&gx, &gw, Some(&gb), &gw2, None).unwrap();
                 let alone_a = b.linear(&gx, &gw, Some(&gb)).unwrap();
                 let alone_b = b.linear_gelu(&gx, &gw2, None).unwrap();
                 for (pair, alone, what) in [(pa, alone_a, "first"), (pb, alone_b, "second")] {

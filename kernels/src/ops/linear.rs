@@ -32,7 +32,13 @@ pub(super) const TCG_U: usize = 4;
 /// K splits and 32-wide chunks per split for the tensor-core GEMV: enough blocks for
 /// about `per_sm` per SM, but at least one round of every warp per split.
 /// `u` is the kernel's chunks per warp iteration (`TCG_U`).
-pub(super) fn tc_split(tiles: usize, chunks: usize, sms: usize, u: usize, per_sm: usize) -> (usize, usize) {
+pub(super) fn tc_split(
+    tiles: usize,
+    chunks: usize,
+    sms: usize,
+    u: usize,
+    per_sm: usize,
+) -> (usize, usize) {
     let per_round = TCG_WARPS as usize * u;
     let max_split = (chunks / per_round).max(1);
     let want = (per_sm * sms).div_ceil(tiles.max(1)).clamp(1, max_split);

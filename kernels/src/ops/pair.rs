@@ -9,8 +9,8 @@
 use half::bf16;
 
 use super::linear::{
-    gemv_features_per_block, tc_split, Epilogue, GEMV_MAX_ROWS, GEMV_WARPS, TCG_FEATURES,
-    TCG_U, TCG_WARPS,
+    gemv_features_per_block, tc_split, Epilogue, GEMV_MAX_ROWS, GEMV_WARPS, TCG_FEATURES, TCG_U,
+    TCG_WARPS,
 };
 use super::{check_len, p, to_i32};
 use crate::error::KernelError;
@@ -66,7 +66,7 @@ impl Gpu {
         }
         let mut ya = self.scratch::<f32>(rows * a.n)?;
         let mut yb = self.scratch::<f32>(rows * b.n)?;
-        let fused = rows >= 1 && rows <= GEMV_MAX_ROWS && a.n > 0 && b.n > 0;
+        let fused = (1..=GEMV_MAX_ROWS).contains(&rows) && a.n > 0 && b.n > 0;
         let exact = self.row_invariant();
         let kernel = if exact {
             GemvKernel::Tc4
