@@ -29,6 +29,14 @@ __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
     return (u32)f2bf(lo) | ((u32)f2bf(hi) << 16);
 }
 
+// pack_bf16x2 in one instruction (cvt.rn.bf16x2.f32, sm_80+): the same round to
+// nearest even for every finite value; a NaN becomes the canonical one.
+__device__ __forceinline__ u32 cvt_bf16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
 __device__ __forceinline__ float lo_bf16(u32 v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float hi_bf16(u32 v) { return __uint_as_float(v & 0xffff0000u); }
 
