@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""HF transformers side-by-side baseline for benches/gpu_decode.rs.
+"""HF transformers side-by-side baseline for benches/gpu_decode/.
 
 Runs transformers' FalconForCausalLM (eager, bf16, random weights from the config: no
 download) in the same Falcon-7B shape as the Rust bench (hidden 4544, 32 layers, 71
