@@ -198,38 +198,7 @@ pub(crate) fn long_attention(
     cfg: &FalconConfig,
     iters: usize,
 ) -> Result<(f64, f64)> {
-    let blocks = LONG_CONTEXT / BLOCK;
-    let layout = KvLayout {
-        num_layers: cfg.num_layers,
-        num_blocks: blocks,
-        block_size: BLOCK,
-        num_kv_heads: cfg.num_kv_heads,
-        head_dim: cfg.head_dim,
-    };
-    let mut kv = backend.alloc_kv(&layout)?;
-    backend.fill_kv_uniform(&mut kv, 77)?;
-    let pos = LONG_CONTEXT - 1;
-    let rope = Rope::new(&cfg.rope, cfg.head_dim);
-    let mut meta = StepMeta {
-        token_ids: vec![0],
-        slots: vec![pos as u32],
-        block_size: BLOCK,
-        seqs: vec![SeqMeta {
-            first_row: 0,
-            num_rows: 1,
-            start_pos: pos,
-            block_table: (0..blocks as u32).collect(),
-        }],
-        ..StepMeta::default()
-    };
-    rope.push_cos_sin(pos, pos + 1, &mut meta.rope_cos, &mut meta.rope_sin);
-    let step = backend.prepare_step(&meta)?;
-    let attn = AttnConfig {
-        num_heads: cfg.num_heads,
-        num_kv_heads: cfg.num_kv_heads,
-        head_dim: cfg.head_dim,
-        alibi_slopes: None,
-    };
+    let (mut kv, step, attn) = one_row_step(backend, cfg, LONG_CONTEXT, 77)?;
     let width = cfg.qkv_rows();
     let qkv: Vec<f32> = tokens(width, 1000, 3)
         .iter()
@@ -267,38 +236,7 @@ pub(crate) fn layer_replica(
     let (qkv_w, dense_w) = (tensor(&[cfg.qkv_rows(), h])?, tensor(&[h, h])?);
     let (up_w, down_w) = (tensor(&[f, h])?, tensor(&[h, f])?);
     let (ln_w, ln_b) = (tensor(&[h])?, tensor(&[h])?);
-    let blocks = ctx.div_ceil(BLOCK);
-    let layout = KvLayout {
-        num_layers: cfg.num_layers,
-        num_blocks: blocks,
-        block_size: BLOCK,
-        num_kv_heads: cfg.num_kv_heads,
-        head_dim: cfg.head_dim,
-    };
-    let mut kv = backend.alloc_kv(&layout)?;
-    backend.fill_kv_uniform(&mut kv, 5)?;
-    let pos = ctx - 1;
-    let rope = Rope::new(&cfg.rope, cfg.head_dim);
-    let mut meta = StepMeta {
-        token_ids: vec![0],
-        slots: vec![pos as u32],
-        block_size: BLOCK,
-        seqs: vec![SeqMeta {
-            first_row: 0,
-            num_rows: 1,
-            start_pos: pos,
-            block_table: (0..blocks as u32).collect(),
-        }],
-        ..StepMeta::default()
-    };
-    rope.push_cos_sin(pos, pos + 1, &mut meta.rope_cos, &mut meta.rope_sin);
-    let step = backend.prepare_step(&meta)?;
-    let attn = AttnConfig {
-        num_heads: cfg.num_heads,
-        num_kv_heads: cfg.num_kv_heads,
-        head_dim: cfg.head_dim,
-        alibi_slopes: None,
-    };
+    let (mut kv, step, attn) = one_row_step(backend, cfg, ctx, 5)?;
     let x0: Vec<f32> = tokens(h, 1000, 9)
         .iter()
         .map(|&t| t as f32 / 500.0 - 1.0)
@@ -330,4 +268,51 @@ pub(crate) fn layer_replica(
         total.push(t.elapsed().as_secs_f64());
     }
     Ok((median(&enqueue[1..]) * 1e3, median(&total[1..]) * 1e3))
+}
+
+/// A KV cache of `ctx` positions (seeded random keys and values) and a prepared step of
+/// one decode row at `ctx - 1`, with the model's attention geometry.
+fn one_row_step(
+    backend: &CudaBackend,
+    cfg: &FalconConfig,
+    ctx: usize,
+    seed: u64,
+) -> Result<(
+    <CudaBackend as Backend>::KvCache,
+    <CudaBackend as Backend>::Step,
+    AttnConfig,
+)> {
+    let blocks = ctx.div_ceil(BLOCK);
+    let layout = KvLayout {
+        num_layers: cfg.num_layers,
+        num_blocks: blocks,
+        block_size: BLOCK,
+        num_kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+    };
+    let mut kv = backend.alloc_kv(&layout)?;
+    backend.fill_kv_uniform(&mut kv, seed)?;
+    let pos = ctx - 1;
+    let rope = Rope::new(&cfg.rope, cfg.head_dim);
+    let mut meta = StepMeta {
+        token_ids: vec![0],
+        slots: vec![pos as u32],
+        block_size: BLOCK,
+        seqs: vec![SeqMeta {
+            first_row: 0,
+            num_rows: 1,
+            start_pos: pos,
+            block_table: (0..blocks as u32).collect(),
+        }],
+        ..StepMeta::default()
+    };
+    rope.push_cos_sin(pos, pos + 1, &mut meta.rope_cos, &mut meta.rope_sin);
+    let step = backend.prepare_step(&meta)?;
+    let attn = AttnConfig {
+        num_heads: cfg.num_heads,
+        num_kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+        alibi_slopes: None,
+    };
+    Ok((kv, step, attn))
 }

@@ -158,6 +158,14 @@ __device__ __forceinline__ void attn_decode_fixed(
     float* l_s = m_s + hb;                   // [hb]
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    for (int i = tid; i < nhb * HD; i += blockDim.x) {
+        q_s[i] = q[((size_t)r * nh + h0) * HD + i];
+        acc_s[i] = 0.0f;
+    }
+    for (int i = tid; i < nhb; i += blockDim.x) {
+        m_s[i] = NEG_INF;
+        l_s[i] = 0.0f;
+    }
     uint4 nk[CH], nv[CH];
     auto fetch = [&](int t) {
 #pragma unroll
@@ -174,14 +182,6 @@ __device__ __forceinline__ void attn_decode_fixed(
             }
         }
     };
-    for (int i = tid; i < nhb * HD; i += blockDim.x) {
-        q_s[i] = q[((size_t)r * nh + h0) * HD + i];
-        acc_s[i] = 0.0f;
-    }
-    for (int i = tid; i < nhb; i += blockDim.x) {
-        m_s[i] = NEG_INF;
-        l_s[i] = 0.0f;
-    }
     if (k_begin < k_end) fetch(k_begin);
     for (int t = k_begin; t < k_end; t += DEC_TK) {
         __syncthreads();
@@ -287,10 +287,11 @@ ATTN_DECODE_KERNEL(64)
 ATTN_DECODE_KERNEL(128)
 
 // Merges the key splits of attn_decode / attn_decode_tc. grid (rows in list, heads),
-// block 128. The split weights exp(m_z - m) are computed once, in parallel, into shared
-// memory; then each thread sums its output columns over the splits with independent
-// (coalesced) loads: a serial pass per split would cost a memory latency each, which
-// at a long context's hundred-odd splits dominated the whole attention.
+// block 256, dynamic shared memory (COMBINE_MAX_SPLITS + 4 * hd) floats. The split
+// weights exp(m_z - m) are computed once, in parallel, into shared memory; then four
+// threads per output column sum its splits with independent (coalesced) loads: a
+// serial pass per split would cost a memory latency each, which at a long context's
+// hundred-odd splits dominated the whole attention.
 #define COMBINE_MAX_SPLITS 1024
 extern "C" __global__ void __launch_bounds__(256)
     attn_combine(const u32* __restrict__ row_list, const float* __restrict__ part_o,
@@ -561,9 +562,11 @@ ATTN_TC_KERNEL(128)
 // are the M rows of the mma tiles (up to 128 heads per block: 8 warps x 16), the keys
 // the N columns, so each K/V tile loaded to shared memory serves every head at once and
 // the math runs on tensor cores (q and p rounded to bf16, f32 accumulation, as in
-// attn_tc). The context is split over blocks (flash-decoding: grid z) and the next K/V
-// tile is prefetched into registers while the current one is used; partial results go
-// to attn_combine exactly as attn_decode's.
+// attn_tc). The context is split over blocks (flash-decoding: grid z); the K/V tiles
+// of a split are fetched into registers up to ST tiles ahead of their use; partial
+// results go to attn_combine exactly as attn_decode's. (At a 32k context on the H200
+// the per-tile softmax and P V, not memory, bound this kernel: about 3 us per 64-key
+// tile with 5 of the 8 warps computing Falcon-7B's 71 heads.)
 // grid (rows in list, kv_heads * ceil(q_per_kv / 128), nsplit), block 256.
 #define DTC_WARPS 8
 template <int HD>

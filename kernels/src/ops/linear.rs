@@ -25,9 +25,9 @@ pub(super) fn gemv_features_per_block(rows: usize) -> u32 {
 }
 /// Tensor-core GEMV (`gemv_tc`): warps per block and output features per block.
 pub(super) const TCG_WARPS: u32 = 4;
-pub(super) const TCG_FEATURES: usize = 16;
+const TCG_FEATURES: usize = 16;
 /// 32-wide K chunks a warp takes per iteration (`TCG_U` in gemv.cu).
-pub(super) const TCG_U: usize = 4;
+const TCG_U: usize = 4;
 
 /// K splits and 32-wide chunks per split for the tensor-core GEMV: enough blocks for
 /// about `per_sm` per SM, but at least one round of every warp per split.
@@ -329,14 +329,7 @@ impl Gpu {
         exact: bool,
     ) -> Result<(), KernelError> {
         const OP: &str = "linear";
-        let tiles = n.div_ceil(TCG_FEATURES);
-        let (nsplit, per_split) = tc_split(
-            tiles,
-            k / 32,
-            self.sm_count() as usize,
-            TCG_U,
-            self.tc_blocks_per_sm(),
-        );
+        let (tiles, nsplit, per_split) = self.tc_tiles(n, k);
         let part = if nsplit > 1 {
             Some(self.scratch::<f32>(nsplit * r * n)?)
         } else {
@@ -370,6 +363,21 @@ impl Gpu {
                 Arg::I32(epi as i32),
             ],
         )
+    }
+
+    /// The tensor-core GEMV's 16-feature tiles of an `[n, k]` weight, its K splits and
+    /// 32-wide chunks per split (a function of the shape and device only, so that a
+    /// product gets the same bits in any launch).
+    pub(super) fn tc_tiles(&self, n: usize, k: usize) -> (usize, usize, usize) {
+        let tiles = n.div_ceil(TCG_FEATURES);
+        let (nsplit, per_split) = tc_split(
+            tiles,
+            k / 32,
+            self.sm_count() as usize,
+            TCG_U,
+            self.tc_blocks_per_sm(),
+        );
+        (tiles, nsplit, per_split)
     }
 
     /// An f32 buffer rounded to bf16.

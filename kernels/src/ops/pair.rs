@@ -8,10 +8,7 @@
 
 use half::bf16;
 
-use super::linear::{
-    gemv_features_per_block, tc_split, Epilogue, GEMV_MAX_ROWS, GEMV_WARPS, TCG_FEATURES, TCG_U,
-    TCG_WARPS,
-};
+use super::linear::{gemv_features_per_block, Epilogue, GEMV_MAX_ROWS, GEMV_WARPS, TCG_WARPS};
 use super::{check_len, p, to_i32};
 use crate::error::KernelError;
 use crate::gpu::{Arg, DeviceBuffer, GemvKernel, Gpu, PairLaunch};
@@ -150,19 +147,8 @@ impl Gpu {
         exact: bool,
     ) -> Result<(), KernelError> {
         const OP: &str = "linear";
-        let split = |n: usize| {
-            let tiles = n.div_ceil(TCG_FEATURES);
-            let (nsplit, per_split) = tc_split(
-                tiles,
-                k / 32,
-                self.sm_count() as usize,
-                TCG_U,
-                self.tc_blocks_per_sm(),
-            );
-            (tiles, nsplit, per_split)
-        };
-        let (tiles_a, nsplit_a, cps_a) = split(a.n);
-        let (tiles_b, nsplit_b, cps_b) = split(b.n);
+        let (tiles_a, nsplit_a, cps_a) = self.tc_tiles(a.n, k);
+        let (tiles_b, nsplit_b, cps_b) = self.tc_tiles(b.n, k);
         let part_a = self.scratch::<f32>(nsplit_a * rows * a.n)?;
         let part_b = self.scratch::<f32>(nsplit_b * rows * b.n)?;
         // Arrival counters: the second half's follow the first's.
