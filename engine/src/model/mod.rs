@@ -23,6 +23,10 @@ use crate::error::{ForwardError, LoadError, Result};
 use crate::posenc::{alibi, rope::Rope};
 use weights::{HeadWeights, LayerNormWeights, LayerWeights, Linear, Loader};
 
+/// Steps of at most this many token rows run the qkv and MLP up projections of a
+/// shared-norm layer as one backend call ([`Backend::linear_and_gelu`]).
+const PAIR_MAX_ROWS: usize = 64;
+
 /// How much KV memory to give a model and which layers to load.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -235,10 +239,13 @@ impl<B: Backend> Falcon<B> {
         let eps = self.cfg.layer_norm_epsilon;
         let w = &self.layers[i];
         let ln = |n: &weights::Norm<B>, t: &B::Tensor| b.layer_norm(t, &n.weight, &n.bias, eps);
-        // Under a shared norm the qkv and MLP up projections read the same input: one
-        // backend call for both (one launch on the GPU), the up projection kept for later.
+        // Under a shared norm the qkv and MLP up projections read the same input: for
+        // few-row steps one backend call for both (one launch on the GPU), the up
+        // projection kept for later. Larger steps (prefill) compute it after attention,
+        // so that its rows x 4h activations are not held through it.
+        let pair = step.meta.token_ids.len() <= PAIR_MAX_ROWS;
         let (attn_in, mlp_in, qkv, up) = match &w.norms {
-            LayerNormWeights::Shared { input } => {
+            LayerNormWeights::Shared { input } if pair => {
                 let a = ln(input, &x)?;
                 let (qkv, up) = b.linear_and_gelu(
                     &a,
@@ -254,7 +261,7 @@ impl<B: Backend> Falcon<B> {
                 let qkv = self.linear(&a, &w.qkv)?;
                 (a, Some(ln(mlp, &x)?), qkv, None)
             }
-            LayerNormWeights::Sequential { input, .. } => {
+            LayerNormWeights::Shared { input } | LayerNormWeights::Sequential { input, .. } => {
                 let a = ln(input, &x)?;
                 let qkv = self.linear(&a, &w.qkv)?;
                 (a, None, qkv, None)
