@@ -105,30 +105,28 @@ impl Gpu {
         let per_block = gemv_features_per_block(1);
         let blocks_a = (a.n as u32).div_ceil(per_block);
         let blocks_b = (b.n as u32).div_ceil(per_block);
-        let (ba, has_ba) = a.bias_args(x);
-        let (bb, has_bb) = b.bias_args(x);
+        // Each half's arguments: weight, bias, output, features, bias flag, epilogue.
+        let half = |h: &PairHalf<'_>, y: &DeviceBuffer<f32>| -> Result<[Arg; 6], KernelError> {
+            let (bias, has_bias) = h.bias_args(x);
+            Ok([
+                p(h.w),
+                bias,
+                p(y),
+                Arg::I32(to_i32(OP, h.n)?),
+                has_bias,
+                Arg::I32(h.epilogue() as i32),
+            ])
+        };
+        let mut args = vec![p(x), Arg::I32(to_i32(OP, k)?)];
+        args.extend(half(a, ya)?);
+        args.push(Arg::I32(blocks_a as i32));
+        args.extend(half(b, yb)?);
         self.launch(
             &self.k.gemv2_simt_r1,
             (blocks_a + blocks_b, 1, 1),
             32 * GEMV_WARPS,
             0,
-            &[
-                p(x),
-                Arg::I32(to_i32(OP, k)?),
-                p(a.w),
-                ba,
-                p(ya),
-                Arg::I32(to_i32(OP, a.n)?),
-                has_ba,
-                Arg::I32(a.epilogue() as i32),
-                Arg::I32(blocks_a as i32),
-                p(b.w),
-                bb,
-                p(yb),
-                Arg::I32(to_i32(OP, b.n)?),
-                has_bb,
-                Arg::I32(b.epilogue() as i32),
-            ],
+            &args,
         )
     }
 
@@ -147,52 +145,56 @@ impl Gpu {
         exact: bool,
     ) -> Result<(), KernelError> {
         const OP: &str = "linear";
-        let (tiles_a, nsplit_a, cps_a) = self.tc_tiles(a.n, k);
-        let (tiles_b, nsplit_b, cps_b) = self.tc_tiles(b.n, k);
-        let part_a = self.scratch::<f32>(nsplit_a * rows * a.n)?;
-        let part_b = self.scratch::<f32>(nsplit_b * rows * b.n)?;
+        let (ta, tb) = (self.tc_tiles(a.n, k), self.tc_tiles(b.n, k));
         // Arrival counters: the second half's follow the first's.
-        let counters = self.gemv_counters(tiles_a + tiles_b)?;
-        let counters_b = counters + (tiles_a * std::mem::size_of::<u32>()) as u64;
-        let (ba, has_ba) = a.bias_args(x);
-        let (bb, has_bb) = b.bias_args(x);
+        let counters = self.gemv_counters(ta.0 + tb.0)?;
+        let counters_b = counters + (ta.0 * std::mem::size_of::<u32>()) as u64;
+        // Each half's arguments (weight, bias, output, partial sums, counters, features,
+        // bias flag, chunks per split, epilogue, tiles, splits) and its partial sums,
+        // allocated only when K is split, as for a single product.
+        let mut parts = Vec::with_capacity(2);
+        let mut half = |h: &PairHalf<'_>,
+                        y: &DeviceBuffer<f32>,
+                        (tiles, nsplit, per_split): (usize, usize, usize),
+                        counters: u64|
+         -> Result<[Arg; 11], KernelError> {
+            let part = if nsplit > 1 {
+                Some(self.scratch::<f32>(nsplit * rows * h.n)?)
+            } else {
+                None
+            };
+            let (bias, has_bias) = h.bias_args(x);
+            let args = [
+                p(h.w),
+                bias,
+                p(y),
+                part.as_ref().map_or(p(y), p),
+                Arg::U64(counters),
+                Arg::I32(to_i32(OP, h.n)?),
+                has_bias,
+                Arg::I32(to_i32(OP, per_split)?),
+                Arg::I32(h.epilogue() as i32),
+                Arg::I32(to_i32(OP, tiles)?),
+                Arg::I32(to_i32(OP, nsplit)?),
+            ];
+            parts.push(part);
+            Ok(args)
+        };
+        let mut args = vec![p(x), Arg::I32(to_i32(OP, k)?)];
+        args.extend(half(a, ya, ta, counters)?);
+        args.extend(half(b, yb, tb, counters_b)?);
         let func = if exact {
             &self.k.gemv2_tc_exact[rows - 1]
         } else {
             &self.k.gemv2_tc[rows - 1]
         };
-        let blocks = tiles_a * nsplit_a + tiles_b * nsplit_b;
+        let blocks = ta.0 * ta.1 + tb.0 * tb.1;
         self.launch(
             func,
             (to_i32(OP, blocks)? as u32, 1, 1),
             32 * TCG_WARPS,
             0,
-            &[
-                p(x),
-                Arg::I32(to_i32(OP, k)?),
-                p(a.w),
-                ba,
-                p(ya),
-                p(&part_a),
-                Arg::U64(counters),
-                Arg::I32(to_i32(OP, a.n)?),
-                has_ba,
-                Arg::I32(to_i32(OP, cps_a)?),
-                Arg::I32(a.epilogue() as i32),
-                Arg::I32(to_i32(OP, tiles_a)?),
-                Arg::I32(to_i32(OP, nsplit_a)?),
-                p(b.w),
-                bb,
-                p(yb),
-                p(&part_b),
-                Arg::U64(counters_b),
-                Arg::I32(to_i32(OP, b.n)?),
-                has_bb,
-                Arg::I32(to_i32(OP, cps_b)?),
-                Arg::I32(b.epilogue() as i32),
-                Arg::I32(to_i32(OP, tiles_b)?),
-                Arg::I32(to_i32(OP, nsplit_b)?),
-            ],
+            &args,
         )
     }
 }
