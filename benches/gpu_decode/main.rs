@@ -309,8 +309,7 @@ fn decode_section(
     let pdl_default = gpu.pdl();
     if pdl_default {
         gpu.set_pdl(false);
-        let s = decode_runs(runner, vocab, 3, false)?;
-        let tps = NEW_TOKENS as f64 / median(&s[1..]);
+        let tps = variant_tokens_per_s(runner, vocab, false)?;
         r.rows.push((
             "decode without programmatic dependent launch".into(),
             format!("{tps:.1} tokens/s (median of 2)"),
@@ -321,9 +320,8 @@ fn decode_section(
     }
     r.out.insert("pdl".into(), json!(pdl_default));
     gpu.set_row_invariant(true);
-    let s = decode_runs(runner, vocab, 3, false)?;
+    let tps_x = variant_tokens_per_s(runner, vocab, false)?;
     gpu.set_row_invariant(false);
-    let tps_x = NEW_TOKENS as f64 / median(&s[1..]);
     r.rows.push((
         "decode with row-invariant (runtime) kernels".into(),
         format!("{tps_x:.1} tokens/s (median of 2)"),
@@ -331,17 +329,15 @@ fn decode_section(
     r.out
         .insert("decode_row_invariant_tokens_per_s".into(), json!(tps_x));
     gpu.set_attn_tc_min_ctx(0);
-    let s = decode_runs(runner, vocab, 3, false)?;
+    let tps_tc = variant_tokens_per_s(runner, vocab, false)?;
     gpu.set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
-    let tps_tc = NEW_TOKENS as f64 / median(&s[1..]);
     r.rows.push((
         "decode with tensor-core attention at every context".into(),
         format!("{tps_tc:.1} tokens/s (median of 2; default from {ATTN_TC_MIN_CTX})"),
     ));
     r.out
         .insert("decode_tc_attention_tokens_per_s".into(), json!(tps_tc));
-    let s = decode_runs(runner, vocab, 3, true)?;
-    let tps_host = NEW_TOKENS as f64 / median(&s[1..]);
+    let tps_host = variant_tokens_per_s(runner, vocab, true)?;
     r.rows.push((
         "decode with logits copied to the host (argmax there)".into(),
         format!("{tps_host:.1} tokens/s (median of 2)"),
@@ -359,8 +355,7 @@ fn decode_section(
         };
         for &mode in modes {
             gpu.set_pair_launch(mode);
-            let s = decode_runs(runner, vocab, 3, false)?;
-            let t = NEW_TOKENS as f64 / median(&s[1..]);
+            let t = variant_tokens_per_s(runner, vocab, false)?;
             let kind = if exact { "row-invariant" } else { "default" };
             cells.push(format!("{kind} {mode:?} {t:.1}"));
             r.out.insert(

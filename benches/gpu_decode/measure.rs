@@ -57,6 +57,17 @@ pub(crate) fn decode_runs(
     Ok(decode_s)
 }
 
+/// Tokens/s of a decode configuration under comparison: three runs, the first a
+/// warm-up, the median of the other two.
+pub(crate) fn variant_tokens_per_s(
+    runner: &mut ModelRunner<CudaBackend>,
+    vocab: u32,
+    host_logits: bool,
+) -> Result<f64> {
+    let s = decode_runs(runner, vocab, 3, host_logits)?;
+    Ok(NEW_TOKENS as f64 / median(&s[1..]))
+}
+
 /// A safetensors file of the right size whose data section is a hole: the header is
 /// real, the 14 GB of weights are never written (nor read, by the synthetic backend).
 pub(crate) fn write_sparse_checkpoint(dir: &Path, cfg: &FalconConfig) -> Result<()> {

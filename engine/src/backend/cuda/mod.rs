@@ -91,6 +91,17 @@ pub struct CudaTensor {
 }
 
 impl CudaTensor {
+    /// The result `data` of `self @ weight^T`: one row per row of `self` (and its
+    /// sequence chunks), one column per row of `weight`.
+    fn product_output(&self, weight: &CudaTensor, data: DeviceBuffer<f32>) -> CudaTensor {
+        CudaTensor {
+            data: CudaData::F32(data),
+            rows: self.rows,
+            cols: weight.rows,
+            groups: self.groups.clone(),
+        }
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }
@@ -272,12 +283,7 @@ impl CudaBackend {
                 .linear(xs, x.rows, x.cols, ws, weight.rows, bias, groups(x))
         }
         .map_err(map_err)?;
-        Ok(CudaTensor {
-            data: CudaData::F32(out),
-            rows: x.rows,
-            cols: weight.rows,
-            groups: x.groups.clone(),
-        })
+        Ok(x.product_output(weight, out))
     }
 }
 
@@ -491,13 +497,7 @@ impl Backend for CudaBackend {
                 groups(x),
             )
             .map_err(map_err)?;
-        let out = |data, w: &CudaTensor| CudaTensor {
-            data: CudaData::F32(data),
-            rows: x.rows,
-            cols: w.rows,
-            groups: x.groups.clone(),
-        };
-        Ok((out(ya, a), out(yb, b)))
+        Ok((x.product_output(a, ya), x.product_output(b, yb)))
     }
 
     fn linear_add(
