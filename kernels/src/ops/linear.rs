@@ -45,6 +45,14 @@ pub(super) fn tc_split(
     let per_split = chunks.div_ceil(want).next_multiple_of(u).max(1);
     (chunks.div_ceil(per_split).max(1), per_split)
 }
+/// A GEMV's bias argument and flag: the bias, or any valid pointer (`x`) and 0.
+pub(super) fn bias_args(bias: Option<&DeviceBuffer<f32>>, x: &DeviceBuffer<f32>) -> (Arg, i32) {
+    match bias {
+        Some(b) => (p(b), 1),
+        None => (p(x), 0),
+    }
+}
+
 /// Rows `row0..row0 + rows` of a `[*, k] @ [n, k]^T` product; `gemv`: never cuBLAS.
 #[derive(Debug, Clone, Copy)]
 struct Span {
@@ -203,10 +211,7 @@ impl Gpu {
             gemv,
         } = s;
         let (ni, ki) = (to_i32(OP, n)?, to_i32(OP, k)?);
-        let (bias_arg, has_bias) = match bias {
-            Some(b) => (p(b), 1),
-            None => (p(x), 0),
-        };
+        let (bias_arg, has_bias) = bias_args(bias, x);
         let epi_arg = Arg::I32(epi as i32);
         let exact = self.row_invariant();
         if gemv

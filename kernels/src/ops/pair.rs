@@ -8,7 +8,9 @@
 
 use half::bf16;
 
-use super::linear::{gemv_features_per_block, Epilogue, GEMV_MAX_ROWS, GEMV_WARPS, TCG_WARPS};
+use super::linear::{
+    bias_args, gemv_features_per_block, Epilogue, GEMV_MAX_ROWS, GEMV_WARPS, TCG_WARPS,
+};
 use super::{check_len, p, to_i32};
 use crate::error::KernelError;
 use crate::gpu::{Arg, DeviceBuffer, GemvKernel, Gpu, PairLaunch};
@@ -28,14 +30,6 @@ impl PairHalf<'_> {
             Epilogue::Gelu
         } else {
             Epilogue::Store
-        }
-    }
-
-    /// Bias argument and flag (a valid pointer either way).
-    fn bias_args(&self, x: &DeviceBuffer<f32>) -> (Arg, Arg) {
-        match self.bias {
-            Some(b) => (p(b), Arg::I32(1)),
-            None => (p(x), Arg::I32(0)),
         }
     }
 }
@@ -107,13 +101,13 @@ impl Gpu {
         let blocks_b = (b.n as u32).div_ceil(per_block);
         // Each half's arguments: weight, bias, output, features, bias flag, epilogue.
         let half = |h: &PairHalf<'_>, y: &DeviceBuffer<f32>| -> Result<[Arg; 6], KernelError> {
-            let (bias, has_bias) = h.bias_args(x);
+            let (bias, has_bias) = bias_args(h.bias, x);
             Ok([
                 p(h.w),
                 bias,
                 p(y),
                 Arg::I32(to_i32(OP, h.n)?),
-                has_bias,
+                Arg::I32(has_bias),
                 Arg::I32(h.epilogue() as i32),
             ])
         };
@@ -163,7 +157,7 @@ impl Gpu {
             } else {
                 None
             };
-            let (bias, has_bias) = h.bias_args(x);
+            let (bias, has_bias) = bias_args(h.bias, x);
             let args = [
                 p(h.w),
                 bias,
@@ -171,7 +165,7 @@ impl Gpu {
                 part.as_ref().map_or(p(y), p),
                 Arg::U64(counters),
                 Arg::I32(to_i32(OP, h.n)?),
-                has_bias,
+                Arg::I32(has_bias),
                 Arg::I32(to_i32(OP, per_split)?),
                 Arg::I32(h.epilogue() as i32),
                 Arg::I32(to_i32(OP, tiles)?),
