@@ -7,8 +7,9 @@
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
-use falconer_engine::sampling::{argmax, sample_from_probs, warp_probs, Rng, SamplingParams};
-use falconer_engine::{Backend, Falcon, SeqChunk};
+use falconer_engine::error::ForwardError;
+use falconer_engine::sampling::{sample_from_probs, Rng, SamplingParams};
+use falconer_engine::{Backend, Falcon, RowsOut, RowsWanted, SeqChunk};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::error::RuntimeError;
@@ -83,6 +84,16 @@ fn propose<B: Backend>(
         .iter()
         .map(|i| i.sampling.map(|(_, seed)| Rng::new(seed)))
         .collect();
+    // The draft's q ignores the repetition penalty (it sees no history).
+    let warp: Vec<Option<SamplingParams>> = items
+        .iter()
+        .map(|i| {
+            i.sampling.map(|(params, _)| SamplingParams {
+                repetition_penalty: 1.0,
+                ..params
+            })
+        })
+        .collect();
     let max_k = items.iter().map(|i| i.k).max().unwrap_or(0);
     let started = Instant::now();
     for j in 0..max_k {
@@ -112,26 +123,31 @@ fn propose<B: Backend>(
                 all_logits: false,
             })
             .collect();
-        // All greedy: the argmax where the logits are (a draft that saw only NaN and
-        // -inf proposes 0, as the host's argmax does; the target rejects it anyway).
-        if active.iter().all(|&i| items[i].sampling.is_none()) {
-            let tokens = model.forward_greedy(&chunks)?;
-            for (&i, t) in active.iter().zip(&tokens) {
-                out[i].tokens.push(t.last().copied().flatten().unwrap_or(0));
-            }
-            continue;
-        }
-        let logits = model.forward(&chunks)?;
-        for (&i, l) in active.iter().zip(&logits) {
-            let row = l.last();
-            let token = match (&items[i].sampling, &mut rngs[i]) {
-                (Some((params, _)), Some(rng)) => {
-                    let q = warp_probs(row, params)?;
+        // Greedy sessions take the argmax where the logits are (a draft that saw only NaN
+        // and -inf proposes 0, as the host's argmax does; the target rejects it anyway),
+        // sampling ones a distribution warped there.
+        let wants: Vec<RowsWanted<'_>> = active
+            .iter()
+            .map(|&i| match &warp[i] {
+                Some(params) => RowsWanted::Warped {
+                    params,
+                    history: &[],
+                },
+                None => RowsWanted::Greedy,
+            })
+            .collect();
+        let outs = model.forward_outputs(&chunks, &wants)?;
+        for (&i, o) in active.iter().zip(outs) {
+            let token = match (o, &mut rngs[i]) {
+                (RowsOut::Warped(rows), Some(rng)) => {
+                    let q = rows.into_iter().last().ok_or(ForwardError::EmptyBatch)??;
                     let t = sample_from_probs(&q, rng);
                     out[i].q.push(q);
                     t
                 }
-                _ => argmax(row),
+                (RowsOut::Greedy(t), _) => t.last().copied().flatten().unwrap_or(0),
+                // Each output answers its want in kind, and only sampling sessions have an rng.
+                _ => return Err(ForwardError::EmptyBatch.into()),
             };
             out[i].tokens.push(token);
         }

@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 
 use falconer_engine::sampling::{
-    apply_repetition_penalty, sample_token, warp_probs, Rng, SamplingParams,
+    apply_repetition_penalty, sample_from_probs, sample_token, warp_probs, Rng, SamplingError,
+    SamplingParams,
 };
 use falconer_engine::speculative::{accept_greedy, accept_greedy_tokens, accept_sampling, Verdict};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -33,6 +34,9 @@ pub enum TargetRows {
     /// Each row's greedy token, taken on the device (`None`: no usable logit); only
     /// for sessions whose parameters are [`SamplingParams::argmax_only`].
     Greedy(Vec<Option<u32>>),
+    /// Each row's sampling distribution, penalised and warped where the logits are (row
+    /// i saw the context plus the first i drafts); only for sampling sessions.
+    Probs(Vec<Result<Vec<f32>, SamplingError>>),
 }
 
 /// Messages of the sampler.
@@ -95,6 +99,16 @@ pub fn decide(
             }
             return accept_greedy_tokens(&item.drafts, tokens).map_err(RuntimeError::model);
         }
+        TargetRows::Probs(rows) => {
+            if params.is_greedy() {
+                return Err(RuntimeError::model("distributions for a greedy session"));
+            }
+            let p = rows
+                .iter()
+                .map(|r| r.as_ref().map(Vec::as_slice).map_err(|e| *e))
+                .collect::<Result<Vec<&[f32]>, SamplingError>>()?;
+            return sample_rows(item, &p, rng);
+        }
     };
     if item.drafts.is_empty() {
         let row = rows.first().ok_or(RuntimeError::Model {
@@ -107,37 +121,50 @@ pub fn decide(
         });
     }
     let rows = penalised(item, rows, params);
-    let rows_ref: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
-    let verdict = if params.is_greedy() {
-        accept_greedy(&item.drafts, &rows_ref)
+    if params.is_greedy() {
+        let rows_ref: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+        return accept_greedy(&item.drafts, &rows_ref).map_err(RuntimeError::model);
+    }
+    let p: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|r| warp_probs(r, params))
+        .collect::<Result<_, _>>()?;
+    let p_ref: Vec<&[f32]> = p.iter().map(Vec::as_slice).collect();
+    sample_rows(item, &p_ref, rng)
+}
+
+/// A sampling session's verdict from the target's distributions `p` (one per row): a
+/// plain draw without drafts, else the speculative acceptance rule against the draft's
+/// distributions (proposals without one, from prompt lookup, are a point mass).
+fn sample_rows(item: &DecideItem, p: &[&[f32]], rng: &mut Rng) -> Result<Verdict, RuntimeError> {
+    if item.drafts.is_empty() {
+        let row = p.first().ok_or(RuntimeError::Model {
+            message: "no target distribution".into(),
+        })?;
+        return Ok(Verdict {
+            accepted: 0,
+            next_token: sample_from_probs(row, rng),
+        });
+    }
+    let q_owned: Vec<Vec<f32>>;
+    let q_ref: Vec<&[f32]> = if item.q.len() == item.drafts.len() {
+        item.q.iter().map(Vec::as_slice).collect()
     } else {
-        let p: Vec<Vec<f32>> = rows
+        let vocab = p.first().map_or(0, |r| r.len());
+        q_owned = item
+            .drafts
             .iter()
-            .map(|r| warp_probs(r, params))
-            .collect::<Result<_, _>>()?;
-        let p_ref: Vec<&[f32]> = p.iter().map(Vec::as_slice).collect();
-        let q_owned: Vec<Vec<f32>>;
-        let q_ref: Vec<&[f32]> = if item.q.len() == item.drafts.len() {
-            item.q.iter().map(Vec::as_slice).collect()
-        } else {
-            // Proposals without a distribution (prompt lookup) are a point mass.
-            let vocab = p.first().map_or(0, Vec::len);
-            q_owned = item
-                .drafts
-                .iter()
-                .map(|&d| {
-                    let mut q = vec![0.0; vocab];
-                    if let Some(x) = q.get_mut(d as usize) {
-                        *x = 1.0;
-                    }
-                    q
-                })
-                .collect();
-            q_owned.iter().map(Vec::as_slice).collect()
-        };
-        accept_sampling(&item.drafts, &q_ref, &p_ref, rng)
+            .map(|&d| {
+                let mut q = vec![0.0; vocab];
+                if let Some(x) = q.get_mut(d as usize) {
+                    *x = 1.0;
+                }
+                q
+            })
+            .collect();
+        q_owned.iter().map(Vec::as_slice).collect()
     };
-    verdict.map_err(RuntimeError::model)
+    accept_sampling(&item.drafts, &q_ref, p, rng).map_err(RuntimeError::model)
 }
 
 impl Actor for SamplerActor {

@@ -2,9 +2,9 @@
 //!
 //! A forward job enters shard 0 (which embeds), each shard runs its layers on a
 //! blocking thread (never on a tokio worker) and hands the hidden state to the next
-//! shard with the caller's reply port; the last shard answers with the logits, or with
-//! only each row's greedy token when every chunk of the pass is greedy (the argmax is
-//! then taken where the logits are, on the GPU, and they never cross to the host).
+//! shard with the caller's reply port; the last shard answers each chunk as it asked:
+//! with its greedy tokens or its sampling distributions (computed where the logits are,
+//! on the GPU, so that logits never cross to the host), or with raw logits.
 //! Split or not, the arithmetic is the same, so 2+ shards give exactly the unsplit
 //! logits.
 
@@ -12,23 +12,67 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Instant;
 
-use falconer_engine::{Backend, Falcon, Logits, SeqChunk};
+use falconer_engine::sampling::SamplingParams;
+use falconer_engine::{Backend, Falcon, RowsOut, RowsWanted, SeqChunk};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::error::RuntimeError;
 use crate::metrics as m;
 
 /// New tokens of one sequence, with where they go in the KV cache.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ChunkSpec {
     pub tokens: Vec<u32>,
     pub start_pos: usize,
     pub block_table: Vec<u32>,
     pub prompt_len: usize,
     pub all_logits: bool,
-    /// Only the greedy token of each logit row is needed (greedy sampling without a
-    /// repetition penalty).
-    pub greedy: bool,
+    /// What the last shard returns for the chunk's logit rows.
+    pub want: ChunkWant,
+}
+
+/// What a chunk needs from its logit rows (the owned form of [`RowsWanted`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChunkWant {
+    Logits,
+    /// Each row's argmax (greedy without a repetition penalty).
+    Greedy,
+    /// Each row's sampling distribution; the repetition penalty sees `history` (the
+    /// tokens before the chunk) and the chunk's tokens up to the row.
+    Warped {
+        params: SamplingParams,
+        history: Vec<u32>,
+    },
+}
+
+impl ChunkWant {
+    /// The want of a session's chunk: greedy tokens, distributions of sampled rows, or
+    /// the logits (greedy with a repetition penalty). `history` is only kept when the
+    /// penalty needs it.
+    pub fn for_params(params: &SamplingParams, history: &[u32]) -> Self {
+        if params.argmax_only() {
+            ChunkWant::Greedy
+        } else if params.is_greedy() {
+            ChunkWant::Logits
+        } else {
+            ChunkWant::Warped {
+                params: *params,
+                history: if params.repetition_penalty == 1.0 {
+                    Vec::new()
+                } else {
+                    history.to_vec()
+                },
+            }
+        }
+    }
+
+    fn as_wanted(&self) -> RowsWanted<'_> {
+        match self {
+            ChunkWant::Logits => RowsWanted::Logits,
+            ChunkWant::Greedy => RowsWanted::Greedy,
+            ChunkWant::Warped { params, history } => RowsWanted::Warped { params, history },
+        }
+    }
 }
 
 impl ChunkSpec {
@@ -54,13 +98,8 @@ pub struct ForwardJob<B: Backend> {
     pub reply: RpcReplyPort<Result<TargetOutput, RuntimeError>>,
 }
 
-/// What the last shard answers, per chunk of the pass.
-#[derive(Debug)]
-pub enum TargetOutput {
-    Logits(Vec<Logits>),
-    /// Every chunk was greedy: each logit row's greedy token (`None`: no usable logit).
-    Greedy(Vec<Vec<Option<u32>>>),
-}
+/// What the last shard answers: one entry per chunk of the pass, as it asked.
+pub type TargetOutput = Vec<RowsOut>;
 
 /// Messages of a target shard.
 #[derive(Debug)]
@@ -111,11 +150,8 @@ fn run<B: Backend>(
     };
     let h = model.run_layers(h, &step)?;
     if model.layer_range().end == model.config().num_layers {
-        Ok(Output::Last(if chunks.iter().all(|c| c.greedy) {
-            TargetOutput::Greedy(model.greedy_tokens(&h, &step)?)
-        } else {
-            TargetOutput::Logits(model.logits(&h, &step)?)
-        }))
+        let wants: Vec<RowsWanted<'_>> = chunks.iter().map(|c| c.want.as_wanted()).collect();
+        Ok(Output::Last(model.outputs(&h, &step, &wants)?))
     } else {
         Ok(Output::Hidden(h))
     }

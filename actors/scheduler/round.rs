@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use falconer_engine::speculative::{prompt_lookup, Verdict};
-use falconer_engine::Backend;
+use falconer_engine::{Backend, RowsOut};
 
 use super::{Progress, Proposer, SchedulerState};
 use crate::draft::{DraftMsg, Proposal, ProposeItem};
@@ -22,7 +22,7 @@ use crate::error::RuntimeError;
 use crate::kv_manager::{KvMsg, Pool, Reserved};
 use crate::metrics as m;
 use crate::sampler::{DecideItem, SamplerMsg, TargetRows};
-use crate::shard::{ChunkSpec, ForwardJob, ShardMsg, TargetOutput};
+use crate::shard::{ChunkSpec, ChunkWant, ForwardJob, ShardMsg};
 use crate::util::ask;
 
 /// A session's plan for this round.
@@ -101,7 +101,7 @@ pub(super) async fn run<B: Backend>(st: &mut SchedulerState<B>) {
                 block_table: r.block_table.clone(),
                 prompt_len: s.prompt_len,
                 all_logits: p.k > 0,
-                greedy: s.params.argmax_only(),
+                want: ChunkWant::for_params(&s.params, &s.tokens[..s.target_len]),
             })
         })
         .collect();
@@ -122,24 +122,12 @@ pub(super) async fn run<B: Backend>(st: &mut SchedulerState<B>) {
     };
     let target_time = started.elapsed();
     m::target_pass();
-    // Each plan's target rows: logits, or greedy tokens when every chunk was greedy.
+    // Each plan's target rows: the last k+1 of its chunk, in the form it asked for.
     let rows: Vec<TargetRows> = match result {
-        Ok(TargetOutput::Logits(l)) if l.len() == plans.len() => l
-            .iter()
-            .zip(&plans)
-            .map(|(l, p)| {
-                let n = l.num_rows();
-                TargetRows::Logits(
-                    (n.saturating_sub(p.k + 1)..n)
-                        .map(|i| l.row(i).to_vec())
-                        .collect(),
-                )
-            })
-            .collect(),
-        Ok(TargetOutput::Greedy(g)) if g.len() == plans.len() => g
+        Ok(out) if out.len() == plans.len() => out
             .into_iter()
             .zip(&plans)
-            .map(|(g, p)| TargetRows::Greedy(g[g.len().saturating_sub(p.k + 1)..].to_vec()))
+            .map(|(o, p)| last_rows(o, p.k + 1))
             .collect(),
         Ok(_) => {
             return fail_all(
@@ -227,6 +215,26 @@ pub(super) async fn run<B: Backend>(st: &mut SchedulerState<B>) {
             Ok(None) => prefix_ready(st, id),
             Err(e) => st.finish(id, Err(e)),
         }
+    }
+}
+
+/// The last `n` rows of a chunk's target output.
+fn last_rows(out: RowsOut, n: usize) -> TargetRows {
+    fn tail<T>(mut v: Vec<T>, n: usize) -> Vec<T> {
+        v.drain(..v.len().saturating_sub(n));
+        v
+    }
+    match out {
+        RowsOut::Logits(l) => {
+            let rows = l.num_rows();
+            TargetRows::Logits(
+                (rows.saturating_sub(n)..rows)
+                    .map(|i| l.row(i).to_vec())
+                    .collect(),
+            )
+        }
+        RowsOut::Greedy(g) => TargetRows::Greedy(tail(g, n)),
+        RowsOut::Warped(w) => TargetRows::Probs(tail(w, n)),
     }
 }
 

@@ -151,6 +151,8 @@ pub enum ForwardError {
     NotInShard { part: &'static str },
     #[error("hidden state has {found} rows, expected {expected}")]
     HiddenRows { expected: usize, found: usize },
+    #[error("{wants} output requests for a step of {chunks} chunks")]
+    WantsPerChunk { wants: usize, chunks: usize },
 }
 
 /// A compute backend failed (device errors, missing libraries).

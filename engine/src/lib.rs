@@ -32,6 +32,8 @@ pub use backend::Backend;
 pub use checkpoint::ModelDir;
 pub use config::FalconConfig;
 pub use error::{Error, Result};
-pub use model::{Falcon, LoadOptions, LoadProgress, Logits, ProgressFn, SeqChunk};
+pub use model::{
+    Falcon, LoadOptions, LoadProgress, Logits, ProgressFn, RowsOut, RowsWanted, SeqChunk,
+};
 pub use runner::{ModelRunner, SeqWork};
 pub use tokenizer::{DecodeStream, Tokenizer};

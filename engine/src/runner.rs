@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::kv::{KvPool, SeqId};
-use crate::model::{Falcon, Logits, SeqChunk};
+use crate::model::{Falcon, Logits, RowsOut, RowsWanted, SeqChunk};
 
 /// New tokens for one sequence in a batched forward pass.
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +85,16 @@ impl<B: Backend> ModelRunner<B> {
     /// logit rows, computed by the backend) instead of logits.
     pub fn forward_greedy(&mut self, work: &[SeqWork<'_>]) -> Result<Vec<Vec<Option<u32>>>> {
         self.run(work, |m, c| m.forward_greedy(c))
+    }
+
+    /// [`ModelRunner::forward`] returning each chunk's rows as `wants` asks (one per
+    /// chunk): logits, greedy tokens or sampling distributions ([`Falcon::outputs`]).
+    pub fn forward_outputs(
+        &mut self,
+        work: &[SeqWork<'_>],
+        wants: &[RowsWanted<'_>],
+    ) -> Result<Vec<RowsOut>> {
+        self.run(work, |m, c| m.forward_outputs(c, wants))
     }
 
     fn run<T>(

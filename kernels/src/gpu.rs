@@ -36,6 +36,7 @@ const SOURCE: &str = concat!(
     include_str!("elementwise.cu"),
     include_str!("gemv.cu"),
     include_str!("attention.cu"),
+    include_str!("sampling.cu"),
 );
 
 /// Element types a [`DeviceBuffer`] may hold.
@@ -155,6 +156,7 @@ pub(crate) struct Kernels {
     pub gelu_f32: CudaFunction,
     pub add_f32: CudaFunction,
     pub argmax_rows_f32: CudaFunction,
+    pub warp_probs_rows_f32: CudaFunction,
     pub gather_rows_f32: CudaFunction,
     pub f32_to_bf16: CudaFunction,
     pub add_bias_rows: CudaFunction,
@@ -210,6 +212,7 @@ impl Kernels {
             gelu_f32: f("gelu_f32")?,
             add_f32: f("add_f32")?,
             argmax_rows_f32: f("argmax_rows_f32")?,
+            warp_probs_rows_f32: f("warp_probs_rows_f32")?,
             gather_rows_f32: f("gather_rows_f32")?,
             f32_to_bf16: f("f32_to_bf16")?,
             add_bias_rows: f("add_bias_rows")?,

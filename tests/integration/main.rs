@@ -7,5 +7,6 @@ mod cuda_runtime;
 mod golden;
 mod interleavings;
 mod loader_errors;
+mod outputs;
 mod runtime;
 mod telemetry;

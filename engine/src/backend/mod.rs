@@ -14,6 +14,7 @@ use std::fmt::Debug;
 
 use crate::checkpoint::HostTensor;
 use crate::error::BackendError;
+use crate::sampling::{SamplingError, SamplingParams};
 
 /// Shape of a model's paged KV memory (only the kv heads are stored).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +67,19 @@ pub struct StepMeta {
     pub logit_rows: Vec<u32>,
     pub block_size: usize,
 }
+
+/// One logit row for [`Backend::warp_rows`].
+#[derive(Debug, Clone, Copy)]
+pub struct WarpRow<'a> {
+    /// Row of the logits tensor.
+    pub row: usize,
+    pub params: &'a SamplingParams,
+    /// Tokens the repetition penalty looks at (everything before the predicted one).
+    pub context: &'a [u32],
+}
+
+/// Per row of [`Backend::warp_rows`]: the distribution, or why the row has none.
+pub type WarpedRows = Vec<Result<Vec<f32>, SamplingError>>;
 
 /// The operations of a Falcon forward pass. Tensors are row-major `[rows, cols]`.
 pub trait Backend: Send + Sync + Debug + 'static {
@@ -180,6 +194,33 @@ pub trait Backend: Send + Sync + Debug + 'static {
             .chunks(cols.max(1))
             .map(crate::sampling::greedy_token)
             .collect())
+    }
+
+    /// The distribution each row's token is drawn from: [`crate::sampling::warp_penalised`]
+    /// of row `row` of `x` (`cols` wide) with its parameters and context. Backends may
+    /// compute it where the logits are, so that no row is sorted on the host; results may
+    /// differ from the host's f64 arithmetic by f32 rounding.
+    fn warp_rows(
+        &self,
+        x: &Self::Tensor,
+        cols: usize,
+        rows: &[WarpRow<'_>],
+    ) -> Result<WarpedRows, BackendError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let data = self.to_host(x)?;
+        rows.iter()
+            .map(|r| {
+                let row =
+                    data.get(r.row * cols..(r.row + 1) * cols)
+                        .ok_or(BackendError::Device {
+                            op: "warp_rows",
+                            message: format!("row {} of a {}-entry tensor", r.row, data.len()),
+                        })?;
+                Ok(crate::sampling::warp_penalised(row, r.context, r.params))
+            })
+            .collect()
     }
 
     /// Reads a tensor back to the host (used for logits and shard hand-offs).

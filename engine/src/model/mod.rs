@@ -5,6 +5,7 @@
 //! range of them (a pipeline shard): the first shard embeds, the last one produces
 //! logits, and hidden states travel between shards as backend tensors.
 
+mod outputs;
 mod progress;
 mod step;
 mod weights;
@@ -12,6 +13,7 @@ mod weights;
 use std::ops::Range;
 use std::sync::Arc;
 
+pub use outputs::{RowsOut, RowsWanted};
 pub use progress::{LoadProgress, ProgressFn};
 pub use step::SeqChunk;
 pub use weights::expected_tensors;

@@ -18,4 +18,4 @@ pub use params::{SamplingError, SamplingParams};
 pub use rng::Rng;
 pub use sample::{sample_from_probs, sample_token};
 pub use stop::{FinishReason, Stop, StopChecker, StopCriteria};
-pub use warp::{apply_repetition_penalty, argmax, greedy_token, warp_probs};
+pub use warp::{apply_repetition_penalty, argmax, greedy_token, warp_penalised, warp_probs};

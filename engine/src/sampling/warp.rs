@@ -123,6 +123,21 @@ pub fn warp_probs(logits: &[f32], params: &SamplingParams) -> Result<Vec<f32>, S
     Ok(softmax(&scores).into_iter().map(|p| p as f32).collect())
 }
 
+/// [`warp_probs`] of `logits` after [`apply_repetition_penalty`] with `context`: the
+/// distribution [`crate::sampling::sample_token`] draws from.
+pub fn warp_penalised(
+    logits: &[f32],
+    context: &[u32],
+    params: &SamplingParams,
+) -> Result<Vec<f32>, SamplingError> {
+    if params.repetition_penalty == 1.0 || context.is_empty() {
+        return warp_probs(logits, params);
+    }
+    let mut row = logits.to_vec();
+    apply_repetition_penalty(&mut row, context, params.repetition_penalty);
+    warp_probs(&row, params)
+}
+
 /// HF `TopKLogitsWarper`: removes scores strictly below the k-th largest, so
 /// ties with the k-th value survive. Requires `1 <= k < scores.len()`.
 fn apply_top_k(scores: &mut [f64], k: usize) {

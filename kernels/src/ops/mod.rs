@@ -3,16 +3,18 @@
 //! kernel. Activations are f32, matrices bf16, the KV cache bf16.
 //!
 //! `linear` holds the matrix products (GEMV kernels and cuBLAS), `pair` two products
-//! of one input in one launch, `attention` the KV cache and attention; the small
-//! element-wise launchers are here.
+//! of one input in one launch, `attention` the KV cache and attention, `sampling` the
+//! warp of logit rows into distributions; the small element-wise launchers are here.
 
 mod attention;
 mod linear;
 mod pair;
+mod sampling;
 
 pub use attention::{AttentionParams, KvBuffers};
 pub use linear::GEMV_MAX_ROWS;
 pub use pair::PairHalf;
+pub use sampling::{ProbsSpec, WarpedRow};
 
 use half::bf16;
 

@@ -11,7 +11,9 @@
 //! [`CudaBackend::new`] never panics on a machine without a GPU or CUDA libraries: it
 //! returns [`BackendError::Unavailable`], so callers can fall back to the CPU.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+mod warp;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use half::{bf16, f16};
@@ -22,7 +24,7 @@ use falconer_kernels::{
     AttentionParams, DeviceBuffer, DeviceStep, Gpu, KernelError, KvBuffers, SeqDesc, StepInput,
 };
 
-use super::{AttnConfig, Backend, KvLayout, StepMeta};
+use super::{AttnConfig, Backend, KvLayout, StepMeta, WarpRow, WarpedRows};
 use crate::checkpoint::{Dtype, HostTensor};
 use crate::error::BackendError;
 
@@ -176,6 +178,9 @@ pub struct CudaBackend {
     synthetic: Option<AtomicU64>,
     /// ALiBi slopes uploaded once per distinct slope vector (keyed by their bits).
     slopes: Mutex<Vec<SlopeEntry>>,
+    /// Whether [`Backend::warp_rows`] warps sampled rows on the device (the default) or
+    /// copies them to the host (for comparisons).
+    device_warp: AtomicBool,
 }
 
 /// An uploaded slope vector and the bits of its values.
@@ -189,7 +194,17 @@ impl CudaBackend {
             gpu: Gpu::new(ordinal).map_err(map_err)?,
             synthetic: None,
             slopes: Mutex::new(Vec::new()),
+            device_warp: AtomicBool::new(true),
         })
+    }
+
+    /// Whether sampled rows are warped on the device (default) or on the host.
+    pub fn set_device_warp(&self, on: bool) {
+        self.device_warp.store(on, Ordering::Relaxed);
+    }
+
+    pub fn device_warp(&self) -> bool {
+        self.device_warp.load(Ordering::Relaxed)
     }
 
     /// A backend whose [`Backend::upload`] ignores the host bytes and fills each tensor
@@ -619,6 +634,15 @@ impl Backend for CudaBackend {
         self.gpu
             .argmax_rows(x.f32("argmax_rows")?, x.rows, x.cols)
             .map_err(map_err)
+    }
+
+    fn warp_rows(
+        &self,
+        x: &CudaTensor,
+        cols: usize,
+        rows: &[WarpRow<'_>],
+    ) -> Result<WarpedRows, BackendError> {
+        warp::warp_rows(self, x, cols, rows)
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>, BackendError> {

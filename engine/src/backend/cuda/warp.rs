@@ -1,0 +1,76 @@
+//! [`Backend::warp_rows`] on the GPU: sampled rows are warped by the device kernel and
+//! only their distributions cross to the host. Greedy rows (a penalised argmax), rows
+//! with parameters that do not validate, and the rare rows the kernel leaves to the host
+//! (no usable logit, or a `+inf` one) take the host's [`warp_penalised`], so every error
+//! and edge case is the host's.
+
+use falconer_kernels::{ProbsSpec, WarpedRow};
+
+use super::{map_err, CudaBackend, CudaTensor};
+use crate::backend::{Backend, WarpRow, WarpedRows};
+use crate::error::BackendError;
+use crate::sampling::{warp_penalised, warp_probs};
+
+/// Whether the kernel takes a row (the rest are warped on the host).
+fn on_device(r: &WarpRow<'_>) -> bool {
+    r.params.validate().is_ok() && !r.params.is_greedy()
+}
+
+pub(super) fn warp_rows(
+    b: &CudaBackend,
+    x: &CudaTensor,
+    cols: usize,
+    rows: &[WarpRow<'_>],
+) -> Result<WarpedRows, BackendError> {
+    if cols != x.cols {
+        return Err(BackendError::Device {
+            op: "warp_rows",
+            message: format!("rows of {cols} for a tensor of {} columns", x.cols),
+        });
+    }
+    let device = b.device_warp();
+    let specs: Vec<ProbsSpec<'_>> = rows
+        .iter()
+        .filter(|r| device && on_device(r))
+        .map(|r| ProbsSpec {
+            row: r.row,
+            temperature: r.params.temperature,
+            top_k: r.params.top_k,
+            top_p: r.params.top_p,
+            repetition_penalty: r.params.repetition_penalty,
+            penalized: r.context,
+        })
+        .collect();
+    let mut warped = b
+        .gpu
+        .warp_probs_rows(x.f32("warp_rows")?, x.rows, cols, &specs)
+        .map_err(map_err)?
+        .into_iter();
+    let host = if specs.len() < rows.len() {
+        b.to_host(x)?
+    } else {
+        Vec::new()
+    };
+    rows.iter()
+        .map(|r| {
+            if device && on_device(r) {
+                return match warped.next() {
+                    Some(WarpedRow::Probs(p)) => Ok(Ok(p)),
+                    // Already penalised.
+                    Some(WarpedRow::Logits(l)) => Ok(warp_probs(&l, r.params)),
+                    None => Err(BackendError::Device {
+                        op: "warp_rows",
+                        message: "fewer warped rows than asked for".into(),
+                    }),
+                };
+            }
+            let row = host
+                .get(r.row * cols..(r.row + 1) * cols)
+                .ok_or(BackendError::Device {
+                    op: "warp_rows",
+                    message: format!("row {} of {} rows", r.row, x.rows),
+                })?;
+            Ok(warp_penalised(row, r.context, r.params))
+        })
+        .collect()
+}

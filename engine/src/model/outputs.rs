@@ -1,0 +1,139 @@
+//! What the last shard makes of a step's logit rows, chunk by chunk: the logits, each
+//! row's greedy token, or each row's sampling distribution. Only the first copies raw
+//! logits to the host; the others are computed where the logits are
+//! ([`Backend::argmax_rows`], [`Backend::warp_rows`]) and a backend that keeps the
+//! logits on a GPU never sorts a vocabulary on the host.
+
+use crate::backend::{Backend, WarpRow, WarpedRows};
+use crate::error::{ForwardError, Result};
+use crate::model::{Falcon, Logits, SeqChunk, Step};
+use crate::sampling::{SamplingError, SamplingParams};
+
+/// What one chunk of a step wants from its logit rows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RowsWanted<'a> {
+    /// The raw logits.
+    Logits,
+    /// Each row's argmax (greedy decoding without a repetition penalty).
+    Greedy,
+    /// Each row's sampling distribution under `params`: the repetition penalty looks at
+    /// `history` (the tokens before the chunk's first) plus the chunk's tokens up to the
+    /// row's own.
+    Warped {
+        params: &'a SamplingParams,
+        history: &'a [u32],
+    },
+}
+
+/// One chunk's logit rows, as its [`RowsWanted`] asked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowsOut {
+    Logits(Logits),
+    /// `None`: a row without a usable logit.
+    Greedy(Vec<Option<u32>>),
+    /// Per row, the distribution [`crate::sampling::sample_token`] would draw from.
+    Warped(Vec<std::result::Result<Vec<f32>, SamplingError>>),
+}
+
+impl<B: Backend> Falcon<B> {
+    /// Final norm and LM head over the step's logit rows (last shard only), delivered
+    /// per non-empty chunk as `wants` (one per non-empty chunk) asks.
+    pub fn outputs(
+        &self,
+        hidden: &B::Tensor,
+        step: &Step<B>,
+        wants: &[RowsWanted<'_>],
+    ) -> Result<Vec<RowsOut>> {
+        let chunks = step.rows_per_chunk.len();
+        if wants.len() != chunks {
+            return Err(ForwardError::WantsPerChunk {
+                wants: wants.len(),
+                chunks,
+            }
+            .into());
+        }
+        let logits = self.head_logits(hidden, step)?;
+        let v = self.cfg.vocab_size;
+        let want = |f: fn(&RowsWanted<'_>) -> bool| wants.iter().any(f);
+        let host = if want(|w| matches!(w, RowsWanted::Logits)) {
+            self.backend.to_host(&logits)?
+        } else {
+            Vec::new()
+        };
+        let greedy = if want(|w| matches!(w, RowsWanted::Greedy)) {
+            self.backend.argmax_rows(&logits, v)?
+        } else {
+            Vec::new()
+        };
+        let mut warped = self.warp(&logits, step, wants)?.into_iter();
+
+        let mut out = Vec::with_capacity(chunks);
+        let mut at = 0;
+        for (w, &n) in wants.iter().zip(&step.rows_per_chunk) {
+            out.push(match w {
+                RowsWanted::Logits => RowsOut::Logits(Logits {
+                    vocab_size: v,
+                    data: host[at * v..(at + n) * v].to_vec(),
+                }),
+                RowsWanted::Greedy => RowsOut::Greedy(greedy[at..at + n].to_vec()),
+                RowsWanted::Warped { .. } => RowsOut::Warped(warped.by_ref().take(n).collect()),
+            });
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// [`Falcon::outputs`] of a whole forward pass (this instance holds every layer).
+    pub fn forward_outputs(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        wants: &[RowsWanted<'_>],
+    ) -> Result<Vec<RowsOut>> {
+        let step = self.prepare(chunks)?;
+        let h = self.embed(&step)?;
+        let h = self.run_layers(h, &step)?;
+        self.outputs(&h, &step, wants)
+    }
+
+    /// One backend call for every row of the `Warped` chunks, in chunk order.
+    fn warp(
+        &self,
+        logits: &B::Tensor,
+        step: &Step<B>,
+        wants: &[RowsWanted<'_>],
+    ) -> Result<WarpedRows> {
+        let meta = &step.meta;
+        let mut rows: Vec<(usize, &SamplingParams)> = Vec::new();
+        let mut contexts: Vec<Vec<u32>> = Vec::new();
+        let mut at = 0;
+        for ((w, &n), seq) in wants.iter().zip(&step.rows_per_chunk).zip(&meta.seqs) {
+            if let RowsWanted::Warped { params, history } = w {
+                for r in at..at + n {
+                    rows.push((r, params));
+                    // The penalty's context: the history, then the chunk's tokens
+                    // through this logit row's own.
+                    let mut ctx = Vec::new();
+                    if params.repetition_penalty != 1.0 {
+                        let token_row = meta.logit_rows[r] as usize;
+                        ctx.extend_from_slice(history);
+                        ctx.extend_from_slice(&meta.token_ids[seq.first_row..=token_row]);
+                    }
+                    contexts.push(ctx);
+                }
+            }
+            at += n;
+        }
+        let specs: Vec<WarpRow<'_>> = rows
+            .iter()
+            .zip(&contexts)
+            .map(|(&(row, params), ctx)| WarpRow {
+                row,
+                params,
+                context: ctx,
+            })
+            .collect();
+        Ok(self
+            .backend
+            .warp_rows(logits, self.cfg.vocab_size, &specs)?)
+    }
+}

@@ -1,0 +1,170 @@
+//! Sampling warps where the logits are: repetition penalty, temperature, top-k, top-p
+//! and softmax of whole rows (`warp_probs_rows_f32`), so that a sampled step hands the
+//! host a distribution to draw from instead of a row to sort.
+
+use crate::error::KernelError;
+use crate::gpu::{Arg, DeviceBuffer, Gpu};
+use crate::ops::{check_len, p, to_i32};
+
+/// Words per row of the kernel's parameter array (see `sampling.cu`).
+const SPEC_WORDS: usize = 8;
+
+/// One row to warp: which logit row, and the parameters of engine/src/sampling
+/// `warp_probs` after `apply_repetition_penalty`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProbsSpec<'a> {
+    /// Row of the logits tensor.
+    pub row: usize,
+    /// Positive and finite (greedy rows take `argmax_rows`).
+    pub temperature: f32,
+    /// 0 (or at least the row length) keeps every token.
+    pub top_k: usize,
+    /// In (0, 1]; 1 keeps every token.
+    pub top_p: f32,
+    pub repetition_penalty: f32,
+    /// Token ids the penalty applies to, each once (duplicates are dropped here).
+    pub penalized: &'a [u32],
+}
+
+/// A warped row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WarpedRow {
+    /// The normalised distribution (filtered tokens exactly 0).
+    Probs(Vec<f32>),
+    /// The penalised logits of a row the kernel leaves to the host: one without a usable
+    /// logit, or with a `+inf` one (rare rows whose host semantics are not worth a kernel).
+    Logits(Vec<f32>),
+}
+
+impl Gpu {
+    /// The warped distribution of each spec's row of `x [rows, cols]`.
+    pub fn warp_probs_rows(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        cols: usize,
+        specs: &[ProbsSpec<'_>],
+    ) -> Result<Vec<WarpedRow>, KernelError> {
+        const OP: &str = "warp_probs_rows";
+        check_len(OP, "logits", x, rows * cols)?;
+        if specs.is_empty() {
+            return Ok(Vec::new());
+        }
+        if cols == 0 {
+            return Err(KernelError::invalid(OP, "rows of zero logits"));
+        }
+        let mut words = Vec::with_capacity(specs.len() * SPEC_WORDS);
+        let mut ids: Vec<u32> = Vec::new();
+        for s in specs {
+            check_spec(s, rows)?;
+            let start = ids.len();
+            if s.repetition_penalty != 1.0 {
+                let mut own: Vec<u32> = s
+                    .penalized
+                    .iter()
+                    .copied()
+                    .filter(|&i| (i as usize) < cols)
+                    .collect();
+                own.sort_unstable();
+                own.dedup();
+                ids.extend(own);
+            }
+            let top_k = if s.top_k >= cols { 0 } else { s.top_k };
+            words.extend([
+                s.row as u32,
+                top_k as u32,
+                s.temperature.to_bits(),
+                s.top_p.to_bits(),
+                s.repetition_penalty.to_bits(),
+                start as u32,
+                (ids.len() - start) as u32,
+                0,
+            ]);
+        }
+        let spec_buf = self.upload(&words)?;
+        let id_buf = self.upload(&ids)?;
+        let out = self.scratch::<f32>(specs.len() * cols)?;
+        let status = self.scratch::<u32>(specs.len())?;
+        self.launch(
+            &self.k.warp_probs_rows_f32,
+            (specs.len() as u32, 1, 1),
+            1024,
+            0,
+            &[
+                p(x),
+                p(&spec_buf),
+                p(&id_buf),
+                p(&out),
+                p(&status),
+                Arg::I32(to_i32(OP, cols)?),
+                Arg::F32(fixed_point_scale(cols)),
+            ],
+        )?;
+        let status = self.download(&status)?;
+        let data = self.download_f32(&out)?;
+        Ok(data
+            .chunks(cols)
+            .zip(status)
+            .map(|(row, s)| match s {
+                0 => WarpedRow::Probs(row.to_vec()),
+                _ => WarpedRow::Logits(row.to_vec()),
+            })
+            .collect())
+    }
+}
+
+fn check_spec(s: &ProbsSpec<'_>, rows: usize) -> Result<(), KernelError> {
+    const OP: &str = "warp_probs_rows";
+    if s.row >= rows {
+        return Err(KernelError::invalid(
+            OP,
+            format!("row {} of {rows} logit rows", s.row),
+        ));
+    }
+    if !(s.temperature.is_finite() && s.temperature > 0.0) {
+        return Err(KernelError::invalid(
+            OP,
+            format!(
+                "temperature {} (greedy rows take argmax_rows)",
+                s.temperature
+            ),
+        ));
+    }
+    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+        return Err(KernelError::invalid(OP, format!("top_p {}", s.top_p)));
+    }
+    if !(s.repetition_penalty.is_finite() && s.repetition_penalty > 0.0) {
+        return Err(KernelError::invalid(
+            OP,
+            format!("repetition penalty {}", s.repetition_penalty),
+        ));
+    }
+    if u32::try_from(s.top_k).is_err() {
+        return Err(KernelError::invalid(OP, format!("top_k {}", s.top_k)));
+    }
+    Ok(())
+}
+
+/// 2^s for the largest s with `cols * 2^s < 2^63`: each token's weight exp((x - max)/t)
+/// <= 1 becomes an integer below 2^s, and a row's sum cannot overflow u64.
+fn fixed_point_scale(cols: usize) -> f32 {
+    let bits = usize::BITS - cols.leading_zeros();
+    2f32.powi(63 - bits as i32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_leaves_room_for_a_row_sum() {
+        for cols in [1usize, 2, 3, 1000, 65024, 65536, 131072, 250_000] {
+            let s = fixed_point_scale(cols) as f64;
+            assert!((cols as f64) * s < 2f64.powi(63), "cols {cols}");
+            assert!(
+                (cols as f64) * s * 2.0 >= 2f64.powi(63),
+                "cols {cols}: not the largest"
+            );
+        }
+    }
+}

@@ -1,0 +1,284 @@
+// Sampling warps on the device: the distribution engine/src/sampling/warp.rs
+// `warp_probs` computes (repetition penalty, temperature, top-k, top-p, softmax), one
+// block per logit row, so that a sampled step copies probabilities the host only has to
+// draw from, instead of warping a 65k-entry row on the host (about 1.4 ms a row).
+//
+// Selections are radix selects over an order-preserving 32-bit key of each logit
+// (12 + 12 + 8 bits, one histogram pass each). Top-p needs masses: each token's weight
+// is exp((x - max) / t) as a 64-bit fixed-point integer, so that sums are exact and
+// independent of the order the atomics land in (a run gives the same bits every time).
+// Probabilities differ from the host's f64 ones by f32 rounding only, so a kept set can
+// differ only when a top-p boundary falls within that rounding.
+
+#define PROBS_BLOCK 1024
+#define PROBS_BINS 4096
+
+// Order-preserving key of a logit: larger value, larger key. NaN maps as -inf (the
+// host treats it so) and -0 as +0 (the host compares them equal).
+__device__ __forceinline__ u32 order_key(float x) {
+    if (isnan(x)) x = NEG_INF;
+    if (x == 0.0f) x = 0.0f;
+    const u32 b = __float_as_uint(x);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ float key_value(u32 k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+__device__ __forceinline__ bool usable_logit(float x) { return !isnan(x) && x != NEG_INF; }
+
+// Exclusive prefix sum over the block (PROBS_BLOCK threads); `scan` holds 32 entries.
+__device__ u64 block_excl_scan_u64(u64 v, u64* scan) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u64 inc = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const u64 n = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += n;
+    }
+    if (lane == 31) scan[warp] = inc;
+    __syncthreads();
+    if (warp == 0) {
+        const u64 s = scan[lane];
+        u64 si = s;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const u64 n = __shfl_up_sync(0xffffffffu, si, o);
+            if (lane >= o) si += n;
+        }
+        scan[lane] = si - s;
+    }
+    __syncthreads();
+    const u64 r = scan[warp] + inc - v;
+    __syncthreads();
+    return r;
+}
+
+// Sum over the block, returned to every thread; `scan` holds 32 entries.
+__device__ u64 block_sum_u64(u64 v, u64* scan) {
+    const u64 excl = block_excl_scan_u64(v, scan);
+    // The last thread's inclusive sum is the total.
+    __shared__ u64 total;
+    if (threadIdx.x == PROBS_BLOCK - 1) total = excl + v;
+    __syncthreads();
+    const u64 t = total;
+    __syncthreads();
+    return t;
+}
+
+// Radix select: among the elements `f` accepts (f(i, key, weight) -> bool), ordered by
+// key ascending, finds the key at which the inclusive cumulative weight first exceeds
+// `t`. Returns that key and, in `below`, the weight of accepted elements with smaller
+// keys. Weight-0 elements never count. `ok` is false when the total weight is <= t.
+template <class F>
+__device__ u32 radix_select(int cols, u64 t, F f, u64* hist, u64* scan, u64* below, bool* ok) {
+    __shared__ u64 sel[2];
+    u32 prefix = 0;
+    u64 under = 0;
+#pragma unroll 1
+    for (int pass = 0; pass < 3; ++pass) {
+        const int shift = pass == 0 ? 20 : (pass == 1 ? 8 : 0);
+        const int width = pass == 2 ? 8 : 12;
+        for (int b = threadIdx.x; b < PROBS_BINS; b += PROBS_BLOCK) hist[b] = 0;
+        if (threadIdx.x == 0) {
+            sel[0] = ~0ull;
+            sel[1] = 0;
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < cols; i += PROBS_BLOCK) {
+            u32 key;
+            u64 w;
+            if (!f(i, key, w) || w == 0) continue;
+            if (pass > 0 && (key >> (shift + width)) != prefix) continue;
+            atomicAdd(&hist[(key >> shift) & ((1u << width) - 1u)], w);
+        }
+        __syncthreads();
+        // Thread j owns bins 4j..4j+3.
+        const int b0 = threadIdx.x * 4;
+        u64 v[4];
+        u64 s = 0;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            v[j] = hist[b0 + j];
+            s += v[j];
+        }
+        u64 c = block_excl_scan_u64(s, scan);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            if (c <= t && t < c + v[j]) {
+                sel[0] = (u64)(b0 + j);
+                sel[1] = c;
+            }
+            c += v[j];
+        }
+        __syncthreads();
+        const u64 bin = sel[0], cb = sel[1];
+        __syncthreads();
+        if (bin == ~0ull) {
+            *ok = false;
+            return 0;
+        }
+        prefix = (prefix << width) | (u32)bin;
+        under += cb;
+        t -= cb;
+    }
+    *below = under;
+    *ok = true;
+    return prefix;
+}
+
+// One row's parameters, 8 u32 words: logit row, top_k (0: off), temperature,
+// top_p and repetition penalty (f32 bits), offset and count of its penalised token ids.
+#define PROBS_SPEC_WORDS 8
+
+// out row r = the warped distribution of logits row spec[r].row: status[r] = 0. Rows the
+// host must finish (no usable logit, or a +inf one) get status 1 and the penalised
+// logits in their out row. `scale` = 2^s with cols * 2^s < 2^63 (the weights' fixed
+// point). grid (warp rows), block PROBS_BLOCK.
+extern "C" __global__ void __launch_bounds__(PROBS_BLOCK)
+    warp_probs_rows_f32(const float* __restrict__ x, const u32* __restrict__ spec, const u32* __restrict__ ids,
+                  float* __restrict__ out, u32* __restrict__ status, int cols, float scale) {
+    PDL_ENTER();
+    __shared__ u64 hist[PROBS_BINS];
+    __shared__ u64 scan[32];
+    __shared__ float redf[32];
+    const u32* sp = spec + PROBS_SPEC_WORDS * blockIdx.x;
+    const float* src = x + (size_t)sp[0] * cols;
+    float* row = out + (size_t)blockIdx.x * cols;
+    const u32 top_k = sp[1];
+    const float temp = __uint_as_float(sp[2]);
+    const float top_p = __uint_as_float(sp[3]);
+    const float pen = __uint_as_float(sp[4]);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+    // The row, penalised (ids are distinct, so each is penalised once).
+    for (int i = threadIdx.x; i < cols; i += PROBS_BLOCK) row[i] = src[i];
+    __syncthreads();
+    if (pen != 1.0f) {
+        for (u32 j = threadIdx.x; j < sp[6]; j += PROBS_BLOCK) {
+            const u32 id = ids[sp[5] + j];
+            if (id < (u32)cols) {
+                const float l = row[id];
+                row[id] = l < 0.0f ? l * pen : l / pen;
+            }
+        }
+    }
+    __syncthreads();
+
+    // Maximum usable logit; rows without one, or with +inf, go to the host.
+    float m = NEG_INF;
+    int any = 0, pinf = 0;
+    for (int i = threadIdx.x; i < cols; i += PROBS_BLOCK) {
+        const float v = row[i];
+        if (!usable_logit(v)) continue;
+        any = 1;
+        if (isinf(v)) pinf = 1;
+        m = fmaxf(m, v);
+    }
+    any = __syncthreads_or(any);
+    pinf = __syncthreads_or(pinf);
+    if (!any || pinf) {
+        if (threadIdx.x == 0) status[blockIdx.x] = 1;
+        return;
+    }
+    m = warp_max(m);
+    if (lane == 0) redf[warp] = m;
+    __syncthreads();
+    m = warp_max(redf[lane]);
+
+    // Top-k: keep keys >= the k-th largest (ties with it survive, as in HF).
+    u32 kmin = 0;
+    bool ok = true;
+    u64 under = 0;
+    if (top_k > 0 && top_k < (u32)cols) {
+        const u32 inv = radix_select(
+            cols, (u64)(top_k - 1),
+            [&](int i, u32& key, u64& w) {
+                key = ~order_key(row[i]);
+                w = 1;
+                return true;
+            },
+            hist, scan, &under, &ok);
+        kmin = ~inv;
+    }
+
+    // exp((x - m) / t) with the difference taken in f64 (as the host's x / t - m / t)
+    // and its f32 rounding error carried into the exponential to first order.
+    const double inv_t = 1.0 / (double)temp;
+    auto expo = [&](float v) {
+        const double d = ((double)v - (double)m) * inv_t;
+        const float dh = (float)d;
+        const float dl = (float)(d - (double)dh);
+        const float e = expf(dh);
+        return fmaf(e, dl, e);
+    };
+    auto weight = [&](float v) -> u64 {
+        if (!usable_logit(v) || order_key(v) < kmin) return 0;
+        return (u64)__float2ull_rn(expo(v) * scale);
+    };
+
+    // Top-p: walking keys ascending (ties by index), remove tokens while the cumulative
+    // mass stays <= (1 - top_p) of the total.
+    u32 pkey = 0;
+    long long pidx = -1;
+    const bool nucleus = top_p < 1.0f;
+    if (ok && nucleus) {
+        u64 wsum = 0;
+        for (int i = threadIdx.x; i < cols; i += PROBS_BLOCK) wsum += weight(row[i]);
+        const u64 total = block_sum_u64(wsum, scan);
+        const double limit = 1.0 - (double)top_p;
+        const u64 lim = __double2ull_rd(limit * (double)total);
+        u64 below = 0;
+        pkey = radix_select(
+            cols, lim,
+            [&](int i, u32& key, u64& w) {
+                const float v = row[i];
+                key = order_key(v);
+                w = weight(v);
+                return true;
+            },
+            hist, scan, &below, &ok);
+        if (ok) {
+            // Tokens of the boundary key all weigh the same: the first r by index go.
+            const u64 wk = weight(key_value(pkey));
+            const u64 r = wk > 0 ? (lim - below) / wk : 0;
+            if (r > 0) {
+                u64 unused = 0;
+                const u32 last = radix_select(
+                    cols, r - 1,
+                    [&](int i, u32& key, u64& w) {
+                        key = (u32)i;
+                        w = 1;
+                        return order_key(row[i]) == pkey;
+                    },
+                    hist, scan, &unused, &ok);
+                pidx = (long long)last;
+            }
+        }
+    }
+    if (!ok) {
+        if (threadIdx.x == 0) status[blockIdx.x] = 1;
+        return;
+    }
+    auto kept = [&](int i, float v) {
+        if (!usable_logit(v) || order_key(v) < kmin) return false;
+        if (!nucleus) return true;
+        const u32 k = order_key(v);
+        return k > pkey || (k == pkey && (long long)i > pidx);
+    };
+
+    // Softmax over the kept tokens: their exponentials over their (fixed-point) sum.
+    u64 ksum = 0;
+    for (int i = threadIdx.x; i < cols; i += PROBS_BLOCK) {
+        const float v = row[i];
+        if (kept(i, v)) ksum += weight(v);
+    }
+    const u64 kept_total = block_sum_u64(ksum, scan);
+    const double denom = (double)kept_total / (double)scale;
+    for (int i = threadIdx.x; i < cols; i += PROBS_BLOCK) {
+        const float v = row[i];
+        row[i] = kept(i, v) ? (float)((double)expo(v) / denom) : 0.0f;
+    }
+    if (threadIdx.x == 0) status[blockIdx.x] = 0;
+}
