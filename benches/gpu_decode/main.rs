@@ -309,7 +309,7 @@ fn decode_section(
     let pdl_default = gpu.pdl();
     if pdl_default {
         gpu.set_pdl(false);
-        let tps = variant_tokens_per_s(runner, vocab, false)?;
+        let tps = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
         r.rows.push((
             "decode without programmatic dependent launch".into(),
             format!("{tps:.1} tokens/s (median of 2)"),
@@ -320,7 +320,7 @@ fn decode_section(
     }
     r.out.insert("pdl".into(), json!(pdl_default));
     gpu.set_row_invariant(true);
-    let tps_x = variant_tokens_per_s(runner, vocab, false)?;
+    let tps_x = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
     gpu.set_row_invariant(false);
     r.rows.push((
         "decode with row-invariant (runtime) kernels".into(),
@@ -329,7 +329,7 @@ fn decode_section(
     r.out
         .insert("decode_row_invariant_tokens_per_s".into(), json!(tps_x));
     gpu.set_attn_tc_min_ctx(0);
-    let tps_tc = variant_tokens_per_s(runner, vocab, false)?;
+    let tps_tc = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
     gpu.set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
     r.rows.push((
         "decode with tensor-core attention at every context".into(),
@@ -337,13 +337,33 @@ fn decode_section(
     ));
     r.out
         .insert("decode_tc_attention_tokens_per_s".into(), json!(tps_tc));
-    let tps_host = variant_tokens_per_s(runner, vocab, true)?;
+    let tps_host = variant_tokens_per_s(runner, vocab, Pick::HostArgmax)?;
     r.rows.push((
         "decode with logits copied to the host (argmax there)".into(),
         format!("{tps_host:.1} tokens/s (median of 2)"),
     ));
     r.out
         .insert("decode_host_logits_tokens_per_s".into(), json!(tps_host));
+    // Sampled decoding: the distribution warped where the logits are, or on the host.
+    let mut cells = Vec::new();
+    for device in [true, false] {
+        backend.set_device_warp(device);
+        let t = variant_tokens_per_s(runner, vocab, Pick::Sampled)?;
+        let place = if device { "device" } else { "host" };
+        cells.push(format!("{t:.1} warped on the {place}"));
+        r.out.insert(
+            format!("decode_sampled_{place}_warp_tokens_per_s"),
+            json!(t),
+        );
+    }
+    backend.set_device_warp(true);
+    r.rows.push((
+        format!(
+            "sampled decode (t {}, top-k {}, top-p {}), tokens/s",
+            SAMPLED.temperature, SAMPLED.top_k, SAMPLED.top_p
+        ),
+        cells.join(", "),
+    ));
     // The qkv and MLP up projections in one launch or two, in both kernel sets.
     let mut cells = Vec::new();
     for exact in [false, true] {
@@ -355,7 +375,7 @@ fn decode_section(
         };
         for &mode in modes {
             gpu.set_pair_launch(mode);
-            let t = variant_tokens_per_s(runner, vocab, false)?;
+            let t = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
             let kind = if exact { "row-invariant" } else { "default" };
             cells.push(format!("{kind} {mode:?} {t:.1}"));
             r.out.insert(
@@ -370,7 +390,7 @@ fn decode_section(
         "decode tokens/s, qkv + MLP up projection launches".into(),
         format!("{} (default {PAIR_LAUNCH:?})", cells.join(", ")),
     ));
-    let decode_s = decode_runs(runner, vocab, DECODE_RUNS, false)?;
+    let decode_s = decode_runs(runner, vocab, DECODE_RUNS, Pick::DeviceArgmax)?;
     // The first run warms up (JIT, allocator pool).
     let med = median(&decode_s[1..]);
     let tps = NEW_TOKENS as f64 / med;

@@ -12,22 +12,43 @@ use falconer_engine::backend::{AttnConfig, Backend, KvLayout, SeqMeta, StepMeta}
 use falconer_engine::config::FalconConfig;
 use falconer_engine::model::expected_tensors;
 use falconer_engine::posenc::rope::Rope;
-use falconer_engine::sampling::argmax;
-use falconer_engine::{ModelRunner, SeqWork};
+use falconer_engine::sampling::{argmax, sample_from_probs, SamplingParams};
+use falconer_engine::{ModelRunner, RowsOut, RowsWanted, SeqWork};
 use serde_json::{json, Value};
 
 use crate::{BLOCK, LONG_CONTEXT, NEW_TOKENS, PROMPT};
 
-/// `runs` batch-1 greedy decodes of `NEW_TOKENS` after a `PROMPT`-token prompt: seconds
-/// each (the first is a warm-up). Greedy tokens come from the device's argmax, or with
-/// `host_logits` from logits copied to the host.
+/// How a decode step picks its token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pick {
+    /// Greedy, the argmax taken on the device.
+    DeviceArgmax,
+    /// Greedy, logits copied to the host and the argmax taken there.
+    HostArgmax,
+    /// Sampled under [`SAMPLED`] from the distribution `Backend::warp_rows` gives
+    /// (warped on the device or on the host, as the backend is set).
+    Sampled,
+}
+
+/// The sampling parameters of [`Pick::Sampled`]: a common chat setting.
+pub(crate) const SAMPLED: SamplingParams = SamplingParams {
+    temperature: 0.8,
+    top_k: 50,
+    top_p: 0.95,
+    repetition_penalty: 1.0,
+    seed: 7,
+};
+
+/// `runs` batch-1 decodes of `NEW_TOKENS` after a `PROMPT`-token prompt: seconds each
+/// (the first is a warm-up).
 pub(crate) fn decode_runs(
     runner: &mut ModelRunner<CudaBackend>,
     vocab: u32,
     runs: usize,
-    host_logits: bool,
+    pick: Pick,
 ) -> Result<Vec<f64>> {
     let mut decode_s = Vec::new();
+    let mut rng = SAMPLED.rng();
     for run in 0..runs {
         let prompt = tokens(PROMPT, vocab, run as u64);
         let seq = 100 + run as u64;
@@ -45,10 +66,24 @@ pub(crate) fn decode_runs(
                 tokens: &[next],
                 all_logits: false,
             }];
-            next = if host_logits {
-                argmax(runner.forward(&work)?[0].last())
-            } else {
-                runner.forward_greedy(&work)?[0][0].context("no usable logit")?
+            next = match pick {
+                Pick::HostArgmax => argmax(runner.forward(&work)?[0].last()),
+                Pick::DeviceArgmax => {
+                    runner.forward_greedy(&work)?[0][0].context("no usable logit")?
+                }
+                Pick::Sampled => {
+                    let want = RowsWanted::Warped {
+                        params: &SAMPLED,
+                        history: &[],
+                    };
+                    match runner.forward_outputs(&work, &[want])?.pop() {
+                        Some(RowsOut::Warped(rows)) => {
+                            let p = rows.last().context("no row")?.as_ref();
+                            sample_from_probs(p.map_err(|e| anyhow::anyhow!("{e}"))?, &mut rng)
+                        }
+                        other => anyhow::bail!("distributions expected, got {other:?}"),
+                    }
+                }
             };
         }
         decode_s.push(t.elapsed().as_secs_f64());
@@ -62,9 +97,9 @@ pub(crate) fn decode_runs(
 pub(crate) fn variant_tokens_per_s(
     runner: &mut ModelRunner<CudaBackend>,
     vocab: u32,
-    host_logits: bool,
+    pick: Pick,
 ) -> Result<f64> {
-    let s = decode_runs(runner, vocab, 3, host_logits)?;
+    let s = decode_runs(runner, vocab, 3, pick)?;
     Ok(NEW_TOKENS as f64 / median(&s[1..]))
 }
 

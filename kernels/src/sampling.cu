@@ -28,8 +28,28 @@ __device__ __forceinline__ float key_value(u32 k) {
 
 __device__ __forceinline__ bool usable_logit(float x) { return !isnan(x) && x != NEG_INF; }
 
-// Exclusive prefix sum over the block (PROBS_BLOCK threads); `scan` holds 32 entries.
-__device__ u64 block_excl_scan_u64(u64 v, u64* scan) {
+// Calls f(i, row[i]) for this thread's entries of a row, eight loads in flight (one at
+// a time, each pass over a 65k-entry row waited for 64 memory latencies per thread).
+template <class F>
+__device__ __forceinline__ void for_row(const float* row, int cols, F f) {
+    for (int c0 = threadIdx.x; c0 < cols; c0 += 8 * PROBS_BLOCK) {
+        float v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int c = c0 + u * PROBS_BLOCK;
+            v[u] = c < cols ? row[c] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int c = c0 + u * PROBS_BLOCK;
+            if (c < cols) f(c, v[u]);
+        }
+    }
+}
+
+// Exclusive prefix sum over the block (PROBS_BLOCK threads), and in `total` the sum of
+// all; `scan` holds 33 entries.
+__device__ u64 block_excl_scan_u64(u64 v, u64* scan, u64* total) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     u64 inc = v;
 #pragma unroll
@@ -48,34 +68,32 @@ __device__ u64 block_excl_scan_u64(u64 v, u64* scan) {
             if (lane >= o) si += n;
         }
         scan[lane] = si - s;
+        if (lane == 31) scan[32] = si;
     }
     __syncthreads();
     const u64 r = scan[warp] + inc - v;
+    *total = scan[32];
     __syncthreads();
     return r;
 }
 
-// Sum over the block, returned to every thread; `scan` holds 32 entries.
 __device__ u64 block_sum_u64(u64 v, u64* scan) {
-    const u64 excl = block_excl_scan_u64(v, scan);
-    // The last thread's inclusive sum is the total.
-    __shared__ u64 total;
-    if (threadIdx.x == PROBS_BLOCK - 1) total = excl + v;
-    __syncthreads();
-    const u64 t = total;
-    __syncthreads();
-    return t;
+    u64 total;
+    block_excl_scan_u64(v, scan, &total);
+    return total;
 }
 
-// Radix select: among the elements `f` accepts (f(i, key, weight) -> bool), ordered by
-// key ascending, finds the key at which the inclusive cumulative weight first exceeds
-// `t`. Returns that key and, in `below`, the weight of accepted elements with smaller
-// keys. Weight-0 elements never count. `ok` is false when the total weight is <= t.
-template <class F>
-__device__ u32 radix_select(int cols, u64 t, F f, u64* hist, u64* scan, u64* below, bool* ok) {
+// Radix select: among the entries `f` accepts (f(i, value, key, weight) -> bool), in
+// ascending key order, finds the key at which the inclusive cumulative weight first
+// exceeds t = tfn(total weight). Returns that key; `below` gets the weight of accepted
+// entries with smaller keys and `total` the total weight. Weight-0 entries never count.
+// `ok` is false when the total weight is <= t.
+template <class T, class F>
+__device__ u32 radix_select(const float* row, int cols, T tfn, F f, u64* hist, u64* scan, u64* below,
+                            u64* total, bool* ok) {
     __shared__ u64 sel[2];
     u32 prefix = 0;
-    u64 under = 0;
+    u64 under = 0, t = 0;
 #pragma unroll 1
     for (int pass = 0; pass < 3; ++pass) {
         const int shift = pass == 0 ? 20 : (pass == 1 ? 8 : 0);
@@ -86,13 +104,13 @@ __device__ u32 radix_select(int cols, u64 t, F f, u64* hist, u64* scan, u64* bel
             sel[1] = 0;
         }
         __syncthreads();
-        for (int i = threadIdx.x; i < cols; i += PROBS_BLOCK) {
+        for_row(row, cols, [&](int i, float x) {
             u32 key;
             u64 w;
-            if (!f(i, key, w) || w == 0) continue;
-            if (pass > 0 && (key >> (shift + width)) != prefix) continue;
+            if (!f(i, x, key, w) || w == 0) return;
+            if (pass > 0 && (key >> (shift + width)) != prefix) return;
             atomicAdd(&hist[(key >> shift) & ((1u << width) - 1u)], w);
-        }
+        });
         __syncthreads();
         // Thread j owns bins 4j..4j+3.
         const int b0 = threadIdx.x * 4;
@@ -103,7 +121,12 @@ __device__ u32 radix_select(int cols, u64 t, F f, u64* hist, u64* scan, u64* bel
             v[j] = hist[b0 + j];
             s += v[j];
         }
-        u64 c = block_excl_scan_u64(s, scan);
+        u64 all;
+        u64 c = block_excl_scan_u64(s, scan, &all);
+        if (pass == 0) {
+            *total = all;
+            t = tfn(all);
+        }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             if (c <= t && t < c + v[j]) {
@@ -141,7 +164,7 @@ extern "C" __global__ void __launch_bounds__(PROBS_BLOCK)
                   float* __restrict__ out, u32* __restrict__ status, int cols, float scale) {
     PDL_ENTER();
     __shared__ u64 hist[PROBS_BINS];
-    __shared__ u64 scan[32];
+    __shared__ u64 scan[33];
     __shared__ float redf[32];
     const u32* sp = spec + PROBS_SPEC_WORDS * blockIdx.x;
     const float* src = x + (size_t)sp[0] * cols;
@@ -153,7 +176,7 @@ extern "C" __global__ void __launch_bounds__(PROBS_BLOCK)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
     // The row, penalised (ids are distinct, so each is penalised once).
-    for (int i = threadIdx.x; i < cols; i += PROBS_BLOCK) row[i] = src[i];
+    for_row(src, cols, [&](int i, float v) { row[i] = v; });
     __syncthreads();
     if (pen != 1.0f) {
         for (u32 j = threadIdx.x; j < sp[6]; j += PROBS_BLOCK) {
@@ -169,13 +192,12 @@ extern "C" __global__ void __launch_bounds__(PROBS_BLOCK)
     // Maximum usable logit; rows without one, or with +inf, go to the host.
     float m = NEG_INF;
     int any = 0, pinf = 0;
-    for (int i = threadIdx.x; i < cols; i += PROBS_BLOCK) {
-        const float v = row[i];
-        if (!usable_logit(v)) continue;
+    for_row(row, cols, [&](int, float v) {
+        if (!usable_logit(v)) return;
         any = 1;
         if (isinf(v)) pinf = 1;
         m = fmaxf(m, v);
-    }
+    });
     any = __syncthreads_or(any);
     pinf = __syncthreads_or(pinf);
     if (!any || pinf) {
@@ -190,16 +212,16 @@ extern "C" __global__ void __launch_bounds__(PROBS_BLOCK)
     // Top-k: keep keys >= the k-th largest (ties with it survive, as in HF).
     u32 kmin = 0;
     bool ok = true;
-    u64 under = 0;
+    u64 unused = 0, unused_total = 0;
     if (top_k > 0 && top_k < (u32)cols) {
         const u32 inv = radix_select(
-            cols, (u64)(top_k - 1),
-            [&](int i, u32& key, u64& w) {
-                key = ~order_key(row[i]);
+            row, cols, [&](u64) { return (u64)(top_k - 1); },
+            [&](int, float v, u32& key, u64& w) {
+                key = ~order_key(v);
                 w = 1;
                 return true;
             },
-            hist, scan, &under, &ok);
+            hist, scan, &unused, &unused_total, &ok);
         kmin = ~inv;
     }
 
@@ -219,43 +241,44 @@ extern "C" __global__ void __launch_bounds__(PROBS_BLOCK)
     };
 
     // Top-p: walking keys ascending (ties by index), remove tokens while the cumulative
-    // mass stays <= (1 - top_p) of the total.
+    // mass stays <= (1 - top_p) of the total. The kept mass follows exactly.
     u32 pkey = 0;
     long long pidx = -1;
+    u64 kept_total = 0;
     const bool nucleus = top_p < 1.0f;
     if (ok && nucleus) {
-        u64 wsum = 0;
-        for (int i = threadIdx.x; i < cols; i += PROBS_BLOCK) wsum += weight(row[i]);
-        const u64 total = block_sum_u64(wsum, scan);
         const double limit = 1.0 - (double)top_p;
-        const u64 lim = __double2ull_rd(limit * (double)total);
-        u64 below = 0;
+        u64 below = 0, total = 0;
         pkey = radix_select(
-            cols, lim,
-            [&](int i, u32& key, u64& w) {
-                const float v = row[i];
+            row, cols, [&](u64 all) { return __double2ull_rd(limit * (double)all); },
+            [&](int, float v, u32& key, u64& w) {
                 key = order_key(v);
                 w = weight(v);
                 return true;
             },
-            hist, scan, &below, &ok);
+            hist, scan, &below, &total, &ok);
         if (ok) {
+            const u64 lim = __double2ull_rd(limit * (double)total);
             // Tokens of the boundary key all weigh the same: the first r by index go.
             const u64 wk = weight(key_value(pkey));
             const u64 r = wk > 0 ? (lim - below) / wk : 0;
+            kept_total = total - below - r * wk;
             if (r > 0) {
-                u64 unused = 0;
                 const u32 last = radix_select(
-                    cols, r - 1,
-                    [&](int i, u32& key, u64& w) {
+                    row, cols, [&](u64) { return r - 1; },
+                    [&](int i, float v, u32& key, u64& w) {
                         key = (u32)i;
                         w = 1;
-                        return order_key(row[i]) == pkey;
+                        return order_key(v) == pkey;
                     },
-                    hist, scan, &unused, &ok);
+                    hist, scan, &unused, &unused_total, &ok);
                 pidx = (long long)last;
             }
         }
+    } else if (ok) {
+        u64 part = 0;
+        for_row(row, cols, [&](int, float v) { part += weight(v); });
+        kept_total = block_sum_u64(part, scan);
     }
     if (!ok) {
         if (threadIdx.x == 0) status[blockIdx.x] = 1;
@@ -269,16 +292,9 @@ extern "C" __global__ void __launch_bounds__(PROBS_BLOCK)
     };
 
     // Softmax over the kept tokens: their exponentials over their (fixed-point) sum.
-    u64 ksum = 0;
-    for (int i = threadIdx.x; i < cols; i += PROBS_BLOCK) {
-        const float v = row[i];
-        if (kept(i, v)) ksum += weight(v);
-    }
-    const u64 kept_total = block_sum_u64(ksum, scan);
     const double denom = (double)kept_total / (double)scale;
-    for (int i = threadIdx.x; i < cols; i += PROBS_BLOCK) {
-        const float v = row[i];
+    for_row(row, cols, [&](int i, float v) {
         row[i] = kept(i, v) ? (float)((double)expo(v) / denom) : 0.0f;
-    }
+    });
     if (threadIdx.x == 0) status[blockIdx.x] = 0;
 }

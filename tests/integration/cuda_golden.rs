@@ -33,7 +33,7 @@ const TOL: f32 = 1e-2;
 
 /// One backend for the whole test binary (context, kernels and cuBLAS set up once), or
 /// the reason there is none.
-fn backend() -> Option<Arc<CudaBackend>> {
+pub(crate) fn backend() -> Option<Arc<CudaBackend>> {
     static B: OnceLock<Result<Arc<CudaBackend>, String>> = OnceLock::new();
     let b = B.get_or_init(|| match CudaBackend::new(0) {
         Ok(b) => Ok(Arc::new(b)),
@@ -49,7 +49,7 @@ fn backend() -> Option<Arc<CudaBackend>> {
     }
 }
 
-fn cuda_runner(b: &Arc<CudaBackend>, name: &str) -> ModelRunner<CudaBackend> {
+pub(crate) fn cuda_runner(b: &Arc<CudaBackend>, name: &str) -> ModelRunner<CudaBackend> {
     let opts = LoadOptions {
         kv_blocks: 64,
         block_size: 4,

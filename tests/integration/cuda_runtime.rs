@@ -1,13 +1,15 @@
 //! The actor runtime on the CUDA backend: greedy speculative output equals plain greedy
 //! output on the GPU (draft model and prompt lookup, fixed and adaptive draft lengths),
-//! on fixture layouts and on the shipped model pair. Without a GPU every test prints
+//! on fixture layouts and on the shipped model pair; sampled generation, warped on the
+//! device, repeats for a seed. Without a GPU every test prints
 //! `skipped: no CUDA device (...)` and passes.
 #![cfg(feature = "cuda")]
 
 use std::path::PathBuf;
 
 use falconer::engine::error::BackendError;
-use falconer::{Device, Runtime, RuntimeError, Speculation};
+use falconer::engine::sampling::SamplingParams;
+use falconer::{Device, GenerateRequest, Runtime, RuntimeError, Speculation};
 
 use crate::common::{fixtures, greedy, reference, tokio_rt};
 
@@ -79,6 +81,57 @@ fn cuda_greedy_speculative_equals_plain_on_the_shipped_pair() {
                 "shipped pair k={k:?}: acceptance {:.3}, {:.2} tokens/pass",
                 s.usage.acceptance_rate().unwrap_or(0.0),
                 s.usage.tokens_per_pass()
+            );
+        }
+    });
+}
+
+#[test]
+fn cuda_sampled_generation_warps_on_the_device_and_repeats_for_a_seed() {
+    let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/models");
+    tokio_rt().block_on(async {
+        let Some(rt) =
+            gpu_runtime(models.join("falcon-mini"), models.join("falcon-mini-draft")).await
+        else {
+            return;
+        };
+        let prompt = rt.tokenizer().encode("def fibonacci(n):\n").unwrap();
+        let params = SamplingParams {
+            temperature: 0.8,
+            top_k: 50,
+            top_p: 0.95,
+            repetition_penalty: 1.1,
+            seed: 5,
+        };
+        let run = |spec: Speculation| {
+            // A fixed draft length: the adaptive policy follows measured timings, and
+            // another k consumes the random stream differently (the same distribution,
+            // another sample).
+            let req = GenerateRequest::ids(prompt.clone())
+                .max_new_tokens(96)
+                .speculation(spec)
+                .draft_len(3)
+                .sampling(params)
+                .eos(vec![]);
+            async { rt.generate(req).await.unwrap().collect().await.unwrap() }
+        };
+        for spec in [Speculation::Off, Speculation::DraftModel] {
+            let a = run(spec).await;
+            let b = run(spec).await;
+            assert_eq!(a.ids.len(), 96, "{spec:?}");
+            // Fixed-point masses: the same distributions, bit for bit, every run.
+            assert_eq!(a.ids, b.ids, "{spec:?}: a seed gave two outputs");
+            if spec == Speculation::DraftModel {
+                assert!(
+                    a.usage.draft_tokens_accepted > 0,
+                    "no sampled draft accepted: {:?}",
+                    a.usage
+                );
+            }
+            println!(
+                "sampled {spec:?}: acceptance {:.3}, {:.2} tokens/pass",
+                a.usage.acceptance_rate().unwrap_or(0.0),
+                a.usage.tokens_per_pass()
             );
         }
     });

@@ -4,6 +4,7 @@
 mod common;
 mod cuda_golden;
 mod cuda_runtime;
+mod cuda_sampling;
 mod golden;
 mod interleavings;
 mod loader_errors;

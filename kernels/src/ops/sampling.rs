@@ -101,15 +101,22 @@ impl Gpu {
             ],
         )?;
         let status = self.download(&status)?;
-        let data = self.download_f32(&out)?;
-        Ok(data
-            .chunks(cols)
-            .zip(status)
-            .map(|(row, s)| match s {
-                0 => WarpedRow::Probs(row.to_vec()),
-                _ => WarpedRow::Logits(row.to_vec()),
-            })
-            .collect())
+        let mut data = self.download_f32(&out)?;
+        // Rows split off the end, so that the first keeps the download's allocation.
+        let mut rows: Vec<WarpedRow> = Vec::with_capacity(specs.len());
+        for (r, s) in status.iter().enumerate().rev() {
+            let row = if r == 0 {
+                std::mem::take(&mut data)
+            } else {
+                data.split_off(r * cols)
+            };
+            rows.push(match s {
+                0 => WarpedRow::Probs(row),
+                _ => WarpedRow::Logits(row),
+            });
+        }
+        rows.reverse();
+        Ok(rows)
     }
 }
 
