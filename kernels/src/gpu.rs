@@ -43,6 +43,7 @@ const SOURCE: &str = concat!(
 pub trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static {}
 impl Elem for f32 {}
 impl Elem for u32 {}
+impl Elem for u64 {}
 impl Elem for half::bf16 {}
 
 /// A typed allocation in device memory, freed (stream-ordered) on drop, or returned to
@@ -756,6 +757,20 @@ impl Gpu {
         smem: u32,
         args: &[Arg],
     ) -> Result<(), KernelError> {
+        self.launch_clustered(func, grid, block, smem, args, 1)
+    }
+
+    /// [`Gpu::launch`] in clusters of `cluster` blocks along x (sm_90+; 1 is a plain
+    /// launch).
+    pub(crate) fn launch_clustered(
+        &self,
+        func: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+        cluster: u32,
+    ) -> Result<(), KernelError> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -775,11 +790,24 @@ impl Gpu {
         // kernel, with device pointers of live buffers whose lengths it checked against
         // the sizes the kernel will index; `vals` outlives the call, and cuLaunchKernel
         // copies the argument values before returning.
-        if self.pdl() {
-            // SAFETY: as below; the attribute array and config outlive the call.
-            let mut attr: cudarc::driver::sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-            attr.id = cudarc::driver::sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attr.value.programmaticStreamSerializationAllowed = 1;
+        if self.pdl() || cluster > 1 {
+            use cudarc::driver::sys::{CUlaunchAttribute, CUlaunchAttributeID};
+            // SAFETY: plain-data C structs, valid when zeroed.
+            let mut attrs: [CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+            let mut n = 0;
+            if self.pdl() {
+                attrs[n].id =
+                    CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+                attrs[n].value.programmaticStreamSerializationAllowed = 1;
+                n += 1;
+            }
+            if cluster > 1 {
+                attrs[n].id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+                attrs[n].value.clusterDim.x = cluster;
+                attrs[n].value.clusterDim.y = 1;
+                attrs[n].value.clusterDim.z = 1;
+                n += 1;
+            }
             let cfg = cudarc::driver::sys::CUlaunchConfig {
                 gridDimX: grid.0,
                 gridDimY: grid.1,
@@ -789,11 +817,13 @@ impl Gpu {
                 blockDimZ: 1,
                 sharedMemBytes: smem,
                 hStream: self.stream.cu_stream(),
-                attrs: &mut attr,
-                numAttrs: 1,
+                attrs: attrs.as_mut_ptr(),
+                numAttrs: n as u32,
             };
-            // SAFETY: see the plain launch below; every kernel in the module starts with
-            // `pdl_wait()`, so none touches memory before its predecessor completed.
+            // SAFETY: as for the plain launch below; the attributes and config outlive
+            // the call. Every kernel in the module starts with `pdl_wait()`, so none
+            // touches memory before its predecessor completed; a cluster launch's grid is
+            // a multiple of the cluster (checked by the driver).
             return unsafe {
                 cudarc::driver::sys::cuLaunchKernelEx(
                     &cfg,

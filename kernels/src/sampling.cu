@@ -1,7 +1,10 @@
 // Sampling warps on the device: the distribution engine/src/sampling/warp.rs
 // `warp_probs` computes (repetition penalty, temperature, top-k, top-p, softmax), one
-// block per logit row, so that a sampled step copies probabilities the host only has to
-// draw from, instead of warping a 65k-entry row on the host (about 1.4 ms a row).
+// cluster of blocks per logit row (sm_90; one block elsewhere), so that a sampled step
+// copies probabilities the host only has to draw from, instead of warping a 65k-entry
+// row on the host (about 1.4 ms a row). Each block of a cluster owns a strided slice of
+// the row; reductions and histograms combine through a zeroed exchange area in global
+// memory, in rank order, so that every block reaches the same decisions.
 //
 // Selections are radix selects over an order-preserving 32-bit key of each logit
 // (12 + 12 + 8 bits, one histogram pass each). Top-p needs masses: each token's weight
@@ -12,6 +15,70 @@
 
 #define PROBS_BLOCK 1024
 #define PROBS_BINS 4096
+
+// Cluster plumbing (sm_90+). Before sm_90 a "cluster" is one block: the barrier is the
+// block's and every address is the block's own.
+__device__ __forceinline__ u32 cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+#else
+    return 0;
+#endif
+}
+
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+    __syncthreads();
+#endif
+}
+
+// A row's exchange area in global memory, zeroed by the launcher: a histogram per
+// radix pass and a slot per block for each cluster reduction. Blocks combine through it
+// (L2) rather than through distributed shared memory: 8 blocks reading each other's
+// 4096 bins cost 240 us a row that way. Control flow is the same in every block of a
+// cluster, so the pass and reduction counters agree.
+#define PROBS_PASSES 9
+#define PROBS_REDUCTIONS 4
+#define PROBS_MAX_CLUSTER 16
+#define PROBS_WORK_WORDS (PROBS_PASSES * PROBS_BINS + PROBS_REDUCTIONS * PROBS_MAX_CLUSTER)
+
+struct Exchange {
+    u64* base;
+    u32 pass, red;
+    __device__ __forceinline__ u64* next_hist() { return base + (size_t)(pass++) * PROBS_BINS; }
+    __device__ __forceinline__ u64* next_slots() {
+        return base + PROBS_PASSES * PROBS_BINS + (size_t)(red++) * PROBS_MAX_CLUSTER;
+    }
+};
+
+// Per-block values combined over the cluster, in rank order (the same in every block).
+__device__ u64 cluster_sum_u64(u64 block_value, Exchange& ex, u32 rank, u32 nblk) {
+    u64* slots = ex.next_slots();
+    if (threadIdx.x == 0) {
+        slots[rank] = block_value;
+        __threadfence();
+    }
+    cluster_sync();
+    u64 s = 0;
+    for (u32 r = 0; r < nblk; ++r) s += __ldcg(&slots[r]);
+    return s;
+}
+
+__device__ float cluster_max_f32(float block_value, Exchange& ex, u32 rank, u32 nblk) {
+    u64* slots = ex.next_slots();
+    if (threadIdx.x == 0) {
+        slots[rank] = (u64)__float_as_uint(block_value);
+        __threadfence();
+    }
+    cluster_sync();
+    float m = NEG_INF;
+    for (u32 r = 0; r < nblk; ++r) m = fmaxf(m, __uint_as_float((u32)__ldcg(&slots[r])));
+    return m;
+}
 
 // Order-preserving key of a logit: larger value, larger key. NaN maps as -inf (the
 // host treats it so) and -0 as +0 (the host compares them equal).
@@ -28,20 +95,28 @@ __device__ __forceinline__ float key_value(u32 k) {
 
 __device__ __forceinline__ bool usable_logit(float x) { return !isnan(x) && x != NEG_INF; }
 
+// The entries of a row a thread owns: i = (rank * PROBS_BLOCK + tid) + k * nblk *
+// PROBS_BLOCK for a cluster of nblk blocks.
+struct Slice {
+    u32 rank, nblk;
+    __device__ __forceinline__ bool owns(u32 i) const { return (i / PROBS_BLOCK) % nblk == rank; }
+};
+
 // Calls f(i, row[i]) for this thread's entries of a row, eight loads in flight (one at
 // a time, each pass over a 65k-entry row waited for 64 memory latencies per thread).
 template <class F>
-__device__ __forceinline__ void for_row(const float* row, int cols, F f) {
-    for (int c0 = threadIdx.x; c0 < cols; c0 += 8 * PROBS_BLOCK) {
+__device__ __forceinline__ void for_row(const float* row, int cols, Slice sl, F f) {
+    const int stride = (int)sl.nblk * PROBS_BLOCK;
+    for (int c0 = (int)sl.rank * PROBS_BLOCK + threadIdx.x; c0 < cols; c0 += 8 * stride) {
         float v[8];
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
-            const int c = c0 + u * PROBS_BLOCK;
+            const int c = c0 + u * stride;
             v[u] = c < cols ? row[c] : 0.0f;
         }
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
-            const int c = c0 + u * PROBS_BLOCK;
+            const int c = c0 + u * stride;
             if (c < cols) f(c, v[u]);
         }
     }
@@ -89,8 +164,8 @@ __device__ u64 block_sum_u64(u64 v, u64* scan) {
 // entries with smaller keys and `total` the total weight. Weight-0 entries never count.
 // `ok` is false when the total weight is <= t.
 template <class T, class F>
-__device__ u32 radix_select(const float* row, int cols, T tfn, F f, u64* hist, u64* scan, u64* below,
-                            u64* total, bool* ok) {
+__device__ u32 radix_select(const float* row, int cols, Slice sl, T tfn, F f, u64* hist, u64* scan,
+                            Exchange& ex, u64* below, u64* total, bool* ok) {
     __shared__ u64 sel[2];
     u32 prefix = 0;
     u64 under = 0, t = 0;
@@ -104,7 +179,7 @@ __device__ u32 radix_select(const float* row, int cols, T tfn, F f, u64* hist, u
             sel[1] = 0;
         }
         __syncthreads();
-        for_row(row, cols, [&](int i, float x) {
+        for_row(row, cols, sl, [&](int i, float x) {
             u32 key;
             u64 w;
             if (!f(i, x, key, w) || w == 0) return;
@@ -112,13 +187,20 @@ __device__ u32 radix_select(const float* row, int cols, T tfn, F f, u64* hist, u
             atomicAdd(&hist[(key >> shift) & ((1u << width) - 1u)], w);
         });
         __syncthreads();
+        // The cluster's histogram: every block adds its bins, then reads the sums.
+        u64* gh = ex.next_hist();
+        for (int b = threadIdx.x; b < PROBS_BINS; b += PROBS_BLOCK) {
+            if (hist[b] != 0) atomicAdd(&gh[b], hist[b]);
+        }
+        __threadfence();
+        cluster_sync();
         // Thread j owns bins 4j..4j+3.
         const int b0 = threadIdx.x * 4;
         u64 v[4];
         u64 s = 0;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            v[j] = hist[b0 + j];
+            v[j] = __ldcg(&gh[b0 + j]);
             s += v[j];
         }
         u64 all;
@@ -158,30 +240,36 @@ __device__ u32 radix_select(const float* row, int cols, T tfn, F f, u64* hist, u
 // out row r = the warped distribution of logits row spec[r].row: status[r] = 0. Rows the
 // host must finish (no usable logit, or a +inf one) get status 1 and the penalised
 // logits in their out row. `scale` = 2^s with cols * 2^s < 2^63 (the weights' fixed
-// point). grid (warp rows), block PROBS_BLOCK.
+// point). `work`: PROBS_WORK_WORDS zeroed words per row. grid (nblk * rows), clusters of
+// nblk <= PROBS_MAX_CLUSTER blocks (1 before sm_90), block PROBS_BLOCK.
 extern "C" __global__ void __launch_bounds__(PROBS_BLOCK)
     warp_probs_rows_f32(const float* __restrict__ x, const u32* __restrict__ spec, const u32* __restrict__ ids,
-                  float* __restrict__ out, u32* __restrict__ status, int cols, float scale) {
+                        float* __restrict__ out, u32* __restrict__ status, u64* __restrict__ work, int cols,
+                        float scale, int nblk) {
     PDL_ENTER();
     __shared__ u64 hist[PROBS_BINS];
     __shared__ u64 scan[33];
     __shared__ float redf[32];
-    const u32* sp = spec + PROBS_SPEC_WORDS * blockIdx.x;
+    const Slice sl{cluster_rank(), (u32)nblk};
+    const u32 r = blockIdx.x / (u32)nblk;
+    Exchange ex{work + (size_t)r * PROBS_WORK_WORDS, 0, 0};
+    const u32* sp = spec + PROBS_SPEC_WORDS * r;
     const float* src = x + (size_t)sp[0] * cols;
-    float* row = out + (size_t)blockIdx.x * cols;
+    float* row = out + (size_t)r * cols;
     const u32 top_k = sp[1];
     const float temp = __uint_as_float(sp[2]);
     const float top_p = __uint_as_float(sp[3]);
     const float pen = __uint_as_float(sp[4]);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
-    // The row, penalised (ids are distinct, so each is penalised once).
-    for_row(src, cols, [&](int i, float v) { row[i] = v; });
+    // The block's slice of the row, penalised (ids are distinct, so each is penalised
+    // once, by the block that owns it).
+    for_row(src, cols, sl, [&](int i, float v) { row[i] = v; });
     __syncthreads();
     if (pen != 1.0f) {
         for (u32 j = threadIdx.x; j < sp[6]; j += PROBS_BLOCK) {
             const u32 id = ids[sp[5] + j];
-            if (id < (u32)cols) {
+            if (id < (u32)cols && sl.owns(id)) {
                 const float l = row[id];
                 row[id] = l < 0.0f ? l * pen : l / pen;
             }
@@ -192,7 +280,7 @@ extern "C" __global__ void __launch_bounds__(PROBS_BLOCK)
     // Maximum usable logit; rows without one, or with +inf, go to the host.
     float m = NEG_INF;
     int any = 0, pinf = 0;
-    for_row(row, cols, [&](int, float v) {
+    for_row(row, cols, sl, [&](int, float v) {
         if (!usable_logit(v)) return;
         any = 1;
         if (isinf(v)) pinf = 1;
@@ -200,14 +288,16 @@ extern "C" __global__ void __launch_bounds__(PROBS_BLOCK)
     });
     any = __syncthreads_or(any);
     pinf = __syncthreads_or(pinf);
-    if (!any || pinf) {
-        if (threadIdx.x == 0) status[blockIdx.x] = 1;
+    const u64 flags = cluster_sum_u64((u64)(any ? 1 : 0) | ((u64)(pinf ? 1 : 0) << 32), ex, sl.rank, sl.nblk);
+    if ((flags & 0xffffffffull) == 0 || (flags >> 32) != 0) {
+        if (sl.rank == 0 && threadIdx.x == 0) status[r] = 1;
         return;
     }
     m = warp_max(m);
     if (lane == 0) redf[warp] = m;
     __syncthreads();
     m = warp_max(redf[lane]);
+    m = cluster_max_f32(m, ex, sl.rank, sl.nblk);
 
     // Top-k: keep keys >= the k-th largest (ties with it survive, as in HF).
     u32 kmin = 0;
@@ -215,13 +305,13 @@ extern "C" __global__ void __launch_bounds__(PROBS_BLOCK)
     u64 unused = 0, unused_total = 0;
     if (top_k > 0 && top_k < (u32)cols) {
         const u32 inv = radix_select(
-            row, cols, [&](u64) { return (u64)(top_k - 1); },
+            row, cols, sl, [&](u64) { return (u64)(top_k - 1); },
             [&](int, float v, u32& key, u64& w) {
                 key = ~order_key(v);
                 w = 1;
                 return true;
             },
-            hist, scan, &unused, &unused_total, &ok);
+            hist, scan, ex, &unused, &unused_total, &ok);
         kmin = ~inv;
     }
 
@@ -250,38 +340,38 @@ extern "C" __global__ void __launch_bounds__(PROBS_BLOCK)
         const double limit = 1.0 - (double)top_p;
         u64 below = 0, total = 0;
         pkey = radix_select(
-            row, cols, [&](u64 all) { return __double2ull_rd(limit * (double)all); },
+            row, cols, sl, [&](u64 all) { return __double2ull_rd(limit * (double)all); },
             [&](int, float v, u32& key, u64& w) {
                 key = order_key(v);
                 w = weight(v);
                 return true;
             },
-            hist, scan, &below, &total, &ok);
+            hist, scan, ex, &below, &total, &ok);
         if (ok) {
             const u64 lim = __double2ull_rd(limit * (double)total);
-            // Tokens of the boundary key all weigh the same: the first r by index go.
+            // Tokens of the boundary key all weigh the same: the first q by index go.
             const u64 wk = weight(key_value(pkey));
-            const u64 r = wk > 0 ? (lim - below) / wk : 0;
-            kept_total = total - below - r * wk;
-            if (r > 0) {
+            const u64 q = wk > 0 ? (lim - below) / wk : 0;
+            kept_total = total - below - q * wk;
+            if (q > 0) {
                 const u32 last = radix_select(
-                    row, cols, [&](u64) { return r - 1; },
+                    row, cols, sl, [&](u64) { return q - 1; },
                     [&](int i, float v, u32& key, u64& w) {
                         key = (u32)i;
                         w = 1;
                         return order_key(v) == pkey;
                     },
-                    hist, scan, &unused, &unused_total, &ok);
+                    hist, scan, ex, &unused, &unused_total, &ok);
                 pidx = (long long)last;
             }
         }
     } else if (ok) {
         u64 part = 0;
-        for_row(row, cols, [&](int, float v) { part += weight(v); });
-        kept_total = block_sum_u64(part, scan);
+        for_row(row, cols, sl, [&](int, float v) { part += weight(v); });
+        kept_total = cluster_sum_u64(block_sum_u64(part, scan), ex, sl.rank, sl.nblk);
     }
     if (!ok) {
-        if (threadIdx.x == 0) status[blockIdx.x] = 1;
+        if (sl.rank == 0 && threadIdx.x == 0) status[r] = 1;
         return;
     }
     auto kept = [&](int i, float v) {
@@ -293,8 +383,8 @@ extern "C" __global__ void __launch_bounds__(PROBS_BLOCK)
 
     // Softmax over the kept tokens: their exponentials over their (fixed-point) sum.
     const double denom = (double)kept_total / (double)scale;
-    for_row(row, cols, [&](int i, float v) {
+    for_row(row, cols, sl, [&](int i, float v) {
         row[i] = kept(i, v) ? (float)((double)expo(v) / denom) : 0.0f;
     });
-    if (threadIdx.x == 0) status[blockIdx.x] = 0;
+    if (sl.rank == 0 && threadIdx.x == 0) status[r] = 0;
 }
