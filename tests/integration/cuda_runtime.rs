@@ -32,6 +32,14 @@ async fn gpu_runtime(target: PathBuf, draft: PathBuf) -> Option<Runtime> {
     }
 }
 
+/// The shipped model pair on GPU 0 and the README's prompt.
+async fn shipped_pair() -> Option<(Runtime, Vec<u32>)> {
+    let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/models");
+    let rt = gpu_runtime(models.join("falcon-mini"), models.join("falcon-mini-draft")).await?;
+    let prompt = rt.tokenizer().encode("def fibonacci(n):\n").unwrap();
+    Some((rt, prompt))
+}
+
 #[test]
 fn cuda_greedy_speculative_equals_plain_on_fixtures() {
     tokio_rt().block_on(async {
@@ -65,14 +73,10 @@ fn cuda_greedy_speculative_equals_plain_on_fixtures() {
 
 #[test]
 fn cuda_greedy_speculative_equals_plain_on_the_shipped_pair() {
-    let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/models");
     tokio_rt().block_on(async {
-        let Some(rt) =
-            gpu_runtime(models.join("falcon-mini"), models.join("falcon-mini-draft")).await
-        else {
+        let Some((rt, prompt)) = shipped_pair().await else {
             return;
         };
-        let prompt = rt.tokenizer().encode("def fibonacci(n):\n").unwrap();
         let plain = greedy(&rt, &prompt, 128, Speculation::Off, None).await;
         for k in [None, Some(2), Some(4), Some(6)] {
             let s = greedy(&rt, &prompt, 128, Speculation::DraftModel, k).await;
@@ -88,14 +92,10 @@ fn cuda_greedy_speculative_equals_plain_on_the_shipped_pair() {
 
 #[test]
 fn cuda_sampled_generation_warps_on_the_device_and_repeats_for_a_seed() {
-    let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/models");
     tokio_rt().block_on(async {
-        let Some(rt) =
-            gpu_runtime(models.join("falcon-mini"), models.join("falcon-mini-draft")).await
-        else {
+        let Some((rt, prompt)) = shipped_pair().await else {
             return;
         };
-        let prompt = rt.tokenizer().encode("def fibonacci(n):\n").unwrap();
         let params = SamplingParams {
             temperature: 0.8,
             top_k: 50,

@@ -4,7 +4,8 @@
 //! Designed for a GPU as much as for the CPU: tensors are opaque backend handles, the
 //! per-step metadata (token ids, KV slots, rotary tables, block tables) goes to the
 //! backend once per forward in [`Backend::prepare_step`], and nothing comes back to
-//! the host until [`Backend::to_host`] reads the logits.
+//! the host but what the sampler needs: greedy tokens ([`Backend::argmax_rows`]),
+//! sampling distributions ([`Backend::warp_rows`]) or raw logits ([`Backend::to_host`]).
 
 pub mod cpu;
 #[cfg(feature = "cuda")]

@@ -90,9 +90,10 @@ impl Gpu {
         }
         let spec_buf = self.upload(&words)?;
         let id_buf = self.upload(&ids)?;
-        let out = self.scratch::<f32>(specs.len() * cols)?;
-        let status = self.scratch::<u32>(specs.len())?;
-        let work = self.zeros::<u64>(specs.len() * WORK_WORDS)?;
+        // The rows, then each row's status (as bits): one copy back.
+        let n = specs.len();
+        let out = self.scratch::<f32>(n * cols + n)?;
+        let work = self.zeros::<u64>(n * WORK_WORDS)?;
         // A cluster of blocks per row where the device has clusters (sm_90+): a pass over
         // a 65k-entry row is issue-bound on one SM. One 65k row on the H200 (top-k 50,
         // top-p 0.95): 205 us with 1 block, 121 with 2, 76 with 4, 55 with 8.
@@ -101,26 +102,37 @@ impl Gpu {
         } else {
             1
         };
-        self.launch_clustered(
-            &self.k.warp_probs_rows_f32,
-            (cluster * specs.len() as u32, 1, 1),
-            1024,
-            0,
-            &[
-                p(x),
-                p(&spec_buf),
-                p(&id_buf),
-                p(&out),
-                p(&status),
-                p(&work),
-                Arg::I32(to_i32(OP, cols)?),
-                Arg::F32(fixed_point_scale(cols)),
-                Arg::I32(cluster as i32),
-            ],
-            cluster,
-        )?;
-        let status = self.download(&status)?;
+        let launch = |cluster: u32| {
+            self.launch_clustered(
+                &self.k.warp_probs_rows_f32,
+                (cluster * n as u32, 1, 1),
+                1024,
+                0,
+                &[
+                    p(x),
+                    p(&spec_buf),
+                    p(&id_buf),
+                    p(&out),
+                    Arg::U64(out.ptr_at(n * cols)),
+                    p(&work),
+                    Arg::I32(to_i32(OP, cols)?),
+                    Arg::F32(fixed_point_scale(cols)),
+                    Arg::I32(cluster as i32),
+                ],
+                cluster,
+            )
+        };
+        // A device that cannot place a cluster (a small MIG slice) still runs the kernel
+        // with one block per row.
+        if cluster == 1 || launch(cluster).is_err() {
+            launch(1)?;
+        }
         let mut data = self.download_f32(&out)?;
+        let status: Vec<u32> = data
+            .split_off(n * cols)
+            .iter()
+            .map(|s| s.to_bits())
+            .collect();
         // Rows split off the end, so that the first keeps the download's allocation.
         let mut rows: Vec<WarpedRow> = Vec::with_capacity(specs.len());
         for (r, s) in status.iter().enumerate().rev() {
