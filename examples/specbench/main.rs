@@ -12,6 +12,10 @@
 //! `E / (k c + 1)` of Leviathan et al. (2023) with the measured `E`. Every speculative
 //! output is checked against the plain one token for token. Prints a table and writes
 //! `specbench.csv` and `specbench.png` into `--out`.
+//!
+//! With `--temperature T` (> 0, and optionally `--top-k`, `--top-p`) every run samples
+//! instead: speculative sampling keeps the target's distribution but not its sample
+//! path, so outputs are not compared; acceptance, speed-up and bound are measured alike.
 
 mod plot;
 
@@ -20,6 +24,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use clap::Parser;
+use falconer::engine::sampling::SamplingParams;
 use falconer::{GenerateRequest, Runtime, Speculation, Usage};
 
 const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/models");
@@ -56,6 +61,28 @@ struct Args {
     /// Where specbench.csv and specbench.png go.
     #[arg(long, default_value = ".")]
     out: PathBuf,
+    /// Sampling temperature; 0 (the default) decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Top-k filter when sampling (0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Top-p (nucleus) mass when sampling (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+}
+
+impl Args {
+    /// The sampling parameters of every request (greedy unless `--temperature` > 0).
+    fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: 1.0,
+            seed: 1,
+        }
+    }
 }
 
 /// One configuration's totals over all prompts in one repetition.
@@ -101,6 +128,7 @@ async fn pass(
     n: usize,
     spec: Speculation,
     k: Option<usize>,
+    sampling: SamplingParams,
 ) -> Result<(Run, Vec<Vec<u32>>)> {
     let mut run = Run::default();
     let mut outs = Vec::new();
@@ -108,7 +136,8 @@ async fn pass(
         let mut req = GenerateRequest::ids(p.clone())
             .max_new_tokens(n)
             .eos(vec![])
-            .speculation(spec);
+            .speculation(spec)
+            .sampling(sampling);
         if let Some(k) = k {
             req = req.draft_len(k);
         }
@@ -140,19 +169,34 @@ async fn main() -> Result<()> {
         .map(|p| tok.encode(p))
         .collect::<Result<_, _>>()?;
     let n = args.max_new_tokens;
+    let sampling = args.sampling();
+    sampling.validate()?;
     eprintln!(
-        "models from {MODELS}; {} prompts x {n} new tokens, {} reps, {:?}",
+        "models from {MODELS}; {} prompts x {n} new tokens, {} reps, {:?}, {}",
         prompts.len(),
         args.reps,
-        device
+        device,
+        if sampling.is_greedy() {
+            "greedy".to_string()
+        } else {
+            format!("sampling {sampling:?}")
+        }
     );
 
     // Warm up both runtimes. Then each repetition times plain decoding of the target
     // and of the draft and every speculative configuration back to back, so slow
     // drifts of the machine hit all of them alike; ratios are taken within a
     // repetition and their medians reported.
-    let (_, plain_out) = pass(&rt, &prompts, n, Speculation::Off, None).await?;
-    pass(&draft_alone, &prompts[..1], n, Speculation::Off, None).await?;
+    let (_, plain_out) = pass(&rt, &prompts, n, Speculation::Off, None, sampling).await?;
+    pass(
+        &draft_alone,
+        &prompts[..1],
+        n,
+        Speculation::Off,
+        None,
+        sampling,
+    )
+    .await?;
     let mut configs: Vec<Option<usize>> = (1..=args.max_k).map(Some).collect();
     configs.push(None);
     let per_token =
@@ -160,17 +204,21 @@ async fn main() -> Result<()> {
     let (mut targets, mut drafts) = (Vec::new(), Vec::new());
     let mut spec: Vec<Vec<(f64, Run)>> = vec![Vec::new(); configs.len()];
     for _ in 0..args.reps {
-        let t_target = per_token(&pass(&rt, &prompts, n, Speculation::Off, None).await?.0);
+        let t_target = per_token(
+            &pass(&rt, &prompts, n, Speculation::Off, None, sampling)
+                .await?
+                .0,
+        );
         targets.push(t_target);
         drafts.push(per_token(
-            &pass(&draft_alone, &prompts, n, Speculation::Off, None)
+            &pass(&draft_alone, &prompts, n, Speculation::Off, None, sampling)
                 .await?
                 .0,
         ));
         for (i, &k) in configs.iter().enumerate() {
-            let (run, outs) = pass(&rt, &prompts, n, Speculation::DraftModel, k).await?;
+            let (run, outs) = pass(&rt, &prompts, n, Speculation::DraftModel, k, sampling).await?;
             ensure!(
-                outs == plain_out,
+                !sampling.is_greedy() || outs == plain_out,
                 "speculative output (k={k:?}) differs from plain greedy output"
             );
             spec[i].push((t_target / per_token(&run), run));
