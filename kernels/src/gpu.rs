@@ -1,5 +1,6 @@
 //! One GPU: its context and stream, the NVRTC-compiled kernel module, a cuBLAS handle,
-//! device buffers and the raw launch plumbing the typed launchers in `ops` build on.
+//! allocation and copies of device buffers (`buffer`), and the raw launch plumbing the
+//! typed launchers in `ops` build on.
 //!
 //! Everything runs on one non-default stream in issue order, so no buffer needs events:
 //! cudarc's per-buffer event tracking is switched off before the first allocation (it
@@ -13,7 +14,6 @@
 //! for the same reason as stream-ordered frees: a buffer is only handed out again after
 //! its last use was queued on the one stream, so the new writer runs after the old readers.
 
-use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::fmt;
@@ -23,11 +23,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUdevice_attribute, CUmemPool_attribute, CUresult};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    DriverError, PinnedHostSlice, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError,
+    PinnedHostSlice,
 };
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
+use crate::buffer::{released, Pool};
+pub use crate::buffer::{DeviceBuffer, Elem};
 use crate::error::KernelError;
 
 /// All kernel sources, one NVRTC program (NVRTC cannot #include our own files).
@@ -38,116 +40,6 @@ const SOURCE: &str = concat!(
     include_str!("attention.cu"),
     include_str!("sampling.cu"),
 );
-
-/// Element types a [`DeviceBuffer`] may hold.
-pub trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static {}
-impl Elem for f32 {}
-impl Elem for u32 {}
-impl Elem for u64 {}
-impl Elem for half::bf16 {}
-
-/// A typed allocation in device memory, freed (stream-ordered) on drop, or returned to
-/// its GPU's pool when it came from one.
-pub struct DeviceBuffer<T: Elem> {
-    /// Always `Some` while the buffer lives; taken by `Drop`.
-    slice: Option<CudaSlice<T>>,
-    /// Elements the caller asked for (cudarc cannot allocate zero bytes, so an empty
-    /// buffer holds one element).
-    len: usize,
-    pub(crate) ptr: u64,
-    pool: Option<Arc<Pool>>,
-}
-
-impl<T: Elem> fmt::Debug for DeviceBuffer<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DeviceBuffer")
-            .field("len", &self.len)
-            .field("bytes", &self.num_bytes())
-            .field("pooled", &self.pool.is_some())
-            .finish()
-    }
-}
-
-impl<T: Elem> DeviceBuffer<T> {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn num_bytes(&self) -> usize {
-        self.len * std::mem::size_of::<T>()
-    }
-
-    /// Device address of element `i` (for kernel arguments).
-    pub(crate) fn ptr_at(&self, i: usize) -> u64 {
-        self.ptr + (i * std::mem::size_of::<T>()) as u64
-    }
-
-    fn inner(&self) -> Result<&CudaSlice<T>, KernelError> {
-        self.slice.as_ref().ok_or_else(released)
-    }
-
-    fn inner_mut(&mut self) -> Result<&mut CudaSlice<T>, KernelError> {
-        self.slice.as_mut().ok_or_else(released)
-    }
-}
-
-fn released() -> KernelError {
-    KernelError::Device {
-        op: "buffer",
-        message: "buffer already released".into(),
-    }
-}
-
-impl<T: Elem> Drop for DeviceBuffer<T> {
-    fn drop(&mut self) {
-        if let (Some(pool), Some(slice)) = (self.pool.take(), self.slice.take()) {
-            pool.put(slice);
-        }
-    }
-}
-
-/// A freed `CudaSlice<T>` of some element type.
-type Pooled = Box<dyn Any + Send>;
-
-/// Freed scratch buffers by element type and length.
-#[derive(Default)]
-pub(crate) struct Pool {
-    free: Mutex<HashMap<(TypeId, usize), Vec<Pooled>>>,
-    bytes: AtomicUsize,
-}
-
-/// The pool keeps at most this much memory, and no single buffer above `POOL_MAX_ONE`
-/// (those are rare and large: freeing them is cheap by comparison).
-const POOL_MAX_BYTES: usize = 4 << 30;
-const POOL_MAX_ONE: usize = 1 << 30;
-
-impl Pool {
-    fn take<T: Elem>(&self, len: usize) -> Option<CudaSlice<T>> {
-        let mut free = self.free.lock().ok()?;
-        let slice = free.get_mut(&(TypeId::of::<T>(), len))?.pop()?;
-        let slice = slice.downcast::<CudaSlice<T>>().ok()?;
-        self.bytes.fetch_sub(slice.num_bytes(), Ordering::Relaxed);
-        Some(*slice)
-    }
-
-    /// Keeps `slice` for reuse, or frees it (by dropping it) when the pool is full.
-    fn put<T: Elem>(&self, slice: CudaSlice<T>) {
-        let bytes = slice.num_bytes();
-        if bytes > POOL_MAX_ONE || self.bytes.load(Ordering::Relaxed) + bytes > POOL_MAX_BYTES {
-            return;
-        }
-        if let Ok(mut free) = self.free.lock() {
-            self.bytes.fetch_add(bytes, Ordering::Relaxed);
-            free.entry((TypeId::of::<T>(), slice.len()))
-                .or_default()
-                .push(Box::new(slice));
-        }
-    }
-}
 
 /// Handles of every kernel in the module.
 pub(crate) struct Kernels {

@@ -15,6 +15,8 @@
 //! on the host and records the bounds each launcher checks against its operands.
 
 #[cfg(feature = "cuda")]
+mod buffer;
+#[cfg(feature = "cuda")]
 mod error;
 #[cfg(feature = "cuda")]
 mod gpu;
