@@ -31,8 +31,8 @@ pub struct DecideItem {
 #[derive(Debug, Clone)]
 pub enum TargetRows {
     Logits(Vec<Vec<f32>>),
-    /// Each row's greedy token, taken on the device (`None`: no usable logit); only
-    /// for sessions whose parameters are [`SamplingParams::argmax_only`].
+    /// Each row's greedy token, taken on the device after the session's repetition
+    /// penalty (`None`: no usable logit); only for greedy sessions.
     Greedy(Vec<Option<u32>>),
     /// Each row's sampling distribution, penalised and warped where the logits are (row
     /// i saw the context plus the first i drafts); only for sampling sessions.
@@ -92,10 +92,8 @@ pub fn decide(
     let rows = match &item.target {
         TargetRows::Logits(rows) => rows,
         TargetRows::Greedy(tokens) => {
-            if !params.argmax_only() {
-                return Err(RuntimeError::model(
-                    "greedy tokens for a session that samples or penalises",
-                ));
+            if !params.is_greedy() {
+                return Err(RuntimeError::model("greedy tokens for a sampling session"));
             }
             return accept_greedy_tokens(&item.drafts, tokens).map_err(RuntimeError::model);
         }

@@ -37,8 +37,9 @@ pub enum ChunkWant {
     Logits,
     /// Each row's argmax (greedy without a repetition penalty).
     Greedy,
-    /// Each row's sampling distribution; the repetition penalty sees `history` (the
-    /// tokens before the chunk) and the chunk's tokens up to the row.
+    /// Each row's sampling distribution (greedy token for greedy `params`); the
+    /// repetition penalty sees `history` (the tokens before the chunk) and the chunk's
+    /// tokens up to the row.
     Warped {
         params: SamplingParams,
         history: Vec<u32>,
@@ -46,14 +47,12 @@ pub enum ChunkWant {
 }
 
 impl ChunkWant {
-    /// The want of a session's chunk: greedy tokens, distributions of sampled rows, or
-    /// the logits (greedy with a repetition penalty). `history` is only kept when the
-    /// penalty needs it.
+    /// The want of a session's chunk: greedy tokens without a repetition penalty, else
+    /// the rows warped where the logits are (distributions when sampling, penalised
+    /// greedy tokens when not). `history` is only kept when the penalty needs it.
     pub fn for_params(params: &SamplingParams, history: &[u32]) -> Self {
         if params.argmax_only() {
             ChunkWant::Greedy
-        } else if params.is_greedy() {
-            ChunkWant::Logits
         } else {
             ChunkWant::Warped {
                 params: *params,

@@ -35,6 +35,8 @@ pub use gpu::{
 #[cfg(feature = "cuda")]
 pub use half::bf16;
 #[cfg(feature = "cuda")]
-pub use ops::{AttentionParams, KvBuffers, PairHalf, ProbsSpec, WarpedRow, GEMV_MAX_ROWS};
+pub use ops::{
+    AttentionParams, KvBuffers, PairHalf, PenaltySpec, ProbsSpec, WarpedRow, GEMV_MAX_ROWS,
+};
 #[cfg(feature = "cuda")]
 pub use step::{DeviceStep, SeqDesc, StepInput};

@@ -388,3 +388,22 @@ extern "C" __global__ void __launch_bounds__(PROBS_BLOCK)
     });
     if (sl.rank == 0 && threadIdx.x == 0) status[r] = 0;
 }
+
+// The repetition penalty in place on rows (gathered copies of logit rows): row r's
+// penalised ids are ids[spec[3r+1] ..][.. spec[3r+2]], distinct, with penalty spec[3r]
+// (f32 bits): a negative logit is multiplied by it, a non-negative one divided (HF).
+// grid (rows), block 256.
+extern "C" __global__ void penalize_rows_f32(float* __restrict__ rows, const u32* __restrict__ spec,
+                                             const u32* __restrict__ ids, int cols) {
+    PDL_ENTER();
+    const u32* sp = spec + 3 * blockIdx.x;
+    const float pen = __uint_as_float(sp[0]);
+    float* row = rows + (size_t)blockIdx.x * cols;
+    for (u32 j = threadIdx.x; j < sp[2]; j += blockDim.x) {
+        const u32 id = ids[sp[1] + j];
+        if (id < (u32)cols) {
+            const float l = row[id];
+            row[id] = l < 0.0f ? l * pen : l / pen;
+        }
+    }
+}

@@ -136,3 +136,36 @@ fn cuda_sampled_generation_warps_on_the_device_and_repeats_for_a_seed() {
         }
     });
 }
+
+#[test]
+fn cuda_greedy_with_a_repetition_penalty_speculative_equals_plain() {
+    tokio_rt().block_on(async {
+        let Some((rt, prompt)) = shipped_pair().await else {
+            return;
+        };
+        let params = SamplingParams {
+            temperature: 0.0,
+            repetition_penalty: 1.3,
+            ..SamplingParams::default()
+        };
+        let run = |spec: Speculation, k: Option<usize>| {
+            let mut req = GenerateRequest::ids(prompt.clone())
+                .max_new_tokens(96)
+                .speculation(spec)
+                .sampling(params)
+                .eos(vec![]);
+            if let Some(k) = k {
+                req = req.draft_len(k);
+            }
+            async { rt.generate(req).await.unwrap().collect().await.unwrap() }
+        };
+        let plain = run(Speculation::Off, None).await;
+        let unpenalised = greedy(&rt, &prompt, 96, Speculation::Off, None).await;
+        assert_ne!(plain.ids, unpenalised.ids, "the penalty changed nothing");
+        for k in [None, Some(2), Some(4)] {
+            let s = run(Speculation::DraftModel, k).await;
+            assert_eq!(s.ids, plain.ids, "k={k:?}");
+        }
+        println!("penalised greedy: speculative == plain on the GPU");
+    });
+}

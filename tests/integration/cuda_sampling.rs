@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use falconer_engine::backend::cuda::CudaBackend;
-use falconer_engine::backend::{Backend, WarpRow};
+use falconer_engine::backend::{penalized_argmax_on_host, Backend, WarpRow};
 use falconer_engine::sampling::{
     sample_from_probs, warp_penalised, Rng, SamplingError, SamplingParams,
 };
@@ -244,4 +244,49 @@ fn cuda_outputs_warp_sampled_chunks_as_the_host_would() {
             panic!("row {i}: {e}");
         }
     }
+}
+
+#[test]
+fn cuda_penalized_argmax_matches_the_host() {
+    let Some(b) = backend() else { return };
+    let v = 65024;
+    let mut rows: Vec<Vec<f32>> = (0..3u64).map(|s| normal_row(v, 100 + s, 2.0)).collect();
+    // Ties (the first index wins), NaN everywhere, and a row whose maximum is penalised.
+    rows.push(normal_row(v, 103, 2.0).iter().map(|x| x.round()).collect());
+    rows.push(vec![f32::NAN; v]);
+    let mut top = normal_row(v, 104, 1.0);
+    top[321] = 50.0;
+    rows.push(top);
+    let x = b.upload_hidden(&rows.concat(), rows.len(), v).unwrap();
+    let penalties = [1.0f32, 1.3, 0.8, 60.0];
+    let params: Vec<SamplingParams> = penalties
+        .iter()
+        .map(|&p| SamplingParams {
+            temperature: 0.0,
+            repetition_penalty: p,
+            ..SamplingParams::default()
+        })
+        .collect();
+    let context: Vec<u32> = (0..500u32)
+        .map(|i| (i * 131) % v as u32)
+        .chain([321, 321])
+        .collect();
+    let specs: Vec<WarpRow<'_>> = params
+        .iter()
+        .flat_map(|p| {
+            (0..rows.len()).map(|row| WarpRow {
+                row,
+                params: p,
+                context: &context,
+            })
+        })
+        .collect();
+    let got = b.penalized_argmax_rows(&x, v, &specs).unwrap();
+    let want = penalized_argmax_on_host(&rows.concat(), v, &specs).unwrap();
+    assert_eq!(got, want);
+    // The penalty moves the argmax off a penalised maximum (token 321 at 50 / 60).
+    let last = |p: usize| got[p * rows.len() + rows.len() - 1];
+    assert_eq!(last(0), Some(321));
+    assert_ne!(last(3), Some(321));
+    assert_eq!(got[4], None, "an all-NaN row has no greedy token");
 }

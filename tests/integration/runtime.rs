@@ -490,3 +490,79 @@ fn speculative_sampling_draws_from_the_target_distribution() {
         }
     });
 }
+
+/// Greedy decoding with a repetition penalty: the runtime's plain output is the host's
+/// penalised argmax step by step, and every speculative configuration gives it too (the
+/// target's rows are penalised with the context plus the drafts before them).
+#[test]
+fn greedy_with_a_repetition_penalty_speculative_equals_plain() {
+    use falconer::engine::sampling::{apply_repetition_penalty, argmax};
+    use falconer::engine::SeqWork;
+    let name = "new_arch_gqa_sharded";
+    let prompt = reference(name).prompt_ids;
+    let n = 32;
+    let params = SamplingParams {
+        temperature: 0.0,
+        repetition_penalty: 1.5,
+        ..SamplingParams::default()
+    };
+    // The host's reference: penalise each step's logits by everything so far.
+    let mut m = cpu_runner(name);
+    m.add_sequence(1).unwrap();
+    let mut ctx = prompt.clone();
+    let mut feed = prompt.clone();
+    let mut want = Vec::new();
+    for _ in 0..n {
+        let l = m
+            .forward(&[SeqWork {
+                seq: 1,
+                tokens: &feed,
+                all_logits: false,
+            }])
+            .unwrap();
+        let mut row = l[0].last().to_vec();
+        apply_repetition_penalty(&mut row, &ctx, params.repetition_penalty);
+        let t = argmax(&row);
+        want.push(t);
+        ctx.push(t);
+        feed = vec![t];
+    }
+    tokio_rt().block_on(async {
+        let rt = Runtime::builder()
+            .target(fixture_dir(name))
+            .draft(fixture_dir("falcon7b_mqa"))
+            .block_size(4)
+            .build()
+            .await
+            .unwrap();
+        let run = |spec: Speculation, k: Option<usize>, params: SamplingParams| {
+            let mut req = GenerateRequest::ids(prompt.clone())
+                .max_new_tokens(n)
+                .eos(vec![])
+                .sampling(params)
+                .speculation(spec);
+            if let Some(k) = k {
+                req = req.draft_len(k);
+            }
+            let rt = &rt;
+            async move { rt.generate(req).await.unwrap().collect().await.unwrap() }
+        };
+        let plain = run(Speculation::Off, None, params).await;
+        assert_eq!(plain.ids, want, "plain output is not the penalised argmax");
+        let unpenalised = run(Speculation::Off, None, SamplingParams::greedy()).await;
+        assert_ne!(unpenalised.ids, want, "the penalty changed nothing");
+        let mut rejected = 0;
+        for (spec, k) in [
+            (Speculation::DraftModel, Some(1)),
+            (Speculation::DraftModel, Some(3)),
+            (Speculation::DraftModel, Some(5)),
+            (Speculation::DraftModel, None),
+            (Speculation::PromptLookup, Some(3)),
+        ] {
+            let s = run(spec, k, params).await;
+            assert_eq!(s.ids, want, "{spec:?} k={k:?}");
+            rejected += s.usage.draft_tokens_proposed - s.usage.draft_tokens_accepted;
+        }
+        assert!(rejected > 5, "only {rejected} rejected drafts");
+    });
+}

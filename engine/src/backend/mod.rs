@@ -82,6 +82,31 @@ pub struct WarpRow<'a> {
 /// Per row of [`Backend::warp_rows`]: the distribution, or why the row has none.
 pub type WarpedRows = Vec<Result<Vec<f32>, SamplingError>>;
 
+/// [`Backend::penalized_argmax_rows`] on rows of `cols` values already on the host.
+pub fn penalized_argmax_on_host(
+    data: &[f32],
+    cols: usize,
+    rows: &[WarpRow<'_>],
+) -> Result<Vec<Option<u32>>, BackendError> {
+    rows.iter()
+        .map(|r| {
+            let mut row = data
+                .get(r.row * cols..(r.row + 1) * cols)
+                .ok_or(BackendError::Device {
+                    op: "penalized_argmax_rows",
+                    message: format!("row {} of a {}-entry tensor", r.row, data.len()),
+                })?
+                .to_vec();
+            crate::sampling::apply_repetition_penalty(
+                &mut row,
+                r.context,
+                r.params.repetition_penalty,
+            );
+            Ok(crate::sampling::greedy_token(&row))
+        })
+        .collect()
+}
+
 /// The operations of a Falcon forward pass. Tensors are row-major `[rows, cols]`.
 pub trait Backend: Send + Sync + Debug + 'static {
     /// A tensor in backend memory.
@@ -222,6 +247,21 @@ pub trait Backend: Send + Sync + Debug + 'static {
                 Ok(crate::sampling::warp_penalised(row, r.context, r.params))
             })
             .collect()
+    }
+
+    /// The greedy token of each row after [`crate::sampling::apply_repetition_penalty`]
+    /// with its context (greedy decoding with a penalty): as [`Backend::argmax_rows`] of
+    /// the penalised row. Backends may compute it where the logits are.
+    fn penalized_argmax_rows(
+        &self,
+        x: &Self::Tensor,
+        cols: usize,
+        rows: &[WarpRow<'_>],
+    ) -> Result<Vec<Option<u32>>, BackendError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        penalized_argmax_on_host(&self.to_host(x)?, cols, rows)
     }
 
     /// Reads a tensor back to the host (used for logits and shard hand-offs).

@@ -1,8 +1,8 @@
 //! What the last shard makes of a step's logit rows, chunk by chunk: the logits, each
 //! row's greedy token, or each row's sampling distribution. Only the first copies raw
 //! logits to the host; the others are computed where the logits are
-//! ([`Backend::argmax_rows`], [`Backend::warp_rows`]) and a backend that keeps the
-//! logits on a GPU never sorts a vocabulary on the host.
+//! ([`Backend::argmax_rows`], [`Backend::penalized_argmax_rows`], [`Backend::warp_rows`])
+//! and a backend that keeps the logits on a GPU never sorts a vocabulary on the host.
 
 use crate::backend::{Backend, WarpRow, WarpedRows};
 use crate::error::{ForwardError, Result};
@@ -16,9 +16,10 @@ pub enum RowsWanted<'a> {
     Logits,
     /// Each row's argmax (greedy decoding without a repetition penalty).
     Greedy,
-    /// Each row's sampling distribution under `params`: the repetition penalty looks at
-    /// `history` (the tokens before the chunk's first) plus the chunk's tokens up to the
-    /// row's own.
+    /// Each row's sampling distribution under `params` ([`RowsOut::Warped`]), or for
+    /// greedy `params` each row's greedy token ([`RowsOut::Greedy`]): the repetition
+    /// penalty looks at `history` (the tokens before the chunk's first) plus the chunk's
+    /// tokens up to the row's own.
     Warped {
         params: &'a SamplingParams,
         history: &'a [u32],
@@ -65,7 +66,8 @@ impl<B: Backend> Falcon<B> {
         } else {
             Vec::new()
         };
-        let mut warped = self.warp(&logits, step, wants)?.into_iter();
+        let (warped, penalized) = self.warp(&logits, step, wants)?;
+        let (mut warped, mut penalized) = (warped.into_iter(), penalized.into_iter());
 
         let mut out = Vec::with_capacity(chunks);
         let mut at = 0;
@@ -76,6 +78,9 @@ impl<B: Backend> Falcon<B> {
                     data: host[at * v..(at + n) * v].to_vec(),
                 }),
                 RowsWanted::Greedy => RowsOut::Greedy(greedy[at..at + n].to_vec()),
+                RowsWanted::Warped { params, .. } if params.is_greedy() => {
+                    RowsOut::Greedy(penalized.by_ref().take(n).collect())
+                }
                 RowsWanted::Warped { .. } => RowsOut::Warped(warped.by_ref().take(n).collect()),
             });
             at += n;
@@ -95,13 +100,14 @@ impl<B: Backend> Falcon<B> {
         self.outputs(&h, &step, wants)
     }
 
-    /// One backend call for every row of the `Warped` chunks, in chunk order.
+    /// The rows of the `Warped` chunks, in chunk order: one backend call for the
+    /// sampled ones (distributions), one for the greedy ones (tokens).
     fn warp(
         &self,
         logits: &B::Tensor,
         step: &Step<B>,
         wants: &[RowsWanted<'_>],
-    ) -> Result<WarpedRows> {
+    ) -> Result<(WarpedRows, Vec<Option<u32>>)> {
         let meta = &step.meta;
         let mut rows: Vec<(usize, &SamplingParams)> = Vec::new();
         let mut contexts: Vec<Vec<u32>> = Vec::new();
@@ -123,7 +129,7 @@ impl<B: Backend> Falcon<B> {
             }
             at += n;
         }
-        let specs: Vec<WarpRow<'_>> = rows
+        let (greedy, sampled): (Vec<WarpRow<'_>>, Vec<WarpRow<'_>>) = rows
             .iter()
             .zip(&contexts)
             .map(|(&(row, params), ctx)| WarpRow {
@@ -131,9 +137,11 @@ impl<B: Backend> Falcon<B> {
                 params,
                 context: ctx,
             })
-            .collect();
-        Ok(self
-            .backend
-            .warp_rows(logits, self.cfg.vocab_size, &specs)?)
+            .partition(|r| r.params.is_greedy());
+        let v = self.cfg.vocab_size;
+        Ok((
+            self.backend.warp_rows(logits, v, &sampled)?,
+            self.backend.penalized_argmax_rows(logits, v, &greedy)?,
+        ))
     }
 }

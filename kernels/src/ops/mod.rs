@@ -14,7 +14,7 @@ mod sampling;
 pub use attention::{AttentionParams, KvBuffers};
 pub use linear::GEMV_MAX_ROWS;
 pub use pair::PairHalf;
-pub use sampling::{ProbsSpec, WarpedRow};
+pub use sampling::{PenaltySpec, ProbsSpec, WarpedRow};
 
 use half::bf16;
 

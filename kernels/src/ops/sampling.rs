@@ -66,15 +66,7 @@ impl Gpu {
             check_spec(s, rows)?;
             let start = ids.len();
             if s.repetition_penalty != 1.0 {
-                let mut own: Vec<u32> = s
-                    .penalized
-                    .iter()
-                    .copied()
-                    .filter(|&i| (i as usize) < cols)
-                    .collect();
-                own.sort_unstable();
-                own.dedup();
-                ids.extend(own);
+                ids.extend(distinct_ids(s.penalized, cols));
             }
             let top_k = if s.top_k >= cols { 0 } else { s.top_k };
             words.extend([
@@ -149,6 +141,95 @@ impl Gpu {
         rows.reverse();
         Ok(rows)
     }
+}
+
+/// One row for [`Gpu::penalized_argmax_rows`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PenaltySpec<'a> {
+    /// Row of the logits tensor.
+    pub row: usize,
+    pub repetition_penalty: f32,
+    /// Token ids the penalty applies to, each once (duplicates are dropped here).
+    pub penalized: &'a [u32],
+}
+
+impl Gpu {
+    /// Greedy tokens of penalised rows: each spec's row of `x [rows, cols]`, copied, with
+    /// engine/src/sampling `apply_repetition_penalty`, then its `argmax_rows` (`None`: no
+    /// usable logit). Only the token ids cross to the host.
+    pub fn penalized_argmax_rows(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        cols: usize,
+        specs: &[PenaltySpec<'_>],
+    ) -> Result<Vec<Option<u32>>, KernelError> {
+        const OP: &str = "penalized_argmax_rows";
+        check_len(OP, "logits", x, rows * cols)?;
+        if specs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut list = Vec::with_capacity(specs.len());
+        let mut words = Vec::with_capacity(3 * specs.len());
+        let mut ids: Vec<u32> = Vec::new();
+        for s in specs {
+            if s.row >= rows {
+                return Err(KernelError::invalid(
+                    OP,
+                    format!("row {} of {rows} logit rows", s.row),
+                ));
+            }
+            if !(s.repetition_penalty.is_finite() && s.repetition_penalty > 0.0) {
+                return Err(KernelError::invalid(
+                    OP,
+                    format!("repetition penalty {}", s.repetition_penalty),
+                ));
+            }
+            let start = ids.len();
+            if s.repetition_penalty != 1.0 {
+                ids.extend(distinct_ids(s.penalized, cols));
+            }
+            list.push(s.row as u32);
+            words.extend([
+                s.repetition_penalty.to_bits(),
+                start as u32,
+                (ids.len() - start) as u32,
+            ]);
+        }
+        let n = specs.len();
+        let list_buf = self.upload(&list)?;
+        let spec_buf = self.upload(&words)?;
+        let id_buf = self.upload(&ids)?;
+        let copy = self.scratch::<f32>(n * cols)?;
+        let c = Arg::I32(to_i32(OP, cols)?);
+        self.launch(
+            &self.k.gather_rows_f32,
+            (n as u32, 1, 1),
+            256,
+            0,
+            &[p(x), p(&list_buf), p(&copy), c],
+        )?;
+        self.launch(
+            &self.k.penalize_rows_f32,
+            (n as u32, 1, 1),
+            256,
+            0,
+            &[p(&copy), p(&spec_buf), p(&id_buf), c],
+        )?;
+        self.argmax_rows(&copy, n, cols)
+    }
+}
+
+/// The ids below `cols`, sorted, each once (the host penalises a repeated id once).
+fn distinct_ids(ids: &[u32], cols: usize) -> Vec<u32> {
+    let mut own: Vec<u32> = ids
+        .iter()
+        .copied()
+        .filter(|&i| (i as usize) < cols)
+        .collect();
+    own.sort_unstable();
+    own.dedup();
+    own
 }
 
 fn check_spec(s: &ProbsSpec<'_>, rows: usize) -> Result<(), KernelError> {

@@ -178,8 +178,8 @@ pub struct CudaBackend {
     synthetic: Option<AtomicU64>,
     /// ALiBi slopes uploaded once per distinct slope vector (keyed by their bits).
     slopes: Mutex<Vec<SlopeEntry>>,
-    /// Whether [`Backend::warp_rows`] warps sampled rows on the device (the default) or
-    /// copies them to the host (for comparisons).
+    /// Whether [`Backend::warp_rows`] and [`Backend::penalized_argmax_rows`] run on the
+    /// device (the default) or copy the rows to the host (for comparisons).
     device_warp: AtomicBool,
 }
 
@@ -643,6 +643,15 @@ impl Backend for CudaBackend {
         rows: &[WarpRow<'_>],
     ) -> Result<WarpedRows, BackendError> {
         warp::warp_rows(self, x, cols, rows)
+    }
+
+    fn penalized_argmax_rows(
+        &self,
+        x: &CudaTensor,
+        cols: usize,
+        rows: &[WarpRow<'_>],
+    ) -> Result<Vec<Option<u32>>, BackendError> {
+        warp::penalized_argmax_rows(self, x, cols, rows)
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>, BackendError> {

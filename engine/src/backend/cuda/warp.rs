@@ -1,13 +1,14 @@
-//! [`Backend::warp_rows`] on the GPU: sampled rows are warped by the device kernel and
-//! only their distributions cross to the host. Greedy rows (a penalised argmax), rows
+//! [`Backend::warp_rows`] and [`Backend::penalized_argmax_rows`] on the GPU: sampled
+//! rows are warped by the device kernel and only their distributions cross to the host;
+//! penalised greedy rows only their tokens. Greedy rows (a penalised argmax), rows
 //! with parameters that do not validate, and the rare rows the kernel leaves to the host
 //! (no usable logit, or a `+inf` one) take the host's [`warp_penalised`], so every error
 //! and edge case is the host's.
 
-use falconer_kernels::{ProbsSpec, WarpedRow};
+use falconer_kernels::{PenaltySpec, ProbsSpec, WarpedRow};
 
 use super::{map_err, CudaBackend, CudaTensor};
-use crate::backend::{Backend, WarpRow, WarpedRows};
+use crate::backend::{penalized_argmax_on_host, Backend, WarpRow, WarpedRows};
 use crate::error::BackendError;
 use crate::sampling::{warp_penalised, warp_probs};
 
@@ -73,4 +74,32 @@ pub(super) fn warp_rows(
             Ok(warp_penalised(row, r.context, r.params))
         })
         .collect()
+}
+
+pub(super) fn penalized_argmax_rows(
+    b: &CudaBackend,
+    x: &CudaTensor,
+    cols: usize,
+    rows: &[WarpRow<'_>],
+) -> Result<Vec<Option<u32>>, BackendError> {
+    if cols != x.cols {
+        return Err(BackendError::Device {
+            op: "penalized_argmax_rows",
+            message: format!("rows of {cols} for a tensor of {} columns", x.cols),
+        });
+    }
+    if !b.device_warp() {
+        return penalized_argmax_on_host(&b.to_host(x)?, cols, rows);
+    }
+    let specs: Vec<PenaltySpec<'_>> = rows
+        .iter()
+        .map(|r| PenaltySpec {
+            row: r.row,
+            repetition_penalty: r.params.repetition_penalty,
+            penalized: r.context,
+        })
+        .collect();
+    b.gpu
+        .penalized_argmax_rows(x.f32("penalized_argmax_rows")?, x.rows, cols, &specs)
+        .map_err(map_err)
 }
