@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use falconer::engine::sampling::SamplingParams;
 use falconer::{GenerateRequest, Runtime, Speculation};
 use falconer_engine::{CpuBackend, Falcon, LoadOptions, ModelDir, ModelRunner};
 use serde::Deserialize;
@@ -87,9 +88,22 @@ pub async fn greedy(
     spec: Speculation,
     k: Option<usize>,
 ) -> falconer::Finished {
+    generate(rt, prompt, n, spec, k, SamplingParams::greedy()).await
+}
+
+/// [`greedy`] under any sampling parameters.
+pub async fn generate(
+    rt: &Runtime,
+    prompt: &[u32],
+    n: usize,
+    spec: Speculation,
+    k: Option<usize>,
+    params: SamplingParams,
+) -> falconer::Finished {
     let mut req = GenerateRequest::ids(prompt.to_vec())
         .max_new_tokens(n)
         .speculation(spec)
+        .sampling(params)
         .eos(vec![]);
     if let Some(k) = k {
         req = req.draft_len(k);

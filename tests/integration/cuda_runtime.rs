@@ -9,9 +9,9 @@ use std::path::PathBuf;
 
 use falconer::engine::error::BackendError;
 use falconer::engine::sampling::SamplingParams;
-use falconer::{Device, GenerateRequest, Runtime, RuntimeError, Speculation};
+use falconer::{Device, Runtime, RuntimeError, Speculation};
 
-use crate::common::{fixtures, greedy, reference, tokio_rt};
+use crate::common::{fixtures, generate, greedy, reference, tokio_rt};
 
 /// A runtime on GPU 0, or None (after printing why) when there is none.
 async fn gpu_runtime(target: PathBuf, draft: PathBuf) -> Option<Runtime> {
@@ -103,18 +103,9 @@ fn cuda_sampled_generation_warps_on_the_device_and_repeats_for_a_seed() {
             repetition_penalty: 1.1,
             seed: 5,
         };
-        let run = |spec: Speculation| {
-            // A fixed draft length: the adaptive policy follows measured timings, and
-            // another k consumes the random stream differently (the same distribution,
-            // another sample).
-            let req = GenerateRequest::ids(prompt.clone())
-                .max_new_tokens(96)
-                .speculation(spec)
-                .draft_len(3)
-                .sampling(params)
-                .eos(vec![]);
-            async { rt.generate(req).await.unwrap().collect().await.unwrap() }
-        };
+        // A fixed draft length: the adaptive policy follows measured timings, and another
+        // k consumes the random stream differently (the same distribution, another sample).
+        let run = |spec| generate(&rt, &prompt, 96, spec, Some(3), params);
         for spec in [Speculation::Off, Speculation::DraftModel] {
             let a = run(spec).await;
             let b = run(spec).await;
@@ -148,17 +139,7 @@ fn cuda_greedy_with_a_repetition_penalty_speculative_equals_plain() {
             repetition_penalty: 1.3,
             ..SamplingParams::default()
         };
-        let run = |spec: Speculation, k: Option<usize>| {
-            let mut req = GenerateRequest::ids(prompt.clone())
-                .max_new_tokens(96)
-                .speculation(spec)
-                .sampling(params)
-                .eos(vec![]);
-            if let Some(k) = k {
-                req = req.draft_len(k);
-            }
-            async { rt.generate(req).await.unwrap().collect().await.unwrap() }
-        };
+        let run = |spec, k| generate(&rt, &prompt, 96, spec, k, params);
         let plain = run(Speculation::Off, None).await;
         let unpenalised = greedy(&rt, &prompt, 96, Speculation::Off, None).await;
         assert_ne!(plain.ids, unpenalised.ids, "the penalty changed nothing");

@@ -6,7 +6,9 @@ use falconer::{
     DraftPolicy, FinishReason, GenerateRequest, Runtime, RuntimeError, Speculation, TokenEvent,
 };
 
-use crate::common::{cpu_runner, fixture_dir, greedy, prompts, reference, tokio_rt, LAYOUTS};
+use crate::common::{
+    cpu_runner, fixture_dir, generate, greedy, prompts, reference, tokio_rt, LAYOUTS,
+};
 
 #[test]
 fn greedy_speculative_equals_plain_greedy_on_every_layout_and_k() {
@@ -535,18 +537,7 @@ fn greedy_with_a_repetition_penalty_speculative_equals_plain() {
             .build()
             .await
             .unwrap();
-        let run = |spec: Speculation, k: Option<usize>, params: SamplingParams| {
-            let mut req = GenerateRequest::ids(prompt.clone())
-                .max_new_tokens(n)
-                .eos(vec![])
-                .sampling(params)
-                .speculation(spec);
-            if let Some(k) = k {
-                req = req.draft_len(k);
-            }
-            let rt = &rt;
-            async move { rt.generate(req).await.unwrap().collect().await.unwrap() }
-        };
+        let run = |spec, k, params| generate(&rt, &prompt, n, spec, k, params);
         let plain = run(Speculation::Off, None, params).await;
         assert_eq!(plain.ids, want, "plain output is not the penalised argmax");
         let unpenalised = run(Speculation::Off, None, SamplingParams::greedy()).await;

@@ -173,18 +173,7 @@ impl Gpu {
         let mut words = Vec::with_capacity(3 * specs.len());
         let mut ids: Vec<u32> = Vec::new();
         for s in specs {
-            if s.row >= rows {
-                return Err(KernelError::invalid(
-                    OP,
-                    format!("row {} of {rows} logit rows", s.row),
-                ));
-            }
-            if !(s.repetition_penalty.is_finite() && s.repetition_penalty > 0.0) {
-                return Err(KernelError::invalid(
-                    OP,
-                    format!("repetition penalty {}", s.repetition_penalty),
-                ));
-            }
+            check_row_and_penalty(OP, s.row, rows, s.repetition_penalty)?;
             let start = ids.len();
             if s.repetition_penalty != 1.0 {
                 ids.extend(distinct_ids(s.penalized, cols));
@@ -232,14 +221,31 @@ fn distinct_ids(ids: &[u32], cols: usize) -> Vec<u32> {
     own
 }
 
-fn check_spec(s: &ProbsSpec<'_>, rows: usize) -> Result<(), KernelError> {
-    const OP: &str = "warp_probs_rows";
-    if s.row >= rows {
+/// A row index inside the logits and a usable repetition penalty.
+fn check_row_and_penalty(
+    op: &'static str,
+    row: usize,
+    rows: usize,
+    penalty: f32,
+) -> Result<(), KernelError> {
+    if row >= rows {
         return Err(KernelError::invalid(
-            OP,
-            format!("row {} of {rows} logit rows", s.row),
+            op,
+            format!("row {row} of {rows} logit rows"),
         ));
     }
+    if !(penalty.is_finite() && penalty > 0.0) {
+        return Err(KernelError::invalid(
+            op,
+            format!("repetition penalty {penalty}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_spec(s: &ProbsSpec<'_>, rows: usize) -> Result<(), KernelError> {
+    const OP: &str = "warp_probs_rows";
+    check_row_and_penalty(OP, s.row, rows, s.repetition_penalty)?;
     if !(s.temperature.is_finite() && s.temperature > 0.0) {
         return Err(KernelError::invalid(
             OP,
@@ -251,12 +257,6 @@ fn check_spec(s: &ProbsSpec<'_>, rows: usize) -> Result<(), KernelError> {
     }
     if !(s.top_p > 0.0 && s.top_p <= 1.0) {
         return Err(KernelError::invalid(OP, format!("top_p {}", s.top_p)));
-    }
-    if !(s.repetition_penalty.is_finite() && s.repetition_penalty > 0.0) {
-        return Err(KernelError::invalid(
-            OP,
-            format!("repetition penalty {}", s.repetition_penalty),
-        ));
     }
     if u32::try_from(s.top_k).is_err() {
         return Err(KernelError::invalid(OP, format!("top_k {}", s.top_k)));
