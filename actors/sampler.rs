@@ -4,11 +4,8 @@
 
 use std::collections::HashMap;
 
-use falconer_engine::sampling::{
-    apply_repetition_penalty, sample_from_probs, sample_token, warp_probs, Rng, SamplingError,
-    SamplingParams,
-};
-use falconer_engine::speculative::{accept_greedy, accept_greedy_tokens, accept_sampling, Verdict};
+use falconer_engine::sampling::{sample_from_probs, Rng, SamplingError, SamplingParams};
+use falconer_engine::speculative::{accept_greedy_tokens, accept_sampling, Verdict};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::error::RuntimeError;
@@ -21,21 +18,18 @@ pub struct DecideItem {
     pub drafts: Vec<u32>,
     /// The draft's warped distributions (sampling sessions with a draft).
     pub q: Vec<Vec<f32>>,
-    /// The target's `drafts.len() + 1` rows.
+    /// The target's `drafts.len() + 1` rows (the repetition penalty already applied).
     pub target: TargetRows,
-    /// Tokens before the first row's prediction (for the repetition penalty).
-    pub context: Vec<u32>,
 }
 
-/// The target's rows for one decision.
+/// The target's rows for one decision, computed where the logits are.
 #[derive(Debug, Clone)]
 pub enum TargetRows {
-    Logits(Vec<Vec<f32>>),
     /// Each row's greedy token, taken on the device after the session's repetition
     /// penalty (`None`: no usable logit); only for greedy sessions.
     Greedy(Vec<Option<u32>>),
     /// Each row's sampling distribution, penalised and warped where the logits are (row
-    /// i saw the context plus the first i drafts); only for sampling sessions.
+    /// i saw the session's tokens plus the first i drafts); only for sampling sessions.
     Probs(Vec<Result<Vec<f32>, SamplingError>>),
 }
 
@@ -64,38 +58,18 @@ pub struct SamplerState {
     sessions: HashMap<u64, (SamplingParams, Rng)>,
 }
 
-/// The target's rows with the repetition penalty applied as plain decoding would
-/// (row i sees the context plus the first i drafts).
-fn penalised(item: &DecideItem, rows: &[Vec<f32>], params: &SamplingParams) -> Vec<Vec<f32>> {
-    let mut ctx = item.context.clone();
-    rows.iter()
-        .enumerate()
-        .map(|(i, row)| {
-            let mut r = row.clone();
-            if i > 0 {
-                ctx.push(item.drafts[i - 1]);
-            }
-            if params.repetition_penalty != 1.0 {
-                apply_repetition_penalty(&mut r, &ctx, params.repetition_penalty);
-            }
-            r
-        })
-        .collect()
-}
-
 /// The acceptance rule for one item (pure; the actor only owns the RNG).
 pub fn decide(
     item: &DecideItem,
     params: &SamplingParams,
     rng: &mut Rng,
 ) -> Result<Verdict, RuntimeError> {
-    let rows = match &item.target {
-        TargetRows::Logits(rows) => rows,
+    match &item.target {
         TargetRows::Greedy(tokens) => {
             if !params.is_greedy() {
                 return Err(RuntimeError::model("greedy tokens for a sampling session"));
             }
-            return accept_greedy_tokens(&item.drafts, tokens).map_err(RuntimeError::model);
+            accept_greedy_tokens(&item.drafts, tokens).map_err(RuntimeError::model)
         }
         TargetRows::Probs(rows) => {
             if params.is_greedy() {
@@ -105,30 +79,9 @@ pub fn decide(
                 .iter()
                 .map(|r| r.as_ref().map(Vec::as_slice).map_err(|e| *e))
                 .collect::<Result<Vec<&[f32]>, SamplingError>>()?;
-            return sample_rows(item, &p, rng);
+            sample_rows(item, &p, rng)
         }
-    };
-    if item.drafts.is_empty() {
-        let row = rows.first().ok_or(RuntimeError::Model {
-            message: "no target logits".into(),
-        })?;
-        let t = sample_token(row, &item.context, params, rng)?;
-        return Ok(Verdict {
-            accepted: 0,
-            next_token: t,
-        });
     }
-    let rows = penalised(item, rows, params);
-    if params.is_greedy() {
-        let rows_ref: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
-        return accept_greedy(&item.drafts, &rows_ref).map_err(RuntimeError::model);
-    }
-    let p: Vec<Vec<f32>> = rows
-        .iter()
-        .map(|r| warp_probs(r, params))
-        .collect::<Result<_, _>>()?;
-    let p_ref: Vec<&[f32]> = p.iter().map(Vec::as_slice).collect();
-    sample_rows(item, &p_ref, rng)
 }
 
 /// A sampling session's verdict from the target's distributions `p` (one per row): a

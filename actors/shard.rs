@@ -31,10 +31,10 @@ pub struct ChunkSpec {
     pub want: ChunkWant,
 }
 
-/// What a chunk needs from its logit rows (the owned form of [`RowsWanted`]).
+/// What a chunk needs from its logit rows (the owned form of [`RowsWanted`]; the
+/// runtime never needs raw logits).
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChunkWant {
-    Logits,
     /// Each row's argmax (greedy without a repetition penalty).
     Greedy,
     /// Each row's sampling distribution (greedy token for greedy `params`); the
@@ -67,7 +67,6 @@ impl ChunkWant {
 
     fn as_wanted(&self) -> RowsWanted<'_> {
         match self {
-            ChunkWant::Logits => RowsWanted::Logits,
             ChunkWant::Greedy => RowsWanted::Greedy,
             ChunkWant::Warped { params, history } => RowsWanted::Warped { params, history },
         }

@@ -6,7 +6,8 @@
 //!    alone and still does not fit);
 //! 3. one `Propose` to the draft actor for all drafting sessions;
 //! 4. one batched target pass through the shards: each session's uncached tokens plus
-//!    its drafts, logits for the last k+1 positions;
+//!    its drafts; for the last k+1 positions, greedy tokens or sampling distributions
+//!    computed where the logits are;
 //! 5. one `Decide` to the sampler (greedy match or rejection sampling);
 //! 6. commit KV lengths (rolling back rejected drafts), stream tokens, finish sessions.
 
@@ -123,35 +124,33 @@ pub(super) async fn run<B: Backend>(st: &mut SchedulerState<B>) {
     let target_time = started.elapsed();
     m::target_pass();
     // Each plan's target rows: the last k+1 of its chunk, in the form it asked for.
-    let rows: Vec<TargetRows> = match result {
+    let rows: Option<Vec<TargetRows>> = match result {
         Ok(out) if out.len() == plans.len() => out
             .into_iter()
             .zip(&plans)
             .map(|(o, p)| last_rows(o, p.k + 1))
             .collect(),
-        Ok(_) => {
-            return fail_all(
-                st,
-                &plans,
-                RuntimeError::model("target returned the wrong number of results"),
-            )
-        }
+        Ok(_) => None,
         Err(e) => return fail_all(st, &plans, e),
+    };
+    let Some(rows) = rows else {
+        return fail_all(
+            st,
+            &plans,
+            RuntimeError::model("target returned the wrong number or kind of results"),
+        );
     };
 
     // Acceptance.
     let items: Vec<DecideItem> = plans
         .iter()
         .zip(rows)
-        .filter_map(|(p, target)| {
-            let s = st.sessions.get(&p.id)?;
-            Some(DecideItem {
-                session: p.id,
-                drafts: p.drafts.clone(),
-                q: p.q.clone(),
-                target,
-                context: s.tokens.clone(),
-            })
+        .filter(|(p, _)| st.sessions.contains_key(&p.id))
+        .map(|(p, target)| DecideItem {
+            session: p.id,
+            drafts: p.drafts.clone(),
+            q: p.q.clone(),
+            target,
         })
         .collect();
     let verdicts = match ask(&st.sampler, |reply| SamplerMsg::Decide { items, reply }).await {
@@ -218,23 +217,17 @@ pub(super) async fn run<B: Backend>(st: &mut SchedulerState<B>) {
     }
 }
 
-/// The last `n` rows of a chunk's target output.
-fn last_rows(out: RowsOut, n: usize) -> TargetRows {
+/// The last `n` rows of a chunk's target output; `None` for raw logits, which the
+/// runtime never asks for.
+fn last_rows(out: RowsOut, n: usize) -> Option<TargetRows> {
     fn tail<T>(mut v: Vec<T>, n: usize) -> Vec<T> {
         v.drain(..v.len().saturating_sub(n));
         v
     }
     match out {
-        RowsOut::Logits(l) => {
-            let rows = l.num_rows();
-            TargetRows::Logits(
-                (rows.saturating_sub(n)..rows)
-                    .map(|i| l.row(i).to_vec())
-                    .collect(),
-            )
-        }
-        RowsOut::Greedy(g) => TargetRows::Greedy(tail(g, n)),
-        RowsOut::Warped(w) => TargetRows::Probs(tail(w, n)),
+        RowsOut::Logits(_) => None,
+        RowsOut::Greedy(g) => Some(TargetRows::Greedy(tail(g, n))),
+        RowsOut::Warped(w) => Some(TargetRows::Probs(tail(w, n))),
     }
 }
 
