@@ -82,6 +82,20 @@ pub struct WarpRow<'a> {
 /// Per row of [`Backend::warp_rows`]: the distribution, or why the row has none.
 pub type WarpedRows = Vec<Result<Vec<f32>, SamplingError>>;
 
+/// Row `row` of `cols` values copied to the host, or an error when the data is shorter.
+pub fn host_row<'a>(
+    op: &'static str,
+    data: &'a [f32],
+    cols: usize,
+    row: usize,
+) -> Result<&'a [f32], BackendError> {
+    data.get(row * cols..(row + 1) * cols)
+        .ok_or(BackendError::Device {
+            op,
+            message: format!("row {row} of a {}-entry tensor", data.len()),
+        })
+}
+
 /// [`Backend::penalized_argmax_rows`] on rows of `cols` values already on the host.
 pub fn penalized_argmax_on_host(
     data: &[f32],
@@ -90,13 +104,7 @@ pub fn penalized_argmax_on_host(
 ) -> Result<Vec<Option<u32>>, BackendError> {
     rows.iter()
         .map(|r| {
-            let mut row = data
-                .get(r.row * cols..(r.row + 1) * cols)
-                .ok_or(BackendError::Device {
-                    op: "penalized_argmax_rows",
-                    message: format!("row {} of a {}-entry tensor", r.row, data.len()),
-                })?
-                .to_vec();
+            let mut row = host_row("penalized_argmax_rows", data, cols, r.row)?.to_vec();
             crate::sampling::apply_repetition_penalty(
                 &mut row,
                 r.context,
@@ -238,12 +246,7 @@ pub trait Backend: Send + Sync + Debug + 'static {
         let data = self.to_host(x)?;
         rows.iter()
             .map(|r| {
-                let row =
-                    data.get(r.row * cols..(r.row + 1) * cols)
-                        .ok_or(BackendError::Device {
-                            op: "warp_rows",
-                            message: format!("row {} of a {}-entry tensor", r.row, data.len()),
-                        })?;
+                let row = host_row("warp_rows", &data, cols, r.row)?;
                 Ok(crate::sampling::warp_penalised(row, r.context, r.params))
             })
             .collect()

@@ -285,43 +285,6 @@ impl<B: Backend> Falcon<B> {
         Ok(x)
     }
 
-    /// Final norm and LM head over the step's logit rows (last shard only); one
-    /// [`Logits`] per non-empty chunk.
-    pub fn logits(&self, hidden: &B::Tensor, step: &Step<B>) -> Result<Vec<Logits>> {
-        let logits = self.head_logits(hidden, step)?;
-        let data = self.backend.to_host(&logits)?;
-        let v = self.cfg.vocab_size;
-        let mut out = Vec::with_capacity(step.rows_per_chunk.len());
-        let mut at = 0;
-        for &n in &step.rows_per_chunk {
-            out.push(Logits {
-                vocab_size: v,
-                data: data[at * v..(at + n) * v].to_vec(),
-            });
-            at += n;
-        }
-        Ok(out)
-    }
-
-    /// Greedy tokens (the argmax of each logit row; `None` for a row without a usable
-    /// logit) per non-empty chunk, computed where the logits are (last shard only):
-    /// only token ids cross to the host.
-    pub fn greedy_tokens(
-        &self,
-        hidden: &B::Tensor,
-        step: &Step<B>,
-    ) -> Result<Vec<Vec<Option<u32>>>> {
-        let logits = self.head_logits(hidden, step)?;
-        let ids = self.backend.argmax_rows(&logits, self.cfg.vocab_size)?;
-        let mut out = Vec::with_capacity(step.rows_per_chunk.len());
-        let mut at = 0;
-        for &n in &step.rows_per_chunk {
-            out.push(ids[at..at + n].to_vec());
-            at += n;
-        }
-        Ok(out)
-    }
-
     /// Final norm and LM head over the step's logit rows, left in backend memory.
     fn head_logits(&self, hidden: &B::Tensor, step: &Step<B>) -> Result<B::Tensor> {
         let head = self.head.as_ref().ok_or(ForwardError::NotInShard {

@@ -88,6 +88,40 @@ impl<B: Backend> Falcon<B> {
         Ok(out)
     }
 
+    /// Final norm and LM head over the step's logit rows (last shard only); one
+    /// [`Logits`] per non-empty chunk.
+    pub fn logits(&self, hidden: &B::Tensor, step: &Step<B>) -> Result<Vec<Logits>> {
+        let wants = vec![RowsWanted::Logits; step.rows_per_chunk.len()];
+        let out = self.outputs(hidden, step, &wants)?;
+        // Each chunk is answered in the form it asked for.
+        Ok(out
+            .into_iter()
+            .filter_map(|o| match o {
+                RowsOut::Logits(l) => Some(l),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Greedy tokens (the argmax of each logit row; `None` for a row without a usable
+    /// logit) per non-empty chunk, computed where the logits are (last shard only):
+    /// only token ids cross to the host.
+    pub fn greedy_tokens(
+        &self,
+        hidden: &B::Tensor,
+        step: &Step<B>,
+    ) -> Result<Vec<Vec<Option<u32>>>> {
+        let wants = vec![RowsWanted::Greedy; step.rows_per_chunk.len()];
+        let out = self.outputs(hidden, step, &wants)?;
+        Ok(out
+            .into_iter()
+            .filter_map(|o| match o {
+                RowsOut::Greedy(t) => Some(t),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// [`Falcon::outputs`] of a whole forward pass (this instance holds every layer).
     pub fn forward_outputs(
         &mut self,

@@ -22,7 +22,7 @@ const WORK_WORDS: usize = 9 * 4096 + 4 * 16;
 pub struct ProbsSpec<'a> {
     /// Row of the logits tensor.
     pub row: usize,
-    /// Positive and finite (greedy rows take `argmax_rows`).
+    /// Positive and finite (greedy rows take `argmax_rows` or `penalized_argmax_rows`).
     pub temperature: f32,
     /// 0 (or at least the row length) keeps every token.
     pub top_k: usize,
@@ -249,10 +249,7 @@ fn check_spec(s: &ProbsSpec<'_>, rows: usize) -> Result<(), KernelError> {
     if !(s.temperature.is_finite() && s.temperature > 0.0) {
         return Err(KernelError::invalid(
             OP,
-            format!(
-                "temperature {} (greedy rows take argmax_rows)",
-                s.temperature
-            ),
+            format!("temperature {} (greedy rows take an argmax)", s.temperature),
         ));
     }
     if !(s.top_p > 0.0 && s.top_p <= 1.0) {

@@ -70,6 +70,17 @@ fn check_linear(x: &CudaTensor, weight: &CudaTensor) -> Result<(), BackendError>
     Ok(())
 }
 
+/// Rows of `cols` values asked of a tensor that has exactly that many columns.
+fn check_cols(op: &'static str, x: &CudaTensor, cols: usize) -> Result<(), BackendError> {
+    if cols != x.cols {
+        return Err(invalid(
+            op,
+            format!("rows of {cols} for a tensor of {} columns", x.cols),
+        ));
+    }
+    Ok(())
+}
+
 fn invalid(op: &'static str, message: String) -> BackendError {
     BackendError::Device { op, message }
 }
@@ -625,12 +636,7 @@ impl Backend for CudaBackend {
     }
 
     fn argmax_rows(&self, x: &CudaTensor, cols: usize) -> Result<Vec<Option<u32>>, BackendError> {
-        if cols != x.cols {
-            return Err(invalid(
-                "argmax_rows",
-                format!("rows of {cols} for a tensor of {} columns", x.cols),
-            ));
-        }
+        check_cols("argmax_rows", x, cols)?;
         self.gpu
             .argmax_rows(x.f32("argmax_rows")?, x.rows, x.cols)
             .map_err(map_err)

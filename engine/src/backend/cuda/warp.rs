@@ -1,14 +1,14 @@
 //! [`Backend::warp_rows`] and [`Backend::penalized_argmax_rows`] on the GPU: sampled
 //! rows are warped by the device kernel and only their distributions cross to the host;
-//! penalised greedy rows only their tokens. Greedy rows (a penalised argmax), rows
-//! with parameters that do not validate, and the rare rows the kernel leaves to the host
-//! (no usable logit, or a `+inf` one) take the host's [`warp_penalised`], so every error
+//! penalised greedy rows only their tokens. Rows `warp_rows` gets with greedy parameters
+//! or parameters that do not validate, and the rare rows the kernel leaves to the host
+//! (no usable logit, or a `+inf` one), take the host's [`warp_penalised`], so every error
 //! and edge case is the host's.
 
 use falconer_kernels::{PenaltySpec, ProbsSpec, WarpedRow};
 
-use super::{map_err, CudaBackend, CudaTensor};
-use crate::backend::{penalized_argmax_on_host, Backend, WarpRow, WarpedRows};
+use super::{check_cols, map_err, CudaBackend, CudaTensor};
+use crate::backend::{host_row, penalized_argmax_on_host, Backend, WarpRow, WarpedRows};
 use crate::error::BackendError;
 use crate::sampling::{warp_penalised, warp_probs};
 
@@ -23,12 +23,7 @@ pub(super) fn warp_rows(
     cols: usize,
     rows: &[WarpRow<'_>],
 ) -> Result<WarpedRows, BackendError> {
-    if cols != x.cols {
-        return Err(BackendError::Device {
-            op: "warp_rows",
-            message: format!("rows of {cols} for a tensor of {} columns", x.cols),
-        });
-    }
+    check_cols("warp_rows", x, cols)?;
     let device = b.device_warp();
     let specs: Vec<ProbsSpec<'_>> = rows
         .iter()
@@ -65,12 +60,7 @@ pub(super) fn warp_rows(
                     }),
                 };
             }
-            let row = host
-                .get(r.row * cols..(r.row + 1) * cols)
-                .ok_or(BackendError::Device {
-                    op: "warp_rows",
-                    message: format!("row {} of {} rows", r.row, x.rows),
-                })?;
+            let row = host_row("warp_rows", &host, cols, r.row)?;
             Ok(warp_penalised(row, r.context, r.params))
         })
         .collect()
@@ -82,12 +72,7 @@ pub(super) fn penalized_argmax_rows(
     cols: usize,
     rows: &[WarpRow<'_>],
 ) -> Result<Vec<Option<u32>>, BackendError> {
-    if cols != x.cols {
-        return Err(BackendError::Device {
-            op: "penalized_argmax_rows",
-            message: format!("rows of {cols} for a tensor of {} columns", x.cols),
-        });
-    }
+    check_cols("penalized_argmax_rows", x, cols)?;
     if !b.device_warp() {
         return penalized_argmax_on_host(&b.to_host(x)?, cols, rows);
     }
