@@ -589,6 +589,22 @@ fn attention_section(
     ));
     r.out.insert("attention_32k_ms".into(), json!(attn_ms));
     r.out.insert("attention_32k_gb_s".into(), json!(attn_gbs));
+    // The same bytes per launch, copied: what one layer's worth of KV allows at all.
+    let layer_bytes = 2 * LONG_CONTEXT * cfg.num_kv_heads * cfg.head_dim * 2;
+    let copy_layer_gbs = layer_copy_bandwidth(backend, layer_bytes, cfg.num_layers)?;
+    r.rows.push((
+        format!(
+            "device copy of one layer's KV ({:.1} MB) per launch, {} launches",
+            layer_bytes as f64 / 1e6,
+            cfg.num_layers
+        ),
+        format!(
+            "{copy_layer_gbs:.0} GB/s read; attention reads at {:.0}% of it",
+            attn_gbs / copy_layer_gbs * 100.0
+        ),
+    ));
+    r.out
+        .insert("layer_copy_gb_s".into(), json!(copy_layer_gbs));
     Ok(())
 }
 

@@ -184,6 +184,30 @@ pub(crate) fn time_it(
     Ok(t.elapsed().as_secs_f64() / iters as f64)
 }
 
+/// What a plain device copy reaches on `layers` buffers of `bytes` each, one launch per
+/// buffer (as attention reads one layer's KV per launch): GB/s of bytes read. The
+/// ceiling for reads this small is per-launch latency, not DRAM bandwidth.
+pub(crate) fn layer_copy_bandwidth(
+    backend: &CudaBackend,
+    bytes: usize,
+    layers: usize,
+) -> Result<f64> {
+    let gpu = backend.gpu();
+    let mut bufs = Vec::with_capacity(layers);
+    for l in 0..layers {
+        let mut b = gpu.alloc(bytes / 2)?;
+        gpu.fill_uniform_bf16(&mut b, l as u64, 1.0)?;
+        bufs.push(b);
+    }
+    let s = time_it(backend, 20, || {
+        for b in &bufs {
+            let _copy = gpu.duplicate(b)?;
+        }
+        Ok(())
+    })?;
+    Ok((bytes * layers) as f64 / s / 1e9)
+}
+
 pub(crate) fn copy_bandwidth(backend: &CudaBackend) -> Result<f64> {
     let gpu = backend.gpu();
     let n = 1usize << 30; // 2 GiB of bf16

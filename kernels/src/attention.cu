@@ -286,19 +286,21 @@ __device__ __forceinline__ void attn_decode_fixed(
 ATTN_DECODE_KERNEL(64)
 ATTN_DECODE_KERNEL(128)
 
-// Merges the key splits of attn_decode / attn_decode_tc. grid (rows in list, heads),
-// block 256, dynamic shared memory (COMBINE_MAX_SPLITS + 4 * hd) floats. The split
-// weights exp(m_z - m) are computed once, in parallel, into shared memory; then four
-// threads per output column sum its splits with independent (coalesced) loads: a
-// serial pass per split would cost a memory latency each, which at a long context's
-// hundred-odd splits dominated the whole attention.
+// Merges the key splits of attn_decode / attn_decode_tc. grid (rows in list, heads), any
+// block size (a multiple of 32, at most COMBINE_THREADS: the result does not depend on
+// it), dynamic shared memory (2 * COMBINE_MAX_SPLITS + COMBINE_GROUPS * hd) floats. The split weights exp(m_z - m) are computed once, in parallel, into shared
+// memory; then COMBINE_GROUPS groups of threads sum the splits of every output column,
+// each load independent of the others, so that a long context's hundred-odd splits
+// cost about one memory latency rather than one per split or per batch of them.
 #define COMBINE_MAX_SPLITS 1024
-extern "C" __global__ void __launch_bounds__(256)
+#define COMBINE_GROUPS 16
+#define COMBINE_THREADS 1024
+extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
     attn_combine(const u32* __restrict__ row_list, const float* __restrict__ part_o,
                  const float* __restrict__ part_ml, float* __restrict__ out, int nh, int hd,
                  int nsplit) {
     PDL_ENTER();
-    extern __shared__ float wz[];  // [COMBINE_MAX_SPLITS], then [4][hd]
+    extern __shared__ float wz[];  // [COMBINE_MAX_SPLITS], then lw and acc
     __shared__ float scratch[32];
     const int r = row_list[blockIdx.x], h = blockIdx.y;
     const size_t base = ((size_t)r * nh + h) * nsplit;
@@ -309,33 +311,56 @@ extern "C" __global__ void __launch_bounds__(256)
     __syncthreads();
     m = NEG_INF;
     for (int w = 0; w < (int)(blockDim.x >> 5); w++) m = fmaxf(m, scratch[w]);
-    float l = 0.0f;
-    for (int z = threadIdx.x; z < nsplit; z += blockDim.x) {
+    // The weights, and each split's sum times its weight, in parallel; then the sum of
+    // those in COMBINE_GROUPS strided runs and one fixed tree, so that l (like the
+    // outputs below) does not depend on the block size.
+    float* lw = wz + COMBINE_MAX_SPLITS;  // [COMBINE_MAX_SPLITS]
+    for (int z = threadIdx.x; z < min(nsplit, COMBINE_MAX_SPLITS); z += blockDim.x) {
         const float mz = part_ml[2 * (base + z)];
         const float w = mz == NEG_INF ? 0.0f : expf(mz - m);
-        if (z < COMBINE_MAX_SPLITS) wz[z] = w;
-        l += part_ml[2 * (base + z) + 1] * w;
+        wz[z] = w;
+        lw[z] = part_ml[2 * (base + z) + 1] * w;
     }
-    l = block_sum(l, scratch);  // its barriers also publish wz
-    const float inv = 1.0f / l;
-    // Split z always goes to accumulator z % 4, so that splits without keys (zero
-    // weight) change nothing: a row's output is the same bits whatever the split count
-    // of its step, and the same as attn_decode's direct path for one split. The four
-    // accumulators of a column are summed by four groups of threads at once (serial
-    // sums over a hundred-odd splits were the long pole at long contexts).
-    float* acc = wz + COMBINE_MAX_SPLITS;  // [4][hd]
-    const int group = threadIdx.x & 3;
+    __syncthreads();
+    if (threadIdx.x < COMBINE_GROUPS) {
+        float a = 0.0f;
+        for (int z = threadIdx.x; z < min(nsplit, COMBINE_MAX_SPLITS); z += COMBINE_GROUPS) a += lw[z];
+        scratch[threadIdx.x] = a;
+    }
+    __syncthreads();
+    float lg[COMBINE_GROUPS];
+#pragma unroll
+    for (int k = 0; k < COMBINE_GROUPS; k++) lg[k] = scratch[k];
+#pragma unroll
+    for (int w = COMBINE_GROUPS / 2; w > 0; w /= 2) {
+#pragma unroll
+        for (int k = 0; k < w; k++) lg[k] = lg[k] + lg[k + w];
+    }
+    const float inv = 1.0f / lg[0];
+    // Split z always goes to accumulator z % COMBINE_GROUPS, and the accumulators are
+    // summed in one fixed tree, so that splits without keys (zero weight) change
+    // nothing: a row's output is the same bits whatever the split count of its step,
+    // and the same as the decode kernels' direct path for one split.
+    float* acc = lw + COMBINE_MAX_SPLITS;  // [COMBINE_GROUPS][hd]
     auto wt = [&](int z) { return z < COMBINE_MAX_SPLITS ? wz[z] : 0.0f; };
-    for (int d = threadIdx.x >> 2; d < hd; d += blockDim.x >> 2) {
+    for (int i = threadIdx.x; i < COMBINE_GROUPS * hd; i += blockDim.x) {
+        const int group = i / hd, d = i % hd;  // a warp reads consecutive columns
         float a = 0.0f;
 #pragma unroll 8
-        for (int z = group; z < nsplit; z += 4) a = fmaf(part_o[(base + z) * hd + d], wt(z), a);
+        for (int z = group; z < nsplit; z += COMBINE_GROUPS) a = fmaf(part_o[(base + z) * hd + d], wt(z), a);
         acc[group * hd + d] = a;
     }
     __syncthreads();
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        out[((size_t)r * nh + h) * hd + d] =
-            ((acc[d] + acc[hd + d]) + (acc[2 * hd + d] + acc[3 * hd + d])) * inv;
+        float g[COMBINE_GROUPS];
+#pragma unroll
+        for (int k = 0; k < COMBINE_GROUPS; k++) g[k] = acc[k * hd + d];
+#pragma unroll
+        for (int w = COMBINE_GROUPS / 2; w > 0; w /= 2) {
+#pragma unroll
+            for (int k = 0; k < w; k++) g[k] = g[k] + g[k + w];
+        }
+        out[((size_t)r * nh + h) * hd + d] = g[0] * inv;
     }
 }
 
@@ -370,16 +395,15 @@ __device__ __forceinline__ void tc_qk_tile(float (&sc)[TC_BK / 8][4], const u32 
 }
 
 // One tile of online softmax for a warp's two fragment rows (gid and gid + 8): takes
-// the scaled, masked scores `sc`, updates the running maxima m, sums l and output o,
-// and accumulates P V from the transposed V tile `vt` (row pitch VP). The caller
-// guarantees that every row's first tile holds a visible key, so maxima are finite.
-template <int HD, int VP>
-__device__ __forceinline__ void tc_softmax_pv_tile(float (&sc)[TC_BK / 8][4], float& m0, float& m1,
-                                                   float& l0, float& l1, float (&o)[HD / 8][4],
-                                                   const bf16_t* vt, int gid, int tig) {
+// the scaled, masked scores `sc` and leaves their exponentials there, updates the
+// running maxima m and sums l, and rescales the output o. The caller guarantees that
+// every row's first tile holds a visible key, so maxima are finite.
+template <int HD, int NT>
+__device__ __forceinline__ void tc_online_softmax(float (&sc)[NT][4], float& m0, float& m1,
+                                                  float& l0, float& l1, float (&o)[HD / 8][4]) {
     float mx0 = NEG_INF, mx1 = NEG_INF;
 #pragma unroll
-    for (int nt = 0; nt < TC_BK / 8; nt++) {
+    for (int nt = 0; nt < NT; nt++) {
         mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
         mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
     }
@@ -396,7 +420,7 @@ __device__ __forceinline__ void tc_softmax_pv_tile(float (&sc)[TC_BK / 8][4], fl
     m1 = n1;
     float s0 = 0.0f, s1 = 0.0f;
 #pragma unroll
-    for (int nt = 0; nt < TC_BK / 8; nt++) {
+    for (int nt = 0; nt < NT; nt++) {
         sc[nt][0] = __expf(sc[nt][0] - n0);
         sc[nt][1] = __expf(sc[nt][1] - n0);
         sc[nt][2] = __expf(sc[nt][2] - n1);
@@ -413,6 +437,14 @@ __device__ __forceinline__ void tc_softmax_pv_tile(float (&sc)[TC_BK / 8][4], fl
         o[i][2] *= c1;
         o[i][3] *= c1;
     }
+}
+
+// tc_online_softmax, then O += P V from the transposed V tile `vt` (row pitch VP).
+template <int HD, int VP>
+__device__ __forceinline__ void tc_softmax_pv_tile(float (&sc)[TC_BK / 8][4], float& m0, float& m1,
+                                                   float& l0, float& l1, float (&o)[HD / 8][4],
+                                                   const bf16_t* vt, int gid, int tig) {
+    tc_online_softmax<HD, TC_BK / 8>(sc, m0, m1, l0, l1, o);
     // O += P V: the S accumulators of n-tiles 2k, 2k+1 are exactly the A fragment of
     // key chunk k.
 #pragma unroll
@@ -556,201 +588,3 @@ __device__ __forceinline__ void attn_tc(const float* __restrict__ q, const bf16_
 
 ATTN_TC_KERNEL(64)
 ATTN_TC_KERNEL(128)
-
-// Decode attention on tensor cores for many query heads per kv head (MQA / GQA with
-// q_per_kv >= 16, e.g. Falcon-7B's 71 heads on one kv head): the heads of one token
-// are the M rows of the mma tiles (up to 128 heads per block: 8 warps x 16), the keys
-// the N columns, so each K/V tile loaded to shared memory serves every head at once and
-// the math runs on tensor cores (q and p rounded to bf16, f32 accumulation, as in
-// attn_tc). The context is split over blocks (flash-decoding: grid z); the K/V tiles
-// of a split are fetched into registers up to ST tiles ahead of their use; partial
-// results go to attn_combine exactly as attn_decode's. (At a 32k context on the H200
-// the per-tile softmax and P V, not memory, bound this kernel: about 3 us per 64-key
-// tile with 5 of the 8 warps computing Falcon-7B's 71 heads.)
-// grid (rows in list, kv_heads * ceil(q_per_kv / 128), nsplit), block 256.
-#define DTC_WARPS 8
-template <int HD>
-__device__ __forceinline__ void attn_dec_tc(
-    const float* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
-    u64 layer_off, const u32* __restrict__ row_list, const u32* __restrict__ row_info,
-    const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,
-    const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,
-    float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh,
-    int keys_per_split, float scale) {
-    constexpr int KP = HD + 8;
-    constexpr int VP = TC_BK + 8;
-    constexpr int CPK = HD / 8;                                  // 16-byte chunks per key
-    constexpr int CH = TC_BK * CPK / (32 * DTC_WARPS);           // chunks per thread
-    constexpr int ST = HD <= 64 ? 4 : 2;                         // tiles in flight
-    __shared__ __align__(16) bf16_t ks[TC_BK * KP];
-    __shared__ __align__(16) bf16_t vt[HD * VP];
-
-    const int r = row_list[blockIdx.x];
-    const int qpg = nh / kvh;
-    const int tiles = (qpg + 16 * DTC_WARPS - 1) / (16 * DTC_WARPS);
-    const int g = blockIdx.y / tiles, ht = blockIdx.y % tiles;
-    const int h0 = g * qpg + ht * 16 * DTC_WARPS;
-    const int nhb = min(16 * DTC_WARPS, qpg - ht * 16 * DTC_WARPS);
-    const int seq = row_info[2 * r], pos = row_info[2 * r + 1];
-    const u32 bt_off = seq_info[4 * seq + 3];
-    const int nsplit = gridDim.z, split = blockIdx.z;
-    const int k_begin = split * keys_per_split;
-    const int k_end = min(pos + 1, k_begin + keys_per_split);
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int gid = lane >> 2, tig = lane & 3;
-    const int hr0 = warp * 16 + gid, hr1 = hr0 + 8;
-    const bool v0 = hr0 < nhb, v1 = hr1 < nhb;
-    const bool active = warp * 16 < nhb;
-    const float slope0 = (has_alibi && v0) ? slopes[h0 + hr0] : 0.0f;
-    const float slope1 = (has_alibi && v1) ? slopes[h0 + hr1] : 0.0f;
-
-    // Chunk id = tid + k * blockDim: key j = id % TC_BK, 16-byte chunk c = id / TC_BK
-    // (consecutive threads take consecutive keys: conflict-free transposed V stores).
-    // ST tiles are in flight at once (registers; stage s is always a constant after
-    // unrolling): one tile at a time left each block waiting a full memory latency,
-    // twice over with the block-table lookup, per 64 keys.
-    uint4 nk[ST][CH], nv[ST][CH];
-    auto fetch = [&](int s, int t) {
-#pragma unroll
-        for (int k = 0; k < CH; k++) {
-            const int id = tid + k * 32 * DTC_WARPS;
-            const int key = t + id % TC_BK, c = id / TC_BK;
-            nk[s][k] = make_uint4(0, 0, 0, 0);
-            nv[s][k] = make_uint4(0, 0, 0, 0);
-            if (key < k_end) {
-                const u64 slot = (u64)block_tables[bt_off + key / block_size] * block_size + key % block_size;
-                const u64 off = layer_off + (slot * kvh + g) * HD + c * 8;
-                nk[s][k] = *(const uint4*)(kc + off);
-                nv[s][k] = *(const uint4*)(vc + off);
-            }
-        }
-    };
-    auto fetch_stages = [&](int t0) {
-#pragma unroll
-        for (int s = 0; s < ST; s++)
-            if (t0 + s * TC_BK < k_end) fetch(s, t0 + s * TC_BK);
-    };
-    u32 qf[HD / 16][4];
-    {
-        const float* qa = q + ((size_t)r * nh + h0 + (v0 ? hr0 : 0)) * HD;
-        const float* qb = q + ((size_t)r * nh + h0 + (v1 ? hr1 : 0)) * HD;
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) {
-            const int d = kk * 16 + 2 * tig;
-            qf[kk][0] = v0 ? pack_bf16x2(qa[d], qa[d + 1]) : 0u;
-            qf[kk][1] = v1 ? pack_bf16x2(qb[d], qb[d + 1]) : 0u;
-            qf[kk][2] = v0 ? pack_bf16x2(qa[d + 8], qa[d + 9]) : 0u;
-            qf[kk][3] = v1 ? pack_bf16x2(qb[d + 8], qb[d + 9]) : 0u;
-        }
-    }
-    float o[HD / 8][4];
-#pragma unroll
-    for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
-
-    // One tile: stage s's registers to shared memory, stage s refilled with the tile
-    // ST ahead, then S = Q K^T and the online softmax with P V.
-    auto tile = [&](int s, int kt) {
-        __syncthreads();
-#pragma unroll
-        for (int k = 0; k < CH; k++) {
-            const int id = tid + k * 32 * DTC_WARPS;
-            const int j = id % TC_BK, c = id / TC_BK;
-            *(uint4*)(ks + j * KP + c * 8) = nk[s][k];
-            const u32 w4[4] = {nv[s][k].x, nv[s][k].y, nv[s][k].z, nv[s][k].w};
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                vt[(c * 8 + 2 * e) * VP + j] = (bf16_t)(w4[e] & 0xffffu);
-                vt[(c * 8 + 2 * e + 1) * VP + j] = (bf16_t)(w4[e] >> 16);
-            }
-        }
-        __syncthreads();
-        if (kt + ST * TC_BK < k_end) fetch(s, kt + ST * TC_BK);
-        if (!active) return;
-        float sc[TC_BK / 8][4];
-        tc_qk_tile<HD, KP>(sc, qf, ks, gid, tig);
-#pragma unroll
-        for (int nt = 0; nt < TC_BK / 8; nt++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int key = kt + nt * 8 + 2 * tig + (e & 1);
-                float v = sc[nt][e] * scale;
-                if (has_alibi) v += alibi_bias(e < 2 ? slope0 : slope1, key, HD);
-                if (key >= k_end) v = NEG_INF;
-                sc[nt][e] = v;
-            }
-        }
-        // The first tile of a split holds at least one visible key: maxima are finite.
-        tc_softmax_pv_tile<HD, VP>(sc, m0, m1, l0, l1, o, vt, gid, tig);
-    };
-    fetch_stages(k_begin);
-    for (int kt0 = k_begin; kt0 < k_end; kt0 += ST * TC_BK) {
-#pragma unroll
-        for (int s = 0; s < ST; s++) {
-            // The same for the whole block (the tile's barriers).
-            if (kt0 + s * TC_BK < k_end) tile(s, kt0 + s * TC_BK);
-        }
-    }
-    if (!active) return;
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const size_t rh0 = (size_t)r * nh + h0 + hr0, rh1 = (size_t)r * nh + h0 + hr1;
-    if (nsplit == 1) {
-        const float i0 = 1.0f / l0, i1 = 1.0f / l1;
-#pragma unroll
-        for (int dt = 0; dt < HD / 8; dt++) {
-            const int d = dt * 8 + 2 * tig;
-            if (v0) {
-                out[rh0 * HD + d] = o[dt][0] * i0;
-                out[rh0 * HD + d + 1] = o[dt][1] * i0;
-            }
-            if (v1) {
-                out[rh1 * HD + d] = o[dt][2] * i1;
-                out[rh1 * HD + d + 1] = o[dt][3] * i1;
-            }
-        }
-        return;
-    }
-    const size_t b0 = rh0 * nsplit + split, b1 = rh1 * nsplit + split;
-#pragma unroll
-    for (int dt = 0; dt < HD / 8; dt++) {
-        const int d = dt * 8 + 2 * tig;
-        if (v0) {
-            part_o[b0 * HD + d] = o[dt][0];
-            part_o[b0 * HD + d + 1] = o[dt][1];
-        }
-        if (v1) {
-            part_o[b1 * HD + d] = o[dt][2];
-            part_o[b1 * HD + d + 1] = o[dt][3];
-        }
-    }
-    if (tig == 0) {
-        if (v0) {
-            part_ml[2 * b0] = m0;
-            part_ml[2 * b0 + 1] = l0;
-        }
-        if (v1) {
-            part_ml[2 * b1] = m1;
-            part_ml[2 * b1 + 1] = l1;
-        }
-    }
-}
-
-#define ATTN_DEC_TC_KERNEL(HD)                                                                  \
-    extern "C" __global__ void __launch_bounds__(32 * DTC_WARPS) attn_decode_tc##HD(             \
-        const float* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc, \
-        u64 layer_off, const u32* __restrict__ row_list, const u32* __restrict__ row_info,      \
-        const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,  \
-        const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,               \
-        float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh,               \
-        int keys_per_split, float scale) {                                                      \
-        PDL_ENTER();                                                                            \
-        attn_dec_tc<HD>(q, kc, vc, layer_off, row_list, row_info, seq_info, block_tables,       \
-                        block_size, slopes, has_alibi, out, part_o, part_ml, nh, kvh,           \
-                        keys_per_split, scale);                                                 \
-    }
-
-ATTN_DEC_TC_KERNEL(64)
-ATTN_DEC_TC_KERNEL(128)

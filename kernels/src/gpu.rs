@@ -31,6 +31,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 use crate::buffer::{released, Pool};
 pub use crate::buffer::{DeviceBuffer, Elem};
 use crate::error::KernelError;
+use crate::ops::TcDecodeShape;
 
 /// All kernel sources, one NVRTC program (NVRTC cannot #include our own files).
 const SOURCE: &str = concat!(
@@ -38,6 +39,7 @@ const SOURCE: &str = concat!(
     include_str!("elementwise.cu"),
     include_str!("gemv.cu"),
     include_str!("attention.cu"),
+    include_str!("attention_tc_decode.cu"),
     include_str!("sampling.cu"),
 );
 
@@ -74,6 +76,9 @@ pub(crate) struct Kernels {
     pub attn_combine: CudaFunction,
     pub attn_decode_tc64: CudaFunction,
     pub attn_decode_tc128: CudaFunction,
+    /// Dynamic shared memory `attn_decode_tc64` / `attn_decode_tc128` may use: what they
+    /// need at most where the device allowed it at load, else the default 48 KiB.
+    pub attn_decode_tc_smem: [usize; 2],
     pub attn_prefill_tc64: CudaFunction,
     pub attn_prefill_tc128: CudaFunction,
 }
@@ -99,6 +104,19 @@ impl Kernels {
             gemv2_tc.push(f(&format!("gemv2_tc_r{r}"))?);
             gemv2_tc_exact.push(f(&format!("gemv2_{exact}_r{r}"))?);
         }
+        // The tensor-core decode attention holds a whole split in shared memory (more
+        // than the default 48 KiB); a device that refuses leaves it to the CUDA-core one.
+        let attn_decode_tc64 = f("attn_decode_tc64")?;
+        let attn_decode_tc128 = f("attn_decode_tc128")?;
+        let allow = |func: &CudaFunction, hd: usize| {
+            let bytes = TcDecodeShape::max_smem_bytes(hd);
+            let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            match i32::try_from(bytes).map(|b| func.set_attribute(attr, b)) {
+                Ok(Ok(())) => bytes,
+                _ => 48 * 1024,
+            }
+        };
+        let attn_decode_tc_smem = [allow(&attn_decode_tc64, 64), allow(&attn_decode_tc128, 128)];
         Ok(Kernels {
             embed_bf16: f("embed_bf16")?,
             layer_norm_f32: f("layer_norm_f32")?,
@@ -126,8 +144,9 @@ impl Kernels {
             attn_decode_hd64: f("attn_decode_hd64")?,
             attn_decode_hd128: f("attn_decode_hd128")?,
             attn_combine: f("attn_combine")?,
-            attn_decode_tc64: f("attn_decode_tc64")?,
-            attn_decode_tc128: f("attn_decode_tc128")?,
+            attn_decode_tc64,
+            attn_decode_tc128,
+            attn_decode_tc_smem,
             attn_prefill_tc64: f("attn_prefill_tc64")?,
             attn_prefill_tc128: f("attn_prefill_tc128")?,
         })

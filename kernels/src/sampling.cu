@@ -16,26 +16,6 @@
 #define PROBS_BLOCK 1024
 #define PROBS_BINS 4096
 
-// Cluster plumbing (sm_90+). Before sm_90 a "cluster" is one block: the barrier is the
-// block's and every address is the block's own.
-__device__ __forceinline__ u32 cluster_rank() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    u32 r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-#else
-    return 0;
-#endif
-}
-
-__device__ __forceinline__ void cluster_sync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-#else
-    __syncthreads();
-#endif
-}
-
 // A row's exchange area in global memory, zeroed by the launcher: a histogram per
 // radix pass and a slot per block for each cluster reduction. Blocks combine through it
 // (L2) rather than through distributed shared memory: 8 blocks reading each other's

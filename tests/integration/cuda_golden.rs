@@ -507,6 +507,10 @@ fn cuda_attention_matches_cpu_in_every_kernel_path() {
         (4, 4, 128, true),
         (6, 2, 8, true),
         (6, 3, 16, false),
+        // Tensor-core decode: two head tiles (128 + 32), four and two key groups.
+        (160, 1, 64, true),
+        (64, 2, 64, false),
+        (48, 1, 128, false),
     ];
     let bs = 16;
     let num_blocks = 96;
@@ -620,6 +624,9 @@ fn cuda_attention_rows_are_the_same_bits_in_any_step() {
         (71, 1, 64, 1021, 1024),
         (8, 2, 64, 125, 1024),
         (32, 1, 128, 253, 0),
+        (64, 2, 64, 509, 0),
+        (160, 1, 64, 253, 0),
+        (48, 1, 128, 765, 0),
     ];
     for (nh, kvh, hd, prefix, tc_from) in cases {
         b.gpu().set_attn_tc_min_ctx(tc_from);

@@ -17,13 +17,18 @@ const DEC_TK: usize = 32;
 /// rows. At 32k keys on the H200, 256 per tensor-core split measured 0.92-0.95 ms over
 /// 32 layers of Falcon-7B; 4 to 16 blocks per SM of 64 keys 1.48-1.53 ms.
 const DEC_SPLIT_KEYS: usize = 64;
-const DEC_TC_SPLIT_KEYS: usize = 256;
 /// Splits whose weights `attn_combine` keeps in shared memory (more still combine, with
 /// weight 0: never produced, the launchers stay below).
 const COMBINE_MAX_SPLITS: usize = 1024;
-/// Tensor-core decode attention (`attn_decode_tc*`): warps per block, query heads per block.
-const DEC_TC_WARPS: u32 = 8;
-const DEC_TC_HEADS: usize = 16 * DEC_TC_WARPS as usize;
+/// `attn_combine`: threads per block, accumulators per output column.
+const COMBINE_THREADS: u32 = 1024;
+const COMBINE_GROUPS: usize = 16;
+/// Tensor-core decode attention (`attn_decode_tc*`, attention_tc_decode.cu): keys per
+/// split (fixed: `DTC_SPLIT`), per tile and tiles per split, query heads per block.
+const DTC_SPLIT_KEYS: usize = DTC_TILES * DTC_TILE_KEYS;
+const DTC_TILE_KEYS: usize = 64;
+const DTC_TILES: usize = 4;
+const DTC_MAX_HEADS: usize = 128;
 const DEC_WARPS: usize = 8;
 const DEC_THREADS: u32 = 32 * DEC_WARPS as u32;
 /// Shared memory a block may use without opting in.
@@ -119,6 +124,56 @@ impl Decode<'_> {
 fn fixed_splits(max_ctx: usize, keys: usize) -> (usize, usize) {
     let per = keys.max(max_ctx.div_ceil(COMBINE_MAX_SPLITS).next_multiple_of(keys));
     (max_ctx.div_ceil(per).max(1), per)
+}
+
+/// Launch shape of `attn_decode_tc*` for `qpg` query heads per kv head of size `hd`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TcDecodeShape {
+    /// Key groups (warps that take every `key_groups`-th tile of a split). A function of
+    /// the head counts only, so that rows stay step-invariant.
+    pub key_groups: usize,
+    pub warps: usize,
+    /// Dynamic shared memory: the split's K and V tiles, or the merge areas, whichever
+    /// is larger (as `attn_dec_tc` lays them out).
+    pub smem_bytes: usize,
+}
+
+impl TcDecodeShape {
+    /// The kernels' launch bounds: 12 warps at head size 64 (16 would cap registers at
+    /// 128 and spill), 8 at 128.
+    fn max_warps(hd: usize) -> usize {
+        if hd == 64 {
+            12
+        } else {
+            8
+        }
+    }
+
+    pub(crate) fn new(qpg: usize, hd: usize) -> Self {
+        let m_tiles = qpg.min(DTC_MAX_HEADS).div_ceil(16).max(1);
+        let key_groups = [4, 2, 1]
+            .into_iter()
+            .find(|&k| m_tiles * k <= Self::max_warps(hd))
+            .unwrap_or(1);
+        let warps = m_tiles * key_groups;
+        let tiles = 2 * DTC_TILES * DTC_TILE_KEYS * (hd + 8) * 2;
+        let results = if key_groups > 1 { m_tiles * 16 } else { 0 };
+        let merge = (warps * 16 + results) * (hd + 4) * 4;
+        TcDecodeShape {
+            key_groups,
+            warps,
+            smem_bytes: tiles.max(merge),
+        }
+    }
+
+    /// The most dynamic shared memory the kernel of head size `hd` needs for any head
+    /// count (what its launches are allowed once, at load).
+    pub(crate) fn max_smem_bytes(hd: usize) -> usize {
+        (1..=DTC_MAX_HEADS / 16)
+            .map(|m| Self::new(16 * m, hd).smem_bytes)
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 impl Gpu {
@@ -338,14 +393,22 @@ impl Gpu {
         // its own context (the step's lists are split by it), and both kernels split the
         // context at fixed key counts, so a row gets the same bits in a one-token step
         // as in a verify pass (greedy speculation relies on that).
-        let dec_tc = match hd {
-            64 => Some(&self.k.attn_decode_tc64),
-            128 => Some(&self.k.attn_decode_tc128),
-            _ => None,
-        };
         // (With these head sizes the prefill kernel exists too, so `list` holds exactly
-        // the step's short and long rows.)
-        match dec_tc.filter(|_| qpg >= 16) {
+        // the step's short and long rows.) Beyond COMBINE_MAX_SPLITS splits of fixed size
+        // (over 262k keys), and where the device cannot give the kernel the shared memory
+        // it needs, the CUDA-core kernel takes them.
+        let dec_tc = match hd {
+            64 => Some((&self.k.attn_decode_tc64, self.k.attn_decode_tc_smem[0])),
+            128 => Some((&self.k.attn_decode_tc128, self.k.attn_decode_tc_smem[1])),
+            _ => None,
+        }
+        .filter(|&(_, smem)| {
+            qpg >= 16
+                && TcDecodeShape::new(qpg, hd).smem_bytes <= smem
+                && step.max_ctx_long <= DTC_SPLIT_KEYS * COMBINE_MAX_SPLITS
+        })
+        .map(|(func, _)| func);
+        match dec_tc {
             Some(func) => {
                 if step.n_long_rows > 0 {
                     self.decode_tc(
@@ -379,17 +442,18 @@ impl Gpu {
         n_list: usize,
         max_ctx: usize,
     ) -> Result<(), KernelError> {
-        const OP: &str = "attention";
-        let tiles = (d.nh / d.kvh).div_ceil(DEC_TC_HEADS);
-        let (nsplit, keys_per_split) = fixed_splits(max_ctx, DEC_TC_SPLIT_KEYS);
+        let qpg = d.nh / d.kvh;
+        let tiles = qpg.div_ceil(DTC_MAX_HEADS);
+        let shape = TcDecodeShape::new(qpg, d.hd);
+        let nsplit = max_ctx.div_ceil(DTC_SPLIT_KEYS).max(1);
         let (_parts, po, pm) = self.partials(d, nsplit)?;
         let mut args = d.args(list, po, pm)?;
-        args.extend([Arg::I32(to_i32(OP, keys_per_split)?), Arg::F32(d.scale)]);
+        args.extend([Arg::I32(shape.key_groups as i32), Arg::F32(d.scale)]);
         self.launch(
             func,
             (n_list as u32, (d.kvh * tiles) as u32, nsplit as u32),
-            32 * DEC_TC_WARPS,
-            0,
+            32 * shape.warps as u32,
+            shape.smem_bytes as u32,
             &args,
         )?;
         self.combine(d, list, n_list, nsplit, po, pm)
@@ -479,12 +543,15 @@ impl Gpu {
         if nsplit <= 1 {
             return Ok(());
         }
-        // Shared memory: the split weights, then four partial sums per column.
-        let smem = ((COMBINE_MAX_SPLITS + 4 * d.hd) * 4) as u32;
+        // Shared memory: the split weights and weighted sums, then the partial sums of
+        // every column. The block size changes no bit of the result, so few splits
+        // (short contexts) take a small block.
+        let smem = ((2 * COMBINE_MAX_SPLITS + COMBINE_GROUPS * d.hd) * 4) as u32;
+        let threads = if nsplit > 64 { COMBINE_THREADS } else { 256 };
         self.launch(
             &self.k.attn_combine,
             (n_list as u32, d.nh as u32, 1),
-            256,
+            threads,
             smem,
             &[
                 Arg::U64(d.step.at(list)),

@@ -7,6 +7,7 @@
 //! warp of logit rows into distributions; the small element-wise launchers are here.
 
 mod attention;
+pub(crate) use attention::TcDecodeShape;
 mod linear;
 mod pair;
 mod sampling;
