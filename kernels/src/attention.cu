@@ -12,6 +12,8 @@
 //   to attn_combine. Used for decode/verify rows and for any head_dim.
 // attn_prefill_tc<HD>: flash-attention on bf16 tensor cores (mma.m16n8k16) for long
 //   chunks of one sequence (prefill), 64 query rows x one head per block.
+// attn_decode_tc<HD> (attention_tc_decode.cu, after this file): decode rows over long
+//   contexts with many query heads per kv head, on tensor cores.
 
 #define DEC_TK 32
 #define DEC_WARPS 8

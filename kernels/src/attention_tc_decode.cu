@@ -17,10 +17,11 @@
 //   order (kg depends only on the head counts: rows stay step-invariant);
 // - reads K and V^T operands with ldmatrix (.trans for V), no transposing stores.
 // At a 32k context with Falcon-7B's 71 heads (128 blocks of 10 warps) the kernel takes
-// about 15 us a layer on the H200 against 22 us for the register-staged kernel it
-// replaced (ncu); it is latency-bound (about 1.3 warps per scheduler, 0.25 issues per
-// cycle), not bandwidth-bound: a layer is only 8 MB of KV. Smaller blocks (fewer heads
-// each) and clusters merging splits through distributed shared memory were both slower.
+// about 14 us a layer on the H200 against 22 us for the register-staged kernel it
+// replaced; it is latency-bound (about 1.3 warps per scheduler, 0.25 issues per cycle
+// in ncu), not bandwidth-bound: a layer is only 8 MB of KV. Smaller blocks (fewer heads
+// each), 20-warp blocks (4 key groups) and clusters merging splits through distributed
+// shared memory were all slower.
 // grid (rows in list, kv_heads * ceil(q_per_kv / 128), splits), block 32 * m-tiles * kg,
 // dynamic shared memory as the launcher computes (DTC_RP rows for the merges).
 
@@ -269,6 +270,8 @@ __device__ __forceinline__ void attn_dec_tc(
                     mma_bf16(sc[nt], qf[2 * kp + 1], b[2], b[3]);
                 }
             }
+            // Only the context's last sub-tile has keys to mask (a uniform branch).
+            const bool full = k0 + DTC_SUB <= k_end;
 #pragma unroll
             for (int nt = 0; nt < DTC_SUB / 8; nt++) {
 #pragma unroll
@@ -276,7 +279,7 @@ __device__ __forceinline__ void attn_dec_tc(
                     const int key = k0 + nt * 8 + 2 * tig + (e & 1);
                     float v = sc[nt][e] * scale;
                     if (ALIBI) v += alibi_bias(e < 2 ? slope0 : slope1, key, HD);
-                    if (key >= k_end) v = NEG_INF;
+                    if (!full && key >= k_end) v = NEG_INF;
                     sc[nt][e] = v;
                 }
             }

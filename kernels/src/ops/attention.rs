@@ -1,6 +1,6 @@
 //! The paged KV cache and attention launchers: rotary + KV write, then the prefill,
-//! decode (CUDA-core or tensor-core, split over long contexts) and combine kernels of
-//! `attention.cu`.
+//! decode (CUDA-core, split over long contexts) and combine kernels of `attention.cu`,
+//! and the tensor-core decode kernel of `attention_tc_decode.cu`.
 
 use half::bf16;
 
