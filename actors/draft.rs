@@ -138,16 +138,25 @@ fn propose<B: Backend>(
             .collect();
         let outs = model.forward_outputs(&chunks, &wants)?;
         for (&i, o) in active.iter().zip(outs) {
+            // Each output answers its want in kind, and only sampling sessions have an rng.
+            let unexpected = |got| ForwardError::UnexpectedOutput {
+                wanted: if warp[i].is_some() {
+                    "warped"
+                } else {
+                    "greedy"
+                },
+                got,
+            };
             let token = match (o, &mut rngs[i]) {
                 (RowsOut::Warped(rows), Some(rng)) => {
-                    let q = rows.into_iter().last().ok_or(ForwardError::EmptyBatch)??;
+                    let q = rows.into_iter().last().ok_or(unexpected("no rows"))??;
                     let t = sample_from_probs(&q, rng);
                     out[i].q.push(q);
                     t
                 }
                 (RowsOut::Greedy(t), _) => t.last().copied().flatten().unwrap_or(0),
-                // Each output answers its want in kind, and only sampling sessions have an rng.
-                _ => return Err(ForwardError::EmptyBatch.into()),
+                (RowsOut::Warped(_), None) => return Err(unexpected("warped").into()),
+                (RowsOut::Logits(_), _) => return Err(unexpected("logits").into()),
             };
             out[i].tokens.push(token);
         }

@@ -153,6 +153,13 @@ pub enum ForwardError {
     HiddenRows { expected: usize, found: usize },
     #[error("{wants} output requests for a step of {chunks} chunks")]
     WantsPerChunk { wants: usize, chunks: usize },
+    /// A model answered a chunk with another kind of output than the one asked for, or
+    /// with no rows: a backend bug, reported rather than trusted.
+    #[error("asked for {wanted} rows, the model answered with {got}")]
+    UnexpectedOutput {
+        wanted: &'static str,
+        got: &'static str,
+    },
 }
 
 /// A compute backend failed (device errors, missing libraries).

@@ -7,7 +7,7 @@
 use crate::backend::{Backend, WarpRow, WarpedRows};
 use crate::error::{ForwardError, Result};
 use crate::model::{Falcon, Logits, SeqChunk, Step};
-use crate::sampling::{SamplingError, SamplingParams};
+use crate::sampling::{PenaltyContext, SamplingError, SamplingParams};
 
 /// What one chunk of a step wants from its logit rows.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -148,15 +148,22 @@ impl<B: Backend> Falcon<B> {
         let mut at = 0;
         for ((w, &n), seq) in wants.iter().zip(&step.rows_per_chunk).zip(&meta.seqs) {
             if let RowsWanted::Warped { params, history } = w {
+                // The penalty's context of a row: the history, then the chunk's tokens
+                // through the row's own; one set grows along the chunk's (increasing) rows.
+                let penalised = params.repetition_penalty != 1.0;
+                let mut set = PenaltyContext::new(if penalised { self.cfg.vocab_size } else { 0 });
+                if penalised {
+                    set.extend(history);
+                }
+                let mut next = seq.first_row;
                 for r in at..at + n {
                     rows.push((r, params));
-                    // The penalty's context: the history, then the chunk's tokens
-                    // through this logit row's own.
                     let mut ctx = Vec::new();
-                    if params.repetition_penalty != 1.0 {
+                    if penalised {
                         let token_row = meta.logit_rows[r] as usize;
-                        ctx.extend_from_slice(history);
-                        ctx.extend_from_slice(&meta.token_ids[seq.first_row..=token_row]);
+                        set.extend(meta.token_ids.get(next..=token_row).unwrap_or(&[]));
+                        next = next.max(token_row + 1);
+                        ctx = set.ids();
                     }
                     contexts.push(ctx);
                 }

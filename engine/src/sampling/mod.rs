@@ -4,6 +4,7 @@
 //! slices and `u32` token ids; no model or tensor types.
 
 pub mod params;
+pub mod penalty;
 pub mod rng;
 pub mod sample;
 pub mod stop;
@@ -15,6 +16,7 @@ mod proptests;
 pub(crate) mod testutil;
 
 pub use params::{SamplingError, SamplingParams};
+pub use penalty::PenaltyContext;
 pub use rng::Rng;
 pub use sample::{sample_from_probs, sample_token};
 pub use stop::{FinishReason, Stop, StopChecker, StopCriteria};
