@@ -378,6 +378,27 @@ __device__ __forceinline__ void mma_bf16(float* d, const u32* a, u32 b0, u32 b1)
 #define TC_BQ 64
 #define TC_BK 64
 
+// Query fragments (row-major A operand of the m16n8k16 tiles), rounded to bf16 once:
+// fragment rows gid and gid + 8 from qa and qb (zeros where v0 / v1 is false).
+template <int HD>
+__device__ __forceinline__ void tc_query_fragments(u32 (&qf)[HD / 16][4], const float* qa,
+                                                   const float* qb, bool v0, bool v1, int tig) {
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        const int d = kk * 16 + 2 * tig;
+        qf[kk][0] = v0 ? pack_bf16x2(qa[d], qa[d + 1]) : 0u;
+        qf[kk][1] = v1 ? pack_bf16x2(qb[d], qb[d + 1]) : 0u;
+        qf[kk][2] = v0 ? pack_bf16x2(qa[d + 8], qa[d + 9]) : 0u;
+        qf[kk][3] = v1 ? pack_bf16x2(qb[d + 8], qb[d + 9]) : 0u;
+    }
+}
+
+// Sum over the four threads of a fragment row (lanes 4g .. 4g + 3).
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
 // S = Q K^T for one tile of TC_BK keys (8 n-tiles of 8 keys) from the query fragments
 // `qf` and the K tile `ks` (row pitch KP).
 template <int HD, int KP>
@@ -441,6 +462,16 @@ __device__ __forceinline__ void tc_online_softmax(float (&sc)[NT][4], float& m0,
     }
 }
 
+// The A operand of key chunk kk (16 keys) of P V from the softmax weights `sc` of a
+// tile (the S accumulators of n-tiles 2kk and 2kk + 1), rounded to bf16.
+template <int NT>
+__device__ __forceinline__ void tc_p_fragment(u32 (&a)[4], const float (&sc)[NT][4], int kk) {
+    a[0] = cvt_bf16x2(sc[2 * kk][0], sc[2 * kk][1]);
+    a[1] = cvt_bf16x2(sc[2 * kk][2], sc[2 * kk][3]);
+    a[2] = cvt_bf16x2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+    a[3] = cvt_bf16x2(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+}
+
 // tc_online_softmax, then O += P V from the transposed V tile `vt` (row pitch VP).
 template <int HD, int VP>
 __device__ __forceinline__ void tc_softmax_pv_tile(float (&sc)[TC_BK / 8][4], float& m0, float& m1,
@@ -452,10 +483,7 @@ __device__ __forceinline__ void tc_softmax_pv_tile(float (&sc)[TC_BK / 8][4], fl
 #pragma unroll
     for (int kk = 0; kk < TC_BK / 16; kk++) {
         u32 a[4];
-        a[0] = cvt_bf16x2(sc[2 * kk][0], sc[2 * kk][1]);
-        a[1] = cvt_bf16x2(sc[2 * kk][2], sc[2 * kk][3]);
-        a[2] = cvt_bf16x2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-        a[3] = cvt_bf16x2(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+        tc_p_fragment(a, sc, kk);
 #pragma unroll
         for (int dt = 0; dt < HD / 8; dt++) {
             const bf16_t* vr = vt + (dt * 8 + gid) * VP + kk * 16 + 2 * tig;
@@ -493,20 +521,9 @@ __device__ __forceinline__ void attn_tc(const float* __restrict__ q, const bf16_
     const int pos0 = start_pos + qr0, pos1 = start_pos + qr1;
     const float slope = has_alibi ? slopes[h] : 0.0f;
 
-    // Query fragments (row-major A operand), rounded to bf16 once.
     u32 qf[HD / 16][4];
-    {
-        const float* qa = q + ((size_t)(first_row + (v0 ? qr0 : 0)) * nh + h) * HD;
-        const float* qb = q + ((size_t)(first_row + (v1 ? qr1 : 0)) * nh + h) * HD;
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) {
-            const int d = kk * 16 + 2 * tig;
-            qf[kk][0] = v0 ? pack_bf16x2(qa[d], qa[d + 1]) : 0u;
-            qf[kk][1] = v1 ? pack_bf16x2(qb[d], qb[d + 1]) : 0u;
-            qf[kk][2] = v0 ? pack_bf16x2(qa[d + 8], qa[d + 9]) : 0u;
-            qf[kk][3] = v1 ? pack_bf16x2(qb[d + 8], qb[d + 9]) : 0u;
-        }
-    }
+    tc_query_fragments<HD>(qf, q + ((size_t)(first_row + (v0 ? qr0 : 0)) * nh + h) * HD,
+                           q + ((size_t)(first_row + (v1 ? qr1 : 0)) * nh + h) * HD, v0, v1, tig);
     float o[HD / 8][4];
 #pragma unroll
     for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
@@ -557,10 +574,8 @@ __device__ __forceinline__ void attn_tc(const float* __restrict__ q, const bf16_
         // a later fully masked tile leaves them unchanged.
         tc_softmax_pv_tile<HD, VP>(sc, m0, m1, l0, l1, o, vt, gid, tig);
     }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
     const float i0 = 1.0f / l0, i1 = 1.0f / l1;
 #pragma unroll
     for (int dt = 0; dt < HD / 8; dt++) {

@@ -221,18 +221,8 @@ __device__ __forceinline__ void attn_dec_tc(
     }
 
     u32 qf[HD / 16][4];
-    {
-        const float* qa = q + ((size_t)r * nh + h0 + (v0 ? hr0 : 0)) * HD;
-        const float* qb = q + ((size_t)r * nh + h0 + (v1 ? hr1 : 0)) * HD;
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) {
-            const int d = kk * 16 + 2 * tig;
-            qf[kk][0] = v0 ? pack_bf16x2(qa[d], qa[d + 1]) : 0u;
-            qf[kk][1] = v1 ? pack_bf16x2(qb[d], qb[d + 1]) : 0u;
-            qf[kk][2] = v0 ? pack_bf16x2(qa[d + 8], qa[d + 9]) : 0u;
-            qf[kk][3] = v1 ? pack_bf16x2(qb[d + 8], qb[d + 9]) : 0u;
-        }
-    }
+    tc_query_fragments<HD>(qf, q + ((size_t)r * nh + h0 + (v0 ? hr0 : 0)) * HD,
+                           q + ((size_t)r * nh + h0 + (v1 ? hr1 : 0)) * HD, v0, v1, tig);
     float o[HD / 8][4];
 #pragma unroll
     for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
@@ -290,10 +280,7 @@ __device__ __forceinline__ void attn_dec_tc(
 #pragma unroll
             for (int kk = 0; kk < DTC_SUB / 16; kk++) {
                 u32 a[4];
-                a[0] = cvt_bf16x2(sc[2 * kk][0], sc[2 * kk][1]);
-                a[1] = cvt_bf16x2(sc[2 * kk][2], sc[2 * kk][3]);
-                a[2] = cvt_bf16x2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-                a[3] = cvt_bf16x2(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+                tc_p_fragment(a, sc, kk);
 #pragma unroll
                 for (int dp = 0; dp < HD / 16; dp++) {
                     u32 b[4];
@@ -304,10 +291,8 @@ __device__ __forceinline__ void attn_dec_tc(
             }
         }
     }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
 
     // Every warp's state to shared memory (the tiles are consumed). Group k's state of
     // head row h is merge row k * mts * 16 + h, so group 0's rows are the heads'.
