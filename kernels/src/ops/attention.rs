@@ -12,10 +12,9 @@ use crate::gpu::{Arg, DeviceBuffer, Gpu};
 use crate::step::DeviceStep;
 
 const DEC_TK: usize = 32;
-/// Keys per split of the decode kernels (multiples of their key tiles, 32 and 64): the
+/// Keys per split of the CUDA-core decode kernels (a multiple of their key tile): the
 /// same for every step, so that a row's result does not depend on its step's other
-/// rows. At 32k keys on the H200, 256 per tensor-core split measured 0.92-0.95 ms over
-/// 32 layers of Falcon-7B; 4 to 16 blocks per SM of 64 keys 1.48-1.53 ms.
+/// rows (the tensor-core kernel's is `DTC_SPLIT_KEYS`).
 const DEC_SPLIT_KEYS: usize = 64;
 /// Splits whose weights `attn_combine` keeps in shared memory (more still combine, with
 /// weight 0: never produced, the launchers stay below).
