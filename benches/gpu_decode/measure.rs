@@ -285,15 +285,25 @@ pub(crate) fn long_attention(
     Ok((s * 1e3, bytes as f64 / s / 1e9))
 }
 
-/// Queues `cfg.num_layers` decode layers (one row at `ctx - 1`) through the backend ops
-/// with one set of layer weights: host milliseconds to queue, and milliseconds until the
-/// GPU is done. `full = false` queues only the four GEMVs per layer.
+/// Milliseconds a decode step's layers take, queued `cfg.num_layers` times (one row at
+/// `ctx - 1`) through the backend ops with one set of layer weights.
+pub(crate) struct Replica {
+    /// Host time to queue the layers.
+    pub enqueue_ms: f64,
+    /// Until the GPU is done.
+    pub total_ms: f64,
+    /// The same layers captured once as a CUDA graph, until a replay is done (`full`
+    /// only).
+    pub graph_ms: Option<f64>,
+}
+
+/// See [`Replica`]; `full = false` queues only the four GEMVs per layer.
 pub(crate) fn layer_replica(
     backend: &CudaBackend,
     cfg: &FalconConfig,
     ctx: usize,
     full: bool,
-) -> Result<(f64, f64)> {
+) -> Result<Replica> {
     let h = cfg.hidden_size;
     let f = cfg.ffn_hidden_size;
     let tensor = |shape: &[usize]| -> Result<_> {
@@ -311,33 +321,66 @@ pub(crate) fn layer_replica(
         .iter()
         .map(|&t| t as f32 / 500.0 - 1.0)
         .collect();
+    let queue = |x: &mut _, kv: &mut _| -> Result<()> {
+        for layer in 0..cfg.num_layers {
+            if full {
+                let a = backend.layer_norm(x, &ln_w, &ln_b, 1e-5)?;
+                let qkv = backend.linear(&a, &qkv_w, None)?;
+                let ctx_out = backend.attention(&qkv, kv, layer, &step, &attn)?;
+                backend.linear_add(&ctx_out, &dense_w, None, x)?;
+                let up = backend.linear_gelu(&a, &up_w, None)?;
+                backend.linear_add(&up, &down_w, None, x)?;
+            } else {
+                let _qkv = backend.linear(x, &qkv_w, None)?;
+                let _d = backend.linear(x, &dense_w, None)?;
+                let up = backend.linear(x, &up_w, None)?;
+                let _down = backend.linear(&up, &down_w, None)?;
+            }
+        }
+        Ok(())
+    };
     let mut enqueue = Vec::new();
     let mut total = Vec::new();
     for _ in 0..11 {
         let mut x = backend.upload_hidden(&x0, 1, h)?;
         backend.synchronize()?;
         let t = Instant::now();
-        for layer in 0..cfg.num_layers {
-            if full {
-                let a = backend.layer_norm(&x, &ln_w, &ln_b, 1e-5)?;
-                let qkv = backend.linear(&a, &qkv_w, None)?;
-                let ctx_out = backend.attention(&qkv, &mut kv, layer, &step, &attn)?;
-                backend.linear_add(&ctx_out, &dense_w, None, &mut x)?;
-                let up = backend.linear_gelu(&a, &up_w, None)?;
-                backend.linear_add(&up, &down_w, None, &mut x)?;
-            } else {
-                let qkv = backend.linear(&x, &qkv_w, None)?;
-                let _ = qkv;
-                let _d = backend.linear(&x, &dense_w, None)?;
-                let up = backend.linear(&x, &up_w, None)?;
-                let _down = backend.linear(&up, &down_w, None)?;
-            }
-        }
+        queue(&mut x, &mut kv)?;
         enqueue.push(t.elapsed().as_secs_f64());
         backend.synchronize()?;
         total.push(t.elapsed().as_secs_f64());
     }
-    Ok((median(&enqueue[1..]) * 1e3, median(&total[1..]) * 1e3))
+    // The same layers as one graph: every scratch buffer now comes from the pool, and
+    // nothing else runs between replays (see `Gpu::capture`).
+    let graph_ms = if full {
+        let mut x = backend.upload_hidden(&x0, 1, h)?;
+        backend.synchronize()?;
+        let mut replayed = || -> Result<f64> {
+            let ((), graph) = backend.gpu().capture(|| queue(&mut x, &mut kv))?;
+            let mut replays = Vec::new();
+            for _ in 0..11 {
+                let t = Instant::now();
+                graph.replay()?;
+                backend.synchronize()?;
+                replays.push(t.elapsed().as_secs_f64());
+            }
+            Ok(median(&replays[1..]) * 1e3)
+        };
+        match replayed() {
+            Ok(ms) => Some(ms),
+            Err(e) => {
+                eprintln!("layers as a CUDA graph: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    Ok(Replica {
+        enqueue_ms: median(&enqueue[1..]) * 1e3,
+        total_ms: median(&total[1..]) * 1e3,
+        graph_ms,
+    })
 }
 
 /// A KV cache of `ctx` positions (seeded random keys and values) and a prepared step of

@@ -29,7 +29,7 @@ mod step;
 pub use error::KernelError;
 #[cfg(feature = "cuda")]
 pub use gpu::{
-    DeviceBuffer, Elem, GemvKernel, Gpu, PairLaunch, ATTN_TC_MIN_CTX, PAIR_LAUNCH,
+    CapturedGraph, DeviceBuffer, Elem, GemvKernel, Gpu, PairLaunch, ATTN_TC_MIN_CTX, PAIR_LAUNCH,
     ROW_INVARIANT_MAX_ROWS, TC_BLOCKS_PER_SM,
 };
 #[cfg(feature = "cuda")]
