@@ -612,6 +612,25 @@ fn attention_section(
     ));
     r.out
         .insert("layer_copy_gb_s".into(), json!(copy_layer_gbs));
+    // The same layers as one CUDA graph: what launching them one by one costs.
+    match long_attention_graph(backend, cfg) {
+        Ok(graph_ms) => {
+            let bytes = cfg.num_layers * layer_bytes;
+            r.rows.push((
+                format!(
+                    "decode attention, {}k context, as one CUDA graph",
+                    LONG_CONTEXT / 1024
+                ),
+                format!(
+                    "{graph_ms:.3} ms a replay, {:.0} GB/s of KV",
+                    bytes as f64 / graph_ms / 1e6
+                ),
+            ));
+            r.out
+                .insert("attention_32k_graph_ms".into(), json!(graph_ms));
+        }
+        Err(e) => eprintln!("attention as a CUDA graph: {e:#}"),
+    }
     Ok(())
 }
 

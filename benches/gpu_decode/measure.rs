@@ -285,6 +285,29 @@ pub(crate) fn long_attention(
     Ok((s * 1e3, bytes as f64 / s / 1e9))
 }
 
+/// [`long_attention`]'s layers captured once as a CUDA graph (after running them on the
+/// stream, so that their scratch comes from the pool): milliseconds a replay.
+pub(crate) fn long_attention_graph(backend: &CudaBackend, cfg: &FalconConfig) -> Result<f64> {
+    let (mut kv, step, attn) = one_row_step(backend, cfg, LONG_CONTEXT, 77)?;
+    let width = cfg.qkv_rows();
+    let qkv: Vec<f32> = tokens(width, 1000, 3)
+        .iter()
+        .map(|&t| t as f32 / 500.0 - 1.0)
+        .collect();
+    let x = backend.upload_hidden(&qkv, 1, width)?;
+    let mut layers = || -> Result<()> {
+        for layer in 0..cfg.num_layers {
+            backend.attention(&x, &mut kv, layer, &step, &attn)?;
+        }
+        Ok(())
+    };
+    layers()?;
+    backend.synchronize()?;
+    let ((), graph) = backend.gpu().capture(&mut layers)?;
+    let s = time_it(backend, 20, || Ok(graph.replay()?))?;
+    Ok(s * 1e3)
+}
+
 /// Milliseconds a decode step's layers take, queued `cfg.num_layers` times (one row at
 /// `ctx - 1`) through the backend ops with one set of layer weights.
 pub(crate) struct Replica {
