@@ -262,19 +262,34 @@ pub(crate) fn gemv_bandwidth(
     Ok((s * 1e6, (n * k * 2) as f64 / s / 1e9))
 }
 
+/// The long-context attention's input: one row of seeded qkv activations, and
+/// [`one_row_step`]'s cache and step at `LONG_CONTEXT`.
+#[allow(clippy::type_complexity)]
+fn long_attention_input(
+    backend: &CudaBackend,
+    cfg: &FalconConfig,
+) -> Result<(
+    <CudaBackend as Backend>::Tensor,
+    <CudaBackend as Backend>::KvCache,
+    <CudaBackend as Backend>::Step,
+    AttnConfig,
+)> {
+    let (kv, step, attn) = one_row_step(backend, cfg, LONG_CONTEXT, 77)?;
+    let width = cfg.qkv_rows();
+    let qkv: Vec<f32> = tokens(width, 1000, 3)
+        .iter()
+        .map(|&t| t as f32 / 500.0 - 1.0)
+        .collect();
+    Ok((backend.upload_hidden(&qkv, 1, width)?, kv, step, attn))
+}
+
 /// One decode row at position 32k-1 attending over every layer's cache.
 pub(crate) fn long_attention(
     backend: &CudaBackend,
     cfg: &FalconConfig,
     iters: usize,
 ) -> Result<(f64, f64)> {
-    let (mut kv, step, attn) = one_row_step(backend, cfg, LONG_CONTEXT, 77)?;
-    let width = cfg.qkv_rows();
-    let qkv: Vec<f32> = tokens(width, 1000, 3)
-        .iter()
-        .map(|&t| t as f32 / 500.0 - 1.0)
-        .collect();
-    let x = backend.upload_hidden(&qkv, 1, width)?;
+    let (x, mut kv, step, attn) = long_attention_input(backend, cfg)?;
     let s = time_it(backend, iters, || {
         for layer in 0..cfg.num_layers {
             backend.attention(&x, &mut kv, layer, &step, &attn)?;
@@ -288,13 +303,7 @@ pub(crate) fn long_attention(
 /// [`long_attention`]'s layers captured once as a CUDA graph (after running them on the
 /// stream, so that their scratch comes from the pool): milliseconds a replay.
 pub(crate) fn long_attention_graph(backend: &CudaBackend, cfg: &FalconConfig) -> Result<f64> {
-    let (mut kv, step, attn) = one_row_step(backend, cfg, LONG_CONTEXT, 77)?;
-    let width = cfg.qkv_rows();
-    let qkv: Vec<f32> = tokens(width, 1000, 3)
-        .iter()
-        .map(|&t| t as f32 / 500.0 - 1.0)
-        .collect();
-    let x = backend.upload_hidden(&qkv, 1, width)?;
+    let (x, mut kv, step, attn) = long_attention_input(backend, cfg)?;
     let mut layers = || -> Result<()> {
         for layer in 0..cfg.num_layers {
             backend.attention(&x, &mut kv, layer, &step, &attn)?;

@@ -81,43 +81,43 @@ __device__ __forceinline__ float dtc_weight(float m, float mx) {
 #define DTC_RP(HD) ((HD) + 4)
 // Heads of a block (at most) and key groups (at most).
 #define DTC_MAX_HEADS 128
-#define DTC_MAX_STATES 4
+#define DTC_MAX_KEY_GROUPS 4
 
-// Merges n softmax states per head in state order (state(k, h): o[HD], m, l of head h in
-// state k) for heads h = first, first + stride, ... below nhb: each head's weights
-// exp(m_k - m) once into w_s, then four output columns per thread, handed to
-// emit(h, d, o4, m, l). Called by the whole block.
-template <int HD, typename State, typename Emit>
-__device__ __forceinline__ void dtc_merge(int n, int first, int stride, int nhb, State state,
-                                          float* w_s, Emit emit) {
-    const int heads = first < nhb ? (nhb - first + stride - 1) / stride : 0;
-    for (int j = threadIdx.x; j < heads; j += blockDim.x) {
-        const int h = first + j * stride;
+// The block's state per head into `res` (rows [0, nhb)): the kg key groups' states
+// merged in group order (group k's state of head h is merge row k * mts * 16 + h of
+// `mrg`). Each head's weights exp(m_k - m) go to w_s once, then four output columns per
+// thread. Called by the whole block.
+template <int HD>
+__device__ __forceinline__ void dtc_merge_groups(const float* mrg, float* res, float* w_s,
+                                                 int kg, int mts, int nhb) {
+    constexpr int RP = DTC_RP(HD);
+    constexpr int WP = DTC_MAX_KEY_GROUPS;  // w_s row: a head's weights
+    auto state = [&](int k, int h) { return mrg + (k * mts * 16 + h) * RP; };
+    for (int h = threadIdx.x; h < nhb; h += blockDim.x) {
         float mx = NEG_INF;
-        for (int k = 0; k < n; k++) mx = fmaxf(mx, state(k, h)[HD]);
+        for (int k = 0; k < kg; k++) mx = fmaxf(mx, state(k, h)[HD]);
         float l = 0.0f;
-        for (int k = 0; k < n; k++) {
+        for (int k = 0; k < kg; k++) {
             const float w = dtc_weight(state(k, h)[HD], mx);
-            w_s[j * (DTC_MAX_STATES + 2) + k] = w;
+            w_s[h * WP + k] = w;
             l = fmaf(state(k, h)[HD + 1], w, l);
         }
-        w_s[j * (DTC_MAX_STATES + 2) + DTC_MAX_STATES] = mx;
-        w_s[j * (DTC_MAX_STATES + 2) + DTC_MAX_STATES + 1] = l;
+        res[h * RP + HD] = mx;
+        res[h * RP + HD + 1] = l;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < heads * (HD / 4); i += blockDim.x) {
-        const int j = i / (HD / 4), d = (i % (HD / 4)) * 4;
-        const int h = first + j * stride;
-        const float* w = w_s + j * (DTC_MAX_STATES + 2);
+    for (int i = threadIdx.x; i < nhb * (HD / 4); i += blockDim.x) {
+        const int h = i / (HD / 4), d = (i % (HD / 4)) * 4;
+        const float* w = w_s + h * WP;
         float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        for (int k = 0; k < n; k++) {
+        for (int k = 0; k < kg; k++) {
             const float4 v = *(const float4*)(state(k, h) + d);
             acc.x = fmaf(v.x, w[k], acc.x);
             acc.y = fmaf(v.y, w[k], acc.y);
             acc.z = fmaf(v.z, w[k], acc.z);
             acc.w = fmaf(v.w, w[k], acc.w);
         }
-        emit(h, d, acc, w[DTC_MAX_STATES], w[DTC_MAX_STATES + 1]);
+        *(float4*)(res + h * RP + d) = acc;
     }
 }
 
@@ -164,7 +164,7 @@ __device__ __forceinline__ void attn_dec_tc(
     bf16_t* ks = (bf16_t*)dtc_smem;             // [DTC_TILES][TC_BK][P]
     bf16_t* vs = ks + DTC_TILES * TILE;         // [DTC_TILES][TC_BK][P]
     float* mrg = (float*)dtc_smem;              // after the tiles: [warps][16][RP]
-    __shared__ __align__(16) float w_s[DTC_MAX_HEADS * (DTC_MAX_STATES + 2)];
+    __shared__ __align__(16) float w_s[DTC_MAX_HEADS * DTC_MAX_KEY_GROUPS];
 
     __shared__ u32 blk_s[DTC_SPLIT + 1];         // the split's block ids
     // The step's metadata was uploaded before its first kernel, so it is read before
@@ -318,15 +318,7 @@ __device__ __forceinline__ void attn_dec_tc(
     float* res = mrg;
     if (kg > 1) {
         res = mrg + warps * 16 * RP;
-        dtc_merge<HD>(
-            kg, 0, 1, nhb, [&](int k, int h) { return mrg + (k * mts * 16 + h) * RP; }, w_s,
-            [&](int h, int d, float4 acc, float m, float l) {
-                *(float4*)(res + h * RP + d) = acc;
-                if (d == 0) {
-                    res[h * RP + HD] = m;
-                    res[h * RP + HD + 1] = l;
-                }
-            });
+        dtc_merge_groups<HD>(mrg, res, w_s, kg, mts, nhb);
         __syncthreads();
     }
     dtc_finish<HD>(res, r, h0, nhb, nh, out, part_o, part_ml);

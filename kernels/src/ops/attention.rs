@@ -396,6 +396,7 @@ impl Gpu {
         // the step's short and long rows.) Beyond COMBINE_MAX_SPLITS splits of fixed size
         // (over 262k keys), and where the device cannot give the kernel the shared memory
         // it needs, the CUDA-core kernel takes them.
+        let shape = TcDecodeShape::new(qpg, hd);
         let dec_tc = match hd {
             64 => Some((&self.k.attn_decode_tc64, self.k.attn_decode_tc_smem[0])),
             128 => Some((&self.k.attn_decode_tc128, self.k.attn_decode_tc_smem[1])),
@@ -403,7 +404,7 @@ impl Gpu {
         }
         .filter(|&(_, smem)| {
             qpg >= 16
-                && TcDecodeShape::new(qpg, hd).smem_bytes <= smem
+                && shape.smem_bytes <= smem
                 && step.max_ctx_long <= DTC_SPLIT_KEYS * COMBINE_MAX_SPLITS
         })
         .map(|(func, _)| func);
@@ -412,6 +413,7 @@ impl Gpu {
                 if step.n_long_rows > 0 {
                     self.decode_tc(
                         func,
+                        shape,
                         &d,
                         step.off.long_rows,
                         step.n_long_rows,
@@ -433,17 +435,17 @@ impl Gpu {
     }
 
     /// `attn_decode_tc*` over the listed rows, then `attn_combine` when split.
+    #[allow(clippy::too_many_arguments)]
     fn decode_tc(
         &self,
         func: &CudaFunction,
+        shape: TcDecodeShape,
         d: &Decode<'_>,
         list: usize,
         n_list: usize,
         max_ctx: usize,
     ) -> Result<(), KernelError> {
-        let qpg = d.nh / d.kvh;
-        let tiles = qpg.div_ceil(DTC_MAX_HEADS);
-        let shape = TcDecodeShape::new(qpg, d.hd);
+        let tiles = (d.nh / d.kvh).div_ceil(DTC_MAX_HEADS);
         let nsplit = max_ctx.div_ceil(DTC_SPLIT_KEYS).max(1);
         let (_parts, po, pm) = self.partials(d, nsplit)?;
         let mut args = d.args(list, po, pm)?;
