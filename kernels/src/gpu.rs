@@ -1,6 +1,6 @@
-//! One GPU: its context and stream, the NVRTC-compiled kernel module, a cuBLAS handle,
-//! allocation and copies of device buffers (`buffer`), and the raw launch plumbing the
-//! typed launchers in `ops` build on.
+//! One GPU: its context and stream, its loaded kernel module (`module`), a cuBLAS
+//! handle, allocation and copies of device buffers (`buffer`), and the raw launch
+//! plumbing the typed launchers in `ops` build on.
 //!
 //! Everything runs on one non-default stream in issue order, so no buffer needs events:
 //! cudarc's per-buffer event tracking is switched off before the first allocation (it
@@ -14,164 +14,22 @@
 //! for the same reason as stream-ordered frees: a buffer is only handed out again after
 //! its last use was queued on the one stream, so the new writer runs after the old readers.
 
-use std::collections::HashMap;
 use std::ffi::c_void;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUdevice_attribute, CUmemPool_attribute, CUresult};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError,
-    PinnedHostSlice,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, PinnedHostSlice,
 };
-use cudarc::nvrtc::{CompileOptions, Ptx};
+use cudarc::nvrtc::Ptx;
 
 use crate::buffer::{released, Pool};
 pub use crate::buffer::{DeviceBuffer, Elem};
 use crate::error::KernelError;
-use crate::ops::TcDecodeShape;
-
-/// All kernel sources, one NVRTC program (NVRTC cannot #include our own files).
-const SOURCE: &str = concat!(
-    include_str!("common.cuh"),
-    include_str!("elementwise.cu"),
-    include_str!("gemv.cu"),
-    include_str!("attention.cu"),
-    include_str!("attention_tc_decode.cu"),
-    include_str!("sampling.cu"),
-);
-
-/// Work recorded by [`Gpu::capture`], replayed on the GPU's stream.
-pub struct CapturedGraph {
-    graph: cudarc::driver::CudaGraph,
-}
-
-impl fmt::Debug for CapturedGraph {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CapturedGraph").finish_non_exhaustive()
-    }
-}
-
-impl CapturedGraph {
-    /// Queues one replay.
-    pub fn replay(&self) -> Result<(), KernelError> {
-        self.graph
-            .launch()
-            .map_err(|e| KernelError::driver("graph launch", e))
-    }
-}
-
-/// Handles of every kernel in the module.
-pub(crate) struct Kernels {
-    pub embed_bf16: CudaFunction,
-    pub layer_norm_f32: CudaFunction,
-    pub layer_norm_f32_reg: CudaFunction,
-    pub gelu_f32: CudaFunction,
-    pub add_f32: CudaFunction,
-    pub argmax_rows_f32: CudaFunction,
-    pub warp_probs_rows_f32: CudaFunction,
-    pub penalize_rows_f32: CudaFunction,
-    pub gather_rows_f32: CudaFunction,
-    pub f32_to_bf16: CudaFunction,
-    pub add_bias_rows: CudaFunction,
-    pub copy_kv_blocks: CudaFunction,
-    pub fill_uniform_bf16: CudaFunction,
-    pub fill_uniform_f32: CudaFunction,
-    pub rope_qkv: CudaFunction,
-    pub gemv: Vec<CudaFunction>,
-    pub gemv_tc: Vec<CudaFunction>,
-    /// Row-invariant tensor-core GEMVs (`gemv_tcx_r1..4`, then `gemv_tc_r5..8`).
-    pub gemv_tc_exact: Vec<CudaFunction>,
-    pub gemv_scalar: CudaFunction,
-    /// Two products of one input per launch (`gemv2_*`): CUDA cores for one row, and
-    /// tensor cores for 1..8 rows, plain and row-invariant as `gemv_tc`/`gemv_tc_exact`.
-    pub gemv2_simt_r1: CudaFunction,
-    pub gemv2_tc: Vec<CudaFunction>,
-    pub gemv2_tc_exact: Vec<CudaFunction>,
-    pub attn_decode: CudaFunction,
-    pub attn_decode_hd64: CudaFunction,
-    pub attn_decode_hd128: CudaFunction,
-    pub attn_combine: CudaFunction,
-    pub attn_decode_tc64: CudaFunction,
-    pub attn_decode_tc128: CudaFunction,
-    /// Dynamic shared memory `attn_decode_tc64` / `attn_decode_tc128` may use: what they
-    /// need at most where the device allowed it at load, else the default 48 KiB.
-    pub attn_decode_tc_smem: [usize; 2],
-    pub attn_prefill_tc64: CudaFunction,
-    pub attn_prefill_tc128: CudaFunction,
-}
-
-impl Kernels {
-    fn load(module: &Arc<CudaModule>) -> Result<Self, KernelError> {
-        let f = |name: &str| {
-            module.load_function(name).map_err(|e| KernelError::Device {
-                op: "load kernel",
-                message: format!("{name}: {e:?}"),
-            })
-        };
-        let mut gemv = Vec::with_capacity(8);
-        let mut gemv_tc = Vec::with_capacity(8);
-        let mut gemv_tc_exact = Vec::with_capacity(8);
-        let mut gemv2_tc = Vec::with_capacity(8);
-        let mut gemv2_tc_exact = Vec::with_capacity(8);
-        for r in 1..=8 {
-            gemv.push(f(&format!("gemv_bf16_r{r}"))?);
-            gemv_tc.push(f(&format!("gemv_tc_r{r}"))?);
-            let exact = if r <= 4 { "tcx" } else { "tc" };
-            gemv_tc_exact.push(f(&format!("gemv_{exact}_r{r}"))?);
-            gemv2_tc.push(f(&format!("gemv2_tc_r{r}"))?);
-            gemv2_tc_exact.push(f(&format!("gemv2_{exact}_r{r}"))?);
-        }
-        // The tensor-core decode attention holds a whole split in shared memory (more
-        // than the default 48 KiB); a device that refuses leaves it to the CUDA-core one.
-        let attn_decode_tc64 = f("attn_decode_tc64")?;
-        let attn_decode_tc128 = f("attn_decode_tc128")?;
-        let allow = |func: &CudaFunction, hd: usize| {
-            let bytes = TcDecodeShape::max_smem_bytes(hd);
-            let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-            match i32::try_from(bytes).map(|b| func.set_attribute(attr, b)) {
-                Ok(Ok(())) => bytes,
-                _ => 48 * 1024,
-            }
-        };
-        let attn_decode_tc_smem = [allow(&attn_decode_tc64, 64), allow(&attn_decode_tc128, 128)];
-        Ok(Kernels {
-            embed_bf16: f("embed_bf16")?,
-            layer_norm_f32: f("layer_norm_f32")?,
-            layer_norm_f32_reg: f("layer_norm_f32_reg")?,
-            gelu_f32: f("gelu_f32")?,
-            add_f32: f("add_f32")?,
-            argmax_rows_f32: f("argmax_rows_f32")?,
-            warp_probs_rows_f32: f("warp_probs_rows_f32")?,
-            penalize_rows_f32: f("penalize_rows_f32")?,
-            gather_rows_f32: f("gather_rows_f32")?,
-            f32_to_bf16: f("f32_to_bf16")?,
-            add_bias_rows: f("add_bias_rows")?,
-            copy_kv_blocks: f("copy_kv_blocks")?,
-            fill_uniform_bf16: f("fill_uniform_bf16")?,
-            fill_uniform_f32: f("fill_uniform_f32")?,
-            rope_qkv: f("rope_qkv")?,
-            gemv,
-            gemv_tc,
-            gemv_tc_exact,
-            gemv_scalar: f("gemv_bf16_scalar")?,
-            gemv2_simt_r1: f("gemv2_bf16_r1")?,
-            gemv2_tc,
-            gemv2_tc_exact,
-            attn_decode: f("attn_decode")?,
-            attn_decode_hd64: f("attn_decode_hd64")?,
-            attn_decode_hd128: f("attn_decode_hd128")?,
-            attn_combine: f("attn_combine")?,
-            attn_decode_tc64,
-            attn_decode_tc128,
-            attn_decode_tc_smem,
-            attn_prefill_tc64: f("attn_prefill_tc64")?,
-            attn_prefill_tc128: f("attn_prefill_tc128")?,
-        })
-    }
-}
+use crate::module::{ptx_for, Kernels};
 
 /// A kernel argument: device pointers and sizes travel as 64-bit words, the rest as
 /// 32-bit ints and floats, matching the kernels' parameter lists.
@@ -227,44 +85,6 @@ impl fmt::Debug for Gpu {
             .field("sm_count", &self.sm_count)
             .finish()
     }
-}
-
-/// PTX per architecture, compiled once per process: every [`Gpu`] of that architecture
-/// (each test, each shard) loads the same text.
-fn ptx_for(arch: &str) -> Result<String, KernelError> {
-    static CACHE: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut map = cache.lock().map_err(|_| KernelError::Device {
-        op: "nvrtc",
-        message: "PTX cache lock poisoned".into(),
-    })?;
-    if let Some(p) = map.get(arch) {
-        return Ok(p.clone());
-    }
-    let opts = CompileOptions {
-        options: vec![
-            format!("--gpu-architecture={arch}"),
-            "--std=c++17".into(),
-            "--extra-device-vectorization".into(),
-        ],
-        name: Some("falconer_kernels.cu".into()),
-        ..CompileOptions::default()
-    };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| {
-        let message = match &e {
-            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-                format!("{}", log.to_string_lossy())
-            }
-            other => format!("{other:?}"),
-        };
-        KernelError::Device {
-            op: "nvrtc compile",
-            message,
-        }
-    })?;
-    let text = ptx.to_src();
-    map.insert(arch.to_string(), text.clone());
-    Ok(text)
 }
 
 /// Default context from which decode rows take the tensor-core attention kernel: long
@@ -532,35 +352,6 @@ impl Gpu {
         let ptr = b.ptr;
         *c = Some(b);
         Ok(ptr)
-    }
-
-    /// Records what `f` queues on the stream as one CUDA graph instead of running it.
-    /// The graph replays the same kernels on the same device addresses, so every buffer
-    /// `f` uses, scratch buffers it drops back into the pool included, must be left
-    /// alone by other work while the graph is replayed, and `f` must take its scratch
-    /// from the pool (run it once uncaptured first). That holds for a benchmark that
-    /// replays one step's layers and does nothing else; decode steps do not use graphs
-    /// yet.
-    pub fn capture<R, E: From<KernelError>>(
-        &self,
-        f: impl FnOnce() -> Result<R, E>,
-    ) -> Result<(R, CapturedGraph), E> {
-        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-        self.stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-            .map_err(|e| KernelError::driver("begin capture", e))?;
-        let out = f();
-        // The capture ends whatever `f` returned, so that the stream stays usable.
-        let graph = self
-            .stream
-            .end_capture(CUgraphInstantiate_flags(0))
-            .map_err(|e| KernelError::driver("end capture", e))?;
-        let out = out?;
-        let graph = graph.ok_or_else(|| KernelError::Device {
-            op: "end capture",
-            message: "nothing was captured".into(),
-        })?;
-        Ok((out, CapturedGraph { graph }))
     }
 
     /// Waits for everything queued so far.

@@ -21,6 +21,10 @@ mod error;
 #[cfg(feature = "cuda")]
 mod gpu;
 #[cfg(feature = "cuda")]
+mod graph;
+#[cfg(feature = "cuda")]
+mod module;
+#[cfg(feature = "cuda")]
 mod ops;
 #[cfg(feature = "cuda")]
 mod step;
@@ -29,9 +33,11 @@ mod step;
 pub use error::KernelError;
 #[cfg(feature = "cuda")]
 pub use gpu::{
-    CapturedGraph, DeviceBuffer, Elem, GemvKernel, Gpu, PairLaunch, ATTN_TC_MIN_CTX, PAIR_LAUNCH,
+    DeviceBuffer, Elem, GemvKernel, Gpu, PairLaunch, ATTN_TC_MIN_CTX, PAIR_LAUNCH,
     ROW_INVARIANT_MAX_ROWS, TC_BLOCKS_PER_SM,
 };
+#[cfg(feature = "cuda")]
+pub use graph::CapturedGraph;
 #[cfg(feature = "cuda")]
 pub use half::bf16;
 #[cfg(feature = "cuda")]
