@@ -84,8 +84,13 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 
 // Programmatic dependent launch (sm_90+): a kernel queued with the PDL launch attribute
 // may start while its predecessor on the stream is still finishing; every kernel calls
-// pdl_wait() before it touches global memory (a no-op without the attribute, and before
-// sm_90), then pdl_trigger() so that its own successor may be scheduled early.
+// pdl_wait() before it touches memory that another kernel writes (a no-op without the
+// attribute, and before sm_90), then pdl_trigger() so that its own successor may be
+// scheduled early. Before the wait a kernel may read only what no kernel writes: weights,
+// and a step's metadata (uploaded by a copy before the step's first kernel); the GEMVs
+// load their first weights there, while the kernel before them finishes. (Triggering
+// before the wait, so that a chain of kernels is scheduled at once, measured slower on
+// an H100.)
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");

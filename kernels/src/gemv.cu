@@ -35,8 +35,20 @@ __device__ __forceinline__ float dot8(uint4 w, float4 a, float4 b) {
     return s;
 }
 
+// Volatile weight loads: issued in program order, so that they stay in front of
+// pdl_wait() and a tensor-core group's loads are all in flight before its first mma (the
+// compiler otherwise moves or interleaves them).
+__device__ __forceinline__ uint4 ld_stream_v(const uint4* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
 // Requires K % 8 == 0 (16-byte aligned weight rows). grid ceil(N / (GEMV_WARPS *
-// GEMV_ROWS)), block 32 * GEMV_WARPS.
+// GEMV_ROWS)), block 32 * GEMV_WARPS. Calls pdl_wait() and pdl_trigger() itself, after
+// loading the first two rounds of weights.
 template <int R, int U, int GEMV_ROWS>
 __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                          const float* __restrict__ bias, float* __restrict__ y,
@@ -54,15 +66,29 @@ __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16
 #pragma unroll
         for (int r = 0; r < R; r++) acc[i][r] = 0.0f;
 
+    // Rounds of U chunks per lane, two in flight while one is multiplied: enough bytes
+    // to cover HBM latency. The weights depend on no kernel, so the first two rounds are
+    // loaded before the wait, while the kernel before this one finishes.
     int c = lane;
-    // U chunks per lane per iteration, loaded before use: enough bytes in flight to
-    // cover HBM latency.
-    for (; c + 32 * (U - 1) < K8; c += 32 * U) {
-        uint4 wv[U][GEMV_ROWS];
+    const int step = 32 * U;
+    bool full = c + 32 * (U - 1) < K8;
+    bool full1 = c + step + 32 * (U - 1) < K8;
+    uint4 wv[U][GEMV_ROWS], wn[U][GEMV_ROWS];
+    if (full) {
 #pragma unroll
         for (int u = 0; u < U; u++)
 #pragma unroll
-            for (int i = 0; i < GEMV_ROWS; i++) wv[u][i] = ld_stream(wp[i] + c + 32 * u);
+            for (int i = 0; i < GEMV_ROWS; i++) wv[u][i] = ld_stream_v(wp[i] + c + 32 * u);
+    }
+    if (full1) {
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int i = 0; i < GEMV_ROWS; i++) wn[u][i] = ld_stream_v(wp[i] + c + step + 32 * u);
+    }
+    pdl_wait();
+    pdl_trigger();
+    while (full) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
 #pragma unroll
@@ -73,17 +99,30 @@ __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16
                 for (int i = 0; i < GEMV_ROWS; i++) acc[i][r] += dot8(wv[u][i], a, b);
             }
         }
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int i = 0; i < GEMV_ROWS; i++) wv[u][i] = wn[u][i];
+        c += step;
+        full = full1;
+        full1 = c + step + 32 * (U - 1) < K8;
+        if (full1) {
+#pragma unroll
+            for (int u = 0; u < U; u++)
+#pragma unroll
+                for (int i = 0; i < GEMV_ROWS; i++) wn[u][i] = ld_stream(wp[i] + c + step + 32 * u);
+        }
     }
     for (; c < K8; c += 32) {
-        uint4 wv[GEMV_ROWS];
+        uint4 wt[GEMV_ROWS];
 #pragma unroll
-        for (int i = 0; i < GEMV_ROWS; i++) wv[i] = ld_stream(wp[i] + c);
+        for (int i = 0; i < GEMV_ROWS; i++) wt[i] = ld_stream(wp[i] + c);
 #pragma unroll
         for (int r = 0; r < R; r++) {
             const float4* xp = (const float4*)(x + (size_t)r * K) + 2 * c;
             const float4 a = __ldg(xp), b = __ldg(xp + 1);
 #pragma unroll
-            for (int i = 0; i < GEMV_ROWS; i++) acc[i][r] += dot8(wv[i], a, b);
+            for (int i = 0; i < GEMV_ROWS; i++) acc[i][r] += dot8(wt[i], a, b);
         }
     }
 #pragma unroll
@@ -104,7 +143,6 @@ __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16
         gemv_bf16_r##R(const float* __restrict__ x, const bf16_t* __restrict__ w,              \
                        const float* __restrict__ bias, float* __restrict__ y, int N, int K,    \
                        int has_bias, int epi) {                                                \
-        PDL_ENTER();                                                                           \
         gemv_vec<R, U, ROWS>(x, w, bias, y, N, K, has_bias, epi, blockIdx.x);                  \
     }
 
@@ -126,7 +164,6 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
                   int epi_a, int blocks_a, const bf16_t* __restrict__ wb,
                   const float* __restrict__ bb, float* __restrict__ yb, int Nb, int has_bb,
                   int epi_b) {
-    PDL_ENTER();
     const int b = blockIdx.x;
     if (b < blocks_a) {
         gemv_vec<1, 4, 2>(x, wa, ba, ya, Na, K, has_ba, epi_a, b);
@@ -196,15 +233,6 @@ __device__ __forceinline__ u32 hi_pair(float a, float b) {
     return __byte_perm(__float_as_uint(a), __float_as_uint(b), 0x7632);
 }
 
-// Volatile loads: issued in program order, so that a group's loads are all in flight
-// before the first mma (the compiler otherwise interleaves them with the mmas).
-__device__ __forceinline__ uint4 ld_stream_v(const uint4* p) {
-    uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(p));
-    return r;
-}
 
 __device__ __forceinline__ float4 ld_nc_v(const float4* p) {
     float4 r;
@@ -282,15 +310,31 @@ __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_
         }
     };
     // Whole groups of TCG_U chunks, warps in turn; then the last < TCG_U chunks one each.
+    // Each group's weights are loaded while the previous group is multiplied; the
+    // weights depend on no kernel, so the first group is loaded before the wait.
     const int full_end = c_begin + (c_end - c_begin) / TCG_U * TCG_U;
-    for (int c0 = c_begin + warp * TCG_U; c0 < full_end; c0 += TCG_WARPS * TCG_U) {
-        uint4 va[TCG_U], vb[TCG_U];
-        float4 x0[TCG_U], x1[TCG_U];
+    int c0 = c_begin + warp * TCG_U;
+    uint4 va[TCG_U], vb[TCG_U];
+    if (c0 < full_end) {
 #pragma unroll
         for (int u = 0; u < TCG_U; u++) {
             va[u] = ld_stream_v(wa + 4 * (c0 + u));
             vb[u] = ld_stream_v(wb + 4 * (c0 + u));
         }
+    }
+    pdl_wait();
+    pdl_trigger();
+    while (c0 < full_end) {
+        const int cn = c0 + TCG_WARPS * TCG_U;
+        uint4 na[TCG_U], nb[TCG_U];
+        if (cn < full_end) {
+#pragma unroll
+            for (int u = 0; u < TCG_U; u++) {
+                na[u] = ld_stream_v(wa + 4 * (cn + u));
+                nb[u] = ld_stream_v(wb + 4 * (cn + u));
+            }
+        }
+        float4 x0[TCG_U], x1[TCG_U];
 #pragma unroll
         for (int u = 0; u < TCG_U; u++) {
             x0[u] = ld_nc_v(xp + 8 * (c0 + u));
@@ -298,6 +342,12 @@ __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_
         }
 #pragma unroll
         for (int u = 0; u < TCG_U; u++) consume(va[u], vb[u], x0[u], x1[u]);
+#pragma unroll
+        for (int u = 0; u < TCG_U; u++) {
+            va[u] = na[u];
+            vb[u] = nb[u];
+        }
+        c0 = cn;
     }
     for (int c = full_end + warp; c < c_end; c += TCG_WARPS) {
         const uint4 ua = ld_stream(wa + 4 * c), ub = ld_stream(wb + 4 * c);
@@ -346,7 +396,6 @@ __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_
              const float* __restrict__ bias, float* __restrict__ y, float* __restrict__ part,  \
              u32* __restrict__ counters, int N, int K, int has_bias, int chunks_per_split,     \
              int epi) {                                                                        \
-        PDL_ENTER();                                                                           \
         gemv_tc<R, U, PACK>(x, w, bias, y, part, counters, N, K, has_bias, chunks_per_split,   \
                             epi, blockIdx.x, blockIdx.y, gridDim.y);                           \
     }
@@ -362,7 +411,6 @@ __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_
              int nsplit_a, const bf16_t* __restrict__ wb, const float* __restrict__ bb,        \
              float* __restrict__ yb, float* __restrict__ pb, u32* __restrict__ cb, int Nb,     \
              int has_bb, int cps_b, int epi_b, int tiles_b, int nsplit_b) {                    \
-        PDL_ENTER();                                                                           \
         const int i = blockIdx.x, blocks_a = tiles_a * nsplit_a;                               \
         if (i < blocks_a) {                                                                    \
             gemv_tc<R, U, PACK>(x, wa, ba, ya, pa, ca, Na, K, has_ba, cps_a, epi_a,            \

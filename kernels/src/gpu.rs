@@ -574,8 +574,10 @@ impl Gpu {
                 numAttrs: n as u32,
             };
             // SAFETY: as for the plain launch below; the attributes and config outlive
-            // the call. Every kernel in the module starts with `pdl_wait()`, so none
-            // touches memory before its predecessor completed; a cluster launch's grid is
+            // the call. Every kernel in the module calls `pdl_wait()` before it
+            // touches memory that another kernel writes (before it, only weights and step
+            // metadata are read), so none reads or writes such memory before its
+            // predecessor completed; a cluster launch's grid is
             // a multiple of the cluster (checked by the driver).
             return unsafe {
                 cudarc::driver::sys::cuLaunchKernelEx(
