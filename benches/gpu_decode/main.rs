@@ -326,6 +326,28 @@ fn decode_section(
         gpu.set_pdl(true);
     }
     r.out.insert("pdl".into(), json!(pdl_default));
+    // The layer's two residual products (attention output, MLP down) as two launches.
+    let fuse_default = gpu.fuse_sum();
+    gpu.set_fuse_sum(!fuse_default);
+    let tps_f = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
+    gpu.set_fuse_sum(fuse_default);
+    r.rows.push((
+        format!(
+            "decode with the residual products {}",
+            if fuse_default {
+                "as two launches"
+            } else {
+                "as one launch"
+            }
+        ),
+        format!(
+            "{tps_f:.1} tokens/s (median of 2; default: {})",
+            if fuse_default { "one" } else { "two" }
+        ),
+    ));
+    r.out
+        .insert("decode_fuse_sum_flipped_tokens_per_s".into(), json!(tps_f));
+    r.out.insert("fuse_sum".into(), json!(fuse_default));
     gpu.set_row_invariant(true);
     let tps_x = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
     gpu.set_row_invariant(false);

@@ -48,18 +48,35 @@ __device__ __forceinline__ uint4 ld_stream_v(const uint4* p) {
 
 // Requires K % 8 == 0 (16-byte aligned weight rows). grid ceil(N / (GEMV_WARPS *
 // GEMV_ROWS)), block 32 * GEMV_WARPS. Calls pdl_wait() and pdl_trigger() itself, after
-// loading the first two rounds of weights.
-template <int R, int U, int GEMV_ROWS>
-__device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16_t* __restrict__ w,
-                                         const float* __restrict__ bias, float* __restrict__ y,
-                                         int N, int K, int has_bias, int epi, int block) {
+// loading the first two rounds of weights. With CAT, the product runs over two inputs
+// laid end to end: x [R, K] with w [N, K], then x2 [R, K2] with w2 [N, K2] (K2 % 8 == 0),
+// summed as one dot product, and bias2 is added after bias.
+template <int R, int U, int GEMV_ROWS, bool CAT>
+__device__ __forceinline__ void gemv_core(const float* __restrict__ x, const bf16_t* __restrict__ w,
+                                          int K, const float* __restrict__ x2,
+                                          const bf16_t* __restrict__ w2, int K2,
+                                          const float* __restrict__ bias,
+                                          const float* __restrict__ bias2, float* __restrict__ y,
+                                          int N, int has_bias, int has_bias2, int epi, int block) {
     const int lane = threadIdx.x & 31;
     const int n0 = (block * GEMV_WARPS + (threadIdx.x >> 5)) * GEMV_ROWS;
     if (n0 >= N) return;
-    const int K8 = K >> 3;
+    const int K8a = K >> 3;
+    const int K8 = K8a + (CAT ? K2 >> 3 : 0);
     const uint4* wp[GEMV_ROWS];
+    const uint4* wq[GEMV_ROWS];
 #pragma unroll
-    for (int i = 0; i < GEMV_ROWS; i++) wp[i] = (const uint4*)(w + (size_t)min(n0 + i, N - 1) * K);
+    for (int i = 0; i < GEMV_ROWS; i++) {
+        const size_t row = (size_t)min(n0 + i, N - 1);
+        wp[i] = (const uint4*)(w + row * K);
+        wq[i] = CAT ? (const uint4*)(w2 + row * K2) : wp[i];
+    }
+    // Chunk c (8 values) of weight row i, and of activation row r.
+    auto wchunk = [&](int i, int c) { return (CAT && c >= K8a) ? wq[i] + (c - K8a) : wp[i] + c; };
+    auto xchunk = [&](int r, int c) {
+        return (CAT && c >= K8a) ? (const float4*)(x2 + (size_t)r * K2) + 2 * (c - K8a)
+                                 : (const float4*)(x + (size_t)r * K) + 2 * c;
+    };
     float acc[GEMV_ROWS][R];
 #pragma unroll
     for (int i = 0; i < GEMV_ROWS; i++)
@@ -78,13 +95,13 @@ __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16
 #pragma unroll
         for (int u = 0; u < U; u++)
 #pragma unroll
-            for (int i = 0; i < GEMV_ROWS; i++) wv[u][i] = ld_stream_v(wp[i] + c + 32 * u);
+            for (int i = 0; i < GEMV_ROWS; i++) wv[u][i] = ld_stream_v(wchunk(i, c + 32 * u));
     }
     if (full1) {
 #pragma unroll
         for (int u = 0; u < U; u++)
 #pragma unroll
-            for (int i = 0; i < GEMV_ROWS; i++) wn[u][i] = ld_stream_v(wp[i] + c + step + 32 * u);
+            for (int i = 0; i < GEMV_ROWS; i++) wn[u][i] = ld_stream_v(wchunk(i, c + step + 32 * u));
     }
     pdl_wait();
     pdl_trigger();
@@ -93,7 +110,7 @@ __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16
         for (int u = 0; u < U; u++) {
 #pragma unroll
             for (int r = 0; r < R; r++) {
-                const float4* xp = (const float4*)(x + (size_t)r * K) + 2 * (c + 32 * u);
+                const float4* xp = xchunk(r, c + 32 * u);
                 const float4 a = __ldg(xp), b = __ldg(xp + 1);
 #pragma unroll
                 for (int i = 0; i < GEMV_ROWS; i++) acc[i][r] += dot8(wv[u][i], a, b);
@@ -110,16 +127,16 @@ __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16
 #pragma unroll
             for (int u = 0; u < U; u++)
 #pragma unroll
-                for (int i = 0; i < GEMV_ROWS; i++) wn[u][i] = ld_stream(wp[i] + c + step + 32 * u);
+                for (int i = 0; i < GEMV_ROWS; i++) wn[u][i] = ld_stream(wchunk(i, c + step + 32 * u));
         }
     }
     for (; c < K8; c += 32) {
         uint4 wt[GEMV_ROWS];
 #pragma unroll
-        for (int i = 0; i < GEMV_ROWS; i++) wt[i] = ld_stream(wp[i] + c);
+        for (int i = 0; i < GEMV_ROWS; i++) wt[i] = ld_stream(wchunk(i, c));
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            const float4* xp = (const float4*)(x + (size_t)r * K) + 2 * c;
+            const float4* xp = xchunk(r, c);
             const float4 a = __ldg(xp), b = __ldg(xp + 1);
 #pragma unroll
             for (int i = 0; i < GEMV_ROWS; i++) acc[i][r] += dot8(wt[i], a, b);
@@ -131,10 +148,20 @@ __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16
         for (int r = 0; r < R; r++) {
             const float s = warp_sum(acc[i][r]);
             if (lane == 0 && n0 + i < N) {
-                gemv_store(y, (size_t)r * N + n0 + i, s + (has_bias ? bias[n0 + i] : 0.0f), epi);
+                float v = s + (has_bias ? bias[n0 + i] : 0.0f);
+                if (CAT && has_bias2) v += bias2[n0 + i];
+                gemv_store(y, (size_t)r * N + n0 + i, v, epi);
             }
         }
     }
+}
+
+// y = x @ w^T (+ bias) with the epilogue `epi` (see gemv_core).
+template <int R, int U, int GEMV_ROWS>
+__device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16_t* __restrict__ w,
+                                         const float* __restrict__ bias, float* __restrict__ y,
+                                         int N, int K, int has_bias, int epi, int block) {
+    gemv_core<R, U, GEMV_ROWS, false>(x, w, K, x, w, 0, bias, bias, y, N, has_bias, 0, epi, block);
 }
 
 // Output features per block: GEMV_WARPS * ROWS (the launcher mirrors this table).
@@ -170,6 +197,21 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
     } else {
         gemv_vec<1, 4, 2>(x, wb, bb, yb, Nb, K, has_bb, epi_b, b - blocks_a);
     }
+}
+
+// y += x @ w^T (+ bias) + x2 @ w2^T (+ bias2) for one row, as one dot product over the
+// two inputs laid end to end: Falcon's parallel-attention residual (attention output
+// projection and MLP down projection) in one launch, which streams both weights where
+// two launches would each drain and ramp up the GPU. Other rounding than two
+// accumulating launches, so only for steps nothing compares bit for bit (not in
+// row-invariant mode). grid ceil(N / (GEMV_WARPS * 2)), block 32 * GEMV_WARPS.
+extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
+    gemv_cat_bf16_r1(const float* __restrict__ x, const bf16_t* __restrict__ w, int K,
+                     const float* __restrict__ bias, int has_bias, const float* __restrict__ x2,
+                     const bf16_t* __restrict__ w2, int K2, const float* __restrict__ bias2,
+                     int has_bias2, float* __restrict__ y, int N) {
+    gemv_core<1, 4, 2, true>(x, w, K, x2, w2, K2, bias, bias2, y, N, has_bias, has_bias2,
+                             EPI_ACCUMULATE, blockIdx.x);
 }
 
 // Any K, any alignment (tiny models): one warp per output feature, scalar loads.

@@ -55,6 +55,8 @@ pub struct Gpu {
     gemv_mode: AtomicU8,
     /// [`PairLaunch`] as a number.
     pair_launch: AtomicU8,
+    /// Whether [`Gpu::linear_accumulate_sum`] may run its two products as one launch.
+    fuse_sum: AtomicBool,
     /// Decode rows of at least this context take the tensor-core decode attention (when
     /// the geometry allows).
     attn_tc_min_ctx: AtomicUsize,
@@ -219,6 +221,7 @@ impl Gpu {
                 Ok("tc") => PairLaunch::TensorCores,
                 _ => PAIR_LAUNCH,
             } as u8),
+            fuse_sum: AtomicBool::new(env_flag("FALCONER_FUSE_SUM", true)),
             gemv_counters: Mutex::new(None),
             attn_tc_min_ctx: AtomicUsize::new(ATTN_TC_MIN_CTX),
             staging: Mutex::new(None),
@@ -287,6 +290,16 @@ impl Gpu {
     }
 
     /// Chooses how [`Gpu::linear_pair`] runs (benchmarks compare them).
+    /// Lets [`Gpu::linear_accumulate_sum`] run its two products as one launch where it
+    /// can (the default; `FALCONER_FUSE_SUM=0` turns it off), or always as two.
+    pub fn set_fuse_sum(&self, on: bool) {
+        self.fuse_sum.store(on, Ordering::Relaxed);
+    }
+
+    pub fn fuse_sum(&self) -> bool {
+        self.fuse_sum.load(Ordering::Relaxed)
+    }
+
     pub fn set_pair_launch(&self, mode: PairLaunch) {
         self.pair_launch.store(mode as u8, Ordering::Relaxed);
     }

@@ -42,7 +42,7 @@ pub use graph::CapturedGraph;
 pub use half::bf16;
 #[cfg(feature = "cuda")]
 pub use ops::{
-    AttentionParams, KvBuffers, PairHalf, PenaltySpec, ProbsSpec, WarpedRow, GEMV_MAX_ROWS,
+    AttentionParams, KvBuffers, PairHalf, PenaltySpec, ProbsSpec, SumTerm, WarpedRow, GEMV_MAX_ROWS,
 };
 #[cfg(feature = "cuda")]
 pub use step::{DeviceStep, SeqDesc, StepInput};

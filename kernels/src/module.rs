@@ -46,6 +46,8 @@ pub(crate) struct Kernels {
     /// Two products of one input per launch (`gemv2_*`): CUDA cores for one row, and
     /// tensor cores for 1..8 rows, plain and row-invariant as `gemv_tc`/`gemv_tc_exact`.
     pub gemv2_simt_r1: CudaFunction,
+    /// One row's `y += x @ w^T + x2 @ w2^T` as one product (`gemv_cat_bf16_r1`).
+    pub gemv_cat_simt_r1: CudaFunction,
     pub gemv2_tc: Vec<CudaFunction>,
     pub gemv2_tc_exact: Vec<CudaFunction>,
     pub attn_decode: CudaFunction,
@@ -116,6 +118,7 @@ impl Kernels {
             gemv_tc_exact,
             gemv_scalar: f("gemv_bf16_scalar")?,
             gemv2_simt_r1: f("gemv2_bf16_r1")?,
+            gemv_cat_simt_r1: f("gemv_cat_bf16_r1")?,
             gemv2_tc,
             gemv2_tc_exact,
             attn_decode: f("attn_decode")?,

@@ -317,7 +317,7 @@ fn cuda_kv_cache_holds_exactly_the_kv_heads_in_bf16() {
 
 /// Deterministic pseudo-random values in (-1, 1), rounded to bf16 so that both backends
 /// start from identical numbers.
-fn random(n: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn random(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..n)
         .map(|_| {
@@ -330,7 +330,7 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn bf16_bytes(v: &[f32]) -> Vec<u8> {
+pub(crate) fn bf16_bytes(v: &[f32]) -> Vec<u8> {
     v.iter()
         .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
         .collect()

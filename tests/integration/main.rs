@@ -5,6 +5,7 @@ mod common;
 mod cuda_golden;
 mod cuda_runtime;
 mod cuda_sampling;
+mod cuda_sum;
 mod golden;
 mod interleavings;
 mod loader_errors;

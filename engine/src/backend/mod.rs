@@ -195,6 +195,25 @@ pub trait Backend: Send + Sync + Debug + 'static {
         self.add(acc, &y)
     }
 
+    /// `acc += (a_x @ a^T + a_bias) + (b_x @ b^T + b_bias)`: Falcon's parallel-attention
+    /// residual (attention output and MLP down projections). By default two
+    /// [`Backend::linear_add`] calls in that order; a backend may instead sum both
+    /// products as one, rounded differently, where no other step must match it bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_add_sum(
+        &self,
+        a_x: &Self::Tensor,
+        a: &Self::Tensor,
+        a_bias: Option<&Self::Tensor>,
+        b_x: &Self::Tensor,
+        b: &Self::Tensor,
+        b_bias: Option<&Self::Tensor>,
+        acc: &mut Self::Tensor,
+    ) -> Result<(), BackendError> {
+        self.linear_add(a_x, a, a_bias, acc)?;
+        self.linear_add(b_x, b, b_bias, acc)
+    }
+
     /// `x += y`, in place.
     fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<(), BackendError>;
 

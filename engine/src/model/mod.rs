@@ -272,15 +272,27 @@ impl<B: Backend> Falcon<B> {
         let ctx = b.attention(&qkv, &mut self.kv, i, &step.device, &self.attn)?;
         let w = &self.layers[i];
         // Parallel attention: (x + attn(ln(x))) + mlp(ln'(x)); sequential: x + attn, then
-        // + MLP of its norm. Either way the sums run in this order.
-        self.linear_add(&ctx, &w.dense, &mut x)?;
+        // + MLP of its norm. Either way the sums run in this order (with the MLP's up
+        // projection already done, the backend may add both products as one).
         match (&w.norms, up) {
-            (_, Some(up)) => self.linear_add(&up, &w.four_h_to_h, &mut x)?,
+            (_, Some(up)) => b.linear_add_sum(
+                &ctx,
+                &w.dense.weight,
+                w.dense.bias.as_ref(),
+                &up,
+                &w.four_h_to_h.weight,
+                w.four_h_to_h.bias.as_ref(),
+                &mut x,
+            )?,
             (LayerNormWeights::Sequential { post_attention, .. }, None) => {
+                self.linear_add(&ctx, &w.dense, &mut x)?;
                 let normed = ln(post_attention, &x)?;
                 self.mlp_add(&normed, w, &mut x)?;
             }
-            (_, None) => self.mlp_add(mlp_in.as_ref().unwrap_or(&attn_in), w, &mut x)?,
+            (_, None) => {
+                self.linear_add(&ctx, &w.dense, &mut x)?;
+                self.mlp_add(mlp_in.as_ref().unwrap_or(&attn_in), w, &mut x)?;
+            }
         }
         Ok(x)
     }

@@ -3,7 +3,7 @@
 //! kernel. Activations are f32, matrices bf16, the KV cache bf16.
 //!
 //! `linear` holds the matrix products (GEMV kernels and cuBLAS), `pair` two products
-//! of one input in one launch, `attention` the KV cache and attention, `sampling` the
+//! of one input in one launch, `sum` two products of two inputs added to one residual, `attention` the KV cache and attention, `sampling` the
 //! warp of logit rows into distributions; the small element-wise launchers are here.
 
 mod attention;
@@ -11,11 +11,13 @@ pub(crate) use attention::TcDecodeShape;
 mod linear;
 mod pair;
 mod sampling;
+mod sum;
 
 pub use attention::{AttentionParams, KvBuffers};
 pub use linear::GEMV_MAX_ROWS;
 pub use pair::PairHalf;
 pub use sampling::{PenaltySpec, ProbsSpec, WarpedRow};
+pub use sum::SumTerm;
 
 use half::bf16;
 

@@ -42,6 +42,20 @@ fn pair_half<'a>(
     })
 }
 
+/// One term of [`Gpu::linear_accumulate_sum`]: an input, a weight and its bias.
+fn sum_term<'a>(
+    x: &'a CudaTensor,
+    w: &'a CudaTensor,
+    bias: Option<&'a CudaTensor>,
+) -> Result<kernels::SumTerm<'a>, BackendError> {
+    Ok(kernels::SumTerm {
+        x: x.f32("linear")?,
+        k: x.cols,
+        w: w.bf16("linear")?,
+        bias: bias.map(|t| t.f32("linear")).transpose()?,
+    })
+}
+
 fn map_err(e: KernelError) -> BackendError {
     match e {
         KernelError::Unavailable(reason) => BackendError::Unavailable {
@@ -524,6 +538,40 @@ impl Backend for CudaBackend {
             )
             .map_err(map_err)?;
         Ok((x.product_output(a, ya), x.product_output(b, yb)))
+    }
+
+    fn linear_add_sum(
+        &self,
+        a_x: &CudaTensor,
+        a: &CudaTensor,
+        a_bias: Option<&CudaTensor>,
+        b_x: &CudaTensor,
+        b: &CudaTensor,
+        b_bias: Option<&CudaTensor>,
+        acc: &mut CudaTensor,
+    ) -> Result<(), BackendError> {
+        check_linear(a_x, a)?;
+        check_linear(b_x, b)?;
+        if a_x.rows != b_x.rows || a.rows != b.rows || (acc.rows, acc.cols) != (a_x.rows, a.rows) {
+            return Err(invalid(
+                "linear",
+                format!(
+                    "{}x{} accumulator for {}x{} and {}x{} products",
+                    acc.rows, acc.cols, a_x.rows, a.rows, b_x.rows, b.rows
+                ),
+            ));
+        }
+        let (ta, tb) = (sum_term(a_x, a, a_bias)?, sum_term(b_x, b, b_bias)?);
+        self.gpu
+            .linear_accumulate_sum(
+                a_x.rows,
+                a.rows,
+                ta,
+                tb,
+                acc.f32_mut("linear")?,
+                groups(a_x),
+            )
+            .map_err(map_err)
     }
 
     fn linear_add(
