@@ -29,7 +29,6 @@ fn upload<B: Backend>(b: &B, rows: usize, cols: usize, seed: u64) -> B::Tensor {
 }
 
 /// `acc + a_x @ a^T (+ a_bias) + b_x @ b^T (+ b_bias)` on `backend`, fused or not.
-#[allow(clippy::too_many_arguments)]
 fn sum_on<B: Backend>(
     b: &B,
     rows: usize,
