@@ -326,6 +326,24 @@ fn decode_section(
         gpu.set_pdl(true);
     }
     r.out.insert("pdl".into(), json!(pdl_default));
+    // Steps queued kernel by kernel, or replayed as CUDA graphs.
+    let graphs_default = backend.step_graphs();
+    backend.set_step_graphs(!graphs_default);
+    let tps_g = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
+    backend.set_step_graphs(graphs_default);
+    r.rows.push((
+        format!(
+            "decode with CUDA graphs {}",
+            if graphs_default { "off" } else { "on" }
+        ),
+        format!(
+            "{tps_g:.1} tokens/s (median of 2; default: {})",
+            if graphs_default { "on" } else { "off" }
+        ),
+    ));
+    r.out
+        .insert("decode_graphs_flipped_tokens_per_s".into(), json!(tps_g));
+    r.out.insert("step_graphs".into(), json!(graphs_default));
     // The layer's two residual products (attention output, MLP down) as two launches.
     let fuse_default = gpu.fuse_sum();
     gpu.set_fuse_sum(!fuse_default);
@@ -439,6 +457,23 @@ fn decode_section(
     r.out.insert("decode_ms_per_token".into(), json!(ms_tok));
     r.out.insert("decode_runs_s".into(), json!(decode_s));
     r.out.insert("floor_ms_per_token".into(), json!(floor_ms));
+    let graphs = runner.model().step_graphs();
+    if let Some(why) = graphs.last_failure() {
+        eprintln!("a CUDA graph capture failed: {why}");
+    }
+    let g = graphs.stats();
+    r.rows.push((
+        "CUDA graph recordings of the decode model's steps".into(),
+        format!(
+            "{} recorded, {} replayed, {} warm-up, {} failed, {} not recordable",
+            g.recorded, g.replayed, g.warmed, g.failed, g.direct
+        ),
+    ));
+    r.out.insert(
+        "graph_stats".into(),
+        json!({"recorded": g.recorded, "replayed": g.replayed, "warmed": g.warmed,
+               "failed": g.failed, "direct": g.direct}),
+    );
     Ok(tps)
 }
 

@@ -90,6 +90,9 @@ type Pooled = Box<dyn Any + Send>;
 pub(crate) struct Pool {
     free: Mutex<HashMap<(TypeId, usize), Vec<Pooled>>>,
     bytes: AtomicUsize,
+    /// Keeps every buffer (a recorded step's pool: freeing while a graph is captured
+    /// would put the free into the graph).
+    unbounded: bool,
 }
 
 /// The pool keeps at most this much memory, and no single buffer above `POOL_MAX_ONE`
@@ -98,6 +101,14 @@ const POOL_MAX_BYTES: usize = 4 << 30;
 const POOL_MAX_ONE: usize = 1 << 30;
 
 impl Pool {
+    /// A pool that keeps every buffer handed back to it.
+    pub(crate) fn unbounded() -> Self {
+        Pool {
+            unbounded: true,
+            ..Pool::default()
+        }
+    }
+
     pub(crate) fn take<T: Elem>(&self, len: usize) -> Option<CudaSlice<T>> {
         let mut free = self.free.lock().ok()?;
         let slice = free.get_mut(&(TypeId::of::<T>(), len))?.pop()?;
@@ -109,7 +120,9 @@ impl Pool {
     /// Keeps `slice` for reuse, or frees it (by dropping it) when the pool is full.
     pub(crate) fn put<T: Elem>(&self, slice: CudaSlice<T>) {
         let bytes = slice.num_bytes();
-        if bytes > POOL_MAX_ONE || self.bytes.load(Ordering::Relaxed) + bytes > POOL_MAX_BYTES {
+        if !self.unbounded
+            && (bytes > POOL_MAX_ONE || self.bytes.load(Ordering::Relaxed) + bytes > POOL_MAX_BYTES)
+        {
             return;
         }
         if let Ok(mut free) = self.free.lock() {

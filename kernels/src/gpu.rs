@@ -16,7 +16,7 @@
 
 use std::ffi::c_void;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
@@ -49,6 +49,9 @@ pub struct Gpu {
     pub(crate) blas: Mutex<CudaBlas>,
     pub(crate) k: Kernels,
     pool: Arc<Pool>,
+    /// Bumped by every setter that changes which kernels a step launches, so that a
+    /// recorded step is never replayed under other settings.
+    settings: AtomicU64,
     /// Launch with programmatic dependent launch (sm_90+; see `common.cuh`).
     pdl: AtomicBool,
     /// Few-row `linear` kernel ([`GemvKernel`] as a number).
@@ -70,8 +73,9 @@ pub struct Gpu {
     /// logits of a verify pass (1.3 MB at Falcon-7B's vocabulary). Only ever grows.
     staging: Mutex<Option<PinnedHostSlice<f32>>>,
     /// Zeroed arrival counters of the split-K tensor-core GEMV (one per 16-feature
-    /// tile; each launch leaves them zeroed again). Only ever grows.
-    gemv_counters: Mutex<Option<DeviceBuffer<u32>>>,
+    /// tile; each launch leaves them zeroed again), the last the one in use. Only ever
+    /// grows, and outgrown buffers are kept: recorded steps still address them.
+    gemv_counters: Mutex<Vec<DeviceBuffer<u32>>>,
     name: String,
     cc: (i32, i32),
     sm_count: u32,
@@ -209,6 +213,7 @@ impl Gpu {
             blas: Mutex::new(blas),
             k,
             pool: Arc::new(Pool::default()),
+            settings: AtomicU64::new(0),
             pdl: AtomicBool::new(cc.0 >= 9 && env_flag("FALCONER_PDL", true)),
             gemv_mode: AtomicU8::new(match std::env::var("FALCONER_GEMV").as_deref() {
                 Ok("tc") => GemvKernel::Tc4,
@@ -222,7 +227,7 @@ impl Gpu {
                 _ => PAIR_LAUNCH,
             } as u8),
             fuse_sum: AtomicBool::new(env_flag("FALCONER_FUSE_SUM", true)),
-            gemv_counters: Mutex::new(None),
+            gemv_counters: Mutex::new(Vec::new()),
             attn_tc_min_ctx: AtomicUsize::new(ATTN_TC_MIN_CTX),
             staging: Mutex::new(None),
             row_invariant: AtomicBool::new(env_flag("FALCONER_ROW_INVARIANT", false)),
@@ -269,6 +274,7 @@ impl Gpu {
     /// Turns programmatic dependent launch on or off (ignored before sm_90).
     pub fn set_pdl(&self, on: bool) {
         self.pdl.store(on && self.cc.0 >= 9, Ordering::Relaxed);
+        self.settings_changed();
     }
 
     /// The kernel a few-row `linear` of `rows` rows takes. By default
@@ -287,6 +293,7 @@ impl Gpu {
     /// Chooses the few-row `linear` kernel (benchmarks and tests compare them).
     pub fn set_gemv_kernel(&self, kernel: GemvKernel) {
         self.gemv_mode.store(kernel as u8, Ordering::Relaxed);
+        self.settings_changed();
     }
 
     /// Chooses how [`Gpu::linear_pair`] runs (benchmarks compare them).
@@ -294,6 +301,7 @@ impl Gpu {
     /// can (the default; `FALCONER_FUSE_SUM=0` turns it off), or always as two.
     pub fn set_fuse_sum(&self, on: bool) {
         self.fuse_sum.store(on, Ordering::Relaxed);
+        self.settings_changed();
     }
 
     pub fn fuse_sum(&self) -> bool {
@@ -302,6 +310,7 @@ impl Gpu {
 
     pub fn set_pair_launch(&self, mode: PairLaunch) {
         self.pair_launch.store(mode as u8, Ordering::Relaxed);
+        self.settings_changed();
     }
 
     pub fn pair_launch(&self) -> PairLaunch {
@@ -317,6 +326,7 @@ impl Gpu {
     /// CUDA-core kernel. Default [`ATTN_TC_MIN_CTX`]; tests lower it to cover the kernel.
     pub fn set_attn_tc_min_ctx(&self, min_ctx: usize) {
         self.attn_tc_min_ctx.store(min_ctx, Ordering::Relaxed);
+        self.settings_changed();
     }
 
     /// Blocks per SM the split-K tensor-core GEMV aims for: more splits start more loads
@@ -324,6 +334,7 @@ impl Gpu {
     pub fn set_tc_blocks_per_sm(&self, blocks: usize) {
         self.tc_blocks_per_sm
             .store(blocks.max(1), Ordering::Relaxed);
+        self.settings_changed();
     }
 
     /// Row-invariant products: every `linear` of up to [`ROW_INVARIANT_MAX_ROWS`] rows
@@ -338,10 +349,20 @@ impl Gpu {
     /// `FALCONER_ROW_INVARIANT=1`.
     pub fn set_row_invariant(&self, on: bool) {
         self.row_invariant.store(on, Ordering::Relaxed);
+        self.settings_changed();
     }
 
     pub fn row_invariant(&self) -> bool {
         self.row_invariant.load(Ordering::Relaxed)
+    }
+
+    fn settings_changed(&self) {
+        self.settings.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Changes with every setting that changes which kernels a step launches.
+    pub fn settings_generation(&self) -> u64 {
+        self.settings.load(Ordering::Relaxed)
     }
 
     pub fn tc_blocks_per_sm(&self) -> usize {
@@ -358,12 +379,12 @@ impl Gpu {
             op: "gemv",
             message: "counter lock poisoned".into(),
         })?;
-        if let Some(b) = c.as_ref().filter(|b| b.len() >= tiles) {
+        if let Some(b) = c.last().filter(|b| b.len() >= tiles) {
             return Ok(b.ptr);
         }
         let b = self.zeros::<u32>(tiles.max(4096))?;
         let ptr = b.ptr;
-        *c = Some(b);
+        c.push(b);
         Ok(ptr)
     }
 
@@ -376,6 +397,7 @@ impl Gpu {
 
     /// A buffer of `len` elements with unspecified contents.
     pub fn alloc<T: Elem>(&self, len: usize) -> Result<DeviceBuffer<T>, KernelError> {
+        self.not_capturing("alloc")?;
         // SAFETY: the memory is only ever read by kernels after they or a copy wrote it,
         // or as plain bits (any bit pattern is a valid f32/u32/bf16).
         let slice = unsafe { self.stream.alloc::<T>(len.max(1)) }
@@ -386,16 +408,39 @@ impl Gpu {
     /// Like [`Gpu::alloc`], from (and, when dropped, back to) the pool: for op outputs
     /// and temporaries.
     pub(crate) fn scratch<T: Elem>(&self, len: usize) -> Result<DeviceBuffer<T>, KernelError> {
-        let slice = match self.pool.take::<T>(len.max(1)) {
+        let (pool, strict) =
+            crate::graph::recording_pool(self).unwrap_or_else(|| (Arc::clone(&self.pool), false));
+        let slice = match pool.take::<T>(len.max(1)) {
             Some(s) => s,
-            // SAFETY: as in `alloc`.
-            None => unsafe { self.stream.alloc::<T>(len.max(1)) }
-                .map_err(|e| alloc_error(e, len * std::mem::size_of::<T>()))?,
+            None if strict => {
+                return Err(KernelError::invalid(
+                    "record step",
+                    format!("a scratch buffer of {len} elements the warm-up run did not make"),
+                ))
+            }
+            None => {
+                self.not_capturing("scratch")?;
+                // SAFETY: as in `alloc`.
+                unsafe { self.stream.alloc::<T>(len.max(1)) }
+                    .map_err(|e| alloc_error(e, len * std::mem::size_of::<T>()))?
+            }
         };
-        Ok(self.wrap(slice, len, Some(Arc::clone(&self.pool))))
+        Ok(self.wrap(slice, len, Some(pool)))
+    }
+
+    /// Refuses an allocation while a graph is captured: the graph would own it.
+    pub(crate) fn not_capturing(&self, op: &'static str) -> Result<(), KernelError> {
+        if crate::graph::capturing(self) {
+            return Err(KernelError::invalid(
+                op,
+                "allocation while recording a step",
+            ));
+        }
+        Ok(())
     }
 
     pub fn zeros<T: Elem>(&self, len: usize) -> Result<DeviceBuffer<T>, KernelError> {
+        self.not_capturing("zeros")?;
         let slice = self
             .stream
             .alloc_zeros::<T>(len.max(1))
@@ -404,6 +449,7 @@ impl Gpu {
     }
 
     pub fn upload<T: Elem>(&self, data: &[T]) -> Result<DeviceBuffer<T>, KernelError> {
+        self.not_capturing("upload")?;
         if data.is_empty() {
             return self.zeros(0);
         }
@@ -476,10 +522,22 @@ impl Gpu {
                 dst,
                 src.ptr,
                 src.num_bytes(),
-                self.stream.cu_stream(),
+                self.launch_stream(),
             )
         }
         .map_err(|e| KernelError::driver("copy", e))
+    }
+
+    /// A copy of `src` in a scratch buffer (device to device).
+    pub fn copy_to_scratch(
+        &self,
+        src: &DeviceBuffer<f32>,
+    ) -> Result<DeviceBuffer<f32>, KernelError> {
+        let dst = self.scratch::<f32>(src.len)?;
+        if src.len > 0 {
+            self.copy_f32(src, dst.ptr)?;
+        }
+        Ok(dst)
     }
 
     /// A copy of `src` in a new buffer (device to device).
@@ -512,6 +570,12 @@ impl Gpu {
             ptr,
             pool,
         }
+    }
+
+    /// The stream launches go to: the GPU's, or the one this thread is capturing a
+    /// graph on.
+    pub(crate) fn launch_stream(&self) -> cudarc::driver::sys::CUstream {
+        crate::graph::capture_stream(self).unwrap_or_else(|| self.stream.cu_stream())
     }
 
     /// Queues `func` with `args` (validated by the typed launcher that calls this).
@@ -582,7 +646,7 @@ impl Gpu {
                 blockDimY: 1,
                 blockDimZ: 1,
                 sharedMemBytes: smem,
-                hStream: self.stream.cu_stream(),
+                hStream: self.launch_stream(),
                 attrs: attrs.as_mut_ptr(),
                 numAttrs: n as u32,
             };
@@ -609,7 +673,7 @@ impl Gpu {
                 grid,
                 (block, 1, 1),
                 smem,
-                self.stream.cu_stream(),
+                self.launch_stream(),
                 &mut ptrs,
             )
         }

@@ -6,6 +6,8 @@
 //! (token id, KV slot, block id, row) is bounded by a number recorded in [`DeviceStep`]
 //! and checked against the operand it indexes.
 
+use std::sync::Arc;
+
 use crate::error::KernelError;
 use crate::gpu::{DeviceBuffer, Gpu};
 
@@ -38,8 +40,11 @@ pub struct StepInput<'a> {
     pub block_size: usize,
 }
 
-/// Word offsets of each array inside [`DeviceStep`]'s buffer.
-#[derive(Debug, Clone, Copy, Default)]
+/// Word offsets of each array inside [`DeviceStep`]'s buffer. The block tables come
+/// last, so that the offsets depend only on the step's shape (rows, sequences, lists),
+/// not on its context: a recorded step ([`crate::StepShape`]) is replayed on the words
+/// of a later step of the same shape copied over its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Offsets {
     pub tokens: usize,
     pub slots: usize,
@@ -57,11 +62,15 @@ pub(crate) struct Offsets {
 }
 
 /// A step's metadata resident on the device, with the bounds of its indices.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct DeviceStep {
-    pub(crate) buf: DeviceBuffer<u32>,
+    /// Shared only between a recorded step and the clones it is rebuilt from.
+    pub(crate) buf: Arc<DeviceBuffer<u32>>,
+    /// Words of `buf` in use (the buffer of a recorded step may be longer).
+    pub(crate) words: usize,
     pub(crate) off: Offsets,
     pub(crate) rows: usize,
+    pub(crate) n_seqs: usize,
     /// Rotary pairs per row; 0 without rotary embeddings.
     pub(crate) half_dim: usize,
     pub(crate) block_size: usize,
@@ -223,18 +232,20 @@ impl Gpu {
             sin: push(&mut words, &sin),
             row_info: push(&mut words, &row_info),
             seq_info: push(&mut words, &seq_info),
-            block_tables: push(&mut words, &tables),
             logit_rows: push(&mut words, input.logit_rows),
             all_rows: push(&mut words, &all_rows),
             small_rows: push(&mut words, &small_rows),
             short_rows: push(&mut words, &short_rows),
             long_rows: push(&mut words, &long_rows),
             tiles: push(&mut words, &tiles),
+            block_tables: push(&mut words, &tables),
         };
         Ok(DeviceStep {
-            buf: self.upload(&words)?,
+            buf: Arc::new(self.upload(&words)?),
+            words: words.len(),
             off,
             rows,
+            n_seqs: input.seqs.len(),
             half_dim,
             block_size: bs,
             n_logit_rows: input.logit_rows.len(),

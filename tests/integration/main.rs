@@ -3,6 +3,7 @@
 
 mod common;
 mod cuda_golden;
+mod cuda_graphs;
 mod cuda_runtime;
 mod cuda_sampling;
 mod cuda_sum;

@@ -115,6 +115,10 @@ pub fn penalized_argmax_on_host(
         .collect()
 }
 
+/// One step's work from the embeddings to the logit rows ([`Backend::run_step`]).
+pub type StepPass<'a, B, E> =
+    dyn FnMut(&<B as Backend>::Step) -> Result<<B as Backend>::Tensor, E> + 'a;
+
 /// The operations of a Falcon forward pass. Tensors are row-major `[rows, cols]`.
 pub trait Backend: Send + Sync + Debug + 'static {
     /// A tensor in backend memory.
@@ -123,6 +127,10 @@ pub trait Backend: Send + Sync + Debug + 'static {
     type KvCache: Send + Sync + Debug;
     /// One step's metadata, resident where the kernels can read it.
     type Step: Send + Sync + Debug;
+    /// Recordings of one model's forward steps that the backend replays instead of
+    /// queueing each kernel again (CUDA graphs), or `()`. Each model instance keeps its
+    /// own: a recording addresses that model's weights and KV cache.
+    type StepGraphs: Default + Send + Sync + Debug;
 
     fn name(&self) -> &'static str;
 
@@ -296,6 +304,22 @@ pub trait Backend: Send + Sync + Debug + 'static {
         rows: usize,
         cols: usize,
     ) -> Result<Self::Tensor, BackendError>;
+
+    /// Runs `pass`, one step's work from the embeddings to the logit rows over the
+    /// given step, or replays a recording of it: a backend that records steps records
+    /// one the second time it sees its shape and replays it for every later step of
+    /// that shape, which must give the same bits. `pass` may only queue backend work
+    /// (no reads to the host) and must do the same for every step of a shape. The
+    /// default runs `pass` on `step`.
+    fn run_step<E: From<BackendError> + std::fmt::Display>(
+        &self,
+        graphs: &mut Self::StepGraphs,
+        step: &Self::Step,
+        pass: &mut StepPass<'_, Self, E>,
+    ) -> Result<Self::Tensor, E> {
+        let _ = graphs;
+        pass(step)
+    }
 
     /// Copies whole KV blocks `src -> dst` in every layer (copy-on-write of shared prefixes).
     fn copy_kv_blocks(

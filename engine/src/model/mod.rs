@@ -98,6 +98,8 @@ pub struct Falcon<B: Backend> {
     attn: AttnConfig,
     kv: B::KvCache,
     kv_layout: KvLayout,
+    /// The backend's recordings of this model's steps ([`Backend::run_step`]).
+    graphs: B::StepGraphs,
 }
 
 impl<B: Backend> Falcon<B> {
@@ -160,7 +162,14 @@ impl<B: Backend> Falcon<B> {
             attn,
             kv,
             kv_layout,
+            graphs: B::StepGraphs::default(),
         })
+    }
+
+    /// The backend's recordings of this model's steps (the CUDA backend reports how
+    /// its steps ran through them).
+    pub fn step_graphs(&self) -> &B::StepGraphs {
+        &self.graphs
     }
 
     pub fn config(&self) -> &FalconConfig {
@@ -202,20 +211,53 @@ impl<B: Backend> Falcon<B> {
 
     /// Token embeddings (first shard only).
     pub fn embed(&self, step: &Step<B>) -> Result<B::Tensor> {
+        self.embed_rows(&step.device)
+    }
+
+    fn embed_rows(&self, device: &B::Step) -> Result<B::Tensor> {
         let table = self
             .embeddings
             .as_ref()
             .ok_or(ForwardError::NotInShard { part: "embeddings" })?;
-        Ok(self.backend.embed(table, &step.device)?)
+        Ok(self.backend.embed(table, device)?)
     }
 
     /// Runs this instance's layers over `hidden` (`[rows, hidden]`), writing their KV.
     pub fn run_layers(&mut self, hidden: B::Tensor, step: &Step<B>) -> Result<B::Tensor> {
+        let rows = step.meta.token_ids.len();
+        self.run_layers_on(hidden, &step.device, rows)
+    }
+
+    fn run_layers_on(
+        &mut self,
+        hidden: B::Tensor,
+        device: &B::Step,
+        rows: usize,
+    ) -> Result<B::Tensor> {
         let mut x = hidden;
         for i in 0..self.layers.len() {
-            x = self.layer(i, x, step)?;
+            x = self.layer(i, x, device, rows)?;
         }
         Ok(x)
+    }
+
+    /// A whole step from the embeddings to the logit rows (this instance must hold
+    /// every layer), left in backend memory; the backend may replay a recording of it
+    /// ([`Backend::run_step`]).
+    pub fn step_logits(&mut self, step: &Step<B>) -> Result<B::Tensor> {
+        if self.embeddings.is_none() {
+            return Err(ForwardError::NotInShard { part: "embeddings" }.into());
+        }
+        let rows = step.meta.token_ids.len();
+        let backend = Arc::clone(&self.backend);
+        let mut graphs = std::mem::take(&mut self.graphs);
+        let out = backend.run_step(&mut graphs, &step.device, &mut |device| {
+            let h = self.embed_rows(device)?;
+            let h = self.run_layers_on(h, device, rows)?;
+            self.head_logits(&h, device)
+        });
+        self.graphs = graphs;
+        out
     }
 
     fn linear(&self, x: &B::Tensor, l: &Linear<B>) -> Result<B::Tensor> {
@@ -236,7 +278,13 @@ impl<B: Backend> Falcon<B> {
         self.linear_add(&h, &w.four_h_to_h, acc)
     }
 
-    fn layer(&mut self, i: usize, mut x: B::Tensor, step: &Step<B>) -> Result<B::Tensor> {
+    fn layer(
+        &mut self,
+        i: usize,
+        mut x: B::Tensor,
+        device: &B::Step,
+        rows: usize,
+    ) -> Result<B::Tensor> {
         let b = Arc::clone(&self.backend);
         let eps = self.cfg.layer_norm_epsilon;
         let w = &self.layers[i];
@@ -245,7 +293,7 @@ impl<B: Backend> Falcon<B> {
         // few-row steps one backend call for both (one launch on the GPU), the up
         // projection kept for later. Larger steps (prefill) compute it after attention,
         // so that its rows x 4h activations are not held through it.
-        let pair = step.meta.token_ids.len() <= PAIR_MAX_ROWS;
+        let pair = rows <= PAIR_MAX_ROWS;
         let (attn_in, mlp_in, qkv, up) = match &w.norms {
             LayerNormWeights::Shared { input } if pair => {
                 let a = ln(input, &x)?;
@@ -269,7 +317,7 @@ impl<B: Backend> Falcon<B> {
                 (a, None, qkv, None)
             }
         };
-        let ctx = b.attention(&qkv, &mut self.kv, i, &step.device, &self.attn)?;
+        let ctx = b.attention(&qkv, &mut self.kv, i, device, &self.attn)?;
         let w = &self.layers[i];
         // Parallel attention: (x + attn(ln(x))) + mlp(ln'(x)); sequential: x + attn, then
         // + MLP of its norm. Either way the sums run in this order (with the MLP's up
@@ -298,11 +346,11 @@ impl<B: Backend> Falcon<B> {
     }
 
     /// Final norm and LM head over the step's logit rows, left in backend memory.
-    fn head_logits(&self, hidden: &B::Tensor, step: &Step<B>) -> Result<B::Tensor> {
+    fn head_logits(&self, hidden: &B::Tensor, device: &B::Step) -> Result<B::Tensor> {
         let head = self.head.as_ref().ok_or(ForwardError::NotInShard {
             part: "output head",
         })?;
-        let rows = self.backend.gather_logit_rows(hidden, &step.device)?;
+        let rows = self.backend.gather_logit_rows(hidden, device)?;
         let normed = self.backend.layer_norm(
             &rows,
             &head.ln_f.weight,
@@ -315,17 +363,15 @@ impl<B: Backend> Falcon<B> {
     /// A whole forward pass (this instance must hold every layer).
     pub fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<Logits>> {
         let step = self.prepare(chunks)?;
-        let h = self.embed(&step)?;
-        let h = self.run_layers(h, &step)?;
-        self.logits(&h, &step)
+        let logits = self.step_logits(&step)?;
+        self.logits_from(&logits, &step)
     }
 
     /// [`Falcon::forward`] returning greedy tokens instead of logits.
     pub fn forward_greedy(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<Vec<Option<u32>>>> {
         let step = self.prepare(chunks)?;
-        let h = self.embed(&step)?;
-        let h = self.run_layers(h, &step)?;
-        self.greedy_tokens(&h, &step)
+        let logits = self.step_logits(&step)?;
+        self.greedy_from(&logits, &step)
     }
 
     /// Copy-on-write block copies requested by the KV pool.

@@ -45,6 +45,17 @@ impl<B: Backend> Falcon<B> {
         step: &Step<B>,
         wants: &[RowsWanted<'_>],
     ) -> Result<Vec<RowsOut>> {
+        let logits = self.head_logits(hidden, &step.device)?;
+        self.outputs_from(&logits, step, wants)
+    }
+
+    /// [`Falcon::outputs`] of the step's logit rows, already computed.
+    pub fn outputs_from(
+        &self,
+        logits: &B::Tensor,
+        step: &Step<B>,
+        wants: &[RowsWanted<'_>],
+    ) -> Result<Vec<RowsOut>> {
         let chunks = step.rows_per_chunk.len();
         if wants.len() != chunks {
             return Err(ForwardError::WantsPerChunk {
@@ -53,20 +64,19 @@ impl<B: Backend> Falcon<B> {
             }
             .into());
         }
-        let logits = self.head_logits(hidden, step)?;
         let v = self.cfg.vocab_size;
         let want = |f: fn(&RowsWanted<'_>) -> bool| wants.iter().any(f);
         let host = if want(|w| matches!(w, RowsWanted::Logits)) {
-            self.backend.to_host(&logits)?
+            self.backend.to_host(logits)?
         } else {
             Vec::new()
         };
         let greedy = if want(|w| matches!(w, RowsWanted::Greedy)) {
-            self.backend.argmax_rows(&logits, v)?
+            self.backend.argmax_rows(logits, v)?
         } else {
             Vec::new()
         };
-        let (warped, penalized) = self.warp(&logits, step, wants)?;
+        let (warped, penalized) = self.warp(logits, step, wants)?;
         let (mut warped, mut penalized) = (warped.into_iter(), penalized.into_iter());
 
         let mut out = Vec::with_capacity(chunks);
@@ -91,8 +101,14 @@ impl<B: Backend> Falcon<B> {
     /// Final norm and LM head over the step's logit rows (last shard only); one
     /// [`Logits`] per non-empty chunk.
     pub fn logits(&self, hidden: &B::Tensor, step: &Step<B>) -> Result<Vec<Logits>> {
+        let logits = self.head_logits(hidden, &step.device)?;
+        self.logits_from(&logits, step)
+    }
+
+    /// [`Falcon::logits`] of the step's logit rows, already computed.
+    pub fn logits_from(&self, logits: &B::Tensor, step: &Step<B>) -> Result<Vec<Logits>> {
         let wants = vec![RowsWanted::Logits; step.rows_per_chunk.len()];
-        let out = self.outputs(hidden, step, &wants)?;
+        let out = self.outputs_from(logits, step, &wants)?;
         // Each chunk is answered in the form it asked for.
         Ok(out
             .into_iter()
@@ -104,15 +120,11 @@ impl<B: Backend> Falcon<B> {
     }
 
     /// Greedy tokens (the argmax of each logit row; `None` for a row without a usable
-    /// logit) per non-empty chunk, computed where the logits are (last shard only):
-    /// only token ids cross to the host.
-    pub fn greedy_tokens(
-        &self,
-        hidden: &B::Tensor,
-        step: &Step<B>,
-    ) -> Result<Vec<Vec<Option<u32>>>> {
+    /// logit) per non-empty chunk of the step's logit rows, computed where the logits
+    /// are: only token ids cross to the host.
+    pub fn greedy_from(&self, logits: &B::Tensor, step: &Step<B>) -> Result<Vec<Vec<Option<u32>>>> {
         let wants = vec![RowsWanted::Greedy; step.rows_per_chunk.len()];
-        let out = self.outputs(hidden, step, &wants)?;
+        let out = self.outputs_from(logits, step, &wants)?;
         Ok(out
             .into_iter()
             .filter_map(|o| match o {
@@ -129,9 +141,8 @@ impl<B: Backend> Falcon<B> {
         wants: &[RowsWanted<'_>],
     ) -> Result<Vec<RowsOut>> {
         let step = self.prepare(chunks)?;
-        let h = self.embed(&step)?;
-        let h = self.run_layers(h, &step)?;
-        self.outputs(&h, &step, wants)
+        let logits = self.step_logits(&step)?;
+        self.outputs_from(&logits, &step, wants)
     }
 
     /// The rows of the `Warped` chunks, in chunk order: one backend call for the

@@ -9,6 +9,7 @@ use crate::error::KernelError;
 use cudarc::driver::CudaFunction;
 
 use crate::gpu::{Arg, DeviceBuffer, Gpu};
+use crate::graph::Bound;
 use crate::step::DeviceStep;
 
 const DEC_TK: usize = 32;
@@ -116,6 +117,16 @@ impl Decode<'_> {
         ])
     }
 }
+
+/// The class of a context of `ctx` keys: decode attention over contexts of one class
+/// launches the same grids (both decode kernels split at multiples of
+/// `DEC_SPLIT_KEYS`), which is what a recorded step's shape keys on. `None` past the
+/// contexts where the CUDA-core kernel's splits start to widen with the context.
+pub(crate) fn ctx_class(ctx: usize) -> Option<usize> {
+    (ctx <= DEC_SPLIT_KEYS * COMBINE_MAX_SPLITS).then(|| ctx.div_ceil(DEC_SPLIT_KEYS))
+}
+
+const _: () = assert!(DTC_SPLIT_KEYS.is_multiple_of(DEC_SPLIT_KEYS));
 
 /// Splits of a decode attention over `max_ctx` keys: `keys` each (more only past
 /// `COMBINE_MAX_SPLITS` splits), so that split boundaries do not depend on the other
@@ -294,6 +305,8 @@ impl Gpu {
                 ),
             ));
         }
+        self.note_limit(Bound::Slots, kv.num_slots());
+        self.note_limit(Bound::Blocks, kv.num_blocks);
         let rotary = step.half_dim > 0;
         if rotary && 2 * step.half_dim != hd {
             return Err(KernelError::invalid(
@@ -564,5 +577,29 @@ impl Gpu {
                 Arg::I32(nsplit as i32),
             ],
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every context of a class launches the same split grids in both decode kernels.
+    #[test]
+    fn contexts_of_one_class_split_alike() {
+        let max = DEC_SPLIT_KEYS * COMBINE_MAX_SPLITS;
+        let mut last: Option<(usize, (usize, usize), usize)> = None;
+        for ctx in 1..=max {
+            let class = ctx_class(ctx).expect("within the recordable contexts");
+            let grids = (
+                fixed_splits(ctx, DEC_SPLIT_KEYS),
+                ctx.div_ceil(DTC_SPLIT_KEYS),
+            );
+            if let Some((c, simt, tc)) = last.filter(|l| l.0 == class) {
+                assert_eq!((simt, tc), grids, "context {ctx} of class {c}");
+            }
+            last = Some((class, grids.0, grids.1));
+        }
+        assert_eq!(ctx_class(max + 1), None);
     }
 }

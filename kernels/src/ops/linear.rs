@@ -433,6 +433,8 @@ impl Gpu {
         if m == 0 || n == 0 {
             return Ok(());
         }
+        // cuBLAS queues on the GPU's stream, which a recording does not capture.
+        self.not_capturing(OP)?;
         let blas = self.blas.lock().map_err(|_| KernelError::Device {
             op: OP,
             message: "cuBLAS handle lock poisoned".into(),

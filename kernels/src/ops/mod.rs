@@ -13,6 +13,7 @@ mod pair;
 mod sampling;
 mod sum;
 
+pub(crate) use attention::ctx_class;
 pub use attention::{AttentionParams, KvBuffers};
 pub use linear::GEMV_MAX_ROWS;
 pub use pair::PairHalf;
@@ -23,6 +24,7 @@ use half::bf16;
 
 use crate::error::KernelError;
 use crate::gpu::{Arg, DeviceBuffer, Elem, Gpu};
+use crate::graph::Bound;
 use crate::step::DeviceStep;
 
 pub(crate) fn check_len<T: Elem>(
@@ -70,6 +72,7 @@ impl Gpu {
                 format!("token id {} outside vocabulary {vocab}", step.max_token),
             ));
         }
+        self.note_limit(Bound::Tokens, vocab);
         let out = self.scratch::<f32>(step.rows * cols)?;
         self.launch(
             &self.k.embed_bf16,

@@ -125,6 +125,7 @@ impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type KvCache = CpuKvCache;
     type Step = StepMeta;
+    type StepGraphs = ();
 
     fn name(&self) -> &'static str {
         "cpu"

@@ -11,10 +11,13 @@
 //! [`CudaBackend::new`] never panics on a machine without a GPU or CUDA libraries: it
 //! returns [`BackendError::Unavailable`], so callers can fall back to the CPU.
 
+mod graphs;
 mod warp;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+pub use graphs::{GraphStats, StepGraphs};
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -24,7 +27,7 @@ use falconer_kernels::{
     AttentionParams, DeviceBuffer, DeviceStep, Gpu, KernelError, KvBuffers, SeqDesc, StepInput,
 };
 
-use super::{AttnConfig, Backend, KvLayout, StepMeta, WarpRow, WarpedRows};
+use super::{AttnConfig, Backend, KvLayout, StepMeta, StepPass, WarpRow, WarpedRows};
 use crate::checkpoint::{Dtype, HostTensor};
 use crate::error::BackendError;
 
@@ -206,6 +209,9 @@ pub struct CudaBackend {
     /// Whether [`Backend::warp_rows`] and [`Backend::penalized_argmax_rows`] run on the
     /// device (the default) or copy the rows to the host (for comparisons).
     device_warp: AtomicBool,
+    /// Whether decode and verify steps are recorded and replayed as CUDA graphs
+    /// ([`Backend::run_step`]; on by default, `FALCONER_CUDA_GRAPHS=0` turns it off).
+    step_graphs: AtomicBool,
 }
 
 /// An uploaded slope vector and the bits of its values.
@@ -220,7 +226,19 @@ impl CudaBackend {
             synthetic: None,
             slopes: Mutex::new(Vec::new()),
             device_warp: AtomicBool::new(true),
+            step_graphs: AtomicBool::new(
+                std::env::var("FALCONER_CUDA_GRAPHS").map_or(true, |v| v.trim() != "0"),
+            ),
         })
+    }
+
+    /// Turns the recording and replaying of steps as CUDA graphs on or off.
+    pub fn set_step_graphs(&self, on: bool) {
+        self.step_graphs.store(on, Ordering::Relaxed);
+    }
+
+    pub fn step_graphs(&self) -> bool {
+        self.step_graphs.load(Ordering::Relaxed)
     }
 
     /// Whether sampled rows are warped on the device (default) or on the host.
@@ -358,6 +376,7 @@ impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type KvCache = CudaKvCache;
     type Step = CudaStep;
+    type StepGraphs = StepGraphs;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -739,6 +758,15 @@ impl Backend for CudaBackend {
             cols,
             groups: None,
         })
+    }
+
+    fn run_step<E: From<BackendError> + std::fmt::Display>(
+        &self,
+        graphs: &mut StepGraphs,
+        step: &CudaStep,
+        pass: &mut StepPass<'_, CudaBackend, E>,
+    ) -> Result<CudaTensor, E> {
+        graphs::run_step(self, graphs, step, pass)
     }
 
     fn copy_kv_blocks(

@@ -1,0 +1,239 @@
+//! Decode and verify steps replayed as CUDA graphs ([`Backend::run_step`]).
+//!
+//! A decode step of a 7B model is about 170 short kernels; queued one by one, each
+//! launch costs the GPU a little time between kernels. A recording of the whole step
+//! (embeddings to logits) replays them as one graph. Recordings are kept per model, by
+//! step shape ([`kernels::StepShape`]: rows, sequences and context class, which fix
+//! every launch), the settings in force, and the chunk layout:
+//! - the first step of a shape runs as usual, taking its scratch buffers from a pool of
+//!   its own (the warm-up);
+//! - the second is captured with that pool (nothing may be allocated while capturing),
+//!   then replayed;
+//! - later ones copy their metadata over the recording's, check their indices against
+//!   the bounds the launchers checked while recording, and replay.
+//!
+//! A replay's logits are copied out of the recording's buffer, so a caller may keep them
+//! across later steps. A step whose capture fails runs as usual, and its shape is not
+//! tried again.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use falconer_kernels::{CapturedGraph, ScratchPool, StepLimits, StepShape};
+
+use super::{map_err, CudaBackend, CudaData, CudaStep, CudaTensor};
+use crate::backend::StepPass;
+use crate::error::BackendError;
+
+/// Recordings kept per model; the least recently used goes first.
+const MAX_RECORDINGS: usize = 64;
+
+/// How a model's steps ran ([`StepGraphs::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// Steps run as usual to warm a shape up.
+    pub warmed: u64,
+    /// Shapes recorded.
+    pub recorded: u64,
+    /// Steps replayed from a recording (the step that recorded a shape included).
+    pub replayed: u64,
+    /// Captures that failed (the step then ran as usual).
+    pub failed: u64,
+    /// Steps of no recordable shape (prefill) or with recording off.
+    pub direct: u64,
+}
+
+/// One model's recorded steps (the CUDA backend's [`Backend::StepGraphs`]).
+#[derive(Debug, Default)]
+pub struct StepGraphs {
+    entries: HashMap<Key, Entry>,
+    clock: u64,
+    stats: GraphStats,
+    last_failure: Option<String>,
+}
+
+impl StepGraphs {
+    pub fn stats(&self) -> GraphStats {
+        self.stats
+    }
+
+    /// Why the last capture that failed did.
+    pub fn last_failure(&self) -> Option<&str> {
+        self.last_failure.as_deref()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    shape: StepShape,
+    settings: u64,
+    chunk_rows: Arc<[usize]>,
+    logit_groups: Arc<[usize]>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    last_use: u64,
+    state: State,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Seen once; the pool holds the scratch buffers of that run.
+    Warm(ScratchPool),
+    Recorded(Box<Recording>),
+    /// Its capture failed: runs as usual.
+    Unrecordable,
+}
+
+#[derive(Debug)]
+struct Recording {
+    /// Dropped first: the graph addresses everything below.
+    graph: CapturedGraph,
+    /// The metadata the graph reads; each replay copies its step's over it.
+    step: CudaStep,
+    /// The logits the graph writes.
+    logits: CudaTensor,
+    limits: StepLimits,
+    _pool: ScratchPool,
+}
+
+/// [`Backend::run_step`] on the CUDA backend.
+pub(super) fn run_step<E: From<BackendError> + fmt::Display>(
+    be: &CudaBackend,
+    graphs: &mut StepGraphs,
+    step: &CudaStep,
+    pass: &mut StepPass<'_, CudaBackend, E>,
+) -> Result<CudaTensor, E> {
+    let gpu = &be.gpu;
+    let shape = step.dev.shape().filter(|_| be.step_graphs());
+    let Some(shape) = shape else {
+        graphs.stats.direct += 1;
+        return pass(step);
+    };
+    let key = Key {
+        shape,
+        settings: gpu.settings_generation(),
+        chunk_rows: Arc::clone(&step.chunk_rows),
+        logit_groups: Arc::clone(&step.logit_groups),
+    };
+    graphs.clock += 1;
+    let now = graphs.clock;
+    if !graphs.entries.contains_key(&key) {
+        if graphs.entries.len() >= MAX_RECORDINGS {
+            let oldest = graphs
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.last_use)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                graphs.entries.remove(&k);
+            }
+        }
+        let pool = ScratchPool::default();
+        let out = gpu.warm_up(&pool, || pass(step))?;
+        graphs.stats.warmed += 1;
+        graphs.entries.insert(
+            key,
+            Entry {
+                last_use: now,
+                state: State::Warm(pool),
+            },
+        );
+        return Ok(out);
+    }
+    let Some(entry) = graphs.entries.get_mut(&key) else {
+        return pass(step);
+    };
+    entry.last_use = now;
+    match &mut entry.state {
+        State::Unrecordable => {
+            graphs.stats.direct += 1;
+            pass(step)
+        }
+        State::Warm(pool) => {
+            let pool = pool.clone();
+            match record(be, &pool, step, pass) {
+                Ok(rec) => {
+                    graphs.stats.recorded += 1;
+                    graphs.stats.replayed += 1;
+                    let out = replay(be, &rec).map_err(E::from);
+                    entry.state = State::Recorded(Box::new(rec));
+                    out
+                }
+                Err(e) => {
+                    // Queued as usual, a step that fails is at fault, not the capture:
+                    // its shape stays warm.
+                    let direct = pass(step);
+                    if direct.is_ok() {
+                        graphs.stats.failed += 1;
+                        graphs.last_failure = Some(e.to_string());
+                        entry.state = State::Unrecordable;
+                    }
+                    direct
+                }
+            }
+        }
+        State::Recorded(rec) => {
+            step.dev.check_limits(&rec.limits).map_err(map_err)?;
+            gpu.refresh_step(&mut rec.step.dev, &step.dev)
+                .map_err(map_err)?;
+            graphs.stats.replayed += 1;
+            replay(be, rec).map_err(E::from)
+        }
+    }
+}
+
+/// Captures `pass` over a persistent copy of `step`, with `pool`'s scratch buffers.
+fn record<E: From<BackendError>>(
+    be: &CudaBackend,
+    pool: &ScratchPool,
+    step: &CudaStep,
+    pass: &mut StepPass<'_, CudaBackend, E>,
+) -> Result<Recording, E> {
+    let gpu = &be.gpu;
+    let persistent = CudaStep {
+        dev: gpu.persistent_step(&step.dev).map_err(map_err)?,
+        chunk_rows: Arc::clone(&step.chunk_rows),
+        logit_groups: Arc::clone(&step.logit_groups),
+    };
+    let (logits, graph, limits) = gpu
+        .record(pool, || pass(&persistent).map_err(Captured::Pass))
+        .map_err(|e| match e {
+            Captured::Pass(e) => e,
+            Captured::Kernel(k) => E::from(map_err(k)),
+        })?;
+    Ok(Recording {
+        graph,
+        step: persistent,
+        logits,
+        limits,
+        _pool: pool.clone(),
+    })
+}
+
+/// An error of the captured pass, or of the capture itself.
+enum Captured<E> {
+    Pass(E),
+    Kernel(falconer_kernels::KernelError),
+}
+
+impl<E> From<falconer_kernels::KernelError> for Captured<E> {
+    fn from(e: falconer_kernels::KernelError) -> Self {
+        Captured::Kernel(e)
+    }
+}
+
+/// Queues a replay and a copy of its logits.
+fn replay(be: &CudaBackend, rec: &Recording) -> Result<CudaTensor, BackendError> {
+    rec.graph.replay().map_err(map_err)?;
+    let logits = rec.logits.f32("replay")?;
+    let copy = be.gpu.copy_to_scratch(logits).map_err(map_err)?;
+    Ok(CudaTensor {
+        data: CudaData::F32(copy),
+        rows: rec.logits.rows,
+        cols: rec.logits.cols,
+        groups: rec.logits.groups.clone(),
+    })
+}
