@@ -12,7 +12,9 @@
 //!
 //! The launchers never trust an index they cannot check: per-step metadata (token ids,
 //! KV slots, block tables) is uploaded through [`Gpu::upload_step`], which validates it
-//! on the host and records the bounds each launcher checks against its operands.
+//! on the host and records the bounds each launcher checks against its operands. A step
+//! replayed from a CUDA graph (`graph`: [`Gpu::record`]) re-checks the bounds its
+//! launchers checked while it was recorded.
 
 #[cfg(feature = "cuda")]
 mod buffer;
