@@ -85,7 +85,7 @@ pub struct StepShape {
     small_rows: usize,
     short_rows: usize,
     long_rows: usize,
-    /// [`ctx_class`] of the longest context overall, of the small-chunk rows, and of
+    /// The context class (64 keys a class) of the longest context overall, of the small-chunk rows, and of
     /// the rows each decode attention kernel takes.
     ctx: [usize; 4],
 }
@@ -93,7 +93,7 @@ pub struct StepShape {
 impl DeviceStep {
     /// The step's shape, or `None` for a step that is never recorded: one with
     /// prefill-sized chunks or more rows than the GEMVs take (those launch cuBLAS and
-    /// are long enough not to gain), or a context past [`ctx_class`]'s.
+    /// are long enough not to gain), or a context longer than 64k keys.
     pub fn shape(&self) -> Option<StepShape> {
         if self.n_tiles > 0 || self.rows > GEMV_MAX_ROWS {
             return None;
