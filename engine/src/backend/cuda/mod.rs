@@ -12,20 +12,20 @@
 //! returns [`BackendError::Unavailable`], so callers can fall back to the CPU.
 
 mod graphs;
+mod tensor;
 mod warp;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub use graphs::{GraphStats, StepGraphs};
+pub use tensor::{CudaData, CudaKvCache, CudaStep, CudaTensor};
 
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 pub use falconer_kernels as kernels;
-use falconer_kernels::{
-    AttentionParams, DeviceBuffer, DeviceStep, Gpu, KernelError, KvBuffers, SeqDesc, StepInput,
-};
+use falconer_kernels::{AttentionParams, DeviceBuffer, Gpu, KernelError, SeqDesc, StepInput};
 
 use super::{AttnConfig, Backend, KvLayout, StepMeta, StepPass, WarpRow, WarpedRows};
 use crate::checkpoint::{Dtype, HostTensor};
@@ -100,102 +100,6 @@ fn check_cols(op: &'static str, x: &CudaTensor, cols: usize) -> Result<(), Backe
 
 fn invalid(op: &'static str, message: String) -> BackendError {
     BackendError::Device { op, message }
-}
-
-/// A tensor's device storage.
-#[derive(Debug)]
-pub enum CudaData {
-    F32(DeviceBuffer<f32>),
-    Bf16(DeviceBuffer<bf16>),
-}
-
-/// A row-major `[rows, cols]` tensor in device memory.
-#[derive(Debug)]
-pub struct CudaTensor {
-    data: CudaData,
-    rows: usize,
-    cols: usize,
-    /// When the rows are a step's: how many belong to each sequence chunk, in order. In
-    /// row-invariant mode a product computes each chunk as it would be computed alone.
-    groups: Option<Arc<[usize]>>,
-}
-
-impl CudaTensor {
-    /// The result `data` of `self @ weight^T`: one row per row of `self` (and its
-    /// sequence chunks), one column per row of `weight`.
-    fn product_output(&self, weight: &CudaTensor, data: DeviceBuffer<f32>) -> CudaTensor {
-        CudaTensor {
-            data: CudaData::F32(data),
-            rows: self.rows,
-            cols: weight.rows,
-            groups: self.groups.clone(),
-        }
-    }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    pub fn data(&self) -> &CudaData {
-        &self.data
-    }
-
-    fn f32(&self, op: &'static str) -> Result<&DeviceBuffer<f32>, BackendError> {
-        match &self.data {
-            CudaData::F32(b) => Ok(b),
-            CudaData::Bf16(_) => Err(invalid(op, "expected an f32 tensor, found bf16".into())),
-        }
-    }
-
-    fn f32_mut(&mut self, op: &'static str) -> Result<&mut DeviceBuffer<f32>, BackendError> {
-        match &mut self.data {
-            CudaData::F32(b) => Ok(b),
-            CudaData::Bf16(_) => Err(invalid(op, "expected an f32 tensor, found bf16".into())),
-        }
-    }
-
-    fn bf16(&self, op: &'static str) -> Result<&DeviceBuffer<bf16>, BackendError> {
-        match &self.data {
-            CudaData::Bf16(b) => Ok(b),
-            CudaData::F32(_) => Err(invalid(op, "expected a bf16 weight, found f32".into())),
-        }
-    }
-}
-
-/// Paged bf16 K and V of every layer, `[layer][slot][kv_head][head_dim]`.
-#[derive(Debug)]
-pub struct CudaKvCache {
-    layout: KvLayout,
-    buf: KvBuffers,
-}
-
-impl CudaKvCache {
-    pub fn layout(&self) -> KvLayout {
-        self.layout
-    }
-
-    /// Device bytes held by keys and values.
-    pub fn byte_size(&self) -> usize {
-        self.buf.byte_size()
-    }
-
-    /// Bytes per cached token: `2 (K, V) x layers x kv_heads x head_dim x 2 (bf16)`.
-    pub fn bytes_per_token(&self) -> usize {
-        self.buf.bytes_per_token()
-    }
-}
-
-/// One step's metadata on the device.
-#[derive(Debug)]
-pub struct CudaStep {
-    dev: DeviceStep,
-    /// Rows of each sequence chunk, in order, and logit rows of each.
-    chunk_rows: Arc<[usize]>,
-    logit_groups: Arc<[usize]>,
 }
 
 /// The CUDA backend on one GPU.
