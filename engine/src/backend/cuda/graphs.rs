@@ -26,8 +26,13 @@ use super::{map_err, CudaBackend, CudaData, CudaStep, CudaTensor};
 use crate::backend::StepPass;
 use crate::error::BackendError;
 
-/// Recordings kept per model; the least recently used goes first.
+/// Recordings kept per model. When they are all taken, a new shape takes the place of
+/// the least recently used one that has not been used for `IDLE_STEPS` steps (contexts
+/// only grow, so a shape of a class the sequences have left goes idle), or else runs as
+/// usual: shapes that come and go never evict the ones in use (each recording costs a
+/// warm-up step and a capture).
 const MAX_RECORDINGS: usize = 64;
+const IDLE_STEPS: u64 = 512;
 
 /// How a model's steps ran ([`StepGraphs::stats`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -122,13 +127,15 @@ pub(super) fn run_step<E: From<BackendError> + fmt::Display>(
     let now = graphs.clock;
     if !graphs.entries.contains_key(&key) {
         if graphs.entries.len() >= MAX_RECORDINGS {
-            let oldest = graphs
-                .entries
-                .iter()
-                .min_by_key(|(_, e)| e.last_use)
-                .map(|(k, _)| k.clone());
-            if let Some(k) = oldest {
-                graphs.entries.remove(&k);
+            let idle = graphs.entries.iter().map(|(k, e)| (k, e.last_use));
+            match evictable(idle, now, IDLE_STEPS) {
+                Some(k) => {
+                    graphs.entries.remove(&k);
+                }
+                None => {
+                    graphs.stats.direct += 1;
+                    return pass(step);
+                }
             }
         }
         let pool = ScratchPool::default();
@@ -185,6 +192,19 @@ pub(super) fn run_step<E: From<BackendError> + fmt::Display>(
     }
 }
 
+/// The least recently used key among those unused for more than `idle` steps before
+/// `now`, if any.
+fn evictable<'a, K: Clone + 'a>(
+    last_uses: impl Iterator<Item = (&'a K, u64)>,
+    now: u64,
+    idle: u64,
+) -> Option<K> {
+    last_uses
+        .filter(|&(_, used)| now.saturating_sub(used) > idle)
+        .min_by_key(|&(_, used)| used)
+        .map(|(k, _)| k.clone())
+}
+
 /// Captures `pass` over a persistent copy of `step`, with `pool`'s scratch buffers.
 fn record<E: From<BackendError>>(
     be: &CudaBackend,
@@ -236,4 +256,24 @@ fn replay(be: &CudaBackend, rec: &Recording) -> Result<CudaTensor, BackendError>
         cols: rec.logits.cols,
         groups: rec.logits.groups.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::evictable;
+
+    #[test]
+    fn only_idle_recordings_make_room_oldest_first() {
+        let keys = ["a", "b", "c"];
+        let uses = [100u64, 40, 70];
+        let entries = || keys.iter().zip(uses);
+        // Nothing idle for more than 512 steps: nothing is evicted.
+        assert_eq!(evictable(entries(), 200, 512), None);
+        // "b" (last used at 40) and "c" (70) are idle at 600; "b" goes first.
+        assert_eq!(evictable(entries(), 600, 512), Some("b"));
+        // Exactly `idle` steps is not yet idle.
+        assert_eq!(evictable(entries(), 552, 512), None);
+        assert_eq!(evictable(entries(), 553, 512), Some("b"));
+        assert_eq!(evictable(std::iter::empty::<(&&str, u64)>(), 10, 0), None);
+    }
 }
