@@ -28,7 +28,7 @@ use cudarc::driver::CudaStream;
 use crate::buffer::Pool;
 use crate::error::KernelError;
 use crate::gpu::{DeviceBuffer, Gpu};
-use crate::ops::{ctx_class, GEMV_MAX_ROWS};
+use crate::ops::{ctx_class, ctx_class_limit, GEMV_MAX_ROWS};
 use crate::step::DeviceStep;
 
 /// Work recorded by [`Gpu::capture`] or [`Gpu::record`], replayed on the GPU's stream.
@@ -318,10 +318,13 @@ impl Gpu {
         });
     }
 
-    /// A copy of `step` in a buffer of its own with room for block tables as long again
-    /// (what a recording keeps, and later steps of its shape are copied over).
+    /// A copy of `step` in a buffer of its own (what a recording keeps, and later steps
+    /// of its shape are copied over), with room for the block tables of every sequence
+    /// at the longest context of the step's class: every step of its shape fits.
     pub fn persistent_step(&self, step: &DeviceStep) -> Result<DeviceStep, KernelError> {
-        let buf = self.alloc::<u32>(step.words + step.words.max(256))?;
+        let tables = step.words - step.off.block_tables;
+        let room = step.n_seqs * ctx_class_limit(step.max_ctx).div_ceil(step.block_size.max(1));
+        let buf = self.alloc::<u32>(step.off.block_tables + room.max(tables))?;
         self.copy_words(step, &buf)?;
         Ok(DeviceStep {
             buf: Arc::new(buf),

@@ -126,6 +126,11 @@ pub(crate) fn ctx_class(ctx: usize) -> Option<usize> {
     (ctx <= DEC_SPLIT_KEYS * COMBINE_MAX_SPLITS).then(|| ctx.div_ceil(DEC_SPLIT_KEYS))
 }
 
+/// The longest context of `ctx`'s class.
+pub(crate) fn ctx_class_limit(ctx: usize) -> usize {
+    ctx.div_ceil(DEC_SPLIT_KEYS).max(1) * DEC_SPLIT_KEYS
+}
+
 const _: () = assert!(DTC_SPLIT_KEYS.is_multiple_of(DEC_SPLIT_KEYS));
 
 /// Splits of a decode attention over `max_ctx` keys: `keys` each (more only past
@@ -601,5 +606,10 @@ mod tests {
             last = Some((class, grids.0, grids.1));
         }
         assert_eq!(ctx_class(max + 1), None);
+        for ctx in [1, 63, 64, 65, 1000, max] {
+            let limit = ctx_class_limit(ctx);
+            assert!(limit >= ctx && ctx_class(limit) == ctx_class(ctx), "{ctx}");
+            assert_ne!(ctx_class(limit + 1), ctx_class(ctx), "{ctx}");
+        }
     }
 }

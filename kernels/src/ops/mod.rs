@@ -13,7 +13,7 @@ mod pair;
 mod sampling;
 mod sum;
 
-pub(crate) use attention::ctx_class;
+pub(crate) use attention::{ctx_class, ctx_class_limit};
 pub use attention::{AttentionParams, KvBuffers};
 pub use linear::GEMV_MAX_ROWS;
 pub use pair::PairHalf;
