@@ -71,10 +71,23 @@ fn layer_shards_load_and_chain_to_the_full_model() {
         first.logits(&h, &step),
         Err(Error::Forward(ForwardError::NotInShard { .. }))
     ));
+    // A whole step needs the whole model: the first shard has no output head.
+    assert!(matches!(
+        first.step_logits(&step),
+        Err(Error::Forward(ForwardError::NotInShard {
+            part: "output head"
+        }))
+    ));
     let step2 = second.prepare(&[chunk]).unwrap();
     assert!(matches!(
         second.embed(&step2),
         Err(Error::Forward(ForwardError::NotInShard { .. }))
+    ));
+    assert!(matches!(
+        second.step_logits(&step2),
+        Err(Error::Forward(ForwardError::NotInShard {
+            part: "embeddings"
+        }))
     ));
     let h = second.run_layers(h, &step2).unwrap();
     let got = second.logits(&h, &step2).unwrap();
