@@ -1,4 +1,4 @@
-//! The engine's error types: one enum per concern, gathered in [`Error`].
+//! The engine's error types: one enum per concern, gathered in [`enum@Error`].
 //!
 //! Every variant is structured (file, tensor, field, value), so a caller can tell the
 //! user exactly which input is wrong without parsing a message.
