@@ -1,4 +1,5 @@
-//! Decode and verify steps replayed as CUDA graphs ([`Backend::run_step`](crate::backend::Backend::run_step)).
+//! Decode and verify steps replayed as CUDA graphs
+//! ([`Backend::run_step`](crate::backend::Backend::run_step)).
 //!
 //! A decode step of a 7B model is about 170 short kernels; queued one by one, each
 //! launch costs the GPU a little time between kernels. A recording of the whole step
@@ -49,7 +50,8 @@ pub struct GraphStats {
     pub direct: u64,
 }
 
-/// One model's recorded steps (the CUDA backend's [`Backend::StepGraphs`](crate::backend::Backend::StepGraphs)).
+/// One model's recorded steps (the CUDA backend's
+/// [`Backend::StepGraphs`](crate::backend::Backend::StepGraphs)).
 #[derive(Debug, Default)]
 pub struct StepGraphs {
     entries: HashMap<Key, Entry>,
