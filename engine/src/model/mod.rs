@@ -245,6 +245,13 @@ impl<B: Backend> Falcon<B> {
     /// every layer), left in backend memory; the backend may replay a recording of it
     /// ([`Backend::run_step`]).
     pub fn step_logits(&mut self, step: &Step<B>) -> Result<B::Tensor> {
+        // Checked before any layer runs (and writes its KV), not after.
+        if self.head.is_none() {
+            return Err(ForwardError::NotInShard {
+                part: "output head",
+            }
+            .into());
+        }
         if self.embeddings.is_none() {
             return Err(ForwardError::NotInShard { part: "embeddings" }.into());
         }
