@@ -127,33 +127,8 @@ pub(super) fn run_step<E: From<BackendError> + fmt::Display>(
     };
     graphs.clock += 1;
     let now = graphs.clock;
-    if !graphs.entries.contains_key(&key) {
-        if graphs.entries.len() >= MAX_RECORDINGS {
-            let idle = graphs.entries.iter().map(|(k, e)| (k, e.last_use));
-            match evictable(idle, now, IDLE_STEPS) {
-                Some(k) => {
-                    graphs.entries.remove(&k);
-                }
-                None => {
-                    graphs.stats.direct += 1;
-                    return pass(step);
-                }
-            }
-        }
-        let pool = ScratchPool::default();
-        let out = gpu.warm_up(&pool, || pass(step))?;
-        graphs.stats.warmed += 1;
-        graphs.entries.insert(
-            key,
-            Entry {
-                last_use: now,
-                state: State::Warm(pool),
-            },
-        );
-        return Ok(out);
-    }
     let Some(entry) = graphs.entries.get_mut(&key) else {
-        return pass(step);
+        return warm_up(be, graphs, key, now, step, pass);
     };
     entry.last_use = now;
     match &mut entry.state {
@@ -197,6 +172,41 @@ pub(super) fn run_step<E: From<BackendError> + fmt::Display>(
             replay(be, rec).map_err(E::from)
         }
     }
+}
+
+/// Runs the first step of a shape with a new recording's own scratch pool, making room
+/// for the recording if there is any to make; else runs it as usual.
+fn warm_up<E>(
+    be: &CudaBackend,
+    graphs: &mut StepGraphs,
+    key: Key,
+    now: u64,
+    step: &CudaStep,
+    pass: &mut StepPass<'_, CudaBackend, E>,
+) -> Result<CudaTensor, E> {
+    if graphs.entries.len() >= MAX_RECORDINGS {
+        let idle = graphs.entries.iter().map(|(k, e)| (k, e.last_use));
+        match evictable(idle, now, IDLE_STEPS) {
+            Some(k) => {
+                graphs.entries.remove(&k);
+            }
+            None => {
+                graphs.stats.direct += 1;
+                return pass(step);
+            }
+        }
+    }
+    let pool = ScratchPool::default();
+    let out = be.gpu.warm_up(&pool, || pass(step))?;
+    graphs.stats.warmed += 1;
+    graphs.entries.insert(
+        key,
+        Entry {
+            last_use: now,
+            state: State::Warm(pool),
+        },
+    );
+    Ok(out)
 }
 
 /// The least recently used key among those unused for more than `idle` steps before
