@@ -296,7 +296,6 @@ impl Gpu {
         self.settings_changed();
     }
 
-    /// Chooses how [`Gpu::linear_pair`] runs (benchmarks compare them).
     /// Lets [`Gpu::linear_accumulate_sum`] run its two products as one launch where it
     /// can (the default; `FALCONER_FUSE_SUM=0` turns it off), or always as two.
     pub fn set_fuse_sum(&self, on: bool) {
@@ -308,6 +307,7 @@ impl Gpu {
         self.fuse_sum.load(Ordering::Relaxed)
     }
 
+    /// Chooses how [`Gpu::linear_pair`] runs (benchmarks compare them).
     pub fn set_pair_launch(&self, mode: PairLaunch) {
         self.pair_launch.store(mode as u8, Ordering::Relaxed);
         self.settings_changed();
@@ -397,12 +397,18 @@ impl Gpu {
 
     /// A buffer of `len` elements with unspecified contents.
     pub fn alloc<T: Elem>(&self, len: usize) -> Result<DeviceBuffer<T>, KernelError> {
-        self.not_capturing("alloc")?;
+        let slice = self.fresh::<T>("alloc", len)?;
+        Ok(self.wrap(slice, len, None))
+    }
+
+    /// New device memory for `len` elements (at least one), refused while this thread
+    /// captures a graph.
+    fn fresh<T: Elem>(&self, op: &'static str, len: usize) -> Result<CudaSlice<T>, KernelError> {
+        self.not_capturing(op)?;
         // SAFETY: the memory is only ever read by kernels after they or a copy wrote it,
         // or as plain bits (any bit pattern is a valid f32/u32/bf16).
-        let slice = unsafe { self.stream.alloc::<T>(len.max(1)) }
-            .map_err(|e| alloc_error(e, len * std::mem::size_of::<T>()))?;
-        Ok(self.wrap(slice, len, None))
+        unsafe { self.stream.alloc::<T>(len.max(1)) }
+            .map_err(|e| alloc_error(e, len * std::mem::size_of::<T>()))
     }
 
     /// Like [`Gpu::alloc`], from (and, when dropped, back to) the pool: for op outputs
@@ -418,12 +424,7 @@ impl Gpu {
                     format!("a scratch buffer of {len} elements the warm-up run did not make"),
                 ))
             }
-            None => {
-                self.not_capturing("scratch")?;
-                // SAFETY: as in `alloc`.
-                unsafe { self.stream.alloc::<T>(len.max(1)) }
-                    .map_err(|e| alloc_error(e, len * std::mem::size_of::<T>()))?
-            }
+            None => self.fresh::<T>("scratch", len)?,
         };
         Ok(self.wrap(slice, len, Some(pool)))
     }
