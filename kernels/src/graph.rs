@@ -248,8 +248,7 @@ impl Gpu {
         &self,
         f: impl FnOnce() -> Result<R, E>,
     ) -> Result<(R, CapturedGraph), E> {
-        let ((out, graph), _) = recording(self, None, || self.capture_here(f));
-        Ok((out?, graph?))
+        recording(self, None, || self.capture_here(f)).0
     }
 
     /// Runs `f` (which queues a step) as usual, its scratch buffers taken from and
@@ -267,42 +266,44 @@ impl Gpu {
         pool: &ScratchPool,
         f: impl FnOnce() -> Result<R, E>,
     ) -> Result<(R, CapturedGraph, StepLimits), E> {
-        let ((out, graph), limits) = recording(self, Some((Arc::clone(&pool.0), true)), || {
+        let (captured, limits) = recording(self, Some((Arc::clone(&pool.0), true)), || {
             self.capture_here(f)
         });
-        Ok((out?, graph?, limits))
+        let (out, graph) = captured?;
+        Ok((out, graph, limits))
     }
 
     /// Captures `f` on a new stream of this thread's (the recorder is set).
     fn capture_here<R, E: From<KernelError>>(
         &self,
         f: impl FnOnce() -> Result<R, E>,
-    ) -> (Result<R, E>, Result<CapturedGraph, E>) {
+    ) -> Result<(R, CapturedGraph), E> {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-        let fail = |e: KernelError| (Err(E::from(e.clone())), Err(E::from(e)));
-        let side = match self.ctx.new_stream() {
-            Ok(s) => s,
-            Err(e) => return fail(KernelError::driver("capture stream", e)),
-        };
-        if let Err(e) = side.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) {
-            return fail(KernelError::driver("begin capture", e));
-        }
+        let side = self
+            .ctx
+            .new_stream()
+            .map_err(|e| KernelError::driver("capture stream", e))?;
+        side.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(|e| KernelError::driver("begin capture", e))?;
         with_recorder(self, |r| r.stream = Some(side.cu_stream()));
         let out = f();
         with_recorder(self, |r| r.stream = None);
         // The capture ends whatever `f` returned, so that the stream is left usable.
-        let graph = match side.end_capture(CUgraphInstantiate_flags(0)) {
-            Ok(Some(graph)) => Ok(CapturedGraph {
+        let graph = side
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(|e| KernelError::driver("end capture", e));
+        let out = out?;
+        let graph = graph?.ok_or_else(|| KernelError::Device {
+            op: "end capture",
+            message: "nothing was captured".into(),
+        })?;
+        Ok((
+            out,
+            CapturedGraph {
                 graph: Mutex::new(SendGraph(graph)),
                 stream: Arc::clone(&self.stream),
-            }),
-            Ok(None) => Err(E::from(KernelError::Device {
-                op: "end capture",
-                message: "nothing was captured".into(),
-            })),
-            Err(e) => Err(E::from(KernelError::driver("end capture", e))),
-        };
-        (out, graph)
+            },
+        ))
     }
 
     /// Notes that a launcher checked a step index against `limit` (while recording).
