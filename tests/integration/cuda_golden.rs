@@ -74,7 +74,7 @@ fn report(what: &str, failures: &[String]) {
 }
 
 /// Whether two rows hold the same values bit for bit.
-fn same_bits(a: &[f32], b: &[f32]) -> bool {
+pub(crate) fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 

@@ -12,7 +12,7 @@ use falconer_engine::sampling::argmax;
 use falconer_engine::{ModelRunner, SeqWork};
 
 use crate::common::LAYOUTS;
-use crate::cuda_golden::{backend, cuda_runner};
+use crate::cuda_golden::{backend, cuda_runner, same_bits};
 
 /// Logits of one step, with recording on or off for it.
 fn step(
@@ -34,11 +34,9 @@ fn step(
     out[0].rows().map(<[f32]>::to_vec).collect()
 }
 
-fn same_bits(a: &[Vec<f32>], b: &[Vec<f32>]) -> bool {
-    a.len() == b.len()
-        && a.iter().zip(b).all(|(x, y)| {
-            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits())
-        })
+/// Whether two sets of rows hold the same values bit for bit.
+fn same_rows(a: &[Vec<f32>], b: &[Vec<f32>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same_bits(x, y))
 }
 
 /// Greedy decoding of 150 tokens with a three-token verify pass every tenth step, on a
@@ -51,7 +49,7 @@ fn replays_match(b: &Arc<CudaBackend>, name: &str) -> Result<GraphStats, String>
     off.add_sequence(1).unwrap();
     let prompt: Vec<u32> = (1..=9).collect();
     let mut last = step(b, &mut on, true, &prompt, false);
-    if !same_bits(&last, &step(b, &mut off, false, &prompt, false)) {
+    if !same_rows(&last, &step(b, &mut off, false, &prompt, false)) {
         return Err("prefill".into());
     }
     for i in 0..150 {
@@ -64,7 +62,7 @@ fn replays_match(b: &Arc<CudaBackend>, name: &str) -> Result<GraphStats, String>
         let all = tokens.len() > 1;
         last = step(b, &mut on, true, &tokens, all);
         let want = step(b, &mut off, false, &tokens, all);
-        if !same_bits(&last, &want) {
+        if !same_rows(&last, &want) {
             return Err(format!("step {i} ({} tokens)", tokens.len()));
         }
     }
