@@ -142,23 +142,14 @@ fn run<B: Backend>(
     model.copy_kv_blocks(copies)?;
     let specs: Vec<SeqChunk<'_>> = chunks.iter().map(ChunkSpec::as_chunk).collect();
     let step = model.prepare(&specs)?;
-    let last = model.layer_range().end == model.config().num_layers;
-    let wants: Vec<RowsWanted<'_>> = chunks.iter().map(|c| c.want.as_wanted()).collect();
-    // A shard holding the whole model runs the step as one unit (which the backend may
-    // replay from a recording).
-    if last && hidden.is_none() && model.layer_range().start == 0 {
-        let logits = model.step_logits(&step)?;
-        return Ok(Output::Last(model.outputs_from(&logits, &step, &wants)?));
-    }
-    let h = match hidden {
-        Some(h) => h,
-        None => model.embed(&step)?,
-    };
-    let h = model.run_layers(h, &step)?;
-    if last {
-        Ok(Output::Last(model.outputs(&h, &step, &wants)?))
+    // The shard's part of the step runs as one unit, which the backend may replay from a
+    // recording: its output is the logit rows on the last shard.
+    let out = model.run_shard(&step, hidden)?;
+    if model.layer_range().end == model.config().num_layers {
+        let wants: Vec<RowsWanted<'_>> = chunks.iter().map(|c| c.want.as_wanted()).collect();
+        Ok(Output::Last(model.outputs_from(&out, &step, &wants)?))
     } else {
-        Ok(Output::Hidden(h))
+        Ok(Output::Hidden(out))
     }
 }
 

@@ -429,6 +429,16 @@ impl Gpu {
         Ok(self.wrap(slice, len, Some(pool)))
     }
 
+    /// A new buffer that goes back to `pool` when dropped (a recording's input).
+    pub(crate) fn scratch_outside(
+        &self,
+        pool: &crate::graph::ScratchPool,
+        len: usize,
+    ) -> Result<DeviceBuffer<f32>, KernelError> {
+        let slice = self.fresh::<f32>("scratch", len)?;
+        Ok(self.wrap(slice, len, Some(pool.pool())))
+    }
+
     /// Refuses an allocation while a graph is captured: the graph would own it.
     pub(crate) fn not_capturing(&self, op: &'static str) -> Result<(), KernelError> {
         if crate::graph::capturing(self) {

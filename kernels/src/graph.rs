@@ -159,9 +159,31 @@ impl fmt::Debug for ScratchPool {
     }
 }
 
+impl ScratchPool {
+    pub(crate) fn pool(&self) -> Arc<Pool> {
+        Arc::clone(&self.0)
+    }
+}
+
 impl Default for ScratchPool {
     fn default() -> Self {
         ScratchPool(Arc::new(Pool::unbounded()))
+    }
+}
+
+/// Where a recording reads its input activations ([`Gpu::recording_input`]).
+pub struct InputSlot {
+    ptr: u64,
+    len: usize,
+    /// Keeps the buffer alive if the recorded pass gave it back to the pool.
+    _pool: ScratchPool,
+}
+
+impl fmt::Debug for InputSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InputSlot")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
     }
 }
 
@@ -317,6 +339,43 @@ impl Gpu {
             };
             *slot = Some(slot.map_or(limit, |s| s.min(limit)));
         });
+    }
+
+    /// A copy of `src` in a scratch buffer of `pool`: the input activations a recording
+    /// reads (a pipeline shard's hidden state), with the slot through which each
+    /// replay's input is copied over it ([`Gpu::refill`]).
+    pub fn recording_input(
+        &self,
+        pool: &ScratchPool,
+        src: &DeviceBuffer<f32>,
+    ) -> Result<(DeviceBuffer<f32>, InputSlot), KernelError> {
+        // A new buffer, not one of the pool's: the capture needs every buffer the
+        // warm-up left there (whose input was the caller's, not the pool's).
+        let buf = self.scratch_outside(pool, src.len())?;
+        self.copy_f32(src, buf.ptr)?;
+        let slot = InputSlot {
+            ptr: buf.ptr,
+            len: buf.len(),
+            _pool: pool.clone(),
+        };
+        Ok((buf, slot))
+    }
+
+    /// Queues a copy of `src` into a recording's input slot.
+    pub fn refill(&self, slot: &InputSlot, src: &DeviceBuffer<f32>) -> Result<(), KernelError> {
+        if src.len() != slot.len {
+            return Err(KernelError::invalid(
+                "replay step",
+                format!(
+                    "an input of {} values for a slot of {}",
+                    src.len(),
+                    slot.len
+                ),
+            ));
+        }
+        // The slot's buffer is the recording's: held by the pass's output or back in the
+        // recording's pool, which the slot keeps alive.
+        self.copy_f32(src, slot.ptr)
     }
 
     /// A copy of `step` in a buffer of its own (what a recording keeps, and later steps

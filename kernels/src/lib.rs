@@ -39,7 +39,7 @@ pub use gpu::{
     ROW_INVARIANT_MAX_ROWS, TC_BLOCKS_PER_SM,
 };
 #[cfg(feature = "cuda")]
-pub use graph::{CapturedGraph, ScratchPool, StepLimits, StepShape};
+pub use graph::{CapturedGraph, InputSlot, ScratchPool, StepLimits, StepShape};
 #[cfg(feature = "cuda")]
 pub use half::bf16;
 #[cfg(feature = "cuda")]

@@ -1,7 +1,8 @@
 //! Decode and verify steps replayed as CUDA graphs give the bits of the same steps
 //! queued kernel by kernel, across context classes (new recordings) and step shapes, on
-//! every fixture layout; a replay re-checks the indices its launchers checked while
-//! recording.
+//! every fixture layout and on a model split into two pipeline shards (the second
+//! recorded with the first's output as its input); a replay re-checks the indices its
+//! launchers checked while recording.
 #![cfg(feature = "cuda")]
 
 use std::sync::Arc;
@@ -9,9 +10,9 @@ use std::sync::Arc;
 use falconer_engine::backend::cuda::kernels::{bf16, ScratchPool, SeqDesc, StepInput};
 use falconer_engine::backend::cuda::{CudaBackend, GraphStats};
 use falconer_engine::sampling::argmax;
-use falconer_engine::{ModelRunner, SeqWork};
+use falconer_engine::{Falcon, LoadOptions, ModelRunner, SeqChunk, SeqWork};
 
-use crate::common::LAYOUTS;
+use crate::common::{fixture, LAYOUTS};
 use crate::cuda_golden::{backend, cuda_runner, same_bits};
 
 /// Logits of one step, with recording on or off for it.
@@ -95,6 +96,85 @@ fn cuda_replayed_steps_equal_steps_queued_kernel_by_kernel() {
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// The two halves of a model as pipeline shards.
+fn shards(b: &Arc<CudaBackend>, name: &str) -> [Falcon<CudaBackend>; 2] {
+    let dir = fixture(name);
+    let n = dir.config().unwrap().num_layers;
+    assert!(n >= 2, "{name} has {n} layers");
+    let load = |layers| {
+        let opts = LoadOptions {
+            layers: Some(layers),
+            kv_blocks: 64,
+            block_size: 4,
+            progress: None,
+        };
+        Falcon::load(&dir, Arc::clone(b), &opts).unwrap()
+    };
+    [load(0..n / 2), load(n / 2..n)]
+}
+
+/// One step through both shards, recording on or off: the logits.
+fn shard_step(
+    b: &CudaBackend,
+    [first, second]: &mut [Falcon<CudaBackend>; 2],
+    graphs: bool,
+    chunk: SeqChunk<'_>,
+) -> Vec<Vec<f32>> {
+    b.set_step_graphs(graphs);
+    let s1 = first.prepare(&[chunk]).unwrap();
+    let hidden = first.run_shard(&s1, None).unwrap();
+    let s2 = second.prepare(&[chunk]).unwrap();
+    let out = second.run_shard(&s2, Some(hidden)).unwrap();
+    let logits = second.logits_from(&out, &s2).unwrap();
+    b.set_step_graphs(true);
+    logits[0].rows().map(<[f32]>::to_vec).collect()
+}
+
+#[test]
+fn cuda_replayed_pipeline_shards_equal_shards_queued_kernel_by_kernel() {
+    let Some(b) = backend() else { return };
+    for name in ["falcon7b_mqa", "new_arch_gqa_sharded"] {
+        let mut on = shards(&b, name);
+        let mut off = shards(&b, name);
+        let blocks: Vec<u32> = (0..64).collect();
+        let prompt: Vec<u32> = (1..=9).collect();
+        let mut tokens = prompt.clone();
+        let mut pos = 0;
+        for i in 0..121 {
+            let chunk = SeqChunk {
+                tokens: &tokens,
+                start_pos: pos,
+                block_table: &blocks,
+                prompt_len: prompt.len(),
+                all_logits: tokens.len() > 1 && i > 0,
+            };
+            let got = shard_step(&b, &mut on, true, chunk);
+            let want = shard_step(&b, &mut off, false, chunk);
+            assert!(same_rows(&got, &want), "{name}: step {i} differs");
+            pos += tokens.len();
+            let next = argmax(&got[got.len() - 1]) as u32;
+            tokens = if i % 10 == 9 {
+                vec![next, (next + 1) % 32, (next + 7) % 32]
+            } else {
+                vec![next]
+            };
+        }
+        for (part, shard) in on.iter().enumerate() {
+            let s = shard.step_graphs().stats();
+            println!("{name} shard {part}: {s:?}");
+            if let Some(why) = shard.step_graphs().last_failure() {
+                println!("{name} shard {part}: a capture failed: {why}");
+            }
+            // Contexts from 10 to about 155 keys: three classes, one- and three-token
+            // steps in each.
+            assert!(
+                s.failed == 0 && s.recorded >= 5 && s.replayed >= 100,
+                "{name} shard {part}: {s:?}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -115,9 +115,14 @@ pub fn penalized_argmax_on_host(
         .collect()
 }
 
-/// One step's work from the embeddings to the logit rows ([`Backend::run_step`]).
-pub type StepPass<'a, B, E> =
-    dyn FnMut(&<B as Backend>::Step) -> Result<<B as Backend>::Tensor, E> + 'a;
+/// One step's work on one model or pipeline shard ([`Backend::run_step`]): from its
+/// input activations (`None`: the embeddings) to its output (the logit rows, or the
+/// hidden state for the next shard).
+pub type StepPass<'a, B, E> = dyn FnMut(
+        &<B as Backend>::Step,
+        Option<<B as Backend>::Tensor>,
+    ) -> Result<<B as Backend>::Tensor, E>
+    + 'a;
 
 /// The operations of a Falcon forward pass. Tensors are row-major `[rows, cols]`.
 pub trait Backend: Send + Sync + Debug + 'static {
@@ -305,20 +310,21 @@ pub trait Backend: Send + Sync + Debug + 'static {
         cols: usize,
     ) -> Result<Self::Tensor, BackendError>;
 
-    /// Runs `pass`, one step's work from the embeddings to the logit rows over the
-    /// given step, or replays a recording of it: a backend that records steps records
-    /// one the second time it sees its shape and replays it for every later step of
-    /// that shape, which must give the same bits. `pass` may only queue backend work
-    /// (no reads to the host) and must do the same for every step of a shape. The
-    /// default runs `pass` on `step`.
+    /// Runs `pass`, one step's work on a model or pipeline shard over the given step
+    /// and input, or replays a recording of it: a backend that records steps records
+    /// one the second time it sees its shape (and input shape) and replays it for
+    /// every later step of that shape, which must give the same bits. `pass` may only
+    /// queue backend work (no reads to the host) and must do the same for every step of
+    /// a shape. The default runs `pass` on `step` and `input`.
     fn run_step<E: From<BackendError> + std::fmt::Display>(
         &self,
         graphs: &mut Self::StepGraphs,
         step: &Self::Step,
+        input: Option<Self::Tensor>,
         pass: &mut StepPass<'_, Self, E>,
     ) -> Result<Self::Tensor, E> {
         let _ = graphs;
-        pass(step)
+        pass(step, input)
     }
 
     /// Copies whole KV blocks `src -> dst` in every layer (copy-on-write of shared prefixes).

@@ -252,16 +252,30 @@ impl<B: Backend> Falcon<B> {
             }
             .into());
         }
-        if self.embeddings.is_none() {
+        self.run_shard(step, None)
+    }
+
+    /// This instance's part of a step as one unit, which the backend may replay from a
+    /// recording ([`Backend::run_step`]): from `hidden` (the previous shard's output;
+    /// `None` embeds the step's tokens, first shard only) through its layers, to the
+    /// logit rows on the last shard or the hidden state for the next one.
+    pub fn run_shard(&mut self, step: &Step<B>, hidden: Option<B::Tensor>) -> Result<B::Tensor> {
+        if hidden.is_none() && self.embeddings.is_none() {
             return Err(ForwardError::NotInShard { part: "embeddings" }.into());
         }
         let rows = step.meta.token_ids.len();
         let backend = Arc::clone(&self.backend);
         let mut graphs = std::mem::take(&mut self.graphs);
-        let out = backend.run_step(&mut graphs, &step.device, &mut |device| {
-            let h = self.embed_rows(device)?;
+        let out = backend.run_step(&mut graphs, &step.device, hidden, &mut |device, input| {
+            let h = match input {
+                Some(h) => h,
+                None => self.embed_rows(device)?,
+            };
             let h = self.run_layers_on(h, device, rows)?;
-            self.head_logits(&h, device)
+            match self.head {
+                Some(_) => self.head_logits(&h, device),
+                None => Ok(h),
+            }
         });
         self.graphs = graphs;
         out

@@ -3,17 +3,18 @@
 //!
 //! A decode step of a 7B model is about 170 short kernels; queued one by one, each
 //! launch costs the GPU a little time between kernels. A recording of the whole step
-//! (embeddings to logits) replays them as one graph. Recordings are kept per model, by
-//! step shape ([`kernels::StepShape`]: rows, sequences and context class, which fix
-//! every launch), the settings in force, and the chunk layout:
+//! (embeddings or a pipeline shard's input, to logits or the shard's output) replays them
+//! as one graph. Recordings are kept per model (or shard), by step shape
+//! ([`kernels::StepShape`]: rows, sequences and context class, which fix every launch),
+//! the settings in force, the chunk layout and the input's shape:
 //! - the first step of a shape runs as usual, taking its scratch buffers from a pool of
 //!   its own (the warm-up);
 //! - the second is captured with that pool (nothing may be allocated while capturing),
 //!   then replayed;
-//! - later ones copy their metadata over the recording's, check their indices against
-//!   the bounds the launchers checked while recording, and replay.
+//! - later ones copy their metadata (and input) over the recording's, check their
+//!   indices against the bounds the launchers checked while recording, and replay.
 //!
-//! A replay's logits are copied out of the recording's buffer, so a caller may keep them
+//! A replay's output is copied out of the recording's buffer, so a caller may keep them
 //! across later steps. A step whose capture fails runs as usual, and its shape is not
 //! tried again.
 
@@ -21,7 +22,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use falconer_kernels::{CapturedGraph, ScratchPool, StepLimits, StepShape};
+use falconer_kernels::{CapturedGraph, InputSlot, ScratchPool, StepLimits, StepShape};
 
 use super::{map_err, CudaBackend, CudaData, CudaStep, CudaTensor};
 use crate::backend::StepPass;
@@ -77,6 +78,16 @@ struct Key {
     settings: u64,
     chunk_rows: Arc<[usize]>,
     logit_groups: Arc<[usize]>,
+    /// The input's shape (`None`: the pass embeds).
+    input: Option<InputShape>,
+}
+
+/// An input tensor's rows, columns and chunk layout.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct InputShape {
+    rows: usize,
+    cols: usize,
+    groups: Option<Arc<[usize]>>,
 }
 
 #[derive(Debug)]
@@ -100,8 +111,10 @@ struct Recording {
     graph: CapturedGraph,
     /// The metadata the graph reads; each replay copies its step's over it.
     step: CudaStep,
-    /// The logits the graph writes.
-    logits: CudaTensor,
+    /// Where the graph reads its input, if it has one.
+    input: Option<InputSlot>,
+    /// The output the graph writes (logits, or a shard's hidden state).
+    output: CudaTensor,
     limits: StepLimits,
     _pool: ScratchPool,
 }
@@ -111,37 +124,45 @@ pub(super) fn run_step<E: From<BackendError> + fmt::Display>(
     be: &CudaBackend,
     graphs: &mut StepGraphs,
     step: &CudaStep,
+    input: Option<CudaTensor>,
     pass: &mut StepPass<'_, CudaBackend, E>,
 ) -> Result<CudaTensor, E> {
     let gpu = &be.gpu;
     let shape = step.dev.shape().filter(|_| be.step_graphs());
     let Some(shape) = shape else {
         graphs.stats.direct += 1;
-        return pass(step);
+        return pass(step, input);
     };
     let key = Key {
         shape,
         settings: gpu.settings_generation(),
         chunk_rows: Arc::clone(&step.chunk_rows),
         logit_groups: Arc::clone(&step.logit_groups),
+        input: input.as_ref().map(|t| InputShape {
+            rows: t.rows,
+            cols: t.cols,
+            groups: t.groups.clone(),
+        }),
     };
     graphs.clock += 1;
     let now = graphs.clock;
     let Some(entry) = graphs.entries.get_mut(&key) else {
-        return warm_up(be, graphs, key, now, step, pass);
+        return warm_up(be, graphs, key, now, step, input, pass);
     };
     entry.last_use = now;
     match &mut entry.state {
         State::Unrecordable => {
             graphs.stats.direct += 1;
-            pass(step)
+            pass(step, input)
         }
         State::Warm(pool) => {
             let pool = pool.clone();
-            match record(be, &pool, step, pass) {
+            match record(be, &pool, step, input.as_ref(), pass) {
                 Ok(rec) => {
                     graphs.stats.recorded += 1;
                     graphs.stats.replayed += 1;
+                    // The recording's input is already a copy of this step's.
+                    drop(input);
                     let out = replay(be, &rec).map_err(E::from);
                     entry.state = State::Recorded(Box::new(rec));
                     out
@@ -149,7 +170,7 @@ pub(super) fn run_step<E: From<BackendError> + fmt::Display>(
                 Err(e) => {
                     // Queued as usual, a step that fails is at fault, not the capture:
                     // its shape stays warm.
-                    let direct = pass(step);
+                    let direct = pass(step, input);
                     if direct.is_ok() {
                         graphs.stats.failed += 1;
                         graphs.last_failure = Some(e.to_string());
@@ -166,7 +187,10 @@ pub(super) fn run_step<E: From<BackendError> + fmt::Display>(
                 && gpu.refresh_step(&mut rec.step.dev, &step.dev).is_ok();
             if !fits {
                 graphs.stats.direct += 1;
-                return pass(step);
+                return pass(step, input);
+            }
+            if let (Some(slot), Some(x)) = (&rec.input, &input) {
+                gpu.refill(slot, x.f32("replay")?).map_err(map_err)?;
             }
             graphs.stats.replayed += 1;
             replay(be, rec).map_err(E::from)
@@ -182,6 +206,7 @@ fn warm_up<E>(
     key: Key,
     now: u64,
     step: &CudaStep,
+    input: Option<CudaTensor>,
     pass: &mut StepPass<'_, CudaBackend, E>,
 ) -> Result<CudaTensor, E> {
     if graphs.entries.len() >= MAX_RECORDINGS {
@@ -192,12 +217,12 @@ fn warm_up<E>(
             }
             None => {
                 graphs.stats.direct += 1;
-                return pass(step);
+                return pass(step, input);
             }
         }
     }
     let pool = ScratchPool::default();
-    let out = be.gpu.warm_up(&pool, || pass(step))?;
+    let out = be.gpu.warm_up(&pool, || pass(step, input))?;
     graphs.stats.warmed += 1;
     graphs.entries.insert(
         key,
@@ -222,11 +247,13 @@ fn evictable<'a, K: Clone + 'a>(
         .map(|(k, _)| k.clone())
 }
 
-/// Captures `pass` over a persistent copy of `step`, with `pool`'s scratch buffers.
+/// Captures `pass` over persistent copies of `step` and `input`, with `pool`'s scratch
+/// buffers.
 fn record<E: From<BackendError>>(
     be: &CudaBackend,
     pool: &ScratchPool,
     step: &CudaStep,
+    input: Option<&CudaTensor>,
     pass: &mut StepPass<'_, CudaBackend, E>,
 ) -> Result<Recording, E> {
     let gpu = &be.gpu;
@@ -235,8 +262,23 @@ fn record<E: From<BackendError>>(
         chunk_rows: Arc::clone(&step.chunk_rows),
         logit_groups: Arc::clone(&step.logit_groups),
     };
-    let (logits, graph, limits) = gpu
-        .record(pool, || pass(&persistent).map_err(Captured::Pass))
+    let (input, slot) = match input {
+        Some(x) => {
+            let (buf, slot) = gpu
+                .recording_input(pool, x.f32("record")?)
+                .map_err(map_err)?;
+            let copy = CudaTensor {
+                data: CudaData::F32(buf),
+                rows: x.rows,
+                cols: x.cols,
+                groups: x.groups.clone(),
+            };
+            (Some(copy), Some(slot))
+        }
+        None => (None, None),
+    };
+    let (output, graph, limits) = gpu
+        .record(pool, || pass(&persistent, input).map_err(Captured::Pass))
         .map_err(|e| match e {
             Captured::Pass(e) => e,
             Captured::Kernel(k) => E::from(map_err(k)),
@@ -244,7 +286,8 @@ fn record<E: From<BackendError>>(
     Ok(Recording {
         graph,
         step: persistent,
-        logits,
+        input: slot,
+        output,
         limits,
         _pool: pool.clone(),
     })
@@ -262,16 +305,16 @@ impl<E> From<falconer_kernels::KernelError> for Captured<E> {
     }
 }
 
-/// Queues a replay and a copy of its logits.
+/// Queues a replay and a copy of its output.
 fn replay(be: &CudaBackend, rec: &Recording) -> Result<CudaTensor, BackendError> {
     rec.graph.replay().map_err(map_err)?;
-    let logits = rec.logits.f32("replay")?;
-    let copy = be.gpu.copy_to_scratch(logits).map_err(map_err)?;
+    let out = rec.output.f32("replay")?;
+    let copy = be.gpu.copy_to_scratch(out).map_err(map_err)?;
     Ok(CudaTensor {
         data: CudaData::F32(copy),
-        rows: rec.logits.rows,
-        cols: rec.logits.cols,
-        groups: rec.logits.groups.clone(),
+        rows: rec.output.rows,
+        cols: rec.output.cols,
+        groups: rec.output.groups.clone(),
     })
 }
 

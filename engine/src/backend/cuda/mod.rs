@@ -668,9 +668,10 @@ impl Backend for CudaBackend {
         &self,
         graphs: &mut StepGraphs,
         step: &CudaStep,
+        input: Option<CudaTensor>,
         pass: &mut StepPass<'_, CudaBackend, E>,
     ) -> Result<CudaTensor, E> {
-        graphs::run_step(self, graphs, step, pass)
+        graphs::run_step(self, graphs, step, input, pass)
     }
 
     fn copy_kv_blocks(
