@@ -85,8 +85,9 @@ pub struct StepShape {
     small_rows: usize,
     short_rows: usize,
     long_rows: usize,
-    /// The context class (64 keys a class) of the longest context overall, of the
-    /// small-chunk rows, and of the rows each decode attention kernel takes.
+    /// The context class (the power of two a launch is sized for) of the longest
+    /// context overall, of the small-chunk rows, and of the rows each decode attention
+    /// kernel takes.
     ctx: [usize; 4],
 }
 

@@ -118,17 +118,33 @@ impl Decode<'_> {
     }
 }
 
-/// The class of a context of `ctx` keys: decode attention over contexts of one class
-/// launches the same grids (both decode kernels split at multiples of
-/// `DEC_SPLIT_KEYS`), which is what a recorded step's shape keys on. `None` past the
-/// contexts where the CUDA-core kernel's splits start to widen with the context.
+/// Longest context whose decode attention grids depend only on its class.
+const CLASSED_CTX: usize = DEC_SPLIT_KEYS * COMBINE_MAX_SPLITS;
+
+/// The context a decode attention launch is sized for: up to `CLASSED_CTX` keys, the
+/// step's longest context rounded up to a power of two (at least one split). Splits past
+/// a row's own context hold no keys and change no bit of its output (`attn_combine`
+/// weighs them 0 and sums in a fixed tree), so this changes no result; it makes every
+/// step whose longest context is in one class launch the same grids, so that a
+/// recorded step is recorded anew only when the context doubles. Beyond, the context
+/// itself (the CUDA-core kernel's splits widen with it there).
+pub(crate) fn grid_ctx(ctx: usize) -> usize {
+    if ctx <= CLASSED_CTX {
+        ctx.next_power_of_two().max(DEC_SPLIT_KEYS)
+    } else {
+        ctx
+    }
+}
+
+/// The class of a context of `ctx` keys (the context its launches are sized for), which
+/// a recorded step's shape keys on; `None` past the classed contexts.
 pub(crate) fn ctx_class(ctx: usize) -> Option<usize> {
-    (ctx <= DEC_SPLIT_KEYS * COMBINE_MAX_SPLITS).then(|| ctx.div_ceil(DEC_SPLIT_KEYS))
+    (ctx <= CLASSED_CTX).then(|| grid_ctx(ctx))
 }
 
 /// The longest context of `ctx`'s class.
 pub(crate) fn ctx_class_limit(ctx: usize) -> usize {
-    ctx.div_ceil(DEC_SPLIT_KEYS).max(1) * DEC_SPLIT_KEYS
+    grid_ctx(ctx)
 }
 
 const _: () = assert!(DTC_SPLIT_KEYS.is_multiple_of(DEC_SPLIT_KEYS));
@@ -464,7 +480,7 @@ impl Gpu {
         max_ctx: usize,
     ) -> Result<(), KernelError> {
         let tiles = (d.nh / d.kvh).div_ceil(DTC_MAX_HEADS);
-        let nsplit = max_ctx.div_ceil(DTC_SPLIT_KEYS).max(1);
+        let nsplit = grid_ctx(max_ctx).div_ceil(DTC_SPLIT_KEYS).max(1);
         let (_parts, po, pm) = self.partials(d, nsplit)?;
         let mut args = d.args(list, po, pm)?;
         args.extend([Arg::I32(shape.key_groups as i32), Arg::F32(d.scale)]);
@@ -511,7 +527,7 @@ impl Gpu {
         let chunks0 = qpg.div_ceil(max_hb.min(DEC_WARPS));
         let hb = qpg.div_ceil(chunks0);
         let chunks = qpg.div_ceil(hb);
-        let (nsplit, keys_per_split) = fixed_splits(max_ctx, DEC_SPLIT_KEYS);
+        let (nsplit, keys_per_split) = fixed_splits(grid_ctx(max_ctx), DEC_SPLIT_KEYS);
         let smem = ((2 * hb * hd + 2 * hb + fixed) * 4) as u32;
         let (_parts, po, pm) = self.partials(d, nsplit)?;
         let mut args = d.args(list, po, pm)?;
@@ -589,24 +605,31 @@ impl Gpu {
 mod tests {
     use super::*;
 
-    /// Every context of a class launches the same split grids in both decode kernels.
+    /// Every context of a class launches the same split grids in both decode kernels,
+    /// with the keys per split its own context would get; a sequence changes class only
+    /// when its context doubles.
     #[test]
     fn contexts_of_one_class_split_alike() {
-        let max = DEC_SPLIT_KEYS * COMBINE_MAX_SPLITS;
-        let mut last: Option<(usize, (usize, usize), usize)> = None;
-        for ctx in 1..=max {
-            let class = ctx_class(ctx).expect("within the recordable contexts");
-            let grids = (
-                fixed_splits(ctx, DEC_SPLIT_KEYS),
-                ctx.div_ceil(DTC_SPLIT_KEYS),
+        let mut classes = std::collections::BTreeSet::new();
+        for ctx in 1..=CLASSED_CTX {
+            let class = ctx_class(ctx).expect("within the classed contexts");
+            assert!(
+                class >= ctx && class < 2 * ctx.max(DEC_SPLIT_KEYS),
+                "context {ctx}"
             );
-            if let Some((c, simt, tc)) = last.filter(|l| l.0 == class) {
-                assert_eq!((simt, tc), grids, "context {ctx} of class {c}");
-            }
-            last = Some((class, grids.0, grids.1));
+            let grid = grid_ctx(ctx);
+            assert_eq!(grid, class);
+            assert_eq!(
+                fixed_splits(grid, DEC_SPLIT_KEYS).1,
+                fixed_splits(ctx, DEC_SPLIT_KEYS).1,
+                "context {ctx}: keys per split"
+            );
+            classes.insert(class);
         }
-        assert_eq!(ctx_class(max + 1), None);
-        for ctx in [1, 63, 64, 65, 1000, max] {
+        assert_eq!(classes.len(), 11, "{classes:?}");
+        assert_eq!(ctx_class(CLASSED_CTX + 1), None);
+        assert_eq!(grid_ctx(CLASSED_CTX + 1), CLASSED_CTX + 1);
+        for ctx in [1, 63, 64, 65, 1000, CLASSED_CTX] {
             let limit = ctx_class_limit(ctx);
             assert!(limit >= ctx && ctx_class(limit) == ctx_class(ctx), "{ctx}");
             assert_ne!(ctx_class(limit + 1), ctx_class(ctx), "{ctx}");
