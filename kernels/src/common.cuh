@@ -65,6 +65,14 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return warp_sum(t);
 }
 
+// One value of a rotary (rotate-half) pair: `first` (d < head_dim / 2) gives
+// val * c - other * s, else val * c + other * s. Rounded the same way wherever it is
+// inlined (no contraction left to the compiler), so the rotary in a GEMV epilogue equals
+// rope_qkv's bit for bit.
+__device__ __forceinline__ float rope_pair(float val, float other, float c, float s, bool first) {
+    return fmaf(first ? -other : other, s, __fmul_rn(val, c));
+}
+
 // ALiBi bias exactly as engine/src/posenc/alibi.rs `bias()`: the key position and the
 // slope * position product are rounded to bf16, then divided by sqrt(head_dim).
 __device__ __forceinline__ float alibi_bias(float slope, int key_pos, int head_dim) {

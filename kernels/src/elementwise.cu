@@ -133,11 +133,7 @@ extern "C" __global__ void rope_qkv(const float* __restrict__ qkv, float* __rest
     if (rotary && head <= qpg) {
         const int j = d < half ? d : d - half;
         const float c = cosv[(size_t)r * half + j], s = sinv[(size_t)r * half + j];
-        if (d < half) {
-            val = val * c - src[i + half] * s;
-        } else {
-            val = val * c + src[i - half] * s;
-        }
+        val = rope_pair(val, d < half ? src[i + half] : src[i - half], c, s, d < half);
     }
     if (head < qpg) {
         q[((size_t)r * nh + (size_t)g * qpg + head) * hd + d] = val;

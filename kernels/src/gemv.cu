@@ -51,15 +51,17 @@ __device__ __forceinline__ uint4 ld_stream_v(const uint4* p) {
 // loading the first two rounds of weights. With CAT, the product runs over two inputs
 // laid end to end: x [R, K] with w [N, K], then x2 [R, K2] with w2 [N, K2] (K2 % 8 == 0),
 // summed as one dot product, and bias2 is added after bias.
-template <int R, int U, int GEMV_ROWS, bool CAT>
+//
+// The warp computes weight rows n0 + i * stride (i < GEMV_ROWS; rows past N repeat row
+// N - 1) and hands their dot products to `store(dots)`, on lane 0 (`dots[i][r]`: row i
+// with activation row r). Each row's sum runs in the same order whatever the stride and
+// GEMV_ROWS, so that how rows are dealt to warps changes no bit.
+template <int R, int U, int GEMV_ROWS, bool CAT, class Store>
 __device__ __forceinline__ void gemv_core(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                           int K, const float* __restrict__ x2,
-                                          const bf16_t* __restrict__ w2, int K2,
-                                          const float* __restrict__ bias,
-                                          const float* __restrict__ bias2, float* __restrict__ y,
-                                          int N, int has_bias, int has_bias2, int epi, int block) {
+                                          const bf16_t* __restrict__ w2, int K2, int n0,
+                                          int stride, int N, Store store) {
     const int lane = threadIdx.x & 31;
-    const int n0 = (block * GEMV_WARPS + (threadIdx.x >> 5)) * GEMV_ROWS;
     if (n0 >= N) return;
     const int K8a = K >> 3;
     const int K8 = K8a + (CAT ? K2 >> 3 : 0);
@@ -67,7 +69,7 @@ __device__ __forceinline__ void gemv_core(const float* __restrict__ x, const bf1
     const uint4* wq[GEMV_ROWS];
 #pragma unroll
     for (int i = 0; i < GEMV_ROWS; i++) {
-        const size_t row = (size_t)min(n0 + i, N - 1);
+        const size_t row = (size_t)min(n0 + i * stride, N - 1);
         wp[i] = (const uint4*)(w + row * K);
         wq[i] = CAT ? (const uint4*)(w2 + row * K2) : wp[i];
     }
@@ -143,25 +145,43 @@ __device__ __forceinline__ void gemv_core(const float* __restrict__ x, const bf1
         }
     }
 #pragma unroll
-    for (int i = 0; i < GEMV_ROWS; i++) {
+    for (int i = 0; i < GEMV_ROWS; i++)
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            const float s = warp_sum(acc[i][r]);
-            if (lane == 0 && n0 + i < N) {
-                float v = s + (has_bias ? bias[n0 + i] : 0.0f);
-                if (CAT && has_bias2) v += bias2[n0 + i];
-                gemv_store(y, (size_t)r * N + n0 + i, v, epi);
-            }
-        }
-    }
+        for (int r = 0; r < R; r++) acc[i][r] = warp_sum(acc[i][r]);
+    if (lane == 0) store(acc);
 }
 
-// y = x @ w^T (+ bias) with the epilogue `epi` (see gemv_core).
+// y = x @ w^T (+ bias) (+ x2 @ w2^T (+ bias2) with CAT) with the epilogue `epi`, for
+// GEMV_ROWS consecutive features per warp.
+template <int R, int U, int GEMV_ROWS, bool CAT>
+__device__ __forceinline__ void gemv_rows(const float* __restrict__ x, const bf16_t* __restrict__ w,
+                                          int K, const float* __restrict__ x2,
+                                          const bf16_t* __restrict__ w2, int K2,
+                                          const float* __restrict__ bias,
+                                          const float* __restrict__ bias2, float* __restrict__ y,
+                                          int N, int has_bias, int has_bias2, int epi, int block) {
+    const int n0 = (block * GEMV_WARPS + (threadIdx.x >> 5)) * GEMV_ROWS;
+    gemv_core<R, U, GEMV_ROWS, CAT>(x, w, K, x2, w2, K2, n0, 1, N, [&](const float(&s)[GEMV_ROWS][R]) {
+#pragma unroll
+        for (int i = 0; i < GEMV_ROWS; i++) {
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                if (n0 + i < N) {
+                    float v = s[i][r] + (has_bias ? bias[n0 + i] : 0.0f);
+                    if (CAT && has_bias2) v += bias2[n0 + i];
+                    gemv_store(y, (size_t)r * N + n0 + i, v, epi);
+                }
+            }
+        }
+    });
+}
+
+// y = x @ w^T (+ bias) with the epilogue `epi`.
 template <int R, int U, int GEMV_ROWS>
 __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                          const float* __restrict__ bias, float* __restrict__ y,
                                          int N, int K, int has_bias, int epi, int block) {
-    gemv_core<R, U, GEMV_ROWS, false>(x, w, K, x, w, 0, bias, bias, y, N, has_bias, 0, epi, block);
+    gemv_rows<R, U, GEMV_ROWS, false>(x, w, K, x, w, 0, bias, bias, y, N, has_bias, 0, epi, block);
 }
 
 // Output features per block: GEMV_WARPS * ROWS (the launcher mirrors this table).
@@ -199,6 +219,57 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
     }
 }
 
+// gemv2_bf16_r1 whose first product is the fused qkv projection ([kv_heads][q_per_kv + 2]
+// [head_dim] features), stored as rope_qkv would store it: queries through rotary to q
+// ([heads, head_dim], f32), keys through rotary and values into the layer's cache slot
+// (bf16). Each warp takes the two features a rotary pair mixes (d and d + head_dim / 2
+// of one head), so the rotation happens in its epilogue with both sums at hand; the sums
+// are those gemv2_bf16_r1 computes, and the rotation is rope_pair, as in rope_qkv, so
+// every stored value is bit-identical to the two launches it replaces. Blocks
+// [0, blocks_a) cover the kv_heads * (q_per_kv + 2) * head_dim / 2 pairs, four per block.
+// One row (decode); head_dim even.
+extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
+    gemv2_rope_bf16_r1(const float* __restrict__ x, int K, const bf16_t* __restrict__ wa,
+                       const float* __restrict__ ba, int has_ba, int blocks_a,
+                       const bf16_t* __restrict__ wb, const float* __restrict__ bb,
+                       float* __restrict__ yb, int Nb, int has_bb, int epi_b,
+                       float* __restrict__ q, bf16_t* __restrict__ kc, bf16_t* __restrict__ vc,
+                       const u32* __restrict__ slots, const float* __restrict__ cosv,
+                       const float* __restrict__ sinv, int rotary, int nh, int kvh, int hd,
+                       u64 layer_off) {
+    const int b = blockIdx.x;
+    if (b >= blocks_a) {
+        gemv_vec<1, 4, 2>(x, wb, bb, yb, Nb, K, has_bb, epi_b, b - blocks_a);
+        return;
+    }
+    const int qpg = nh / kvh, half = hd >> 1;
+    const int na = kvh * (qpg + 2) * hd;
+    const int pair = b * GEMV_WARPS + (threadIdx.x >> 5);
+    const int hg = pair / half, j = pair - hg * half;
+    const int n0 = hg * hd + j;
+    gemv_core<1, 4, 2, false>(x, wa, K, x, wa, 0, n0, half, na, [&](const float(&s)[2][1]) {
+        float v0 = s[0][0] + (has_ba ? ba[n0] : 0.0f);
+        float v1 = s[1][0] + (has_ba ? ba[n0 + half] : 0.0f);
+        const int g = hg / (qpg + 2), head = hg - g * (qpg + 2);
+        if (rotary && head <= qpg) {
+            const float c = cosv[j], sn = sinv[j];
+            const float r0 = rope_pair(v0, v1, c, sn, true);
+            v1 = rope_pair(v1, v0, c, sn, false);
+            v0 = r0;
+        }
+        if (head < qpg) {
+            float* dst = q + ((size_t)g * qpg + head) * hd + j;
+            dst[0] = v0;
+            dst[half] = v1;
+        } else {
+            const u64 cache = layer_off + ((u64)slots[0] * kvh + g) * hd + j;
+            bf16_t* dst = head == qpg ? kc : vc;
+            dst[cache] = f2bf(v0);
+            dst[cache + half] = f2bf(v1);
+        }
+    });
+}
+
 // y += x @ w^T (+ bias) + x2 @ w2^T (+ bias2) for one row, as one dot product over the
 // two inputs laid end to end: Falcon's parallel-attention residual (attention output
 // projection and MLP down projection) in one launch, which streams both weights where
@@ -210,7 +281,7 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
                      const float* __restrict__ bias, int has_bias, const float* __restrict__ x2,
                      const bf16_t* __restrict__ w2, int K2, const float* __restrict__ bias2,
                      int has_bias2, float* __restrict__ y, int N) {
-    gemv_core<1, 4, 2, true>(x, w, K, x2, w2, K2, bias, bias2, y, N, has_bias, has_bias2,
+    gemv_rows<1, 4, 2, true>(x, w, K, x2, w2, K2, bias, bias2, y, N, has_bias, has_bias2,
                              EPI_ACCUMULATE, blockIdx.x);
 }
 

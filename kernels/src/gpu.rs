@@ -60,6 +60,11 @@ pub struct Gpu {
     pair_launch: AtomicU8,
     /// Whether [`Gpu::linear_accumulate_sum`] may run its two products as one launch.
     fuse_sum: AtomicBool,
+    /// Whether a one-row step's qkv projection may apply rotary and write the KV cache
+    /// itself ([`Gpu::attention_and_pair`]).
+    fuse_rope: AtomicBool,
+    /// Launches of the fused qkv-rotary projection queued so far (replays add none).
+    fused_rope_launches: AtomicU64,
     /// Decode rows of at least this context take the tensor-core decode attention (when
     /// the geometry allows).
     attn_tc_min_ctx: AtomicUsize,
@@ -227,6 +232,8 @@ impl Gpu {
                 _ => PAIR_LAUNCH,
             } as u8),
             fuse_sum: AtomicBool::new(env_flag("FALCONER_FUSE_SUM", true)),
+            fuse_rope: AtomicBool::new(env_flag("FALCONER_FUSE_ROPE", true)),
+            fused_rope_launches: AtomicU64::new(0),
             gemv_counters: Mutex::new(Vec::new()),
             attn_tc_min_ctx: AtomicUsize::new(ATTN_TC_MIN_CTX),
             staging: Mutex::new(None),
@@ -305,6 +312,28 @@ impl Gpu {
 
     pub fn fuse_sum(&self) -> bool {
         self.fuse_sum.load(Ordering::Relaxed)
+    }
+
+    /// Lets [`Gpu::attention_and_pair`] store a one-row step's queries, keys and values
+    /// from the projection's epilogue (the default; `FALCONER_FUSE_ROPE=0` turns it
+    /// off), or always through `rope_qkv`. Either way the same bits.
+    pub fn set_fuse_rope(&self, on: bool) {
+        self.fuse_rope.store(on, Ordering::Relaxed);
+        self.settings_changed();
+    }
+
+    pub fn fuse_rope(&self) -> bool {
+        self.fuse_rope.load(Ordering::Relaxed)
+    }
+
+    /// How many times [`Gpu::attention_and_pair`] has queued its fused kernel (a
+    /// replayed recording adds none): tests check that the path they compare ran.
+    pub fn fused_rope_launches(&self) -> u64 {
+        self.fused_rope_launches.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_fused_rope_launch(&self) {
+        self.fused_rope_launches.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Chooses how [`Gpu::linear_pair`] runs (benchmarks compare them).

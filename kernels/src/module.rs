@@ -46,6 +46,8 @@ pub(crate) struct Kernels {
     /// Two products of one input per launch (`gemv2_*`): CUDA cores for one row, and
     /// tensor cores for 1..8 rows, plain and row-invariant as `gemv_tc`/`gemv_tc_exact`.
     pub gemv2_simt_r1: CudaFunction,
+    /// `gemv2_bf16_r1` with the qkv half stored through rotary into q and the KV cache.
+    pub gemv2_rope_simt_r1: CudaFunction,
     /// One row's `y += x @ w^T + x2 @ w2^T` as one product (`gemv_cat_bf16_r1`).
     pub gemv_cat_simt_r1: CudaFunction,
     pub gemv2_tc: Vec<CudaFunction>,
@@ -118,6 +120,7 @@ impl Kernels {
             gemv_tc_exact,
             gemv_scalar: f("gemv_bf16_scalar")?,
             gemv2_simt_r1: f("gemv2_bf16_r1")?,
+            gemv2_rope_simt_r1: f("gemv2_rope_bf16_r1")?,
             gemv_cat_simt_r1: f("gemv_cat_bf16_r1")?,
             gemv2_tc,
             gemv2_tc_exact,

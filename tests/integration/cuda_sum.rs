@@ -14,7 +14,7 @@ use crate::common::rel_err;
 use crate::cuda_golden::{backend, bf16_bytes, random};
 
 /// A bf16 `[rows, cols]` (or `[rows]` when `cols` is 0) tensor of random values.
-fn upload<B: Backend>(b: &B, rows: usize, cols: usize, seed: u64) -> B::Tensor {
+pub(crate) fn upload<B: Backend>(b: &B, rows: usize, cols: usize, seed: u64) -> B::Tensor {
     let n = rows * cols.max(1);
     let bytes = bf16_bytes(&random(n, seed));
     let shape2 = [rows, cols];

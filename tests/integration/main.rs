@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod cuda_fused_rope;
 mod cuda_golden;
 mod cuda_graphs;
 mod cuda_runtime;

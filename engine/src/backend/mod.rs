@@ -195,6 +195,28 @@ pub trait Backend: Send + Sync + Debug + 'static {
         Ok((self.linear(x, a, a_bias)?, self.linear_gelu(x, b, b_bias)?))
     }
 
+    /// `(attention(x @ qkv^T + qkv_bias), gelu(x @ up^T + up_bias))`: a layer's qkv
+    /// projection through [`Backend::attention`] (writing the layer's KV), and the MLP
+    /// up projection kept for later (Falcon under a shared norm). Backends may apply the
+    /// rotary and write the cache in the projection itself; the results must equal
+    /// [`Backend::linear_and_gelu`] then [`Backend::attention`] bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_and_gelu(
+        &self,
+        x: &Self::Tensor,
+        qkv: &Self::Tensor,
+        qkv_bias: Option<&Self::Tensor>,
+        up: &Self::Tensor,
+        up_bias: Option<&Self::Tensor>,
+        kv: &mut Self::KvCache,
+        layer: usize,
+        step: &Self::Step,
+        attn: &AttnConfig,
+    ) -> Result<(Self::Tensor, Self::Tensor), BackendError> {
+        let (y, up) = self.linear_and_gelu(x, qkv, qkv_bias, up, up_bias)?;
+        Ok((self.attention(&y, kv, layer, step, attn)?, up))
+    }
+
     /// `acc += x @ weight^T + bias` (a residual stream). Backends may fuse the two; the
     /// result must equal `linear` then `add` bit for bit.
     fn linear_add(

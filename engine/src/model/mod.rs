@@ -281,10 +281,6 @@ impl<B: Backend> Falcon<B> {
         out
     }
 
-    fn linear(&self, x: &B::Tensor, l: &Linear<B>) -> Result<B::Tensor> {
-        Ok(self.backend.linear(x, &l.weight, l.bias.as_ref())?)
-    }
-
     /// `acc += l(x)`: the residual add fused into the product where the backend can.
     fn linear_add(&self, x: &B::Tensor, l: &Linear<B>, acc: &mut B::Tensor) -> Result<()> {
         Ok(self
@@ -311,35 +307,42 @@ impl<B: Backend> Falcon<B> {
         let w = &self.layers[i];
         let ln = |n: &weights::Norm<B>, t: &B::Tensor| b.layer_norm(t, &n.weight, &n.bias, eps);
         // Under a shared norm the qkv and MLP up projections read the same input: for
-        // few-row steps one backend call for both (one launch on the GPU), the up
+        // few-row steps one backend call for both and the attention (one launch on the
+        // GPU, which in a one-row step also applies the rotary and writes the KV), the up
         // projection kept for later. Larger steps (prefill) compute it after attention,
         // so that its rows x 4h activations are not held through it.
         let pair = rows <= PAIR_MAX_ROWS;
-        let (attn_in, mlp_in, qkv, up) = match &w.norms {
+        let kv = &mut self.kv;
+        let attention =
+            |qkv: &B::Tensor, kv: &mut B::KvCache| b.attention(qkv, kv, i, device, &self.attn);
+        let (ctx, attn_in, mlp_in, up) = match &w.norms {
             LayerNormWeights::Shared { input } if pair => {
                 let a = ln(input, &x)?;
-                let (qkv, up) = b.linear_and_gelu(
+                let (ctx, up) = b.attention_and_gelu(
                     &a,
                     &w.qkv.weight,
                     w.qkv.bias.as_ref(),
                     &w.h_to_4h.weight,
                     w.h_to_4h.bias.as_ref(),
+                    kv,
+                    i,
+                    device,
+                    &self.attn,
                 )?;
-                (a, None, qkv, Some(up))
+                (ctx, a, None, Some(up))
             }
             LayerNormWeights::Separate { attn, mlp } => {
                 let a = ln(attn, &x)?;
-                let qkv = self.linear(&a, &w.qkv)?;
-                (a, Some(ln(mlp, &x)?), qkv, None)
+                let qkv = b.linear(&a, &w.qkv.weight, w.qkv.bias.as_ref())?;
+                let m = ln(mlp, &x)?;
+                (attention(&qkv, kv)?, a, Some(m), None)
             }
             LayerNormWeights::Shared { input } | LayerNormWeights::Sequential { input, .. } => {
                 let a = ln(input, &x)?;
-                let qkv = self.linear(&a, &w.qkv)?;
-                (a, None, qkv, None)
+                let qkv = b.linear(&a, &w.qkv.weight, w.qkv.bias.as_ref())?;
+                (attention(&qkv, kv)?, a, None, None)
             }
         };
-        let ctx = b.attention(&qkv, &mut self.kv, i, device, &self.attn)?;
-        let w = &self.layers[i];
         // Parallel attention: (x + attn(ln(x))) + mlp(ln'(x)); sequential: x + attn, then
         // + MLP of its norm. Either way the sums run in this order (with the MLP's up
         // projection already done, the backend may add both products as one).

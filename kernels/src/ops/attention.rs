@@ -77,6 +77,43 @@ pub struct AttentionParams<'a> {
     pub alibi_slopes: Option<&'a DeviceBuffer<f32>>,
 }
 
+const ATTN_OP: &str = "attention";
+
+/// A layer's attention geometry, checked against its cache and step
+/// ([`Gpu::attention_geometry`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttnGeometry<'a> {
+    pub(crate) nh: usize,
+    pub(crate) kvh: usize,
+    pub(crate) hd: usize,
+    /// Query heads per kv head.
+    pub(crate) qpg: usize,
+    /// Whether the step carries rotary tables.
+    pub(crate) rotary: bool,
+    /// The layer's first element in the cache.
+    pub(crate) layer_off: u64,
+    pub(crate) slopes: Option<&'a DeviceBuffer<f32>>,
+}
+
+impl AttnGeometry<'_> {
+    /// Width of a fused qkv row: `[kv_heads][q_per_kv + 2][head_dim]`.
+    pub(crate) fn qkv_cols(&self) -> usize {
+        self.kvh * (self.qpg + 2) * self.hd
+    }
+
+    /// The arguments rope_qkv and gemv2_rope_bf16_r1 end with: rotary flag, head counts,
+    /// head size and the layer's offset in the cache.
+    pub(crate) fn rope_args(&self) -> Result<[Arg; 5], KernelError> {
+        Ok([
+            Arg::I32(i32::from(self.rotary)),
+            Arg::I32(to_i32(ATTN_OP, self.nh)?),
+            Arg::I32(to_i32(ATTN_OP, self.kvh)?),
+            Arg::I32(to_i32(ATTN_OP, self.hd)?),
+            Arg::U64(self.layer_off),
+        ])
+    }
+}
+
 /// The operands every decode-attention launch of one layer shares.
 struct Decode<'a> {
     q: Arg,
@@ -294,7 +331,41 @@ impl Gpu {
         step: &DeviceStep,
         a: &AttentionParams<'_>,
     ) -> Result<DeviceBuffer<f32>, KernelError> {
-        const OP: &str = "attention";
+        let g = self.attention_geometry(kv, layer, step, a)?;
+        let rows = step.rows;
+        check_len(ATTN_OP, "qkv", qkv, rows * g.qkv_cols())?;
+        let q = self.scratch::<f32>(rows * g.nh * g.hd)?;
+        let mut args = vec![
+            p(qkv),
+            p(&q),
+            p(&kv.k),
+            p(&kv.v),
+            Arg::U64(step.at(step.off.slots)),
+            Arg::U64(step.at(step.off.cos)),
+            Arg::U64(step.at(step.off.sin)),
+        ];
+        args.extend(g.rope_args()?);
+        let blocks_z = ((g.qpg + 2) * g.hd).div_ceil(256) as u32;
+        self.launch(
+            &self.k.rope_qkv,
+            (rows as u32, g.kvh as u32, blocks_z),
+            256,
+            0,
+            &args,
+        )?;
+        self.attend(&q, kv, step, &g)
+    }
+
+    /// Checks a layer's attention operands against the cache and the step (noting the
+    /// step's index bounds for a recording), and works out the launch geometry.
+    pub(crate) fn attention_geometry<'a>(
+        &self,
+        kv: &KvBuffers,
+        layer: usize,
+        step: &DeviceStep,
+        a: &AttentionParams<'a>,
+    ) -> Result<AttnGeometry<'a>, KernelError> {
+        const OP: &str = ATTN_OP;
         let (nh, kvh, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
         if kvh == 0 || nh % kvh != 0 || hd == 0 {
             return Err(KernelError::invalid(
@@ -302,9 +373,6 @@ impl Gpu {
                 format!("{nh} heads over {kvh} kv heads of {hd}"),
             ));
         }
-        let qpg = nh / kvh;
-        let rows = step.rows;
-        check_len(OP, "qkv", qkv, rows * kvh * (qpg + 2) * hd)?;
         if layer >= kv.layers || kv.kv_heads != kvh || kv.head_dim != hd {
             return Err(KernelError::invalid(
                 OP,
@@ -335,41 +403,41 @@ impl Gpu {
                 format!("rotary tables of {} pairs for head dim {hd}", step.half_dim),
             ));
         }
-        let (slopes, has_alibi) = match a.alibi_slopes {
-            Some(s) => {
-                check_len(OP, "alibi slopes", s, nh)?;
-                (p(s), 1)
-            }
-            None => (p(qkv), 0),
+        if let Some(s) = a.alibi_slopes {
+            check_len(OP, "alibi slopes", s, nh)?;
+        }
+        to_i32(OP, nh)?;
+        Ok(AttnGeometry {
+            nh,
+            kvh,
+            hd,
+            qpg: nh / kvh,
+            rotary,
+            layer_off: (layer * kv.layer_elems()) as u64,
+            slopes: a.alibi_slopes,
+        })
+    }
+
+    /// Causal attention of the step's queries `q` (`[rows, heads, head_dim]`, rotary
+    /// applied) over the layer's cache, the step's keys and values already written.
+    pub(crate) fn attend(
+        &self,
+        q: &DeviceBuffer<f32>,
+        kv: &KvBuffers,
+        step: &DeviceStep,
+        g: &AttnGeometry<'_>,
+    ) -> Result<DeviceBuffer<f32>, KernelError> {
+        let rows = step.rows;
+        let (nh, kvh, hd) = (g.nh, g.kvh, g.hd);
+        let qpg = g.qpg;
+        check_len(ATTN_OP, "q", q, rows * nh * hd)?;
+        let (nhi, kvhi) = (to_i32(ATTN_OP, nh)?, to_i32(ATTN_OP, kvh)?);
+        let layer_off = g.layer_off;
+        let (slopes, has_alibi) = match g.slopes {
+            Some(s) => (p(s), 1),
+            None => (p(q), 0),
         };
-        let (nhi, kvhi, hdi) = (to_i32(OP, nh)?, to_i32(OP, kvh)?, to_i32(OP, hd)?);
-        let layer_off = (layer * kv.layer_elems()) as u64;
-        let q = self.scratch::<f32>(rows * nh * hd)?;
         let out = self.scratch::<f32>(rows * nh * hd)?;
-        self.launch(
-            &self.k.rope_qkv,
-            (
-                rows as u32,
-                kvh as u32,
-                ((qpg + 2) * hd).div_ceil(256) as u32,
-            ),
-            256,
-            0,
-            &[
-                p(qkv),
-                p(&q),
-                p(&kv.k),
-                p(&kv.v),
-                Arg::U64(step.at(step.off.slots)),
-                Arg::U64(step.at(step.off.cos)),
-                Arg::U64(step.at(step.off.sin)),
-                Arg::I32(i32::from(rotary)),
-                Arg::I32(nhi),
-                Arg::I32(kvhi),
-                Arg::I32(hdi),
-                Arg::U64(layer_off),
-            ],
-        )?;
         let scale = 1.0 / (hd as f32).sqrt();
         let tc = match hd {
             64 => Some(&self.k.attn_prefill_tc64),
@@ -384,7 +452,7 @@ impl Gpu {
                     128,
                     0,
                     &[
-                        p(&q),
+                        p(q),
                         p(&kv.k),
                         p(&kv.v),
                         Arg::U64(layer_off),
@@ -408,7 +476,7 @@ impl Gpu {
             return Ok(out);
         }
         let d = Decode {
-            q: p(&q),
+            q: p(q),
             out: p(&out),
             k: p(&kv.k),
             v: p(&kv.v),

@@ -3,13 +3,16 @@
 //! kernel. Activations are f32, matrices bf16, the KV cache bf16.
 //!
 //! `linear` holds the matrix products (GEMV kernels and cuBLAS), `pair` two products
-//! of one input in one launch, `sum` two products of two inputs added to one residual, `attention` the KV cache and attention, `sampling` the
-//! warp of logit rows into distributions; the small element-wise launchers are here.
+//! of one input in one launch, `sum` two products of two inputs added to one residual,
+//! `attention` the KV cache and attention, `qkv_rope` a decode step's qkv projection
+//! with rotary and the cache write in its epilogue, `sampling` the warp of logit rows
+//! into distributions; the small element-wise launchers are here.
 
 mod attention;
 pub(crate) use attention::TcDecodeShape;
 mod linear;
 mod pair;
+mod qkv_rope;
 mod sampling;
 mod sum;
 

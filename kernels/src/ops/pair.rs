@@ -25,13 +25,24 @@ pub struct PairHalf<'a> {
 }
 
 impl PairHalf<'_> {
-    fn epilogue(&self) -> Epilogue {
+    pub(super) fn epilogue(&self) -> Epilogue {
         if self.gelu {
             Epilogue::Gelu
         } else {
             Epilogue::Store
         }
     }
+}
+
+/// The kernels [`Gpu::linear_pair`] takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PairRoute {
+    /// `gemv2_tc*` (row-invariant or not), up to 8 rows.
+    TensorCores { exact: bool },
+    /// `gemv2_bf16_r1`, one row.
+    Simt,
+    /// Each product in its own launch.
+    Separate,
 }
 
 impl Gpu {
@@ -57,7 +68,24 @@ impl Gpu {
         }
         let mut ya = self.scratch::<f32>(rows * a.n)?;
         let mut yb = self.scratch::<f32>(rows * b.n)?;
-        let fused = (1..=GEMV_MAX_ROWS).contains(&rows) && a.n > 0 && b.n > 0;
+        match self.pair_route(rows, k, a.n, b.n) {
+            PairRoute::TensorCores { exact } => {
+                self.pair_tc(x, rows, k, &a, &b, &ya, &yb, exact)?
+            }
+            PairRoute::Simt => self.pair_simt(x, k, &a, &b, &ya, &yb)?,
+            PairRoute::Separate => {
+                for (h, y) in [(&a, &mut ya), (&b, &mut yb)] {
+                    self.linear_into(x, rows, k, h.w, h.n, h.bias, h.epilogue(), y, groups)?;
+                }
+            }
+        }
+        Ok((ya, yb))
+    }
+
+    /// How [`Gpu::linear_pair`] runs two products of `n_a` and `n_b` features over
+    /// `rows` rows of `k` values under the current settings.
+    pub(super) fn pair_route(&self, rows: usize, k: usize, n_a: usize, n_b: usize) -> PairRoute {
+        let fused = (1..=GEMV_MAX_ROWS).contains(&rows) && n_a > 0 && n_b > 0;
         let exact = self.row_invariant();
         let kernel = if exact {
             GemvKernel::Tc4
@@ -74,15 +102,12 @@ impl Gpu {
             _ => PairLaunch::TensorCores,
         };
         if fused && k.is_multiple_of(32) && mode == PairLaunch::TensorCores {
-            self.pair_tc(x, rows, k, &a, &b, &ya, &yb, exact)?;
+            PairRoute::TensorCores { exact }
         } else if fused && rows == 1 && k.is_multiple_of(8) && mode == PairLaunch::Simt {
-            self.pair_simt(x, k, &a, &b, &ya, &yb)?;
+            PairRoute::Simt
         } else {
-            for (h, y) in [(&a, &mut ya), (&b, &mut yb)] {
-                self.linear_into(x, rows, k, h.w, h.n, h.bias, h.epilogue(), y, groups)?;
-            }
+            PairRoute::Separate
         }
-        Ok((ya, yb))
     }
 
     /// `gemv2_bf16_r1`: one row on CUDA cores.

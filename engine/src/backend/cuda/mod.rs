@@ -59,6 +59,44 @@ fn sum_term<'a>(
     })
 }
 
+/// A layer's attention input must have one row per step row.
+fn check_step_rows(x: &CudaTensor, step: &CudaStep) -> Result<(), BackendError> {
+    if x.rows != step.dev.rows() {
+        return Err(invalid(
+            "attention",
+            format!("qkv has {} rows, the step {}", x.rows, step.dev.rows()),
+        ));
+    }
+    Ok(())
+}
+
+fn attention_params<'a>(
+    attn: &AttnConfig,
+    slopes: Option<&'a DeviceBuffer<f32>>,
+) -> AttentionParams<'a> {
+    AttentionParams {
+        num_heads: attn.num_heads,
+        num_kv_heads: attn.num_kv_heads,
+        head_dim: attn.head_dim,
+        alibi_slopes: slopes,
+    }
+}
+
+/// Attention's output `[rows, heads * head_dim]`, in the step's sequence chunks.
+fn attention_output(
+    out: DeviceBuffer<f32>,
+    rows: usize,
+    attn: &AttnConfig,
+    step: &CudaStep,
+) -> CudaTensor {
+    CudaTensor {
+        data: CudaData::F32(out),
+        rows,
+        cols: attn.num_heads * attn.head_dim,
+        groups: Some(Arc::clone(&step.chunk_rows)),
+    }
+}
+
 fn map_err(e: KernelError) -> BackendError {
     match e {
         KernelError::Unavailable(reason) => BackendError::Unavailable {
@@ -179,6 +217,17 @@ impl CudaBackend {
         self.gpu
             .fill_kv_uniform(&mut kv.buf, seed, 1.0)
             .map_err(map_err)
+    }
+
+    /// The ALiBi slopes of an ALiBi model on the device (cached).
+    fn alibi_slopes(
+        &self,
+        attn: &AttnConfig,
+    ) -> Result<Option<Arc<DeviceBuffer<f32>>>, BackendError> {
+        attn.alibi_slopes
+            .as_deref()
+            .map(|s| self.slopes_buffer(s))
+            .transpose()
     }
 
     fn slopes_buffer(&self, slopes: &[f32]) -> Result<Arc<DeviceBuffer<f32>>, BackendError> {
@@ -463,6 +512,42 @@ impl Backend for CudaBackend {
         Ok((x.product_output(a, ya), x.product_output(b, yb)))
     }
 
+    fn attention_and_gelu(
+        &self,
+        x: &CudaTensor,
+        qkv: &CudaTensor,
+        qkv_bias: Option<&CudaTensor>,
+        up: &CudaTensor,
+        up_bias: Option<&CudaTensor>,
+        kv: &mut CudaKvCache,
+        layer: usize,
+        step: &CudaStep,
+        attn: &AttnConfig,
+    ) -> Result<(CudaTensor, CudaTensor), BackendError> {
+        check_linear(x, qkv)?;
+        check_linear(x, up)?;
+        check_step_rows(x, step)?;
+        let slopes = self.alibi_slopes(attn)?;
+        let (ctx, up_out) = self
+            .gpu
+            .attention_and_pair(
+                x.f32("linear")?,
+                x.cols,
+                pair_half(qkv, qkv_bias, false)?,
+                pair_half(up, up_bias, true)?,
+                groups(x),
+                &mut kv.buf,
+                layer,
+                &step.dev,
+                &attention_params(attn, slopes.as_deref()),
+            )
+            .map_err(map_err)?;
+        Ok((
+            attention_output(ctx, x.rows, attn, step),
+            x.product_output(up, up_out),
+        ))
+    }
+
     fn linear_add_sum(
         &self,
         a_x: &CudaTensor,
@@ -548,23 +633,8 @@ impl Backend for CudaBackend {
         step: &CudaStep,
         attn: &AttnConfig,
     ) -> Result<CudaTensor, BackendError> {
-        if qkv.rows != step.dev.rows() {
-            return Err(invalid(
-                "attention",
-                format!("qkv has {} rows, the step {}", qkv.rows, step.dev.rows()),
-            ));
-        }
-        let slopes = attn
-            .alibi_slopes
-            .as_deref()
-            .map(|s| self.slopes_buffer(s))
-            .transpose()?;
-        let params = AttentionParams {
-            num_heads: attn.num_heads,
-            num_kv_heads: attn.num_kv_heads,
-            head_dim: attn.head_dim,
-            alibi_slopes: slopes.as_deref(),
-        };
+        check_step_rows(qkv, step)?;
+        let slopes = self.alibi_slopes(attn)?;
         let out = self
             .gpu
             .attention(
@@ -572,15 +642,10 @@ impl Backend for CudaBackend {
                 &mut kv.buf,
                 layer,
                 &step.dev,
-                &params,
+                &attention_params(attn, slopes.as_deref()),
             )
             .map_err(map_err)?;
-        Ok(CudaTensor {
-            data: CudaData::F32(out),
-            rows: qkv.rows,
-            cols: attn.num_heads * attn.head_dim,
-            groups: Some(Arc::clone(&step.chunk_rows)),
-        })
+        Ok(attention_output(out, qkv.rows, attn, step))
     }
 
     fn gather_logit_rows(

@@ -1,0 +1,199 @@
+//! The CUDA backend's fused decode projection (`attention_and_gelu` for one row: the qkv
+//! projection applies the rotary and writes the KV cache in its epilogue, beside the MLP
+//! up projection) against the same step through `rope_qkv`: attention outputs, up
+//! projections and every later step's results must be the same bits, at Falcon-7B's
+//! MQA geometry, GQA, MHA, head sizes 16 to 128 and without rotary (ALiBi), and on every
+//! fixture layout whose layers take it.
+//!
+//! Without a GPU every test prints `skipped: no CUDA device (<reason>)` and passes.
+#![cfg(feature = "cuda")]
+
+use falconer_engine::backend::cuda::CudaBackend;
+use falconer_engine::backend::{AttnConfig, Backend, KvLayout, SeqMeta, StepMeta};
+use falconer_engine::config::{RopeConfig, RopeScaling};
+use falconer_engine::posenc::{alibi, rope::Rope};
+use falconer_engine::sampling::argmax;
+use falconer_engine::SeqWork;
+
+use crate::common::LAYOUTS;
+use crate::cuda_golden::{backend, cuda_runner, random, same_bits};
+use crate::cuda_sum::upload;
+
+/// The step of `rows` tokens at `start` of one sequence whose cache blocks are `table`.
+fn meta(table: &[u32], bs: usize, start: usize, rows: usize, rope: Option<&Rope>) -> StepMeta {
+    let mut m = StepMeta {
+        block_size: bs,
+        ..StepMeta::default()
+    };
+    m.seqs.push(SeqMeta {
+        first_row: 0,
+        num_rows: rows,
+        start_pos: start,
+        block_table: table.to_vec(),
+    });
+    for pos in start..start + rows {
+        m.token_ids.push(0);
+        m.slots
+            .push(table[pos / bs] * bs as u32 + (pos % bs) as u32);
+        if let Some(r) = rope {
+            r.push_cos_sin(pos, pos + 1, &mut m.rope_cos, &mut m.rope_sin);
+        }
+    }
+    m
+}
+
+/// A 37-token prefill then 24 one-token steps through `attention_and_gelu`, on a fresh
+/// cache: each step's attention output and up projection, and how many fused launches
+/// were queued.
+fn decode(b: &CudaBackend, attn: &AttnConfig, k: usize, fused: bool) -> (Vec<Vec<f32>>, u64) {
+    let (nh, kvh, hd) = (attn.num_heads, attn.num_kv_heads, attn.head_dim);
+    let n_qkv = kvh * (nh / kvh + 2) * hd;
+    let n_up = 1000;
+    let bs = 16;
+    let table: Vec<u32> = (0..8).map(|i| (i * 5 + 2) % 8).collect();
+    let layout = KvLayout {
+        num_layers: 2,
+        num_blocks: 8,
+        block_size: bs,
+        num_kv_heads: kvh,
+        head_dim: hd,
+    };
+    let rope = attn.alibi_slopes.is_none().then(|| {
+        let cfg = RopeConfig {
+            theta: 10_000.0,
+            scaling: RopeScaling::None,
+        };
+        Rope::new(&cfg, hd)
+    });
+    let w_qkv = upload(b, n_qkv, k, 21);
+    let b_qkv = upload(b, n_qkv, 0, 22);
+    let w_up = upload(b, n_up, k, 23);
+    let mut kv = b.alloc_kv(&layout).unwrap();
+    b.gpu().set_fuse_rope(fused);
+    let before = b.gpu().fused_rope_launches();
+    let mut outs = Vec::new();
+    let mut start = 0;
+    for (i, rows) in std::iter::once(37).chain([1; 24]).enumerate() {
+        let step = b
+            .prepare_step(&meta(&table, bs, start, rows, rope.as_ref()))
+            .unwrap();
+        let x = b
+            .upload_hidden(&random(rows * k, 100 + i as u64), rows, k)
+            .unwrap();
+        // Layer 1 of 2: the cache offset of a layer past the first.
+        let (ctx, up) = b
+            .attention_and_gelu(
+                &x,
+                &w_qkv,
+                Some(&b_qkv),
+                &w_up,
+                None,
+                &mut kv,
+                1,
+                &step,
+                attn,
+            )
+            .unwrap();
+        outs.push(b.to_host(&ctx).unwrap());
+        outs.push(b.to_host(&up).unwrap());
+        start += rows;
+    }
+    let launches = b.gpu().fused_rope_launches() - before;
+    b.gpu().set_fuse_rope(true);
+    (outs, launches)
+}
+
+#[test]
+fn cuda_fused_rope_projection_equals_rope_qkv_bit_for_bit() {
+    let Some(b) = backend() else { return };
+    // (heads, kv heads, head dim, alibi, input width)
+    let geometries = [
+        (71usize, 1usize, 64usize, false, 4544usize),
+        (8, 2, 64, false, 256),
+        (4, 4, 128, false, 264),
+        (6, 3, 16, false, 64),
+        (32, 1, 128, true, 256),
+    ];
+    for (nh, kvh, hd, use_alibi, k) in geometries {
+        let attn = AttnConfig {
+            num_heads: nh,
+            num_kv_heads: kvh,
+            head_dim: hd,
+            alibi_slopes: use_alibi.then(|| alibi::slopes(nh)),
+        };
+        let what = format!("{nh}/{kvh}x{hd}, alibi {use_alibi}, k {k}");
+        let (fused, launches) = decode(&b, &attn, k, true);
+        let (plain, none) = decode(&b, &attn, k, false);
+        assert_eq!(
+            launches, 24,
+            "{what}: every one-row step must take the fused kernel"
+        );
+        assert_eq!(none, 0, "{what}: switched off, no step may take it");
+        for (i, (f, p)) in fused.iter().zip(&plain).enumerate() {
+            let part = if i % 2 == 0 {
+                "attention"
+            } else {
+                "up projection"
+            };
+            assert!(
+                same_bits(f, p),
+                "{what}: step {} {part} differs from rope_qkv's",
+                i / 2
+            );
+        }
+    }
+}
+
+/// Greedy decoding on a fixture with the fused projection on or off: every step's
+/// logits, and the number of fused launches.
+fn greedy(b: &std::sync::Arc<CudaBackend>, name: &str, fused: bool) -> (Vec<Vec<f32>>, u64) {
+    b.gpu().set_fuse_rope(fused);
+    b.set_step_graphs(false);
+    let before = b.gpu().fused_rope_launches();
+    let mut m = cuda_runner(b, name);
+    m.add_sequence(1).unwrap();
+    let mut tokens: Vec<u32> = (1..=9).collect();
+    let mut all = Vec::new();
+    for _ in 0..30 {
+        let out = m
+            .forward(&[SeqWork {
+                seq: 1,
+                tokens: &tokens,
+                all_logits: false,
+            }])
+            .unwrap();
+        let last = out[0].last().to_vec();
+        tokens = vec![argmax(&last) as u32];
+        all.push(last);
+    }
+    let launches = b.gpu().fused_rope_launches() - before;
+    b.gpu().set_fuse_rope(true);
+    b.set_step_graphs(true);
+    (all, launches)
+}
+
+#[test]
+fn cuda_fused_rope_decoding_equals_unfused_on_every_fixture() {
+    let Some(b) = backend() else { return };
+    let mut fused_layouts = 0;
+    for name in LAYOUTS {
+        let (fused, launches) = greedy(&b, name, true);
+        let (plain, none) = greedy(&b, name, false);
+        assert_eq!(
+            none, 0,
+            "{name}: switched off, no step may take the fused kernel"
+        );
+        for (i, (f, p)) in fused.iter().zip(&plain).enumerate() {
+            assert!(same_bits(f, p), "{name}: step {i}'s logits differ");
+        }
+        println!("{name}: {launches} fused launches over 29 decode steps");
+        if launches > 0 {
+            fused_layouts += 1;
+        }
+    }
+    // The layouts with one shared norm before parallel attention take it.
+    assert!(
+        fused_layouts >= 5,
+        "only {fused_layouts} layouts took the fused projection"
+    );
+}
