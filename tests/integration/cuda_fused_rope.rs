@@ -9,38 +9,15 @@
 #![cfg(feature = "cuda")]
 
 use falconer_engine::backend::cuda::CudaBackend;
-use falconer_engine::backend::{AttnConfig, Backend, KvLayout, SeqMeta, StepMeta};
+use falconer_engine::backend::{AttnConfig, Backend, KvLayout};
 use falconer_engine::config::{RopeConfig, RopeScaling};
 use falconer_engine::posenc::{alibi, rope::Rope};
 use falconer_engine::sampling::argmax;
 use falconer_engine::SeqWork;
 
 use crate::common::LAYOUTS;
-use crate::cuda_golden::{backend, cuda_runner, random, same_bits};
+use crate::cuda_golden::{backend, cuda_runner, one_sequence_step, random, same_bits};
 use crate::cuda_sum::upload;
-
-/// The step of `rows` tokens at `start` of one sequence whose cache blocks are `table`.
-fn meta(table: &[u32], bs: usize, start: usize, rows: usize, rope: Option<&Rope>) -> StepMeta {
-    let mut m = StepMeta {
-        block_size: bs,
-        ..StepMeta::default()
-    };
-    m.seqs.push(SeqMeta {
-        first_row: 0,
-        num_rows: rows,
-        start_pos: start,
-        block_table: table.to_vec(),
-    });
-    for pos in start..start + rows {
-        m.token_ids.push(0);
-        m.slots
-            .push(table[pos / bs] * bs as u32 + (pos % bs) as u32);
-        if let Some(r) = rope {
-            r.push_cos_sin(pos, pos + 1, &mut m.rope_cos, &mut m.rope_sin);
-        }
-    }
-    m
-}
 
 /// A 37-token prefill then 24 one-token steps through `attention_and_gelu`, on a fresh
 /// cache: each step's attention output and up projection, and how many fused launches
@@ -75,7 +52,7 @@ fn decode(b: &CudaBackend, attn: &AttnConfig, k: usize, fused: bool) -> (Vec<Vec
     let mut start = 0;
     for (i, rows) in std::iter::once(37).chain([1; 24]).enumerate() {
         let step = b
-            .prepare_step(&meta(&table, bs, start, rows, rope.as_ref()))
+            .prepare_step(&one_sequence_step(&table, bs, start, rows, rope.as_ref()))
             .unwrap();
         let x = b
             .upload_hidden(&random(rows * k, 100 + i as u64), rows, k)

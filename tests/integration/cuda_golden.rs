@@ -441,6 +441,36 @@ fn cuda_linear_matches_cpu_on_both_paths_and_fused_epilogues_change_no_bit() {
     }
 }
 
+/// The step of `rows` tokens at `start` of one sequence whose cache blocks are `table`
+/// (blocks of `bs` slots), with rotary tables when `rope` is given.
+pub(crate) fn one_sequence_step(
+    table: &[u32],
+    bs: usize,
+    start: usize,
+    rows: usize,
+    rope: Option<&Rope>,
+) -> StepMeta {
+    let mut m = StepMeta {
+        block_size: bs,
+        ..StepMeta::default()
+    };
+    m.seqs.push(SeqMeta {
+        first_row: 0,
+        num_rows: rows,
+        start_pos: start,
+        block_table: table.to_vec(),
+    });
+    for pos in start..start + rows {
+        m.token_ids.push(0);
+        m.slots
+            .push(table[pos / bs] * bs as u32 + (pos % bs) as u32);
+        if let Some(r) = rope {
+            r.push_cos_sin(pos, pos + 1, &mut m.rope_cos, &mut m.rope_sin);
+        }
+    }
+    m
+}
+
 /// One sequence chunk of an attention step: `rows` new tokens at `start`.
 struct Chunk {
     seq: usize,
@@ -644,24 +674,7 @@ fn cuda_attention_rows_are_the_same_bits_in_any_step() {
             head_dim: hd,
         };
         let width = kvh * (nh / kvh + 2) * hd;
-        let meta = |start: usize, rows: usize| {
-            let mut m = StepMeta {
-                block_size: bs,
-                ..StepMeta::default()
-            };
-            m.seqs.push(SeqMeta {
-                first_row: 0,
-                num_rows: rows,
-                start_pos: start,
-                block_table: table.clone(),
-            });
-            for pos in start..start + rows {
-                m.token_ids.push(0);
-                m.slots
-                    .push(table[pos / bs] * bs as u32 + (pos % bs) as u32);
-            }
-            m
-        };
+        let meta = |start: usize, rows: usize| one_sequence_step(&table, bs, start, rows, None);
         let attend = |kv: &mut _, start: usize, qkv: &[f32], rows: usize| {
             let step = b.prepare_step(&meta(start, rows)).unwrap();
             let x = b.upload_hidden(qkv, rows, width).unwrap();

@@ -101,10 +101,22 @@ impl AttnGeometry<'_> {
         self.kvh * (self.qpg + 2) * self.hd
     }
 
-    /// The arguments rope_qkv and gemv2_rope_bf16_r1 end with: rotary flag, head counts,
-    /// head size and the layer's offset in the cache.
-    pub(crate) fn rope_args(&self) -> Result<[Arg; 5], KernelError> {
+    /// The arguments rope_qkv and gemv2_rope_bf16_r1 end with: where queries, keys and
+    /// values go and the step's slots and rotary tables, then the rotary flag, head
+    /// counts, head size and the layer's offset in the cache.
+    pub(crate) fn rope_args(
+        &self,
+        q: &DeviceBuffer<f32>,
+        kv: &KvBuffers,
+        step: &DeviceStep,
+    ) -> Result<[Arg; 11], KernelError> {
         Ok([
+            p(q),
+            p(&kv.k),
+            p(&kv.v),
+            Arg::U64(step.at(step.off.slots)),
+            Arg::U64(step.at(step.off.cos)),
+            Arg::U64(step.at(step.off.sin)),
             Arg::I32(i32::from(self.rotary)),
             Arg::I32(to_i32(ATTN_OP, self.nh)?),
             Arg::I32(to_i32(ATTN_OP, self.kvh)?),
@@ -335,16 +347,8 @@ impl Gpu {
         let rows = step.rows;
         check_len(ATTN_OP, "qkv", qkv, rows * g.qkv_cols())?;
         let q = self.scratch::<f32>(rows * g.nh * g.hd)?;
-        let mut args = vec![
-            p(qkv),
-            p(&q),
-            p(&kv.k),
-            p(&kv.v),
-            Arg::U64(step.at(step.off.slots)),
-            Arg::U64(step.at(step.off.cos)),
-            Arg::U64(step.at(step.off.sin)),
-        ];
-        args.extend(g.rope_args()?);
+        let mut args = vec![p(qkv)];
+        args.extend(g.rope_args(&q, kv, step)?);
         let blocks_z = ((g.qpg + 2) * g.hd).div_ceil(256) as u32;
         self.launch(
             &self.k.rope_qkv,

@@ -83,14 +83,8 @@ impl Gpu {
             Arg::I32(to_i32(OP, up.n)?),
             Arg::I32(has_bb),
             Arg::I32(up.epilogue() as i32),
-            p(&q),
-            p(&kv.k),
-            p(&kv.v),
-            Arg::U64(step.at(step.off.slots)),
-            Arg::U64(step.at(step.off.cos)),
-            Arg::U64(step.at(step.off.sin)),
         ];
-        args.extend(g.rope_args()?);
+        args.extend(g.rope_args(&q, kv, step)?);
         self.launch(
             &self.k.gemv2_rope_simt_r1,
             (blocks_a + blocks_b, 1, 1),
