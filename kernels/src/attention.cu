@@ -9,7 +9,7 @@
 // attn_decode: one block per (row, kv group x head chunk, key split), CUDA cores, f32
 //   math, online softmax; the heads of a chunk share each K/V tile loaded to shared
 //   memory. With several splits (flash-decoding over long contexts) partial results go
-//   to attn_combine. Used for decode/verify rows and for any head_dim.
+//   to attn_combine, or the last split's block merges them (merge_splits_if_last). Used for decode/verify rows and for any head_dim.
 // attn_prefill_tc<HD>: flash-attention on bf16 tensor cores (mma.m16n8k16) for long
 //   chunks of one sequence (prefill), 64 query rows x one head per block.
 // attn_decode_tc<HD> (attention_tc_decode.cu, after this file): decode rows over long
@@ -18,6 +18,55 @@
 #define DEC_TK 32
 #define DEC_WARPS 8
 
+// With several key splits and `counters` given, the last block of a (row, head chunk)
+// to store its split merges all of them into `out` (the other blocks only store), so
+// that no attn_combine launch follows the decode kernel. One warp per head: the split
+// weights exp(m_z - m), then every output column summed over the splits in four
+// accumulators by z % 4 and one fixed tree. Splits without keys (weight 0, zero sums)
+// change no bit, so a row gets the same result whatever its step's split count, and
+// for a single non-empty split exactly the direct path's acc * (1 / l). `counters`:
+// one zeroed u32 per block of the (rows, head chunks) grid; the last block re-zeroes
+// its own. Reads the partials through L2: other blocks wrote them.
+__device__ __forceinline__ void merge_splits_if_last(u32* __restrict__ counters,
+                                                     const float* __restrict__ part_o,
+                                                     const float* __restrict__ part_ml,
+                                                     float* __restrict__ out, int r, int h0,
+                                                     int nhb, int nh, int hd, int nsplit) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32* c = counters + (size_t)blockIdx.x * gridDim.y + blockIdx.y;
+        last = atomicAdd(c, 1u) == (u32)nsplit - 1;
+        if (last) *c = 0u;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int hh = warp; hh < nhb; hh += blockDim.x >> 5) {
+        const size_t base = ((size_t)r * nh + h0 + hh) * nsplit;
+        float m = NEG_INF;
+        for (int z = lane; z < nsplit; z += 32) m = fmaxf(m, __ldcg(part_ml + 2 * (base + z)));
+        m = warp_max(m);
+        float l = 0.0f;
+        for (int z = lane; z < nsplit; z += 32) {
+            const float mz = __ldcg(part_ml + 2 * (base + z));
+            l += __ldcg(part_ml + 2 * (base + z) + 1) * (mz == NEG_INF ? 0.0f : expf(mz - m));
+        }
+        const float inv = 1.0f / warp_sum(l);
+        for (int d = lane; d < hd; d += 32) {
+            float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int z = 0; z < nsplit; z++) {
+                const float mz = __ldcg(part_ml + 2 * (base + z));
+                const float w = mz == NEG_INF ? 0.0f : expf(mz - m);
+                a[z & 3] = fmaf(__ldcg(part_o + (base + z) * hd + d), w, a[z & 3]);
+            }
+            out[((size_t)r * nh + h0 + hh) * hd + d] = ((a[0] + a[1]) + (a[2] + a[3])) * inv;
+        }
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS)
     attn_decode(const float* __restrict__ q, const bf16_t* __restrict__ kc,
                 const bf16_t* __restrict__ vc, u64 layer_off, const u32* __restrict__ row_list,
@@ -25,7 +74,7 @@ extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS)
                 const u32* __restrict__ block_tables, int block_size,
                 const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,
                 float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh, int hd,
-                int hb, int keys_per_split, float scale) { PDL_ENTER();
+                int hb, int keys_per_split, float scale, u32* __restrict__ counters) { PDL_ENTER();
     extern __shared__ float smem[];
     const int r = row_list[blockIdx.x];
     const int qpg = nh / kvh;
@@ -120,6 +169,7 @@ extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS)
             }
         }
     }
+    if (nsplit > 1 && counters) merge_splits_if_last(counters, part_o, part_ml, out, r, h0, nhb, nh, hd, nsplit);
 }
 
 // attn_decode with a compile-time head size (64, 128): the same algorithm with float4
@@ -133,7 +183,7 @@ __device__ __forceinline__ void attn_decode_fixed(
     const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,
     const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,
     float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh, int hb,
-    int keys_per_split, float scale) {
+    int keys_per_split, float scale, u32* __restrict__ counters) {
     constexpr int KS = HD + 4;                                // padded K row, 16-byte aligned
     constexpr int DPL = HD / 32;                              // value columns per lane
     constexpr int CPK = HD / 8;                               // 16-byte chunks per key
@@ -270,6 +320,7 @@ __device__ __forceinline__ void attn_decode_fixed(
             }
         }
     }
+    if (nsplit > 1 && counters) merge_splits_if_last(counters, part_o, part_ml, out, r, h0, nhb, nh, HD, nsplit);
 }
 
 #define ATTN_DECODE_KERNEL(HD)                                                                  \
@@ -279,10 +330,10 @@ __device__ __forceinline__ void attn_decode_fixed(
         const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,  \
         const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,               \
         float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh, int hd, int hb, \
-        int keys_per_split, float scale) { PDL_ENTER();                                         \
+        int keys_per_split, float scale, u32* __restrict__ counters) { PDL_ENTER();             \
         attn_decode_fixed<HD>(q, kc, vc, layer_off, row_list, row_info, seq_info, block_tables, \
                               block_size, slopes, has_alibi, out, part_o, part_ml, nh, kvh, hb, \
-                              keys_per_split, scale);                                           \
+                              keys_per_split, scale, counters);                                 \
     }
 
 ATTN_DECODE_KERNEL(64)

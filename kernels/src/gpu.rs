@@ -63,6 +63,8 @@ pub struct Gpu {
     /// Whether a one-row step's qkv projection may apply rotary and write the KV cache
     /// itself ([`Gpu::attention_and_pair`]).
     fuse_rope: AtomicBool,
+    /// Whether the CUDA-core decode attention merges its own key splits.
+    fuse_combine: AtomicBool,
     /// Launches of the fused qkv-rotary projection queued so far (replays add none).
     fused_rope_launches: AtomicU64,
     /// Decode rows of at least this context take the tensor-core decode attention (when
@@ -234,6 +236,7 @@ impl Gpu {
             fuse_sum: AtomicBool::new(env_flag("FALCONER_FUSE_SUM", true)),
             fuse_rope: AtomicBool::new(env_flag("FALCONER_FUSE_ROPE", true)),
             fused_rope_launches: AtomicU64::new(0),
+            fuse_combine: AtomicBool::new(env_flag("FALCONER_FUSE_COMBINE", true)),
             gemv_counters: Mutex::new(Vec::new()),
             attn_tc_min_ctx: AtomicUsize::new(ATTN_TC_MIN_CTX),
             staging: Mutex::new(None),
@@ -324,6 +327,19 @@ impl Gpu {
 
     pub fn fuse_rope(&self) -> bool {
         self.fuse_rope.load(Ordering::Relaxed)
+    }
+
+    /// Lets the CUDA-core decode attention merge its key splits in the last block of
+    /// each row and head chunk (the default; `FALCONER_FUSE_COMBINE=0` turns it off), or
+    /// always in a separate `attn_combine` launch. Other rounding, the same for a row in
+    /// any step either way.
+    pub fn set_fuse_combine(&self, on: bool) {
+        self.fuse_combine.store(on, Ordering::Relaxed);
+        self.settings_changed();
+    }
+
+    pub fn fuse_combine(&self) -> bool {
+        self.fuse_combine.load(Ordering::Relaxed)
     }
 
     /// How many times [`Gpu::attention_and_pair`] has queued its fused kernel (a

@@ -617,23 +617,26 @@ fn cuda_attention_matches_cpu_in_every_kernel_path() {
         let want = run_attention(&cpu, &steps, &tables, &attn, &layout, rope.as_ref(), 11);
         // Decode rows on the f32 kernel (short contexts, the default), then on the
         // tensor-core decode kernel wherever the geometry allows (many heads per kv head).
-        for tc_min_ctx in [ATTN_TC_MIN_CTX, 0] {
+        // Split rows on the f32 kernel merged by attn_combine too.
+        for (tc_min_ctx, merge) in [(ATTN_TC_MIN_CTX, true), (0, true), (ATTN_TC_MIN_CTX, false)] {
             b.gpu().set_attn_tc_min_ctx(tc_min_ctx);
+            b.gpu().set_fuse_combine(merge);
             let got = run_attention(&*b, &steps, &tables, &attn, &layout, rope.as_ref(), 11);
             let errs: Vec<f32> = got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).collect();
             let shown: Vec<String> = errs.iter().map(|e| format!("{e:.2e}")).collect();
             println!(
                 "attention {nh} heads / {kvh} kv x {hd}, alibi {use_alibi}, tc decode from \
-                 ctx {tc_min_ctx}: rel err per step {}",
+                 ctx {tc_min_ctx}, splits merged in the kernel {merge}: rel err per step {}",
                 shown.join(" ")
             );
             if errs.iter().any(|&e| e >= TOL) {
                 failures.push(format!(
-                    "{nh}/{kvh}x{hd} alibi={use_alibi} tc from {tc_min_ctx}: {}",
+                    "{nh}/{kvh}x{hd} alibi={use_alibi} tc from {tc_min_ctx} merge {merge}: {}",
                     shown.join(" ")
                 ));
             }
         }
+        b.gpu().set_fuse_combine(true);
         b.gpu().set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
     }
     report("attention vs CPU", &failures);
@@ -658,7 +661,13 @@ fn cuda_attention_rows_are_the_same_bits_in_any_step() {
         (160, 1, 64, 253, 0),
         (48, 1, 128, 765, 0),
     ];
-    for (nh, kvh, hd, prefix, tc_from) in cases {
+    // Split rows merged by the CUDA-core decode kernel itself (the default) or by
+    // attn_combine.
+    let runs = [true, false]
+        .into_iter()
+        .flat_map(|merge| cases.map(|c| (merge, c)));
+    for (merge, (nh, kvh, hd, prefix, tc_from)) in runs {
+        b.gpu().set_fuse_combine(merge);
         b.gpu().set_attn_tc_min_ctx(tc_from);
         let attn = AttnConfig {
             num_heads: nh,
@@ -694,11 +703,13 @@ fn cuda_attention_rows_are_the_same_bits_in_any_step() {
             let row = &verify[i * out_w..(i + 1) * out_w];
             assert!(
                 same_bits(row, &one),
-                "{nh}/{kvh}x{hd}, context {}: the verify row differs from the one-token step",
+                "{nh}/{kvh}x{hd}, context {}, splits merged in the kernel {merge}: the \
+                 verify row differs from the one-token step",
                 prefix + i + 1
             );
         }
     }
+    b.gpu().set_fuse_combine(true);
     b.gpu().set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
 }
 

@@ -602,12 +602,21 @@ impl Gpu {
         let (nsplit, keys_per_split) = fixed_splits(grid_ctx(max_ctx), DEC_SPLIT_KEYS);
         let smem = ((2 * hb * hd + 2 * hb + fixed) * 4) as u32;
         let (_parts, po, pm) = self.partials(d, nsplit)?;
+        // Split rows merged by the kernel's last block per (row, head chunk), or by
+        // attn_combine after it.
+        let merge = nsplit > 1 && self.fuse_combine();
+        let counters = if merge {
+            self.gemv_counters(n_list * kvh * chunks)?
+        } else {
+            0
+        };
         let mut args = d.args(list, po, pm)?;
         args.extend([
             Arg::I32(to_i32(OP, hd)?),
             Arg::I32(hb as i32),
             Arg::I32(to_i32(OP, keys_per_split)?),
             Arg::F32(d.scale),
+            Arg::U64(counters),
         ]);
         self.launch(
             decode,
@@ -616,6 +625,9 @@ impl Gpu {
             smem,
             &args,
         )?;
+        if merge {
+            return Ok(());
+        }
         self.combine(d, list, n_list, nsplit, po, pm)
     }
 
