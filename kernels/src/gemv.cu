@@ -368,20 +368,72 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, u32 a0, u32 a1, u32 a2,
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-template <int R, int TCG_U, bool PACK>
+// Where a fused qkv projection stores (see gemv2_rope_bf16_r1): queries, the KV cache
+// and the step's slots and rotary tables, for rows 0..R-1 of the step.
+struct RopeOut {
+    float* q;
+    bf16_t* kc;
+    bf16_t* vc;
+    const u32* slots;
+    const float* cosv;
+    const float* sinv;
+    int rotary, nh, kvh, hd;
+    u64 layer_off;
+};
+
+// Stores feature pair (d, d + hd / 2) of fused-qkv head `hg` for step row r as rope_qkv
+// would: queries rotated into q, keys rotated and values into the cache slot.
+__device__ __forceinline__ void rope_store(const RopeOut& ro, int r, int hg, int d, float v0,
+                                           float v1) {
+    const int qpg = ro.nh / ro.kvh, half = ro.hd >> 1;
+    const int g = hg / (qpg + 2), head = hg - g * (qpg + 2);
+    if (ro.rotary && head <= qpg) {
+        const float c = ro.cosv[(size_t)r * half + d], sn = ro.sinv[(size_t)r * half + d];
+        const float r0 = rope_pair(v0, v1, c, sn, true);
+        v1 = rope_pair(v1, v0, c, sn, false);
+        v0 = r0;
+    }
+    if (head < qpg) {
+        float* dst = ro.q + ((size_t)r * ro.nh + (size_t)g * qpg + head) * ro.hd + d;
+        dst[0] = v0;
+        dst[half] = v1;
+    } else {
+        const u64 cache = ro.layer_off + ((u64)ro.slots[r] * ro.kvh + g) * ro.hd + d;
+        bf16_t* dst = head == qpg ? ro.kc : ro.vc;
+        dst[cache] = f2bf(v0);
+        dst[cache + half] = f2bf(v1);
+    }
+}
+
+// With ROPE (the fused qkv projection of gemv2_tcx_rope_r*), tile t holds the rotary
+// pairs j0 .. j0 + 7 of head hg = t / (hd / 16), j0 = 8 (t % (hd / 16)): features i < 8
+// are hg * hd + j0 + i, features i >= 8 their partners hd / 2 further, so that the
+// epilogue has both values of every pair in the block; the sums are those of the plain
+// tiles (same K splits and order), stored through rope_store instead of to y.
+template <int R, int TCG_U, bool PACK, bool ROPE = false>
 __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                         const float* __restrict__ bias, float* __restrict__ y,
                                         float* __restrict__ part, u32* __restrict__ counters,
                                         int N, int K, int has_bias, int chunks_per_split, int epi,
-                                        int tile, int split, int nsplit) {
+                                        int tile, int split, int nsplit,
+                                        const RopeOut* ro = nullptr) {
     constexpr bool PACKED = PACK && R <= 4;
     __shared__ float red[TCG_WARPS][32][4];
     __shared__ float tile_out[16][8];
+    __shared__ float rope_v[ROPE ? 16 : 1][8];
     __shared__ int last_block;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int gid = lane >> 2, tig = lane & 3;
     const int n0 = tile * 16;
-    const int ra = min(n0 + gid, N - 1), rb = min(n0 + gid + 8, N - 1);
+    // ROPE: head and first pair of the tile (see above).
+    const int tph = ROPE ? ro->hd >> 4 : 1;
+    const int hg = ROPE ? tile / tph : 0;
+    const int j0 = ROPE ? (tile - hg * tph) * 8 : 0;
+    const int half = ROPE ? ro->hd >> 1 : 0;
+    auto feature = [&](int i) {
+        return ROPE ? hg * ro->hd + j0 + (i & 7) + (i >= 8 ? half : 0) : n0 + i;
+    };
+    const int ra = min(feature(gid), N - 1), rb = min(feature(gid + 8), N - 1);
     const int nchunks = K >> 5;
     const int c_begin = split * chunks_per_split;
     const int c_end = min(nchunks, c_begin + chunks_per_split);
@@ -480,12 +532,23 @@ __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_
         tile_out[i][j] = s;
     }
     __syncthreads();
-    const int n = n0 + i;
+    const int n = feature(i);
     const bool writer = t < 128 && j < R && n < N;
+    // The block's final values: to y, or (ROPE) to shared memory and then in pairs
+    // through rope_store (every thread of the block reaches the barrier).
+    auto finish = [&](float v) {
+        if (!ROPE) {
+            if (writer) gemv_store(y, (size_t)j * N + n, v, epi);
+            return;
+        }
+        if (writer) rope_v[i][j] = v;
+        __syncthreads();
+        if (writer && i < 8) rope_store(*ro, j, hg, j0 + i, rope_v[i][j], rope_v[i + 8][j]);
+    };
     float v = 0.0f;
     if (writer) v = PACKED ? tile_out[i][j] + tile_out[i][j + 4] : tile_out[i][j];
     if (nsplit == 1) {
-        if (writer) gemv_store(y, (size_t)j * N + n, v + (has_bias ? bias[n] : 0.0f), epi);
+        finish(v + (writer && has_bias ? bias[n] : 0.0f));
         return;
     }
     if (writer) part[((size_t)split * R + j) * N + n] = v;
@@ -495,11 +558,11 @@ __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_
     __syncthreads();
     if (!last_block) return;
     __threadfence();
+    float s = 0.0f;
     if (writer) {
-        float s = 0.0f;
         for (int z = 0; z < nsplit; z++) s += __ldcg(part + ((size_t)z * R + j) * N + n);
-        gemv_store(y, (size_t)j * N + n, s + (has_bias ? bias[n] : 0.0f), epi);
     }
+    finish(s + (writer && has_bias ? bias[n] : 0.0f));
     if (threadIdx.x == 0) counters[tile] = 0u;
 }
 
@@ -528,6 +591,31 @@ __device__ __forceinline__ void gemv_tc(const float* __restrict__ x, const bf16_
         if (i < blocks_a) {                                                                    \
             gemv_tc<R, U, PACK>(x, wa, ba, ya, pa, ca, Na, K, has_ba, cps_a, epi_a,            \
                                 i % tiles_a, i / tiles_a, nsplit_a);                           \
+        } else {                                                                               \
+            const int j = i - blocks_a;                                                        \
+            gemv_tc<R, U, PACK>(x, wb, bb, yb, pb, cb, Nb, K, has_bb, cps_b, epi_b,            \
+                                j % tiles_b, j / tiles_b, nsplit_b);                           \
+        }                                                                                      \
+    }
+
+// GEMV2_TC_KERNEL whose first product is the fused qkv projection, stored through
+// rotary into q and the KV cache (gemv_tc with ROPE; tiles_a = Na / 16).
+#define GEMV2_TC_ROPE_KERNEL(NAME, R, U, PACK)                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * TCG_WARPS)                               \
+        NAME(const float* __restrict__ x, int K, const bf16_t* __restrict__ wa,                \
+             const float* __restrict__ ba, float* __restrict__ ya, float* __restrict__ pa,     \
+             u32* __restrict__ ca, int Na, int has_ba, int cps_a, int epi_a, int tiles_a,      \
+             int nsplit_a, const bf16_t* __restrict__ wb, const float* __restrict__ bb,        \
+             float* __restrict__ yb, float* __restrict__ pb, u32* __restrict__ cb, int Nb,     \
+             int has_bb, int cps_b, int epi_b, int tiles_b, int nsplit_b, float* __restrict__ q, \
+             bf16_t* __restrict__ kc, bf16_t* __restrict__ vc, const u32* __restrict__ slots,  \
+             const float* __restrict__ cosv, const float* __restrict__ sinv, int rotary, int nh, \
+             int kvh, int hd, u64 layer_off) {                                                 \
+        const int i = blockIdx.x, blocks_a = tiles_a * nsplit_a;                               \
+        if (i < blocks_a) {                                                                    \
+            const RopeOut ro{q, kc, vc, slots, cosv, sinv, rotary, nh, kvh, hd, layer_off};    \
+            gemv_tc<R, U, PACK, true>(x, wa, ba, ya, pa, ca, Na, K, has_ba, cps_a, epi_a,      \
+                                      i % tiles_a, i / tiles_a, nsplit_a, &ro);                \
         } else {                                                                               \
             const int j = i - blocks_a;                                                        \
             gemv_tc<R, U, PACK>(x, wb, bb, yb, pb, cb, Nb, K, has_bb, cps_b, epi_b,            \
@@ -564,3 +652,14 @@ GEMV2_TC_KERNEL(gemv2_tcx_r1, 1, 4, false)
 GEMV2_TC_KERNEL(gemv2_tcx_r2, 2, 4, false)
 GEMV2_TC_KERNEL(gemv2_tcx_r3, 3, 4, false)
 GEMV2_TC_KERNEL(gemv2_tcx_r4, 4, 4, false)
+
+// The row-invariant pair with the fused qkv projection (the runtime's decode and verify
+// steps).
+GEMV2_TC_ROPE_KERNEL(gemv2_tcx_rope_r1, 1, 4, false)
+GEMV2_TC_ROPE_KERNEL(gemv2_tcx_rope_r2, 2, 4, false)
+GEMV2_TC_ROPE_KERNEL(gemv2_tcx_rope_r3, 3, 4, false)
+GEMV2_TC_ROPE_KERNEL(gemv2_tcx_rope_r4, 4, 4, false)
+GEMV2_TC_ROPE_KERNEL(gemv2_tcx_rope_r5, 5, 4, true)
+GEMV2_TC_ROPE_KERNEL(gemv2_tcx_rope_r6, 6, 4, true)
+GEMV2_TC_ROPE_KERNEL(gemv2_tcx_rope_r7, 7, 4, true)
+GEMV2_TC_ROPE_KERNEL(gemv2_tcx_rope_r8, 8, 4, true)

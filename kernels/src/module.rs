@@ -52,6 +52,9 @@ pub(crate) struct Kernels {
     pub gemv_cat_simt_r1: CudaFunction,
     pub gemv2_tc: Vec<CudaFunction>,
     pub gemv2_tc_exact: Vec<CudaFunction>,
+    /// `gemv2_tc_exact` with the first product a fused qkv projection stored through
+    /// rotary into q and the KV cache (`gemv2_tcx_rope_r1..8`).
+    pub gemv2_tcx_rope: Vec<CudaFunction>,
     pub attn_decode: CudaFunction,
     pub attn_decode_hd64: CudaFunction,
     pub attn_decode_hd128: CudaFunction,
@@ -78,6 +81,7 @@ impl Kernels {
         let mut gemv_tc_exact = Vec::with_capacity(8);
         let mut gemv2_tc = Vec::with_capacity(8);
         let mut gemv2_tc_exact = Vec::with_capacity(8);
+        let mut gemv2_tcx_rope = Vec::with_capacity(8);
         for r in 1..=8 {
             gemv.push(f(&format!("gemv_bf16_r{r}"))?);
             gemv_tc.push(f(&format!("gemv_tc_r{r}"))?);
@@ -85,6 +89,7 @@ impl Kernels {
             gemv_tc_exact.push(f(&format!("gemv_{exact}_r{r}"))?);
             gemv2_tc.push(f(&format!("gemv2_tc_r{r}"))?);
             gemv2_tc_exact.push(f(&format!("gemv2_{exact}_r{r}"))?);
+            gemv2_tcx_rope.push(f(&format!("gemv2_tcx_rope_r{r}"))?);
         }
         // The tensor-core decode attention holds a whole split in shared memory (more
         // than the default 48 KiB); a device that refuses leaves it to the CUDA-core one.
@@ -124,6 +129,7 @@ impl Kernels {
             gemv_cat_simt_r1: f("gemv_cat_bf16_r1")?,
             gemv2_tc,
             gemv2_tc_exact,
+            gemv2_tcx_rope,
             attn_decode: f("attn_decode")?,
             attn_decode_hd64: f("attn_decode_hd64")?,
             attn_decode_hd128: f("attn_decode_hd128")?,

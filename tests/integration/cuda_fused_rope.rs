@@ -1,9 +1,10 @@
-//! The CUDA backend's fused decode projection (`attention_and_gelu` for one row: the qkv
-//! projection applies the rotary and writes the KV cache in its epilogue, beside the MLP
-//! up projection) against the same step through `rope_qkv`: attention outputs, up
-//! projections and every later step's results must be the same bits, at Falcon-7B's
-//! MQA geometry, GQA, MHA, head sizes 16 to 128 and without rotary (ALiBi), and on every
-//! fixture layout whose layers take it.
+//! The CUDA backend's fused attention input (`attention_and_gelu` for few rows: the qkv
+//! projection applies the rotary and writes the KV cache in its epilogue, beside the
+//! MLP up projection) against the same steps through `rope_qkv`: attention outputs, up
+//! projections and every later step's results must be the same bits, for one-row steps
+//! on CUDA cores and for steps of 1 to 5 rows on the row-invariant tensor cores, at
+//! Falcon-7B's MQA geometry, GQA, MHA, head sizes 16 to 128 and without rotary (ALiBi),
+//! and on every fixture layout whose layers take it.
 //!
 //! Without a GPU every test prints `skipped: no CUDA device (<reason>)` and passes.
 #![cfg(feature = "cuda")]
@@ -19,10 +20,19 @@ use crate::common::LAYOUTS;
 use crate::cuda_golden::{backend, cuda_runner, one_sequence_step, random, same_bits};
 use crate::cuda_sum::upload;
 
-/// A 37-token prefill then 24 one-token steps through `attention_and_gelu`, on a fresh
-/// cache: each step's attention output and up projection, and how many fused launches
-/// were queued.
-fn decode(b: &CudaBackend, attn: &AttnConfig, k: usize, fused: bool) -> (Vec<Vec<f32>>, u64) {
+/// Rows of the steps after the prefill: decode steps and verify passes.
+const STEPS: [usize; 12] = [1, 1, 3, 1, 5, 1, 1, 2, 1, 4, 1, 1];
+
+/// A 37-token prefill then the `STEPS` through `attention_and_gelu`, on a fresh cache,
+/// in row-invariant mode or not: each step's attention output and up projection, and
+/// how many fused launches were queued.
+fn decode(
+    b: &CudaBackend,
+    attn: &AttnConfig,
+    k: usize,
+    fused: bool,
+    exact: bool,
+) -> (Vec<Vec<f32>>, u64) {
     let (nh, kvh, hd) = (attn.num_heads, attn.num_kv_heads, attn.head_dim);
     let n_qkv = kvh * (nh / kvh + 2) * hd;
     let n_up = 1000;
@@ -47,10 +57,11 @@ fn decode(b: &CudaBackend, attn: &AttnConfig, k: usize, fused: bool) -> (Vec<Vec
     let w_up = upload(b, n_up, k, 23);
     let mut kv = b.alloc_kv(&layout).unwrap();
     b.gpu().set_fuse_rope(fused);
+    b.gpu().set_row_invariant(exact);
     let before = b.gpu().fused_rope_launches();
     let mut outs = Vec::new();
     let mut start = 0;
-    for (i, rows) in std::iter::once(37).chain([1; 24]).enumerate() {
+    for (i, rows) in std::iter::once(37).chain(STEPS).enumerate() {
         let step = b
             .prepare_step(&one_sequence_step(&table, bs, start, rows, rope.as_ref()))
             .unwrap();
@@ -77,6 +88,7 @@ fn decode(b: &CudaBackend, attn: &AttnConfig, k: usize, fused: bool) -> (Vec<Vec
     }
     let launches = b.gpu().fused_rope_launches() - before;
     b.gpu().set_fuse_rope(true);
+    b.gpu().set_row_invariant(false);
     (outs, launches)
 }
 
@@ -98,33 +110,45 @@ fn cuda_fused_rope_projection_equals_rope_qkv_bit_for_bit() {
             head_dim: hd,
             alibi_slopes: use_alibi.then(|| alibi::slopes(nh)),
         };
-        let what = format!("{nh}/{kvh}x{hd}, alibi {use_alibi}, k {k}");
-        let (fused, launches) = decode(&b, &attn, k, true);
-        let (plain, none) = decode(&b, &attn, k, false);
-        assert_eq!(
-            launches, 24,
-            "{what}: every one-row step must take the fused kernel"
-        );
-        assert_eq!(none, 0, "{what}: switched off, no step may take it");
-        for (i, (f, p)) in fused.iter().zip(&plain).enumerate() {
-            let part = if i % 2 == 0 {
-                "attention"
-            } else {
-                "up projection"
+        for exact in [false, true] {
+            let what = format!("{nh}/{kvh}x{hd}, alibi {use_alibi}, k {k}, row-invariant {exact}");
+            let (fused, launches) = decode(&b, &attn, k, true, exact);
+            let (plain, none) = decode(&b, &attn, k, false, exact);
+            // One-row steps on CUDA cores; in row-invariant mode every step here, on
+            // tensor cores (which need K in whole 32-wide chunks).
+            let want = match exact {
+                false => STEPS.iter().filter(|&&r| r == 1).count(),
+                true if k % 32 == 0 => STEPS.len(),
+                true => 0,
             };
-            assert!(
-                same_bits(f, p),
-                "{what}: step {} {part} differs from rope_qkv's",
-                i / 2
-            );
+            assert_eq!(launches, want as u64, "{what}: fused launches");
+            assert_eq!(none, 0, "{what}: switched off, no step may take it");
+            for (i, (f, p)) in fused.iter().zip(&plain).enumerate() {
+                let part = if i % 2 == 0 {
+                    "attention"
+                } else {
+                    "up projection"
+                };
+                assert!(
+                    same_bits(f, p),
+                    "{what}: step {} {part} differs from rope_qkv's",
+                    i / 2
+                );
+            }
         }
     }
 }
 
 /// Greedy decoding on a fixture with the fused projection on or off: every step's
 /// logits, and the number of fused launches.
-fn greedy(b: &std::sync::Arc<CudaBackend>, name: &str, fused: bool) -> (Vec<Vec<f32>>, u64) {
+fn greedy(
+    b: &std::sync::Arc<CudaBackend>,
+    name: &str,
+    fused: bool,
+    exact: bool,
+) -> (Vec<Vec<f32>>, u64) {
     b.gpu().set_fuse_rope(fused);
+    b.gpu().set_row_invariant(exact);
     b.set_step_graphs(false);
     let before = b.gpu().fused_rope_launches();
     let mut m = cuda_runner(b, name);
@@ -145,6 +169,7 @@ fn greedy(b: &std::sync::Arc<CudaBackend>, name: &str, fused: bool) -> (Vec<Vec<
     }
     let launches = b.gpu().fused_rope_launches() - before;
     b.gpu().set_fuse_rope(true);
+    b.gpu().set_row_invariant(false);
     b.set_step_graphs(true);
     (all, launches)
 }
@@ -152,10 +177,12 @@ fn greedy(b: &std::sync::Arc<CudaBackend>, name: &str, fused: bool) -> (Vec<Vec<
 #[test]
 fn cuda_fused_rope_decoding_equals_unfused_on_every_fixture() {
     let Some(b) = backend() else { return };
+    // (The fixtures' head size, 8, is below the tensor-core kernel's 16-feature tiles of
+    // rotary pairs: only the one-row CUDA-core route fuses here.)
     let mut fused_layouts = 0;
     for name in LAYOUTS {
-        let (fused, launches) = greedy(&b, name, true);
-        let (plain, none) = greedy(&b, name, false);
+        let (fused, launches) = greedy(&b, name, true, false);
+        let (plain, none) = greedy(&b, name, false, false);
         assert_eq!(
             none, 0,
             "{name}: switched off, no step may take the fused kernel"

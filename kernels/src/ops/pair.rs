@@ -70,7 +70,7 @@ impl Gpu {
         let mut yb = self.scratch::<f32>(rows * b.n)?;
         match self.pair_route(rows, k, a.n, b.n) {
             PairRoute::TensorCores { exact } => {
-                self.pair_tc(x, rows, k, &a, &b, &ya, &yb, exact)?
+                self.pair_tc(x, rows, k, &a, &b, &ya, &yb, exact, None)?
             }
             PairRoute::Simt => self.pair_simt(x, k, &a, &b, &ya, &yb)?,
             PairRoute::Separate => {
@@ -150,9 +150,11 @@ impl Gpu {
     }
 
     /// `gemv2_tc*`: up to 8 rows on tensor cores, each half with the tiles and K splits
-    /// it has alone.
+    /// it has alone. With `rope` (the rotary arguments, row-invariant kernels only) the
+    /// first half is a fused qkv projection stored through rotary (`gemv2_tcx_rope_r*`)
+    /// and `ya` is not written.
     #[allow(clippy::too_many_arguments)]
-    fn pair_tc(
+    pub(super) fn pair_tc(
         &self,
         x: &DeviceBuffer<f32>,
         rows: usize,
@@ -162,6 +164,7 @@ impl Gpu {
         ya: &DeviceBuffer<f32>,
         yb: &DeviceBuffer<f32>,
         exact: bool,
+        rope: Option<&[Arg]>,
     ) -> Result<(), KernelError> {
         const OP: &str = "linear";
         let (ta, tb) = (self.tc_tiles(a.n, k), self.tc_tiles(b.n, k));
@@ -202,10 +205,19 @@ impl Gpu {
         let mut args = vec![p(x), Arg::I32(to_i32(OP, k)?)];
         args.extend(half(a, ya, ta, counters)?);
         args.extend(half(b, yb, tb, counters_b)?);
-        let func = if exact {
-            &self.k.gemv2_tc_exact[rows - 1]
-        } else {
-            &self.k.gemv2_tc[rows - 1]
+        let func = match (rope, exact) {
+            (Some(extra), true) => {
+                args.extend_from_slice(extra);
+                &self.k.gemv2_tcx_rope[rows - 1]
+            }
+            (Some(_), false) => {
+                return Err(KernelError::invalid(
+                    OP,
+                    "the fused qkv projection on tensor cores is row-invariant only",
+                ))
+            }
+            (None, true) => &self.k.gemv2_tc_exact[rows - 1],
+            (None, false) => &self.k.gemv2_tc[rows - 1],
         };
         let blocks = ta.0 * ta.1 + tb.0 * tb.1;
         self.launch(

@@ -1,8 +1,10 @@
-//! A decode step's attention input in one launch: the qkv projection stores its
-//! queries through rotary and its keys and values straight into the KV cache
-//! (`gemv2_rope_bf16_r1`), beside the MLP up projection, so that `rope_qkv` and its
-//! kernel boundary drop out of the layer. The stored values are bit-identical to
-//! [`Gpu::linear_pair`] followed by [`Gpu::attention`], which every other step takes.
+//! A few-row step's attention input in one launch: the qkv projection stores its
+//! queries through rotary and its keys and values straight into the KV cache, beside
+//! the MLP up projection, so that `rope_qkv` and its kernel boundary drop out of the
+//! layer: `gemv2_rope_bf16_r1` for one row on CUDA cores, `gemv2_tcx_rope_r*` for the
+//! row-invariant tensor-core pair of up to 8 rows (the runtime's decode and verify
+//! steps). The stored values are bit-identical to [`Gpu::linear_pair`] followed by
+//! [`Gpu::attention`], which every other step takes.
 
 use super::attention::{AttentionParams, KvBuffers};
 use super::linear::{bias_args, gemv_features_per_block, GEMV_WARPS};
@@ -14,9 +16,9 @@ use crate::step::DeviceStep;
 
 impl Gpu {
     /// `(attention(x @ qkv^T + qkv_bias), up(x))` for one layer: [`Gpu::linear_pair`]
-    /// of the two products, then [`Gpu::attention`] over the first. A one-row step that
-    /// the pair would run as `gemv2_bf16_r1` runs as `gemv2_rope_bf16_r1` instead (while
-    /// [`Gpu::fuse_rope`] is on), writing the queries and the cache itself.
+    /// of the two products, then [`Gpu::attention`] over the first. Where the pair would
+    /// run as `gemv2_bf16_r1` or as the row-invariant `gemv2_tc*`, the fused kernel runs
+    /// instead (while [`Gpu::fuse_rope`] is on), writing the queries and the cache.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_and_pair(
         &self,
@@ -32,17 +34,23 @@ impl Gpu {
     ) -> Result<(DeviceBuffer<f32>, DeviceBuffer<f32>), KernelError> {
         const OP: &str = "linear";
         let rows = step.rows;
+        // The one-row CUDA-core pair, or the row-invariant tensor-core pair of up to 8
+        // rows (the runtime's decode and verify steps), whose tiles then hold rotary
+        // pairs (16 features: head sizes that are multiples of 16).
+        let route = self.pair_route(rows, k, qkv.n, up.n);
         let fused = self.fuse_rope()
-            && rows == 1
             && !qkv.gelu
-            && a.head_dim.is_multiple_of(2)
-            && self.pair_route(rows, k, qkv.n, up.n) == PairRoute::Simt;
+            && match route {
+                PairRoute::Simt => a.head_dim.is_multiple_of(2),
+                PairRoute::TensorCores { exact: true } => a.head_dim.is_multiple_of(16),
+                _ => false,
+            };
         if !fused {
             let (y, up_out) = self.linear_pair(x, rows, k, qkv, up, groups)?;
             return Ok((self.attention(&y, kv, layer, step, a)?, up_out));
         }
         let g = self.attention_geometry(kv, layer, step, a)?;
-        check_len(OP, "input", x, k)?;
+        check_len(OP, "input", x, rows * k)?;
         if qkv.n != g.qkv_cols() {
             return Err(KernelError::invalid(
                 "attention",
@@ -62,8 +70,30 @@ impl Gpu {
                 check_len(OP, "bias", bias, h.n)?;
             }
         }
-        let q = self.scratch::<f32>(g.nh * g.hd)?;
-        let up_out = self.scratch::<f32>(up.n)?;
+        let q = self.scratch::<f32>(rows * g.nh * g.hd)?;
+        let up_out = self.scratch::<f32>(rows * up.n)?;
+        let rope = g.rope_args(&q, kv, step)?;
+        if route == PairRoute::Simt {
+            self.pair_rope_simt(x, k, &qkv, &up, &up_out, &rope)?;
+        } else {
+            // The qkv half's output argument is never written: q stands in for it.
+            self.pair_tc(x, rows, k, &qkv, &up, &q, &up_out, true, Some(&rope))?;
+        }
+        self.count_fused_rope_launch();
+        Ok((self.attend(&q, kv, step, &g)?, up_out))
+    }
+
+    /// `gemv2_rope_bf16_r1`: one row on CUDA cores, the qkv half in rotary pairs.
+    fn pair_rope_simt(
+        &self,
+        x: &DeviceBuffer<f32>,
+        k: usize,
+        qkv: &PairHalf<'_>,
+        up: &PairHalf<'_>,
+        up_out: &DeviceBuffer<f32>,
+        rope: &[Arg],
+    ) -> Result<(), KernelError> {
+        const OP: &str = "linear";
         // Four rotary pairs per block on the qkv side; the up projection's blocks as
         // gemv2_bf16_r1 deals them.
         let blocks_a = (qkv.n / 2).div_ceil(GEMV_WARPS as usize) as u32;
@@ -79,20 +109,18 @@ impl Gpu {
             Arg::I32(blocks_a as i32),
             p(up.w),
             bb,
-            p(&up_out),
+            p(up_out),
             Arg::I32(to_i32(OP, up.n)?),
             Arg::I32(has_bb),
             Arg::I32(up.epilogue() as i32),
         ];
-        args.extend(g.rope_args(&q, kv, step)?);
+        args.extend_from_slice(rope);
         self.launch(
             &self.k.gemv2_rope_simt_r1,
             (blocks_a + blocks_b, 1, 1),
             32 * GEMV_WARPS,
             0,
             &args,
-        )?;
-        self.count_fused_rope_launch();
-        Ok((self.attend(&q, kv, step, &g)?, up_out))
+        )
     }
 }
