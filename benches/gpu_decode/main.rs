@@ -120,13 +120,13 @@ fn main() -> Result<()> {
 
     // Memory bandwidth and GEMM peak, measured in this run.
     let copy_gbs = copy_bandwidth(&backend)?;
-    r.rows.push((
+    r.row((
         "device-to-device copy (read+write)".into(),
         format!("{copy_gbs:.0} GB/s"),
     ));
     r.out.insert("copy_gb_s".into(), json!(copy_gbs));
     let (peak_tflops, peak_shape) = gemm_peak(&backend)?;
-    r.rows.push((
+    r.row((
         "cuBLAS bf16 GEMM peak".into(),
         format!("{peak_tflops:.0} TFLOP/s ({peak_shape})"),
     ));
@@ -199,6 +199,15 @@ struct Report {
     out: serde_json::Map<String, Value>,
 }
 
+impl Report {
+    /// Adds a table row, and prints it at once (to stderr) so that a run cut short
+    /// still shows what it measured.
+    fn row(&mut self, (k, v): (String, String)) {
+        eprintln!("{k}: {v}");
+        self.rows.push((k, v));
+    }
+}
+
 /// Per-shape GEMV bandwidth for 1 and 5 rows, the one-row variants, the tensor-core
 /// GEMV by blocks per SM.
 fn gemv_section(backend: &CudaBackend, cfg: &FalconConfig, r: &mut Report) -> Result<()> {
@@ -266,7 +275,7 @@ fn gemv_section(backend: &CudaBackend, cfg: &FalconConfig, r: &mut Report) -> Re
     }
     gpu.set_tc_blocks_per_sm(bps_default);
     gpu.set_gemv_kernel(GemvKernel::Auto);
-    r.rows.push((
+    r.row((
         "tc GEMV r=5 us by blocks/SM (qkv/dense/h_to_4h/4h_to_h)".into(),
         cells.join(" | "),
     ));
@@ -283,7 +292,7 @@ fn replica_section(backend: &CudaBackend, cfg: &FalconConfig, r: &mut Report) ->
     for (label, full) in [("all ops", true), ("GEMVs only", false)] {
         let rep = layer_replica(backend, cfg, PROMPT + NEW_TOKENS, full)?;
         let (total_ms, enqueue_ms) = (rep.total_ms, rep.enqueue_ms);
-        r.rows.push((
+        r.row((
             format!("decode step layers replayed ({label}), 32 layers"),
             format!("{total_ms:.3} ms GPU+host, {enqueue_ms:.3} ms to queue on the host"),
         ));
@@ -292,7 +301,7 @@ fn replica_section(backend: &CudaBackend, cfg: &FalconConfig, r: &mut Report) ->
             json!({"total_ms": total_ms, "enqueue_ms": enqueue_ms, "graph_ms": rep.graph_ms}),
         );
         if let Some(graph_ms) = rep.graph_ms {
-            r.rows.push((
+            r.row((
                 format!("decode step layers ({label}) captured as one CUDA graph"),
                 format!("{graph_ms:.3} ms a replay (the stream above: {total_ms:.3} ms)"),
             ));
@@ -317,7 +326,7 @@ fn decode_section(
     if pdl_default {
         gpu.set_pdl(false);
         let tps = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
-        r.rows.push((
+        r.row((
             "decode without programmatic dependent launch".into(),
             format!("{tps:.1} tokens/s (median of 2)"),
         ));
@@ -331,7 +340,7 @@ fn decode_section(
     backend.set_step_graphs(!graphs_default);
     let tps_g = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
     backend.set_step_graphs(graphs_default);
-    r.rows.push((
+    r.row((
         format!(
             "decode with CUDA graphs {}",
             if graphs_default { "off" } else { "on" }
@@ -349,7 +358,7 @@ fn decode_section(
     gpu.set_fuse_sum(!fuse_default);
     let tps_f = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
     gpu.set_fuse_sum(fuse_default);
-    r.rows.push((
+    r.row((
         format!(
             "decode with the residual products {}",
             if fuse_default {
@@ -366,10 +375,48 @@ fn decode_section(
     r.out
         .insert("decode_fuse_sum_flipped_tokens_per_s".into(), json!(tps_f));
     r.out.insert("fuse_sum".into(), json!(fuse_default));
+    // The fused attention input (rotary and KV write in the qkv projection) and the
+    // decode attention's own split merge, on and off in turn, three times each: their
+    // effect is about the size of the run-to-run spread, so a single pair says little.
+    for exact in [false, true] {
+        gpu.set_row_invariant(exact);
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            for (fused, into) in [(true, &mut on), (false, &mut off)] {
+                gpu.set_fuse_rope(fused);
+                gpu.set_fuse_combine(fused);
+                into.push(variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?);
+            }
+        }
+        gpu.set_fuse_rope(true);
+        gpu.set_fuse_combine(true);
+        gpu.set_row_invariant(false);
+        let show = |v: &[f64]| {
+            v.iter()
+                .map(|t| format!("{t:.1}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mode = if exact { "row-invariant" } else { "default" };
+        r.row((
+            format!("decode ({mode}), fused rotary + split merge on / off"),
+            format!(
+                "on {} | off {} tokens/s (median {:.1} vs {:.1}, runs interleaved)",
+                show(&on),
+                show(&off),
+                median(&on),
+                median(&off)
+            ),
+        ));
+        r.out.insert(
+            format!("decode_{}_fusions_on_off", mode.replace('-', "_")),
+            json!({"on": on, "off": off}),
+        );
+    }
     gpu.set_row_invariant(true);
     let tps_x = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
     gpu.set_row_invariant(false);
-    r.rows.push((
+    r.row((
         "decode with row-invariant (runtime) kernels".into(),
         format!("{tps_x:.1} tokens/s (median of 2)"),
     ));
@@ -378,14 +425,14 @@ fn decode_section(
     gpu.set_attn_tc_min_ctx(0);
     let tps_tc = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
     gpu.set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
-    r.rows.push((
+    r.row((
         "decode with tensor-core attention at every context".into(),
         format!("{tps_tc:.1} tokens/s (median of 2; default from {ATTN_TC_MIN_CTX})"),
     ));
     r.out
         .insert("decode_tc_attention_tokens_per_s".into(), json!(tps_tc));
     let tps_host = variant_tokens_per_s(runner, vocab, Pick::HostArgmax)?;
-    r.rows.push((
+    r.row((
         "decode with logits copied to the host (argmax there)".into(),
         format!("{tps_host:.1} tokens/s (median of 2)"),
     ));
@@ -404,7 +451,7 @@ fn decode_section(
         );
     }
     backend.set_device_warp(true);
-    r.rows.push((
+    r.row((
         format!(
             "sampled decode (t {}, top-k {}, top-p {}), tokens/s",
             SAMPLED.temperature, SAMPLED.top_k, SAMPLED.top_p
@@ -433,7 +480,7 @@ fn decode_section(
     }
     gpu.set_row_invariant(false);
     gpu.set_pair_launch(PAIR_LAUNCH);
-    r.rows.push((
+    r.row((
         "decode tokens/s, qkv + MLP up projection launches".into(),
         format!("{} (default {PAIR_LAUNCH:?})", cells.join(", ")),
     ));
@@ -442,11 +489,11 @@ fn decode_section(
     let med = median(&decode_s[1..]);
     let tps = NEW_TOKENS as f64 / med;
     let ms_tok = med * 1e3 / NEW_TOKENS as f64;
-    r.rows.push((
+    r.row((
         format!("decode, batch 1, {PROMPT}-token prompt, {NEW_TOKENS} new"),
         format!("{tps:.1} tokens/s (median of {})", DECODE_RUNS - 1),
     ));
-    r.rows.push((
+    r.row((
         "ms/token vs weight-streaming floor".into(),
         format!(
             "{ms_tok:.3} ms vs {floor_ms:.2} ms ({:.0}% of floor speed)",
@@ -462,7 +509,7 @@ fn decode_section(
         eprintln!("a CUDA graph capture failed: {why}");
     }
     let g = graphs.stats();
-    r.rows.push((
+    r.row((
         "CUDA graph recordings of the decode model's steps".into(),
         format!(
             "{} recorded, {} replayed, {} warm-up, {} failed, {} not recordable",
@@ -523,7 +570,7 @@ fn verify_section(
         };
     let one_host = step_time(runner, 1, true)?;
     let five_host = step_time(runner, 5, true)?;
-    r.rows.push((
+    r.row((
         "verify(5) vs one step, logits copied to the host".into(),
         format!(
             "{:.3} ms vs {:.3} ms = {:.3}x",
@@ -553,7 +600,7 @@ fn verify_section(
     let one_x = step_time(runner, 1, false)?;
     let five_x = step_time(runner, 5, false)?;
     gpu.set_row_invariant(false);
-    r.rows.push((
+    r.row((
         "verify(5) vs one step, row-invariant (runtime) kernels".into(),
         format!(
             "{:.3} ms vs {:.3} ms = {:.3}x",
@@ -569,11 +616,11 @@ fn verify_section(
     r.out
         .insert("row_invariant_verify_ratio".into(), json!(five_x / one_x));
     runner.remove_sequence(seq)?;
-    r.rows.push((
+    r.row((
         "verify(5) ratio by tc GEMV blocks/SM".into(),
         format!("{} (default {bps_default})", by_bps.join(", ")),
     ));
-    r.rows.push((
+    r.row((
         format!("verify(5) vs one-token step, {VERIFY_CACHE}-token cache, argmax on device"),
         format!(
             "{:.3} ms vs {:.3} ms = {:.3}x",
@@ -613,7 +660,7 @@ fn prefill_section(
     let pre_s = median(&pre[1..]);
     let (linear_flops, attn_flops) = prefill_flops(cfg, PREFILL);
     let tflops = (linear_flops + attn_flops) / pre_s / 1e12;
-    r.rows.push((
+    r.row((
         format!("prefill {PREFILL} tokens"),
         format!(
             "{:.1} ms, {tflops:.0} TFLOP/s = {:.0}% of GEMM peak ({:.1} TFLOP linear + {:.1} attention)",
@@ -640,7 +687,7 @@ fn attention_section(
 ) -> Result<()> {
     // Decode attention at a 32k context, all layers.
     let (attn_ms, attn_gbs) = long_attention(backend, cfg, 20)?;
-    r.rows.push((
+    r.row((
         format!(
             "decode attention, {}k context, {} layers",
             LONG_CONTEXT / 1024,
@@ -656,7 +703,7 @@ fn attention_section(
     // The same bytes per launch, copied: what one layer's worth of KV allows at all.
     let layer_bytes = 2 * LONG_CONTEXT * cfg.num_kv_heads * cfg.head_dim * 2;
     let copy_layer_gbs = layer_copy_bandwidth(backend, layer_bytes, cfg.num_layers)?;
-    r.rows.push((
+    r.row((
         format!(
             "device copy of one layer's KV ({:.1} MB) per launch, {} launches",
             layer_bytes as f64 / 1e6,
@@ -673,7 +720,7 @@ fn attention_section(
     match long_attention_graph(backend, cfg) {
         Ok(graph_ms) => {
             let bytes = cfg.num_layers * layer_bytes;
-            r.rows.push((
+            r.row((
                 format!(
                     "decode attention, {}k context, as one CUDA graph",
                     LONG_CONTEXT / 1024
@@ -707,7 +754,7 @@ fn hf_section(tps: f64, one: f64, r: &mut Report) {
                     .and_then(Value::as_str)
                     .unwrap_or("?");
                 let hf_tps = f("decode_tokens_per_s");
-                r.rows.push((
+                r.row((
                     format!("HF transformers {version} eager: decode, same shape"),
                     format!(
                         "{hf_tps:.1} tokens/s ({:.2} ms/token); falconer {:.1}x",
@@ -715,7 +762,7 @@ fn hf_section(tps: f64, one: f64, r: &mut Report) {
                         tps / hf_tps
                     ),
                 ));
-                r.rows.push((
+                r.row((
                     format!(
                         "HF verify(5) vs one-token step, {}-token cache",
                         f("cache_len")
