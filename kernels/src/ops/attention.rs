@@ -33,6 +33,9 @@ const DEC_WARPS: usize = 8;
 const DEC_THREADS: u32 = 32 * DEC_WARPS as u32;
 /// Shared memory a block may use without opting in.
 const SMEM_FLOATS: usize = 48 * 1024 / 4;
+/// Static shared memory of the CUDA-core decode kernels (`merge_splits_if_last`'s flag,
+/// rounded up to 16 bytes), in floats.
+const DEC_STATIC_FLOATS: usize = 4;
 
 /// The paged KV memory of one model (or shard): `[layer][slot][kv_head][head_dim]`
 /// bf16 for keys and for values.
@@ -586,10 +589,11 @@ impl Gpu {
             _ => (&self.k.attn_decode, 1),
         };
         // Heads per block: one per warp at most (more blocks for MQA's 71 heads), and
-        // what fits 48 KiB of shared memory.
+        // what fits 48 KiB of shared memory, less the kernels' static shared memory (the
+        // split merge's flag), which counts towards the same 48 KiB.
         let fixed = DEC_TK * (hd + pad) + DEC_TK * hd + 8 * 32;
         let per_head = 2 * hd + 2;
-        let max_hb = SMEM_FLOATS.saturating_sub(fixed) / per_head;
+        let max_hb = (SMEM_FLOATS - DEC_STATIC_FLOATS).saturating_sub(fixed) / per_head;
         if max_hb == 0 {
             return Err(KernelError::invalid(
                 OP,
