@@ -307,9 +307,9 @@ impl<B: Backend> Falcon<B> {
         let w = &self.layers[i];
         let ln = |n: &weights::Norm<B>, t: &B::Tensor| b.layer_norm(t, &n.weight, &n.bias, eps);
         // Under a shared norm the qkv and MLP up projections read the same input: for
-        // few-row steps one backend call for both and the attention (one launch on the
-        // GPU, which in a one-row step also applies the rotary and writes the KV), the up
-        // projection kept for later. Larger steps (prefill) compute it after attention,
+        // few-row steps one backend call for both and the attention (on the GPU one
+        // launch for both products, whose qkv half also applies the rotary and writes the
+        // KV where it can), the up projection kept for later. Larger steps (prefill) compute it after attention,
         // so that its rows x 4h activations are not held through it.
         let pair = rows <= PAIR_MAX_ROWS;
         let kv = &mut self.kv;
