@@ -17,7 +17,8 @@ use falconer_engine::sampling::argmax;
 use falconer_engine::SeqWork;
 
 use crate::common::LAYOUTS;
-use crate::cuda_golden::{backend, cuda_runner, one_sequence_step, random, same_bits};
+use crate::cuda_attention::one_sequence_step;
+use crate::cuda_golden::{backend, cuda_runner, random, same_bits};
 use crate::cuda_sum::upload;
 
 /// Rows of the steps after the prefill: decode steps and verify passes.

@@ -7,9 +7,7 @@
 //! bytes per token.
 //!
 //! Op level, against the CPU backend on random data in shapes the fixtures do not
-//! reach: the GEMV and cuBLAS paths of `linear`, and attention in every kernel path
-//! (tensor-core prefill at head_dim 64/128, split-K decode, MQA/GQA/MHA, ALiBi, chunked
-//! prefill mixed with decode rows, non-contiguous block tables).
+//! reach: the GEMV and cuBLAS paths of `linear` (attention: `cuda_attention`).
 //!
 //! Without a GPU or CUDA libraries (CI, the development machine) every test prints
 //! `skipped: no CUDA device (<reason>)` and passes. Run with `--test-threads=1` on a GPU.
@@ -17,19 +15,17 @@
 
 use std::sync::{Arc, OnceLock};
 
-use falconer_engine::backend::cuda::kernels::{bf16, GemvKernel, ATTN_TC_MIN_CTX};
+use falconer_engine::backend::cuda::kernels::{bf16, GemvKernel};
 use falconer_engine::backend::cuda::CudaBackend;
-use falconer_engine::backend::{AttnConfig, Backend, KvLayout, SeqMeta, StepMeta};
+use falconer_engine::backend::Backend;
 use falconer_engine::checkpoint::{Dtype, HostTensor};
-use falconer_engine::config::{RopeConfig, RopeScaling};
 use falconer_engine::error::BackendError;
-use falconer_engine::posenc::{alibi, rope::Rope};
 use falconer_engine::sampling::{argmax, greedy_token};
 use falconer_engine::{CpuBackend, Falcon, LoadOptions, ModelRunner, SeqWork};
 
 use crate::common::{fixture, reference, rel_err, LAYOUTS};
 
-const TOL: f32 = 1e-2;
+pub(crate) const TOL: f32 = 1e-2;
 
 /// One backend for the whole test binary (context, kernels and cuBLAS set up once), or
 /// the reason there is none.
@@ -69,7 +65,7 @@ fn work(seq: u64, tokens: &[u32], all_logits: bool) -> SeqWork<'_> {
 
 /// Prints one line per layout and fails at the end, so that one run shows every
 /// layout's numbers even when several fail.
-fn report(what: &str, failures: &[String]) {
+pub(crate) fn report(what: &str, failures: &[String]) {
     assert!(failures.is_empty(), "{what} failed for: {failures:#?}");
 }
 
@@ -439,278 +435,6 @@ fn cuda_linear_matches_cpu_on_both_paths_and_fused_epilogues_change_no_bit() {
             b.gpu().set_row_invariant(false);
         }
     }
-}
-
-/// The step of `rows` tokens at `start` of one sequence whose cache blocks are `table`
-/// (blocks of `bs` slots), with rotary tables when `rope` is given.
-pub(crate) fn one_sequence_step(
-    table: &[u32],
-    bs: usize,
-    start: usize,
-    rows: usize,
-    rope: Option<&Rope>,
-) -> StepMeta {
-    let mut m = StepMeta {
-        block_size: bs,
-        ..StepMeta::default()
-    };
-    m.seqs.push(SeqMeta {
-        first_row: 0,
-        num_rows: rows,
-        start_pos: start,
-        block_table: table.to_vec(),
-    });
-    for pos in start..start + rows {
-        m.token_ids.push(0);
-        m.slots
-            .push(table[pos / bs] * bs as u32 + (pos % bs) as u32);
-        if let Some(r) = rope {
-            r.push_cos_sin(pos, pos + 1, &mut m.rope_cos, &mut m.rope_sin);
-        }
-    }
-    m
-}
-
-/// One sequence chunk of an attention step: `rows` new tokens at `start`.
-struct Chunk {
-    seq: usize,
-    start: usize,
-    rows: usize,
-}
-
-/// Runs a series of attention steps over one layer's cache on `backend`, returning
-/// each step's output.
-fn run_attention<B: Backend>(
-    backend: &B,
-    steps: &[Vec<Chunk>],
-    tables: &[Vec<u32>],
-    attn: &AttnConfig,
-    layout: &KvLayout,
-    rope: Option<&Rope>,
-    seed: u64,
-) -> Vec<Vec<f32>> {
-    let mut kv = backend.alloc_kv(layout).unwrap();
-    let width = attn.num_kv_heads * (attn.num_heads / attn.num_kv_heads + 2) * attn.head_dim;
-    let bs = layout.block_size;
-    let mut outs = Vec::new();
-    for (si, chunks) in steps.iter().enumerate() {
-        let mut meta = StepMeta {
-            block_size: bs,
-            ..StepMeta::default()
-        };
-        for c in chunks {
-            let table = &tables[c.seq];
-            meta.seqs.push(SeqMeta {
-                first_row: meta.token_ids.len(),
-                num_rows: c.rows,
-                start_pos: c.start,
-                block_table: table.clone(),
-            });
-            for pos in c.start..c.start + c.rows {
-                meta.token_ids.push(0);
-                meta.slots
-                    .push(table[pos / bs] * bs as u32 + (pos % bs) as u32);
-                if let Some(r) = rope {
-                    r.push_cos_sin(pos, pos + 1, &mut meta.rope_cos, &mut meta.rope_sin);
-                }
-            }
-        }
-        let rows = meta.token_ids.len();
-        let qkv = random(rows * width, seed + si as u64);
-        let step = backend.prepare_step(&meta).unwrap();
-        let x = backend.upload_hidden(&qkv, rows, width).unwrap();
-        let out = backend.attention(&x, &mut kv, 0, &step, attn).unwrap();
-        outs.push(backend.to_host(&out).unwrap());
-    }
-    outs
-}
-
-#[test]
-fn cuda_attention_matches_cpu_in_every_kernel_path() {
-    let Some(b) = backend() else { return };
-    let cpu = CpuBackend::new();
-    // (heads, kv heads, head dim, alibi)
-    let geometries = [
-        (8usize, 2usize, 64usize, false),
-        (71, 1, 64, false),
-        (32, 1, 128, true),
-        (4, 4, 128, true),
-        (6, 2, 8, true),
-        (6, 3, 16, false),
-        // Tensor-core decode: two head tiles (128 + 32), four and two key groups.
-        (160, 1, 64, true),
-        (64, 2, 64, false),
-        (48, 1, 128, false),
-    ];
-    let bs = 16;
-    let num_blocks = 96;
-    // Two sequences with scattered, non-contiguous blocks.
-    let tables: Vec<Vec<u32>> = vec![
-        (0..40).map(|i| (i * 7 + 3) % 96).collect(),
-        (0..40).map(|i| (i * 7 + 5) % 96).collect(),
-    ];
-    let steps = vec![
-        // Prefill of 100 rows (tensor cores where the head dim allows).
-        vec![Chunk {
-            seq: 0,
-            start: 0,
-            rows: 100,
-        }],
-        // Chunked prefill continuing it, batched with a short chunk of another sequence.
-        vec![
-            Chunk {
-                seq: 0,
-                start: 100,
-                rows: 40,
-            },
-            Chunk {
-                seq: 1,
-                start: 0,
-                rows: 3,
-            },
-        ],
-        // Verify-sized chunk and a one-token decode.
-        vec![
-            Chunk {
-                seq: 1,
-                start: 3,
-                rows: 5,
-            },
-            Chunk {
-                seq: 0,
-                start: 140,
-                rows: 1,
-            },
-        ],
-        // Long single-row decode: split-K.
-        vec![Chunk {
-            seq: 1,
-            start: 8,
-            rows: 500,
-        }],
-        vec![Chunk {
-            seq: 1,
-            start: 508,
-            rows: 1,
-        }],
-    ];
-    let mut failures = Vec::new();
-    for (nh, kvh, hd, use_alibi) in geometries {
-        let attn = AttnConfig {
-            num_heads: nh,
-            num_kv_heads: kvh,
-            head_dim: hd,
-            alibi_slopes: use_alibi.then(|| alibi::slopes(nh)),
-        };
-        let layout = KvLayout {
-            num_layers: 1,
-            num_blocks,
-            block_size: bs,
-            num_kv_heads: kvh,
-            head_dim: hd,
-        };
-        let rope_cfg = RopeConfig {
-            theta: 10_000.0,
-            scaling: RopeScaling::None,
-        };
-        let rope = (!use_alibi).then(|| Rope::new(&rope_cfg, hd));
-        let want = run_attention(&cpu, &steps, &tables, &attn, &layout, rope.as_ref(), 11);
-        // Decode rows on the f32 kernel (short contexts, the default), then on the
-        // tensor-core decode kernel wherever the geometry allows (many heads per kv head).
-        // Split rows on the f32 kernel merged by attn_combine too.
-        for (tc_min_ctx, merge) in [(ATTN_TC_MIN_CTX, true), (0, true), (ATTN_TC_MIN_CTX, false)] {
-            b.gpu().set_attn_tc_min_ctx(tc_min_ctx);
-            b.gpu().set_fuse_combine(merge);
-            let got = run_attention(&*b, &steps, &tables, &attn, &layout, rope.as_ref(), 11);
-            let errs: Vec<f32> = got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).collect();
-            let shown: Vec<String> = errs.iter().map(|e| format!("{e:.2e}")).collect();
-            println!(
-                "attention {nh} heads / {kvh} kv x {hd}, alibi {use_alibi}, tc decode from \
-                 ctx {tc_min_ctx}, splits merged in the kernel {merge}: rel err per step {}",
-                shown.join(" ")
-            );
-            if errs.iter().any(|&e| e >= TOL) {
-                failures.push(format!(
-                    "{nh}/{kvh}x{hd} alibi={use_alibi} tc from {tc_min_ctx} merge {merge}: {}",
-                    shown.join(" ")
-                ));
-            }
-        }
-        b.gpu().set_fuse_combine(true);
-        b.gpu().set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
-    }
-    report("attention vs CPU", &failures);
-}
-
-/// A verify pass gives every row of attention exactly the bits a one-token step gives
-/// it: contexts that cross a split boundary (64 keys on CUDA cores, 256 on tensor
-/// cores) and the tensor-core threshold, for MQA (tensor-core decode) and GQA.
-#[test]
-fn cuda_attention_rows_are_the_same_bits_in_any_step() {
-    let Some(b) = backend() else { return };
-    let bs = 16;
-    let table: Vec<u32> = (0..96).map(|i| (i * 7 + 3) % 96).collect();
-    // (heads, kv heads, head dim, prefix length, tensor-core threshold)
-    let cases = [
-        (71usize, 1usize, 64usize, 61usize, 1024usize),
-        (71, 1, 64, 1278, 1024),
-        (71, 1, 64, 1021, 1024),
-        (8, 2, 64, 125, 1024),
-        (32, 1, 128, 253, 0),
-        (64, 2, 64, 509, 0),
-        (160, 1, 64, 253, 0),
-        (48, 1, 128, 765, 0),
-    ];
-    // Split rows merged by the CUDA-core decode kernel itself (the default) or by
-    // attn_combine.
-    let runs = [true, false]
-        .into_iter()
-        .flat_map(|merge| cases.map(|c| (merge, c)));
-    for (merge, (nh, kvh, hd, prefix, tc_from)) in runs {
-        b.gpu().set_fuse_combine(merge);
-        b.gpu().set_attn_tc_min_ctx(tc_from);
-        let attn = AttnConfig {
-            num_heads: nh,
-            num_kv_heads: kvh,
-            head_dim: hd,
-            alibi_slopes: None,
-        };
-        let layout = KvLayout {
-            num_layers: 1,
-            num_blocks: 96,
-            block_size: bs,
-            num_kv_heads: kvh,
-            head_dim: hd,
-        };
-        let width = kvh * (nh / kvh + 2) * hd;
-        let meta = |start: usize, rows: usize| one_sequence_step(&table, bs, start, rows, None);
-        let attend = |kv: &mut _, start: usize, qkv: &[f32], rows: usize| {
-            let step = b.prepare_step(&meta(start, rows)).unwrap();
-            let x = b.upload_hidden(qkv, rows, width).unwrap();
-            b.to_host(&b.attention(&x, kv, 0, &step, &attn).unwrap())
-                .unwrap()
-        };
-        let pre = random(prefix * width, 5);
-        let new = random(5 * width, 6);
-        let mut kv1 = b.alloc_kv(&layout).unwrap();
-        let mut kv2 = b.alloc_kv(&layout).unwrap();
-        attend(&mut kv1, 0, &pre, prefix);
-        attend(&mut kv2, 0, &pre, prefix);
-        let verify = attend(&mut kv1, prefix, &new, 5);
-        let out_w = nh * hd;
-        for i in 0..5 {
-            let one = attend(&mut kv2, prefix + i, &new[i * width..(i + 1) * width], 1);
-            let row = &verify[i * out_w..(i + 1) * out_w];
-            assert!(
-                same_bits(row, &one),
-                "{nh}/{kvh}x{hd}, context {}, splits merged in the kernel {merge}: the \
-                 verify row differs from the one-token step",
-                prefix + i + 1
-            );
-        }
-    }
-    b.gpu().set_fuse_combine(true);
-    b.gpu().set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
 }
 
 /// In row-invariant mode (the runtime's), a verify pass gives every row the logits a

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod cuda_attention;
 mod cuda_fused_rope;
 mod cuda_golden;
 mod cuda_graphs;
