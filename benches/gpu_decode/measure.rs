@@ -353,20 +353,20 @@ pub(crate) fn layer_replica(
         .iter()
         .map(|&t| t as f32 / 500.0 - 1.0)
         .collect();
+    let stand_in = backend.upload_hidden(&x0, 1, h)?;
     let queue = |x: &mut _, kv: &mut _| -> Result<()> {
         for layer in 0..cfg.num_layers {
+            // The calls the model makes for a layer under one shared norm (see
+            // `Falcon::layer`), or their products alone (the hidden state standing in
+            // for the attention output, of the same width).
             if full {
                 let a = backend.layer_norm(x, &ln_w, &ln_b, 1e-5)?;
-                let qkv = backend.linear(&a, &qkv_w, None)?;
-                let ctx_out = backend.attention(&qkv, kv, layer, &step, &attn)?;
-                backend.linear_add(&ctx_out, &dense_w, None, x)?;
-                let up = backend.linear_gelu(&a, &up_w, None)?;
-                backend.linear_add(&up, &down_w, None, x)?;
+                let (ctx_out, up) = backend
+                    .attention_and_gelu(&a, &qkv_w, None, &up_w, None, kv, layer, &step, &attn)?;
+                backend.linear_add_sum(&ctx_out, &dense_w, None, &up, &down_w, None, x)?;
             } else {
-                let _qkv = backend.linear(x, &qkv_w, None)?;
-                let _d = backend.linear(x, &dense_w, None)?;
-                let up = backend.linear(x, &up_w, None)?;
-                let _down = backend.linear(&up, &down_w, None)?;
+                let (_qkv, up) = backend.linear_and_gelu(x, &qkv_w, None, &up_w, None)?;
+                backend.linear_add_sum(&stand_in, &dense_w, None, &up, &down_w, None, x)?;
             }
         }
         Ok(())
