@@ -45,6 +45,35 @@ pub(super) enum PairRoute {
     Separate,
 }
 
+/// [`Gpu::pair_route`] for the row-invariant setting `exact`, the few-row kernel
+/// `kernel` that `rows` rows take and the pair-launch setting `launch`.
+pub(super) fn pair_route(
+    rows: usize,
+    k: usize,
+    (n_a, n_b): (usize, usize),
+    exact: bool,
+    kernel: GemvKernel,
+    launch: PairLaunch,
+) -> PairRoute {
+    let fused = (1..=GEMV_MAX_ROWS).contains(&rows) && n_a > 0 && n_b > 0;
+    // One row outside row-invariant mode: the CUDA-core GEMV alone, or one launch of it
+    // or of the tensor cores (a different kernel, but nothing requires a one-row step to
+    // match a verify pass there).
+    let mode = match (launch, exact, rows, kernel) {
+        (PairLaunch::Off, ..) => PairLaunch::Off,
+        (m, false, 1, GemvKernel::Simt) => m,
+        (.., GemvKernel::Simt) => PairLaunch::Simt,
+        _ => PairLaunch::TensorCores,
+    };
+    if fused && k.is_multiple_of(32) && mode == PairLaunch::TensorCores {
+        PairRoute::TensorCores { exact }
+    } else if fused && rows == 1 && k.is_multiple_of(8) && mode == PairLaunch::Simt {
+        PairRoute::Simt
+    } else {
+        PairRoute::Separate
+    }
+}
+
 impl Gpu {
     /// `(a(x), b(x))` for `x [rows, k]`, each `x @ w^T (+ bias)`, GELU where asked. One
     /// launch when both take the few-row GEMV (up to [`GEMV_MAX_ROWS`] rows); otherwise
@@ -85,29 +114,13 @@ impl Gpu {
     /// How [`Gpu::linear_pair`] runs two products of `n_a` and `n_b` features over
     /// `rows` rows of `k` values under the current settings.
     pub(super) fn pair_route(&self, rows: usize, k: usize, n_a: usize, n_b: usize) -> PairRoute {
-        let fused = (1..=GEMV_MAX_ROWS).contains(&rows) && n_a > 0 && n_b > 0;
         let exact = self.row_invariant();
         let kernel = if exact {
             GemvKernel::Tc4
         } else {
             self.gemv_kernel(rows)
         };
-        // One row outside row-invariant mode: the CUDA-core GEMV alone, or one launch
-        // of it or of the tensor cores (a different kernel, but nothing requires a
-        // one-row step to match a verify pass there).
-        let mode = match (self.pair_launch(), exact, rows, kernel) {
-            (PairLaunch::Off, ..) => PairLaunch::Off,
-            (m, false, 1, GemvKernel::Simt) => m,
-            (.., GemvKernel::Simt) => PairLaunch::Simt,
-            _ => PairLaunch::TensorCores,
-        };
-        if fused && k.is_multiple_of(32) && mode == PairLaunch::TensorCores {
-            PairRoute::TensorCores { exact }
-        } else if fused && rows == 1 && k.is_multiple_of(8) && mode == PairLaunch::Simt {
-            PairRoute::Simt
-        } else {
-            PairRoute::Separate
-        }
+        pair_route(rows, k, (n_a, n_b), exact, kernel, self.pair_launch())
     }
 
     /// `gemv2_bf16_r1`: one row on CUDA cores.
@@ -227,5 +240,83 @@ impl Gpu {
             0,
             &args,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FALCON_7B: (usize, usize) = (4672, 18176);
+
+    #[test]
+    fn one_row_outside_row_invariant_mode_takes_the_launch_asked_for() {
+        let k = 4544;
+        for (launch, want) in [
+            (PairLaunch::Simt, PairRoute::Simt),
+            (
+                PairLaunch::TensorCores,
+                PairRoute::TensorCores { exact: false },
+            ),
+            (PairLaunch::Off, PairRoute::Separate),
+        ] {
+            assert_eq!(
+                pair_route(1, k, FALCON_7B, false, GemvKernel::Simt, launch),
+                want
+            );
+        }
+        // The CUDA-core pair needs 16-byte weight rows; the tensor cores whole 32-wide
+        // chunks.
+        let simt = |k| pair_route(1, k, FALCON_7B, false, GemvKernel::Simt, PairLaunch::Simt);
+        assert_eq!(simt(264), PairRoute::Simt);
+        assert_eq!(simt(260), PairRoute::Separate);
+        let tc = |k| {
+            pair_route(
+                1,
+                k,
+                FALCON_7B,
+                false,
+                GemvKernel::Simt,
+                PairLaunch::TensorCores,
+            )
+        };
+        assert_eq!(tc(264), PairRoute::Separate);
+    }
+
+    #[test]
+    fn row_invariant_mode_takes_its_tensor_cores_for_any_few_rows() {
+        for rows in 1..=GEMV_MAX_ROWS {
+            assert_eq!(
+                pair_route(
+                    rows,
+                    4544,
+                    FALCON_7B,
+                    true,
+                    GemvKernel::Tc4,
+                    PairLaunch::Simt
+                ),
+                PairRoute::TensorCores { exact: true },
+                "{rows} rows"
+            );
+        }
+        // Too many rows, an empty product, or the pair switched off: two launches.
+        let route = |rows, n, launch| pair_route(rows, 4544, n, true, GemvKernel::Tc4, launch);
+        assert_eq!(
+            route(GEMV_MAX_ROWS + 1, FALCON_7B, PairLaunch::Simt),
+            PairRoute::Separate
+        );
+        assert_eq!(route(1, (4672, 0), PairLaunch::Simt), PairRoute::Separate);
+        assert_eq!(route(3, FALCON_7B, PairLaunch::Off), PairRoute::Separate);
+    }
+
+    #[test]
+    fn several_rows_outside_row_invariant_mode_follow_their_kernel() {
+        let route = |kernel| pair_route(5, 4544, FALCON_7B, false, kernel, PairLaunch::Simt);
+        assert_eq!(
+            route(GemvKernel::Tc4),
+            PairRoute::TensorCores { exact: false }
+        );
+        // The one-row CUDA-core pair kernel takes one row only.
+        assert_eq!(route(GemvKernel::Simt), PairRoute::Separate);
     }
 }

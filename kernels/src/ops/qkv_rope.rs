@@ -38,14 +38,7 @@ impl Gpu {
         // rows (the runtime's decode and verify steps), whose tiles then hold rotary
         // pairs (16 features: head sizes that are multiples of 16).
         let route = self.pair_route(rows, k, qkv.n, up.n);
-        let fused = self.fuse_rope()
-            && !qkv.gelu
-            && match route {
-                PairRoute::Simt => a.head_dim.is_multiple_of(2),
-                PairRoute::TensorCores { exact: true } => a.head_dim.is_multiple_of(16),
-                _ => false,
-            };
-        if !fused {
+        if !(self.fuse_rope() && !qkv.gelu && rope_fuses(route, a.head_dim)) {
             let (y, up_out) = self.linear_pair(x, rows, k, qkv, up, groups)?;
             return Ok((self.attention(&y, kv, layer, step, a)?, up_out));
         }
@@ -122,5 +115,35 @@ impl Gpu {
             0,
             &args,
         )
+    }
+}
+
+/// Whether a pair taking `route` can store a fused qkv projection of head size
+/// `head_dim`: the one-row CUDA-core kernel deals rotary pairs to warps (any even head
+/// size), the row-invariant tensor-core one to 16-feature tiles of 8 pairs and their
+/// partners (multiples of 16). Other routes keep `rope_qkv`.
+fn rope_fuses(route: PairRoute, head_dim: usize) -> bool {
+    match route {
+        PairRoute::Simt => head_dim.is_multiple_of(2),
+        PairRoute::TensorCores { exact: true } => head_dim.is_multiple_of(16),
+        PairRoute::TensorCores { exact: false } | PairRoute::Separate => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotary_pairs_fit_the_routes_kernels() {
+        for hd in [8, 16, 64, 128] {
+            assert!(rope_fuses(PairRoute::Simt, hd), "{hd} on CUDA cores");
+            assert!(!rope_fuses(PairRoute::Separate, hd));
+            assert!(!rope_fuses(PairRoute::TensorCores { exact: false }, hd));
+        }
+        assert!(!rope_fuses(PairRoute::Simt, 7));
+        let tc = |hd| rope_fuses(PairRoute::TensorCores { exact: true }, hd);
+        assert!(tc(16) && tc(64) && tc(128));
+        assert!(!tc(8) && !tc(24) && !tc(2));
     }
 }
