@@ -413,7 +413,6 @@ impl Gpu {
         if let Some(s) = a.alibi_slopes {
             check_len(OP, "alibi slopes", s, nh)?;
         }
-        to_i32(OP, nh)?;
         Ok(AttnGeometry {
             nh,
             kvh,

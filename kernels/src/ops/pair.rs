@@ -32,6 +32,44 @@ impl PairHalf<'_> {
             Epilogue::Store
         }
     }
+
+    /// This half's arguments to the one-row CUDA-core pair kernels (`gemv2_bf16_r1`,
+    /// `gemv2_rope_bf16_r1`'s second half): weight, bias, output `y`, features, bias
+    /// flag, epilogue (`x` stands in for a missing bias).
+    pub(super) fn simt_args(
+        &self,
+        x: &DeviceBuffer<f32>,
+        y: &DeviceBuffer<f32>,
+    ) -> Result<[Arg; 6], KernelError> {
+        let (bias, has_bias) = bias_args(self.bias, x);
+        Ok([
+            p(self.w),
+            bias,
+            p(y),
+            Arg::I32(to_i32("linear", self.n)?),
+            Arg::I32(has_bias),
+            Arg::I32(self.epilogue() as i32),
+        ])
+    }
+}
+
+/// Checks the input `x [rows, k]` and both halves' weights and biases of a pair.
+pub(super) fn check_pair(
+    x: &DeviceBuffer<f32>,
+    rows: usize,
+    k: usize,
+    a: &PairHalf<'_>,
+    b: &PairHalf<'_>,
+) -> Result<(), KernelError> {
+    const OP: &str = "linear";
+    check_len(OP, "input", x, rows * k)?;
+    for h in [a, b] {
+        check_len(OP, "weight", h.w, h.n * k)?;
+        if let Some(bias) = h.bias {
+            check_len(OP, "bias", bias, h.n)?;
+        }
+    }
+    Ok(())
 }
 
 /// The kernels [`Gpu::linear_pair`] takes.
@@ -87,14 +125,7 @@ impl Gpu {
         b: PairHalf<'_>,
         groups: &[usize],
     ) -> Result<(DeviceBuffer<f32>, DeviceBuffer<f32>), KernelError> {
-        const OP: &str = "linear";
-        check_len(OP, "input", x, rows * k)?;
-        for h in [&a, &b] {
-            check_len(OP, "weight", h.w, h.n * k)?;
-            if let Some(bias) = h.bias {
-                check_len(OP, "bias", bias, h.n)?;
-            }
-        }
+        check_pair(x, rows, k, &a, &b)?;
         let mut ya = self.scratch::<f32>(rows * a.n)?;
         let mut yb = self.scratch::<f32>(rows * b.n)?;
         match self.pair_route(rows, k, a.n, b.n) {
@@ -137,22 +168,10 @@ impl Gpu {
         let per_block = gemv_features_per_block(1);
         let blocks_a = (a.n as u32).div_ceil(per_block);
         let blocks_b = (b.n as u32).div_ceil(per_block);
-        // Each half's arguments: weight, bias, output, features, bias flag, epilogue.
-        let half = |h: &PairHalf<'_>, y: &DeviceBuffer<f32>| -> Result<[Arg; 6], KernelError> {
-            let (bias, has_bias) = bias_args(h.bias, x);
-            Ok([
-                p(h.w),
-                bias,
-                p(y),
-                Arg::I32(to_i32(OP, h.n)?),
-                Arg::I32(has_bias),
-                Arg::I32(h.epilogue() as i32),
-            ])
-        };
         let mut args = vec![p(x), Arg::I32(to_i32(OP, k)?)];
-        args.extend(half(a, ya)?);
+        args.extend(a.simt_args(x, ya)?);
         args.push(Arg::I32(blocks_a as i32));
-        args.extend(half(b, yb)?);
+        args.extend(b.simt_args(x, yb)?);
         self.launch(
             &self.k.gemv2_simt_r1,
             (blocks_a + blocks_b, 1, 1),

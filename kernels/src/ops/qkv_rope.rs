@@ -8,8 +8,8 @@
 
 use super::attention::{AttentionParams, KvBuffers};
 use super::linear::{bias_args, gemv_features_per_block, GEMV_WARPS};
-use super::pair::{PairHalf, PairRoute};
-use super::{check_len, p, to_i32};
+use super::pair::{check_pair, PairHalf, PairRoute};
+use super::{p, to_i32};
 use crate::error::KernelError;
 use crate::gpu::{Arg, DeviceBuffer, Gpu};
 use crate::step::DeviceStep;
@@ -32,7 +32,6 @@ impl Gpu {
         step: &DeviceStep,
         a: &AttentionParams<'_>,
     ) -> Result<(DeviceBuffer<f32>, DeviceBuffer<f32>), KernelError> {
-        const OP: &str = "linear";
         let rows = step.rows;
         // The one-row CUDA-core pair, or the row-invariant tensor-core pair of up to 8
         // rows (the runtime's decode and verify steps), whose tiles then hold rotary
@@ -43,7 +42,7 @@ impl Gpu {
             return Ok((self.attention(&y, kv, layer, step, a)?, up_out));
         }
         let g = self.attention_geometry(kv, layer, step, a)?;
-        check_len(OP, "input", x, rows * k)?;
+        check_pair(x, rows, k, &qkv, &up)?;
         if qkv.n != g.qkv_cols() {
             return Err(KernelError::invalid(
                 "attention",
@@ -56,12 +55,6 @@ impl Gpu {
                     g.qkv_cols()
                 ),
             ));
-        }
-        for h in [&qkv, &up] {
-            check_len(OP, "weight", h.w, h.n * k)?;
-            if let Some(bias) = h.bias {
-                check_len(OP, "bias", bias, h.n)?;
-            }
         }
         let q = self.scratch::<f32>(rows * g.nh * g.hd)?;
         let up_out = self.scratch::<f32>(rows * up.n)?;
@@ -92,7 +85,6 @@ impl Gpu {
         let blocks_a = (qkv.n / 2).div_ceil(GEMV_WARPS as usize) as u32;
         let blocks_b = (up.n as u32).div_ceil(gemv_features_per_block(1));
         let (ba, has_ba) = bias_args(qkv.bias, x);
-        let (bb, has_bb) = bias_args(up.bias, x);
         let mut args = vec![
             p(x),
             Arg::I32(to_i32(OP, k)?),
@@ -100,13 +92,8 @@ impl Gpu {
             ba,
             Arg::I32(has_ba),
             Arg::I32(blocks_a as i32),
-            p(up.w),
-            bb,
-            p(up_out),
-            Arg::I32(to_i32(OP, up.n)?),
-            Arg::I32(has_bb),
-            Arg::I32(up.epilogue() as i32),
         ];
+        args.extend(up.simt_args(x, up_out)?);
         args.extend_from_slice(rope);
         self.launch(
             &self.k.gemv2_rope_simt_r1,
