@@ -219,6 +219,43 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
     }
 }
 
+// Where a fused qkv projection stores (gemv2_rope_bf16_r1, gemv2_tcx_rope_r*): queries,
+// the KV cache and the step's slots and rotary tables.
+struct RopeOut {
+    float* q;
+    bf16_t* kc;
+    bf16_t* vc;
+    const u32* slots;
+    const float* cosv;
+    const float* sinv;
+    int rotary, nh, kvh, hd;
+    u64 layer_off;
+};
+
+// Stores feature pair (d, d + hd / 2) of fused-qkv head `hg` for step row r as rope_qkv
+// would: queries rotated into q, keys rotated and values into the cache slot.
+__device__ __forceinline__ void rope_store(const RopeOut& ro, int r, int hg, int d, float v0,
+                                           float v1) {
+    const int qpg = ro.nh / ro.kvh, half = ro.hd >> 1;
+    const int g = hg / (qpg + 2), head = hg - g * (qpg + 2);
+    if (ro.rotary && head <= qpg) {
+        const float c = ro.cosv[(size_t)r * half + d], sn = ro.sinv[(size_t)r * half + d];
+        const float r0 = rope_pair(v0, v1, c, sn, true);
+        v1 = rope_pair(v1, v0, c, sn, false);
+        v0 = r0;
+    }
+    if (head < qpg) {
+        float* dst = ro.q + ((size_t)r * ro.nh + (size_t)g * qpg + head) * ro.hd + d;
+        dst[0] = v0;
+        dst[half] = v1;
+    } else {
+        const u64 cache = ro.layer_off + ((u64)ro.slots[r] * ro.kvh + g) * ro.hd + d;
+        bf16_t* dst = head == qpg ? ro.kc : ro.vc;
+        dst[cache] = f2bf(v0);
+        dst[cache + half] = f2bf(v1);
+    }
+}
+
 // gemv2_bf16_r1 whose first product is the fused qkv projection ([kv_heads][q_per_kv + 2]
 // [head_dim] features), stored as rope_qkv would store it: queries through rotary to q
 // ([heads, head_dim], f32), keys through rotary and values into the layer's cache slot
@@ -247,26 +284,10 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
     const int pair = b * GEMV_WARPS + (threadIdx.x >> 5);
     const int hg = pair / half, j = pair - hg * half;
     const int n0 = hg * hd + j;
+    const RopeOut ro{q, kc, vc, slots, cosv, sinv, rotary, nh, kvh, hd, layer_off};
     gemv_core<1, 4, 2, false>(x, wa, K, x, wa, 0, n0, half, na, [&](const float(&s)[2][1]) {
-        float v0 = s[0][0] + (has_ba ? ba[n0] : 0.0f);
-        float v1 = s[1][0] + (has_ba ? ba[n0 + half] : 0.0f);
-        const int g = hg / (qpg + 2), head = hg - g * (qpg + 2);
-        if (rotary && head <= qpg) {
-            const float c = cosv[j], sn = sinv[j];
-            const float r0 = rope_pair(v0, v1, c, sn, true);
-            v1 = rope_pair(v1, v0, c, sn, false);
-            v0 = r0;
-        }
-        if (head < qpg) {
-            float* dst = q + ((size_t)g * qpg + head) * hd + j;
-            dst[0] = v0;
-            dst[half] = v1;
-        } else {
-            const u64 cache = layer_off + ((u64)slots[0] * kvh + g) * hd + j;
-            bf16_t* dst = head == qpg ? kc : vc;
-            dst[cache] = f2bf(v0);
-            dst[cache + half] = f2bf(v1);
-        }
+        rope_store(ro, 0, hg, j, s[0][0] + (has_ba ? ba[n0] : 0.0f),
+                   s[1][0] + (has_ba ? ba[n0 + half] : 0.0f));
     });
 }
 
@@ -366,43 +387,6 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, u32 a0, u32 a1, u32 a2,
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// Where a fused qkv projection stores (see gemv2_rope_bf16_r1): queries, the KV cache
-// and the step's slots and rotary tables, for rows 0..R-1 of the step.
-struct RopeOut {
-    float* q;
-    bf16_t* kc;
-    bf16_t* vc;
-    const u32* slots;
-    const float* cosv;
-    const float* sinv;
-    int rotary, nh, kvh, hd;
-    u64 layer_off;
-};
-
-// Stores feature pair (d, d + hd / 2) of fused-qkv head `hg` for step row r as rope_qkv
-// would: queries rotated into q, keys rotated and values into the cache slot.
-__device__ __forceinline__ void rope_store(const RopeOut& ro, int r, int hg, int d, float v0,
-                                           float v1) {
-    const int qpg = ro.nh / ro.kvh, half = ro.hd >> 1;
-    const int g = hg / (qpg + 2), head = hg - g * (qpg + 2);
-    if (ro.rotary && head <= qpg) {
-        const float c = ro.cosv[(size_t)r * half + d], sn = ro.sinv[(size_t)r * half + d];
-        const float r0 = rope_pair(v0, v1, c, sn, true);
-        v1 = rope_pair(v1, v0, c, sn, false);
-        v0 = r0;
-    }
-    if (head < qpg) {
-        float* dst = ro.q + ((size_t)r * ro.nh + (size_t)g * qpg + head) * ro.hd + d;
-        dst[0] = v0;
-        dst[half] = v1;
-    } else {
-        const u64 cache = ro.layer_off + ((u64)ro.slots[r] * ro.kvh + g) * ro.hd + d;
-        bf16_t* dst = head == qpg ? ro.kc : ro.vc;
-        dst[cache] = f2bf(v0);
-        dst[cache + half] = f2bf(v1);
-    }
 }
 
 // With ROPE (the fused qkv projection of gemv2_tcx_rope_r*), tile t holds the rotary
