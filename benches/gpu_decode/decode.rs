@@ -69,42 +69,78 @@ pub(crate) fn decode_section(
     r.out
         .insert("decode_fuse_sum_flipped_tokens_per_s".into(), json!(tps_f));
     r.out.insert("fuse_sum".into(), json!(fuse_default));
-    // The fused attention input (rotary and KV write in the qkv projection) and the
-    // decode attention's own split merge, on and off in turn, three times each: their
-    // effect is about the size of the run-to-run spread, so a single pair says little.
+    // Programmatic dependent launch, the fused attention input (rotary and KV write in
+    // the qkv projection) and the decode attention's own split merge, in combinations
+    // run in turn three times each: their effects are about the size of the
+    // run-to-run spread, so a single pair says little.
+    let defaults = (gpu.pdl(), gpu.fuse_rope(), gpu.fuse_combine());
+    let set = |(pdl, rope, merge): (bool, bool, bool)| {
+        gpu.set_pdl(pdl && pdl_default);
+        gpu.set_fuse_rope(rope);
+        gpu.set_fuse_combine(merge);
+    };
+    let label = |(pdl, rope, merge): (bool, bool, bool)| {
+        let on: Vec<&str> = [(pdl, "pdl"), (rope, "rope"), (merge, "merge")]
+            .iter()
+            .filter(|f| f.0)
+            .map(|f| f.1)
+            .collect();
+        if on.is_empty() {
+            "none".to_string()
+        } else {
+            on.join("+")
+        }
+    };
     for exact in [false, true] {
         gpu.set_row_invariant(exact);
-        let (mut on, mut off) = (Vec::new(), Vec::new());
+        let configs: &[(bool, bool, bool)] = if exact {
+            &[
+                (true, false, false),
+                (true, true, true),
+                (false, false, false),
+                (false, true, true),
+            ]
+        } else {
+            &[
+                (true, false, false),
+                (true, true, true),
+                (true, true, false),
+                (true, false, true),
+                (false, false, false),
+                (false, true, true),
+            ]
+        };
+        let mut runs = vec![Vec::new(); configs.len()];
         for _ in 0..3 {
-            for (fused, into) in [(true, &mut on), (false, &mut off)] {
-                gpu.set_fuse_rope(fused);
-                gpu.set_fuse_combine(fused);
+            for (&c, into) in configs.iter().zip(runs.iter_mut()) {
+                set(c);
                 into.push(variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?);
             }
         }
-        gpu.set_fuse_rope(true);
-        gpu.set_fuse_combine(true);
+        set(defaults);
         gpu.set_row_invariant(false);
-        let show = |v: &[f64]| {
-            v.iter()
-                .map(|t| format!("{t:.1}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
+        let shown: Vec<String> = configs
+            .iter()
+            .zip(&runs)
+            .map(|(&c, v)| format!("{} {:.1}", label(c), median(v)))
+            .collect();
         let mode = if exact { "row-invariant" } else { "default" };
         r.row((
-            format!("decode ({mode}), fused rotary + split merge on / off"),
+            format!("decode ({mode}) by launch settings, median of 3 interleaved"),
             format!(
-                "on {} | off {} tokens/s (median {:.1} vs {:.1}, runs interleaved)",
-                show(&on),
-                show(&off),
-                median(&on),
-                median(&off)
+                "{} tokens/s (default {})",
+                shown.join(", "),
+                label(defaults)
             ),
         ));
+        let fields: serde_json::Map<String, Value> = configs
+            .iter()
+            .zip(&runs)
+            .map(|(&c, v)| (label(c), json!(v)))
+            .collect();
         r.out.insert(
-            format!("decode_{}_fusions_on_off", mode.replace('-', "_")),
-            json!({"on": on, "off": off}),
+            format!("decode_{}_by_launch_settings", mode.replace('-', "_")),
+            Value::Object(fields),
         );
     }
     gpu.set_row_invariant(true);

@@ -103,6 +103,7 @@ fn run_attention<B: Backend>(
 #[test]
 fn cuda_attention_matches_cpu_in_every_kernel_path() {
     let Some(b) = backend() else { return };
+    let merge_default = b.gpu().fuse_combine();
     let cpu = CpuBackend::new();
     // (heads, kv heads, head dim, alibi)
     let geometries = [
@@ -211,7 +212,7 @@ fn cuda_attention_matches_cpu_in_every_kernel_path() {
                 ));
             }
         }
-        b.gpu().set_fuse_combine(true);
+        b.gpu().set_fuse_combine(merge_default);
         b.gpu().set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
     }
     report("attention vs CPU", &failures);
@@ -223,6 +224,7 @@ fn cuda_attention_matches_cpu_in_every_kernel_path() {
 #[test]
 fn cuda_attention_rows_are_the_same_bits_in_any_step() {
     let Some(b) = backend() else { return };
+    let merge_default = b.gpu().fuse_combine();
     let bs = 16;
     let table: Vec<u32> = (0..96).map(|i| (i * 7 + 3) % 96).collect();
     // (heads, kv heads, head dim, prefix length, tensor-core threshold)
@@ -236,8 +238,8 @@ fn cuda_attention_rows_are_the_same_bits_in_any_step() {
         (160, 1, 64, 253, 0),
         (48, 1, 128, 765, 0),
     ];
-    // Split rows merged by the CUDA-core decode kernel itself (the default) or by
-    // attn_combine.
+    // Split rows merged by the CUDA-core decode kernel itself or by attn_combine (the
+    // default).
     let runs = [true, false]
         .into_iter()
         .flat_map(|merge| cases.map(|c| (merge, c)));
@@ -284,6 +286,6 @@ fn cuda_attention_rows_are_the_same_bits_in_any_step() {
             );
         }
     }
-    b.gpu().set_fuse_combine(true);
+    b.gpu().set_fuse_combine(merge_default);
     b.gpu().set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
 }

@@ -57,6 +57,7 @@ fn decode(
     let b_qkv = upload(b, n_qkv, 0, 22);
     let w_up = upload(b, n_up, k, 23);
     let mut kv = b.alloc_kv(&layout).unwrap();
+    let was = b.gpu().fuse_rope();
     b.gpu().set_fuse_rope(fused);
     b.gpu().set_row_invariant(exact);
     let before = b.gpu().fused_rope_launches();
@@ -88,7 +89,7 @@ fn decode(
         start += rows;
     }
     let launches = b.gpu().fused_rope_launches() - before;
-    b.gpu().set_fuse_rope(true);
+    b.gpu().set_fuse_rope(was);
     b.gpu().set_row_invariant(false);
     (outs, launches)
 }
@@ -148,6 +149,7 @@ fn greedy(
     fused: bool,
     exact: bool,
 ) -> (Vec<Vec<f32>>, u64) {
+    let was = b.gpu().fuse_rope();
     b.gpu().set_fuse_rope(fused);
     b.gpu().set_row_invariant(exact);
     b.set_step_graphs(false);
@@ -169,7 +171,7 @@ fn greedy(
         all.push(last);
     }
     let launches = b.gpu().fused_rope_launches() - before;
-    b.gpu().set_fuse_rope(true);
+    b.gpu().set_fuse_rope(was);
     b.gpu().set_row_invariant(false);
     b.set_step_graphs(true);
     (all, launches)
