@@ -70,21 +70,42 @@ pub(crate) fn decode_section(
         .insert("decode_fuse_sum_flipped_tokens_per_s".into(), json!(tps_f));
     r.out.insert("fuse_sum".into(), json!(fuse_default));
     // Programmatic dependent launch, the fused attention input (rotary and KV write in
-    // the qkv projection) and the decode attention's own split merge, in combinations
-    // run in turn three times each: their effects are about the size of the
-    // run-to-run spread, so a single pair says little.
-    let defaults = (gpu.pdl(), gpu.fuse_rope(), gpu.fuse_combine());
-    let set = |(pdl, rope, merge): (bool, bool, bool)| {
-        gpu.set_pdl(pdl && pdl_default);
-        gpu.set_fuse_rope(rope);
-        gpu.set_fuse_combine(merge);
+    // the qkv projection), the decode attention's own split merge and the residual sum
+    // overlapping the attention, in combinations run in turn three times each: their
+    // effects are about the size of the run-to-run spread, so a single pair says little.
+    #[derive(Clone, Copy)]
+    struct Launch {
+        pdl: bool,
+        rope: bool,
+        merge: bool,
+        overlap: bool,
+    }
+    let cfg = |pdl, rope, merge, overlap| Launch {
+        pdl,
+        rope,
+        merge,
+        overlap,
     };
-    let label = |(pdl, rope, merge): (bool, bool, bool)| {
-        let on: Vec<&str> = [(pdl, "pdl"), (rope, "rope"), (merge, "merge")]
-            .iter()
-            .filter(|f| f.0)
-            .map(|f| f.1)
-            .collect();
+    let defaults = cfg(
+        gpu.pdl(),
+        gpu.fuse_rope(),
+        gpu.fuse_combine(),
+        gpu.sum_overlap(),
+    );
+    let set = |c: Launch| {
+        gpu.set_pdl(c.pdl && pdl_default);
+        gpu.set_fuse_rope(c.rope);
+        gpu.set_fuse_combine(c.merge);
+        gpu.set_sum_overlap(c.overlap);
+    };
+    let label = |c: Launch| {
+        let flags = [
+            (c.pdl, "pdl"),
+            (c.rope, "rope"),
+            (c.merge, "merge"),
+            (c.overlap, "overlap"),
+        ];
+        let on: Vec<&str> = flags.iter().filter(|f| f.0).map(|f| f.1).collect();
         if on.is_empty() {
             "none".to_string()
         } else {
@@ -93,21 +114,22 @@ pub(crate) fn decode_section(
     };
     for exact in [false, true] {
         gpu.set_row_invariant(exact);
-        let configs: &[(bool, bool, bool)] = if exact {
-            &[
-                (true, false, false),
-                (true, true, true),
-                (false, false, false),
-                (false, true, true),
+        // (Row-invariant steps never fuse the sum, so never overlap it.)
+        let configs: Vec<Launch> = if exact {
+            vec![
+                cfg(true, false, false, false),
+                cfg(true, true, true, false),
+                cfg(false, false, false, false),
             ]
         } else {
-            &[
-                (true, false, false),
-                (true, true, true),
-                (true, true, false),
-                (true, false, true),
-                (false, false, false),
-                (false, true, true),
+            vec![
+                cfg(true, false, false, false),
+                cfg(true, false, false, true),
+                cfg(true, true, true, true),
+                cfg(true, true, true, false),
+                cfg(true, false, true, true),
+                cfg(true, true, false, true),
+                cfg(false, false, false, false),
             ]
         };
         let mut runs = vec![Vec::new(); configs.len()];

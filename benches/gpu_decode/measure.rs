@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use falconer_engine::backend::cuda::CudaBackend;
-use falconer_engine::backend::{AttnConfig, Backend, KvLayout, SeqMeta, StepMeta};
+use falconer_engine::backend::{AttnConfig, Backend, KvLayout, ParallelWeights, SeqMeta, StepMeta};
 use falconer_engine::config::FalconConfig;
 use falconer_engine::model::expected_tensors;
 use falconer_engine::posenc::rope::Rope;
@@ -361,9 +361,13 @@ pub(crate) fn layer_replica(
             // for the attention output, of the same width).
             if full {
                 let a = backend.layer_norm(x, &ln_w, &ln_b, 1e-5)?;
-                let (ctx_out, up) = backend
-                    .attention_and_gelu(&a, &qkv_w, None, &up_w, None, kv, layer, &step, &attn)?;
-                backend.linear_add_sum(&ctx_out, &dense_w, None, &up, &down_w, None, x)?;
+                let w = ParallelWeights {
+                    qkv: (&qkv_w, None),
+                    up: (&up_w, None),
+                    dense: (&dense_w, None),
+                    down: (&down_w, None),
+                };
+                backend.parallel_attention(&a, &w, kv, layer, &step, &attn, x)?;
             } else {
                 let (_qkv, up) = backend.linear_and_gelu(x, &qkv_w, None, &up_w, None)?;
                 backend.linear_add_sum(&stand_in, &dense_w, None, &up, &down_w, None, x)?;

@@ -56,7 +56,12 @@ __device__ __forceinline__ uint4 ld_stream_v(const uint4* p) {
 // N - 1) and hands their dot products to `store(dots)`, on lane 0 (`dots[i][r]`: row i
 // with activation row r). Each row's sum runs in the same order whatever the stride and
 // GEMV_ROWS, so that how rows are dealt to warps changes no bit.
-template <int R, int U, int GEMV_ROWS, bool CAT, class Store>
+//
+// With LATE the first input x is one that no kernel still running writes (written before
+// the kernel queued last started): the warp multiplies it before pdl_wait(), which it
+// calls only before the first round that reads x2 (or before the store), so that the
+// first product streams while the kernel before this one still runs.
+template <int R, int U, int GEMV_ROWS, bool CAT, bool LATE, class Store>
 __device__ __forceinline__ void gemv_core(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                           int K, const float* __restrict__ x2,
                                           const bf16_t* __restrict__ w2, int K2, int n0,
@@ -105,9 +110,23 @@ __device__ __forceinline__ void gemv_core(const float* __restrict__ x, const bf1
 #pragma unroll
             for (int i = 0; i < GEMV_ROWS; i++) wn[u][i] = ld_stream_v(wchunk(i, c + step + 32 * u));
     }
-    pdl_wait();
-    pdl_trigger();
+    bool waited = !LATE;
+    // Before loads of the activations written by the kernel before this one: every
+    // chunk from K8a on with LATE (lanes of a round reach it together: `base` is the
+    // round's first chunk).
+    auto wait_before = [&](int base, int span) {
+        if (LATE && !waited && base + span > K8a) {
+            pdl_wait();
+            pdl_trigger();
+            waited = true;
+        }
+    };
+    if (!LATE) {
+        pdl_wait();
+        pdl_trigger();
+    }
     while (full) {
+        wait_before(c - lane, step);
 #pragma unroll
         for (int u = 0; u < U; u++) {
 #pragma unroll
@@ -133,6 +152,7 @@ __device__ __forceinline__ void gemv_core(const float* __restrict__ x, const bf1
         }
     }
     for (; c < K8; c += 32) {
+        wait_before(c - lane, 32);
         uint4 wt[GEMV_ROWS];
 #pragma unroll
         for (int i = 0; i < GEMV_ROWS; i++) wt[i] = ld_stream(wchunk(i, c));
@@ -148,12 +168,14 @@ __device__ __forceinline__ void gemv_core(const float* __restrict__ x, const bf1
     for (int i = 0; i < GEMV_ROWS; i++)
 #pragma unroll
         for (int r = 0; r < R; r++) acc[i][r] = warp_sum(acc[i][r]);
+    // The store reads and writes activations (a residual accumulated in place).
+    wait_before(K8a, 1);
     if (lane == 0) store(acc);
 }
 
 // y = x @ w^T (+ bias) (+ x2 @ w2^T (+ bias2) with CAT) with the epilogue `epi`, for
 // GEMV_ROWS consecutive features per warp.
-template <int R, int U, int GEMV_ROWS, bool CAT>
+template <int R, int U, int GEMV_ROWS, bool CAT, bool LATE = false>
 __device__ __forceinline__ void gemv_rows(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                           int K, const float* __restrict__ x2,
                                           const bf16_t* __restrict__ w2, int K2,
@@ -161,7 +183,7 @@ __device__ __forceinline__ void gemv_rows(const float* __restrict__ x, const bf1
                                           const float* __restrict__ bias2, float* __restrict__ y,
                                           int N, int has_bias, int has_bias2, int epi, int block) {
     const int n0 = (block * GEMV_WARPS + (threadIdx.x >> 5)) * GEMV_ROWS;
-    gemv_core<R, U, GEMV_ROWS, CAT>(x, w, K, x2, w2, K2, n0, 1, N, [&](const float(&s)[GEMV_ROWS][R]) {
+    gemv_core<R, U, GEMV_ROWS, CAT, LATE>(x, w, K, x2, w2, K2, n0, 1, N, [&](const float(&s)[GEMV_ROWS][R]) {
 #pragma unroll
         for (int i = 0; i < GEMV_ROWS; i++) {
 #pragma unroll
@@ -285,7 +307,7 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
     const int hg = pair / half, j = pair - hg * half;
     const int n0 = hg * hd + j;
     const RopeOut ro{q, kc, vc, slots, cosv, sinv, rotary, nh, kvh, hd, layer_off};
-    gemv_core<1, 4, 2, false>(x, wa, K, x, wa, 0, n0, half, na, [&](const float(&s)[2][1]) {
+    gemv_core<1, 4, 2, false, false>(x, wa, K, x, wa, 0, n0, half, na, [&](const float(&s)[2][1]) {
         rope_store(ro, 0, hg, j, s[0][0] + (has_ba ? ba[n0] : 0.0f),
                    s[1][0] + (has_ba ? ba[n0 + half] : 0.0f));
     });
@@ -304,6 +326,21 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
                      int has_bias2, float* __restrict__ y, int N) {
     gemv_rows<1, 4, 2, true>(x, w, K, x2, w2, K2, bias, bias2, y, N, has_bias, has_bias2,
                              EPI_ACCUMULATE, blockIdx.x);
+}
+
+// gemv_cat_bf16_r1 whose first input is complete before the kernel queued last starts
+// (Falcon's MLP activations, computed before the attention): its product streams before
+// the PDL wait, while that kernel (the attention) still runs, and only the second
+// product waits for it. Same arguments; the sum is rounded as gemv_cat_bf16_r1 rounds
+// it with its terms in this order.
+extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
+    gemv_cat_late_bf16_r1(const float* __restrict__ x, const bf16_t* __restrict__ w, int K,
+                          const float* __restrict__ bias, int has_bias,
+                          const float* __restrict__ x2, const bf16_t* __restrict__ w2, int K2,
+                          const float* __restrict__ bias2, int has_bias2, float* __restrict__ y,
+                          int N) {
+    gemv_rows<1, 4, 2, true, true>(x, w, K, x2, w2, K2, bias, bias2, y, N, has_bias, has_bias2,
+                                   EPI_ACCUMULATE, blockIdx.x);
 }
 
 // Any K, any alignment (tiny models): one warp per output feature, scalar loads.

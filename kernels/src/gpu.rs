@@ -60,6 +60,9 @@ pub struct Gpu {
     pair_launch: AtomicU8,
     /// Whether [`Gpu::linear_accumulate_sum`] may run its two products as one launch.
     fuse_sum: AtomicBool,
+    /// Whether a fused sum whose second input is ready early streams that product
+    /// before waiting for the kernel before it.
+    sum_overlap: AtomicBool,
     /// Whether a one-row step's qkv projection may apply rotary and write the KV cache
     /// itself ([`Gpu::attention_and_pair`]).
     fuse_rope: AtomicBool,
@@ -67,6 +70,8 @@ pub struct Gpu {
     fuse_combine: AtomicBool,
     /// Launches of the fused qkv-rotary projection queued so far (replays add none).
     fused_rope_launches: AtomicU64,
+    /// Launches of the overlapped fused sum queued so far (replays add none).
+    late_sum_launches: AtomicU64,
     /// Decode rows of at least this context take the tensor-core decode attention (when
     /// the geometry allows).
     attn_tc_min_ctx: AtomicUsize,
@@ -234,8 +239,10 @@ impl Gpu {
                 _ => PAIR_LAUNCH,
             } as u8),
             fuse_sum: AtomicBool::new(env_flag("FALCONER_FUSE_SUM", true)),
+            sum_overlap: AtomicBool::new(env_flag("FALCONER_SUM_OVERLAP", true)),
             fuse_rope: AtomicBool::new(env_flag("FALCONER_FUSE_ROPE", false)),
             fused_rope_launches: AtomicU64::new(0),
+            late_sum_launches: AtomicU64::new(0),
             fuse_combine: AtomicBool::new(env_flag("FALCONER_FUSE_COMBINE", false)),
             gemv_counters: Mutex::new(Vec::new()),
             attn_tc_min_ctx: AtomicUsize::new(ATTN_TC_MIN_CTX),
@@ -317,6 +324,20 @@ impl Gpu {
         self.fuse_sum.load(Ordering::Relaxed)
     }
 
+    /// Lets a fused [`Gpu::linear_accumulate_sum`] whose second input was written before
+    /// the kernel queued last stream that product first, before its programmatic
+    /// dependent launch wait, so that it overlaps that kernel (the attention, for
+    /// Falcon's MLP down projection); the default; `FALCONER_SUM_OVERLAP=0` turns it
+    /// off. Other rounding than the plain fused sum (the terms in the other order).
+    pub fn set_sum_overlap(&self, on: bool) {
+        self.sum_overlap.store(on, Ordering::Relaxed);
+        self.settings_changed();
+    }
+
+    pub fn sum_overlap(&self) -> bool {
+        self.sum_overlap.load(Ordering::Relaxed)
+    }
+
     /// Lets [`Gpu::attention_and_pair`] store a one-row step's queries, keys and values
     /// from the projection's epilogue (`FALCONER_FUSE_ROPE=1`), or always through
     /// `rope_qkv` (the default: it saves a launch per layer, but with it and the
@@ -352,6 +373,16 @@ impl Gpu {
 
     pub(crate) fn count_fused_rope_launch(&self) {
         self.fused_rope_launches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many times [`Gpu::linear_accumulate_sum`] has queued the overlapped fused sum
+    /// (`gemv_cat_late_bf16_r1`; a replayed recording adds none).
+    pub fn late_sum_launches(&self) -> u64 {
+        self.late_sum_launches.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_late_sum_launch(&self) {
+        self.late_sum_launches.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Chooses how [`Gpu::linear_pair`] runs (benchmarks compare them).

@@ -50,6 +50,9 @@ pub(crate) struct Kernels {
     pub gemv2_rope_simt_r1: CudaFunction,
     /// One row's `y += x @ w^T + x2 @ w2^T` as one product (`gemv_cat_bf16_r1`).
     pub gemv_cat_simt_r1: CudaFunction,
+    /// `gemv_cat_bf16_r1` whose first product streams before the PDL wait
+    /// (`gemv_cat_late_bf16_r1`).
+    pub gemv_cat_late_simt_r1: CudaFunction,
     pub gemv2_tc: Vec<CudaFunction>,
     pub gemv2_tc_exact: Vec<CudaFunction>,
     /// `gemv2_tc_exact` with the first product a fused qkv projection stored through
@@ -127,6 +130,7 @@ impl Kernels {
             gemv2_simt_r1: f("gemv2_bf16_r1")?,
             gemv2_rope_simt_r1: f("gemv2_rope_bf16_r1")?,
             gemv_cat_simt_r1: f("gemv_cat_bf16_r1")?,
+            gemv_cat_late_simt_r1: f("gemv_cat_late_bf16_r1")?,
             gemv2_tc,
             gemv2_tc_exact,
             gemv2_tcx_rope,

@@ -1,17 +1,23 @@
 //! The CUDA backend's fused residual sum (`linear_add_sum`: attention output and MLP down
 //! projections added to the residual stream in one launch for one row) against the same
-//! two products run as two accumulating launches, and against the CPU backend.
+//! two products run as two accumulating launches, and against the CPU backend; and its
+//! overlapped form (the MLP down projection multiplied before the wait for the
+//! attention) against the fused sum of the swapped terms, alone and on every fixture.
 //!
 //! Without a GPU every test prints `skipped: no CUDA device (<reason>)` and passes.
 #![cfg(feature = "cuda")]
 
+use std::sync::Arc;
+
+use falconer_engine::backend::cuda::kernels::{bf16, Gpu, SumTerm};
 use falconer_engine::backend::cuda::CudaBackend;
 use falconer_engine::backend::Backend;
 use falconer_engine::checkpoint::{Dtype, HostTensor};
-use falconer_engine::CpuBackend;
+use falconer_engine::sampling::argmax;
+use falconer_engine::{CpuBackend, SeqWork};
 
-use crate::common::rel_err;
-use crate::cuda_golden::{backend, bf16_bytes, random};
+use crate::common::{rel_err, LAYOUTS};
+use crate::cuda_golden::{backend, bf16_bytes, cuda_runner, random, same_bits};
 
 /// A bf16 `[rows, cols]` (or `[rows]` when `cols` is 0) tensor of random values.
 pub(crate) fn upload<B: Backend>(b: &B, rows: usize, cols: usize, seed: u64) -> B::Tensor {
@@ -103,5 +109,125 @@ fn cuda_fused_residual_sum_matches_two_accumulating_products() {
             .zip(&two)
             .all(|(x, y)| x.to_bits() == y.to_bits()),
         "with fusion off, linear_add_sum must equal two linear_add calls"
+    );
+}
+
+/// `acc + first + second` through [`Gpu::linear_accumulate_sum`] for one row, the second
+/// input declared ready before the last kernel (`ready`) or not.
+fn gpu_sum(gpu: &Gpu, n: usize, terms: [(&[f32], usize, u64); 2], ready: bool) -> Vec<f32> {
+    let bufs: Vec<_> = terms
+        .iter()
+        .map(|&(x, k, seed)| {
+            let w: Vec<bf16> = random(n * k, seed)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            let bias = random(n, seed + 1);
+            (
+                gpu.upload(x).unwrap(),
+                gpu.upload(&w).unwrap(),
+                gpu.upload(&bias).unwrap(),
+            )
+        })
+        .collect();
+    let term = |i: usize| SumTerm {
+        x: &bufs[i].0,
+        k: terms[i].1,
+        w: &bufs[i].1,
+        bias: Some(&bufs[i].2),
+    };
+    let mut acc = gpu.upload(&random(n, 5)).unwrap();
+    gpu.linear_accumulate_sum(1, n, term(0), term(1), &mut acc, &[1], ready)
+        .unwrap();
+    gpu.download_f32(&acc).unwrap()
+}
+
+#[test]
+fn cuda_overlapped_sum_equals_the_fused_sum_with_its_terms_swapped() {
+    let Some(b) = backend() else { return };
+    let gpu = b.gpu();
+    let was = gpu.sum_overlap();
+    for (n, ka, kb) in [
+        (4544usize, 4544usize, 18176usize),
+        (37, 72, 264),
+        (130, 8, 1032),
+        (64, 1032, 8),
+    ] {
+        let (xa, xb) = (random(ka, 21), random(kb, 22));
+        let (a, bt) = ((&xa[..], ka, 31), (&xb[..], kb, 41));
+        gpu.set_sum_overlap(true);
+        let before = gpu.late_sum_launches();
+        let late = gpu_sum(gpu, n, [a, bt], true);
+        assert_eq!(gpu.late_sum_launches() - before, 1, "n {n}: not overlapped");
+        let swapped = gpu_sum(gpu, n, [bt, a], false);
+        let plain = gpu_sum(gpu, n, [a, bt], false);
+        gpu.set_sum_overlap(false);
+        let off = gpu_sum(gpu, n, [a, bt], true);
+        let what = format!("n {n}, k {ka}+{kb}");
+        assert!(
+            same_bits(&late, &swapped),
+            "{what}: the overlapped sum must be the fused sum of (b, a)"
+        );
+        assert!(rel_err(&late, &plain) < 1e-5, "{what}: vs the plain order");
+        assert!(
+            same_bits(&off, &plain),
+            "{what}: switched off, a ready input changes nothing"
+        );
+    }
+    gpu.set_sum_overlap(was);
+}
+
+/// Greedy decoding on a fixture (default kernels, steps queued kernel by kernel) with the
+/// overlapped sum on or off: every step's logits, and how many overlapped launches ran.
+fn greedy_overlap(b: &Arc<CudaBackend>, name: &str, overlap: bool) -> (Vec<Vec<f32>>, u64) {
+    let was = b.gpu().sum_overlap();
+    b.gpu().set_sum_overlap(overlap);
+    b.set_step_graphs(false);
+    let before = b.gpu().late_sum_launches();
+    let mut m = cuda_runner(b, name);
+    m.add_sequence(1).unwrap();
+    let mut tokens: Vec<u32> = (1..=9).collect();
+    let mut all = Vec::new();
+    for _ in 0..30 {
+        let out = m
+            .forward(&[SeqWork {
+                seq: 1,
+                tokens: &tokens,
+                all_logits: false,
+            }])
+            .unwrap();
+        let last = out[0].last().to_vec();
+        tokens = vec![argmax(&last) as u32];
+        all.push(last);
+    }
+    let launches = b.gpu().late_sum_launches() - before;
+    b.gpu().set_sum_overlap(was);
+    b.set_step_graphs(true);
+    (all, launches)
+}
+
+#[test]
+fn cuda_overlapped_sum_decodes_every_fixture_like_the_plain_sum() {
+    let Some(b) = backend() else { return };
+    let mut overlapped = 0;
+    for name in LAYOUTS {
+        let (on, launches) = greedy_overlap(&b, name, true);
+        let (again, _) = greedy_overlap(&b, name, true);
+        let (off, none) = greedy_overlap(&b, name, false);
+        assert_eq!(none, 0, "{name}: switched off, no step may overlap");
+        for (i, ((x, y), z)) in on.iter().zip(&again).zip(&off).enumerate() {
+            assert!(same_bits(x, y), "{name}: step {i} is not deterministic");
+            let e = rel_err(x, z);
+            assert!(e < 1e-3, "{name}: step {i}'s logits off by {e:.2e}");
+        }
+        println!("{name}: {launches} overlapped sums over 29 decode steps");
+        if launches > 0 {
+            overlapped += 1;
+        }
+    }
+    // The layouts with one shared norm before parallel attention take it.
+    assert!(
+        overlapped >= 5,
+        "only {overlapped} layouts took the overlapped sum"
     );
 }

@@ -79,6 +79,16 @@ pub struct WarpRow<'a> {
     pub context: &'a [u32],
 }
 
+/// The four products of a parallel-attention layer ([`Backend::parallel_attention`]):
+/// each a weight `[out, in]` and its optional bias.
+#[derive(Debug)]
+pub struct ParallelWeights<'a, T> {
+    pub qkv: (&'a T, Option<&'a T>),
+    pub up: (&'a T, Option<&'a T>),
+    pub dense: (&'a T, Option<&'a T>),
+    pub down: (&'a T, Option<&'a T>),
+}
+
 /// Per row of [`Backend::warp_rows`]: the distribution, or why the row has none.
 pub type WarpedRows = Vec<Result<Vec<f32>, SamplingError>>;
 
@@ -247,6 +257,27 @@ pub trait Backend: Send + Sync + Debug + 'static {
     ) -> Result<(), BackendError> {
         self.linear_add(a_x, a, a_bias, acc)?;
         self.linear_add(b_x, b, b_bias, acc)
+    }
+
+    /// A parallel-attention layer after its shared norm `x`, for a few-row step:
+    /// `acc += dense(attention(qkv(x))) + down(gelu(up(x)))`. By default
+    /// [`Backend::attention_and_gelu`] then [`Backend::linear_add_sum`]; a backend may
+    /// also start the MLP down projection, whose input is ready before the attention's,
+    /// while the attention runs (rounded as `linear_add_sum` may round).
+    #[allow(clippy::too_many_arguments)]
+    fn parallel_attention(
+        &self,
+        x: &Self::Tensor,
+        w: &ParallelWeights<'_, Self::Tensor>,
+        kv: &mut Self::KvCache,
+        layer: usize,
+        step: &Self::Step,
+        attn: &AttnConfig,
+        acc: &mut Self::Tensor,
+    ) -> Result<(), BackendError> {
+        let (ctx, up) =
+            self.attention_and_gelu(x, w.qkv.0, w.qkv.1, w.up.0, w.up.1, kv, layer, step, attn)?;
+        self.linear_add_sum(&ctx, w.dense.0, w.dense.1, &up, w.down.0, w.down.1, acc)
     }
 
     /// `x += y`, in place.

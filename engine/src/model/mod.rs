@@ -18,7 +18,7 @@ pub use progress::{LoadProgress, ProgressFn};
 pub use step::SeqChunk;
 pub use weights::expected_tensors;
 
-use crate::backend::{AttnConfig, Backend, KvLayout, StepMeta};
+use crate::backend::{AttnConfig, Backend, KvLayout, ParallelWeights, StepMeta};
 use crate::checkpoint::ModelDir;
 use crate::config::FalconConfig;
 use crate::error::{ForwardError, LoadError, Result};
@@ -306,62 +306,48 @@ impl<B: Backend> Falcon<B> {
         let eps = self.cfg.layer_norm_epsilon;
         let w = &self.layers[i];
         let ln = |n: &weights::Norm<B>, t: &B::Tensor| b.layer_norm(t, &n.weight, &n.bias, eps);
-        // Under a shared norm the qkv and MLP up projections read the same input: for
-        // few-row steps one backend call for both and the attention (on the GPU one
-        // launch for both products, whose qkv half also applies the rotary and writes the
-        // KV where it can), the up projection kept for later. Larger steps (prefill) compute it after attention,
-        // so that its rows x 4h activations are not held through it.
         let pair = rows <= PAIR_MAX_ROWS;
         let kv = &mut self.kv;
+        // Under a shared norm the qkv and MLP up projections read the same input: for
+        // few-row steps the whole layer is one backend call (on the GPU one launch for
+        // both products, and the MLP down projection streaming while the attention runs).
+        // Larger steps (prefill) compute the MLP after attention, so that its rows x 4h
+        // activations are not held through it.
+        if let (LayerNormWeights::Shared { input }, true) = (&w.norms, pair) {
+            let a = ln(input, &x)?;
+            let pw = ParallelWeights {
+                qkv: w.qkv.parts(),
+                up: w.h_to_4h.parts(),
+                dense: w.dense.parts(),
+                down: w.four_h_to_h.parts(),
+            };
+            b.parallel_attention(&a, &pw, kv, i, device, &self.attn, &mut x)?;
+            return Ok(x);
+        }
         let attention =
             |qkv: &B::Tensor, kv: &mut B::KvCache| b.attention(qkv, kv, i, device, &self.attn);
-        let (ctx, attn_in, mlp_in, up) = match &w.norms {
-            LayerNormWeights::Shared { input } if pair => {
-                let a = ln(input, &x)?;
-                let (ctx, up) = b.attention_and_gelu(
-                    &a,
-                    &w.qkv.weight,
-                    w.qkv.bias.as_ref(),
-                    &w.h_to_4h.weight,
-                    w.h_to_4h.bias.as_ref(),
-                    kv,
-                    i,
-                    device,
-                    &self.attn,
-                )?;
-                (ctx, a, None, Some(up))
-            }
+        let (ctx, attn_in, mlp_in) = match &w.norms {
             LayerNormWeights::Separate { attn, mlp } => {
                 let a = ln(attn, &x)?;
                 let qkv = b.linear(&a, &w.qkv.weight, w.qkv.bias.as_ref())?;
                 let m = ln(mlp, &x)?;
-                (attention(&qkv, kv)?, a, Some(m), None)
+                (attention(&qkv, kv)?, a, Some(m))
             }
             LayerNormWeights::Shared { input } | LayerNormWeights::Sequential { input, .. } => {
                 let a = ln(input, &x)?;
                 let qkv = b.linear(&a, &w.qkv.weight, w.qkv.bias.as_ref())?;
-                (attention(&qkv, kv)?, a, None, None)
+                (attention(&qkv, kv)?, a, None)
             }
         };
         // Parallel attention: (x + attn(ln(x))) + mlp(ln'(x)); sequential: x + attn, then
-        // + MLP of its norm. Either way the sums run in this order (with the MLP's up
-        // projection already done, the backend may add both products as one).
-        match (&w.norms, up) {
-            (_, Some(up)) => b.linear_add_sum(
-                &ctx,
-                &w.dense.weight,
-                w.dense.bias.as_ref(),
-                &up,
-                &w.four_h_to_h.weight,
-                w.four_h_to_h.bias.as_ref(),
-                &mut x,
-            )?,
-            (LayerNormWeights::Sequential { post_attention, .. }, None) => {
+        // + MLP of its norm.
+        match &w.norms {
+            LayerNormWeights::Sequential { post_attention, .. } => {
                 self.linear_add(&ctx, &w.dense, &mut x)?;
                 let normed = ln(post_attention, &x)?;
                 self.mlp_add(&normed, w, &mut x)?;
             }
-            (_, None) => {
+            _ => {
                 self.linear_add(&ctx, &w.dense, &mut x)?;
                 self.mlp_add(mlp_in.as_ref().unwrap_or(&attn_in), w, &mut x)?;
             }

@@ -26,6 +26,13 @@ pub struct Linear<B: Backend> {
     pub bias: Option<B::Tensor>,
 }
 
+impl<B: Backend> Linear<B> {
+    /// Weight and bias as backend calls take them.
+    pub fn parts(&self) -> (&B::Tensor, Option<&B::Tensor>) {
+        (&self.weight, self.bias.as_ref())
+    }
+}
+
 /// The norms of one decoder layer, by layout.
 #[derive(Debug)]
 pub enum LayerNormWeights<B: Backend> {

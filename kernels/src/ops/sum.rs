@@ -5,6 +5,12 @@
 //! drain the GPU and ramp it up again. The sum is rounded differently from two
 //! accumulating launches, so steps that must match other steps bit for bit (row-invariant
 //! mode) and every other shape take the two launches.
+//!
+//! When the caller knows the second input was complete before the kernel it queued last
+//! (Falcon's MLP activations, computed before the attention), the launch streams that
+//! product first, before its programmatic-dependent-launch wait
+//! (`gemv_cat_late_bf16_r1`): the larger weight (the MLP down projection) then streams
+//! while the attention still runs, and only the attention output projection waits.
 
 use half::bf16;
 
@@ -24,7 +30,10 @@ pub struct SumTerm<'a> {
 
 impl Gpu {
     /// `acc += a + b` for two products with `n` outputs over `rows` rows. `groups` as for
-    /// [`Gpu::linear`].
+    /// [`Gpu::linear`]. `b_ready`: no kernel from the one queued last on writes `b.x`, so
+    /// that a fused launch may multiply it before waiting for that kernel
+    /// ([`Gpu::set_sum_overlap`]); a caller that cannot tell passes false.
+    #[allow(clippy::too_many_arguments)]
     pub fn linear_accumulate_sum(
         &self,
         rows: usize,
@@ -33,6 +42,7 @@ impl Gpu {
         b: SumTerm<'_>,
         acc: &mut DeviceBuffer<f32>,
         groups: &[usize],
+        b_ready: bool,
     ) -> Result<(), KernelError> {
         const OP: &str = "linear";
         check_len(OP, "accumulator", acc, rows * n)?;
@@ -66,17 +76,22 @@ impl Gpu {
                 Arg::I32(has_bias),
             ])
         };
+        // The term multiplied before the wait goes first.
+        let late = b_ready && self.sum_overlap();
+        let (first, second, kernel) = if late {
+            (&b, &a, &self.k.gemv_cat_late_simt_r1)
+        } else {
+            (&a, &b, &self.k.gemv_cat_simt_r1)
+        };
         let mut args = Vec::with_capacity(12);
-        args.extend(term(&a)?);
-        args.extend(term(&b)?);
+        args.extend(term(first)?);
+        args.extend(term(second)?);
         args.extend([p(acc), Arg::I32(to_i32(OP, n)?)]);
         let blocks = (n as u32).div_ceil(gemv_features_per_block(1));
-        self.launch(
-            &self.k.gemv_cat_simt_r1,
-            (blocks, 1, 1),
-            32 * GEMV_WARPS,
-            0,
-            &args,
-        )
+        self.launch(kernel, (blocks, 1, 1), 32 * GEMV_WARPS, 0, &args)?;
+        if late {
+            self.count_late_sum_launch();
+        }
+        Ok(())
     }
 }

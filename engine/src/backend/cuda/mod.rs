@@ -27,7 +27,9 @@ use rayon::prelude::*;
 pub use falconer_kernels as kernels;
 use falconer_kernels::{AttentionParams, DeviceBuffer, Gpu, KernelError, SeqDesc, StepInput};
 
-use super::{AttnConfig, Backend, KvLayout, StepMeta, StepPass, WarpRow, WarpedRows};
+use super::{
+    AttnConfig, Backend, KvLayout, ParallelWeights, StepMeta, StepPass, WarpRow, WarpedRows,
+};
 use crate::checkpoint::{Dtype, HostTensor};
 use crate::error::BackendError;
 
@@ -273,6 +275,40 @@ impl CudaBackend {
             cols,
             groups: None,
         })
+    }
+
+    /// `acc += a + b` for `(input, weight, bias)` terms; `b_ready` as for
+    /// [`Gpu::linear_accumulate_sum`].
+    fn add_sum(
+        &self,
+        (a_x, a, a_bias): (&CudaTensor, &CudaTensor, Option<&CudaTensor>),
+        (b_x, b, b_bias): (&CudaTensor, &CudaTensor, Option<&CudaTensor>),
+        acc: &mut CudaTensor,
+        b_ready: bool,
+    ) -> Result<(), BackendError> {
+        check_linear(a_x, a)?;
+        check_linear(b_x, b)?;
+        if a_x.rows != b_x.rows || a.rows != b.rows || (acc.rows, acc.cols) != (a_x.rows, a.rows) {
+            return Err(invalid(
+                "linear",
+                format!(
+                    "{}x{} accumulator for {}x{} and {}x{} products",
+                    acc.rows, acc.cols, a_x.rows, a.rows, b_x.rows, b.rows
+                ),
+            ));
+        }
+        let (ta, tb) = (sum_term(a_x, a, a_bias)?, sum_term(b_x, b, b_bias)?);
+        self.gpu
+            .linear_accumulate_sum(
+                a_x.rows,
+                a.rows,
+                ta,
+                tb,
+                acc.f32_mut("linear")?,
+                groups(a_x),
+                b_ready,
+            )
+            .map_err(map_err)
     }
 
     /// `x @ weight^T + bias` on the GPU, with the exact GELU fused when `gelu`.
@@ -558,28 +594,28 @@ impl Backend for CudaBackend {
         b_bias: Option<&CudaTensor>,
         acc: &mut CudaTensor,
     ) -> Result<(), BackendError> {
-        check_linear(a_x, a)?;
-        check_linear(b_x, b)?;
-        if a_x.rows != b_x.rows || a.rows != b.rows || (acc.rows, acc.cols) != (a_x.rows, a.rows) {
-            return Err(invalid(
-                "linear",
-                format!(
-                    "{}x{} accumulator for {}x{} and {}x{} products",
-                    acc.rows, acc.cols, a_x.rows, a.rows, b_x.rows, b.rows
-                ),
-            ));
-        }
-        let (ta, tb) = (sum_term(a_x, a, a_bias)?, sum_term(b_x, b, b_bias)?);
-        self.gpu
-            .linear_accumulate_sum(
-                a_x.rows,
-                a.rows,
-                ta,
-                tb,
-                acc.f32_mut("linear")?,
-                groups(a_x),
-            )
-            .map_err(map_err)
+        self.add_sum((a_x, a, a_bias), (b_x, b, b_bias), acc, false)
+    }
+
+    fn parallel_attention(
+        &self,
+        x: &CudaTensor,
+        w: &ParallelWeights<'_, CudaTensor>,
+        kv: &mut CudaKvCache,
+        layer: usize,
+        step: &CudaStep,
+        attn: &AttnConfig,
+        acc: &mut CudaTensor,
+    ) -> Result<(), BackendError> {
+        let (ctx, up) =
+            self.attention_and_gelu(x, w.qkv.0, w.qkv.1, w.up.0, w.up.1, kv, layer, step, attn)?;
+        // The attention queued at least one kernel after the one that wrote `up`.
+        self.add_sum(
+            (&ctx, w.dense.0, w.dense.1),
+            (&up, w.down.0, w.down.1),
+            acc,
+            true,
+        )
     }
 
     fn linear_add(
