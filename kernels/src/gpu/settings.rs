@@ -1,0 +1,234 @@
+//! The GPU's launch settings: which kernels a step takes (GEMV kind, paired and fused
+//! launches, row-invariant mode, programmatic dependent launch) and their defaults, each
+//! switchable from the environment (`FALCONER_*`) and at run time (benchmarks and tests
+//! compare them). Changing one bumps [`Gpu::settings_generation`], so that recorded
+//! CUDA graphs of the old kernels are not replayed.
+
+use std::sync::atomic::Ordering;
+
+use super::Gpu;
+
+/// Default context from which decode rows take the tensor-core attention kernel: long
+/// contexts, where the CUDA-core kernel is bound by its f32 arithmetic (Falcon-7B decode
+/// at 128-384 tokens of context on the H200: 229 tokens/s with this default, 222 with the
+/// tensor-core kernel at every context).
+pub const ATTN_TC_MIN_CTX: usize = 1024;
+
+/// The most rows a row-invariant `linear` keeps out of cuBLAS (a verify pass over 8
+/// drafts plus catch-up tokens).
+pub const ROW_INVARIANT_MAX_ROWS: usize = 16;
+
+/// Default blocks per SM of the split-K tensor-core GEMV (`FALCONER_TC_BLOCKS`): on the
+/// H200 a verify pass over 5 rows measured 5.02 ms at 8, 5.16 at 16, 5.30 at 6, 5.38 at
+/// 12, 5.59 at 4 and about 5.2 at 24 (isolated GEMVs, partly served from L2 when repeated,
+/// favoured 3-4 instead).
+pub const TC_BLOCKS_PER_SM: usize = 8;
+
+/// How [`Gpu::linear_pair`] runs its two products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairLaunch {
+    /// Two launches, as two `linear` calls.
+    Off = 0,
+    /// One launch of the kernel each product takes alone (for one row outside
+    /// row-invariant mode, the CUDA-core GEMV).
+    Simt = 1,
+    /// One launch; a single row outside row-invariant mode takes the tensor-core
+    /// GEMV (other bits than alone, where nothing requires them to match).
+    TensorCores = 2,
+}
+
+/// Default [`PairLaunch`] (`FALCONER_PAIR=off|simt|tc`).
+pub const PAIR_LAUNCH: PairLaunch = PairLaunch::Simt;
+
+/// The kernels of a few-row (1 to 8) `linear`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemvKernel {
+    /// Tensor cores for 2 to 8 rows, CUDA cores for one.
+    Auto = 0,
+    /// CUDA cores, f32 activations (`gemv_bf16_r*`).
+    Simt = 1,
+    /// Tensor cores, 4 chunks of 32 per warp iteration (`gemv_tc_r*`).
+    Tc4 = 2,
+}
+
+/// A boolean switch from the environment: `0`, `false`, `off` or `no` turn it off.
+pub(super) fn env_flag(name: &str, default: bool) -> bool {
+    match std::env::var(name) {
+        Ok(v) => !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "0" | "false" | "off" | "no"
+        ),
+        Err(_) => default,
+    }
+}
+
+impl Gpu {
+    /// Whether kernels are queued with programmatic dependent launch (on by default on
+    /// sm_90 and newer; `FALCONER_PDL=0` turns it off).
+    pub fn pdl(&self) -> bool {
+        self.pdl.load(Ordering::Relaxed)
+    }
+
+    /// Turns programmatic dependent launch on or off (ignored before sm_90).
+    pub fn set_pdl(&self, on: bool) {
+        self.pdl.store(on && self.cc.0 >= 9, Ordering::Relaxed);
+        self.settings_changed();
+    }
+
+    /// The kernel a few-row `linear` of `rows` rows takes. By default
+    /// ([`GemvKernel::Auto`]) one row takes the CUDA-core kernel, which streams fastest
+    /// (measured on the H200), and 2 to 8 rows the tensor-core one, which costs about the
+    /// same for 2 rows as for 8; `FALCONER_GEMV=simt` or `tc` forces one.
+    pub(crate) fn gemv_kernel(&self, rows: usize) -> GemvKernel {
+        match self.gemv_mode.load(Ordering::Relaxed) {
+            m if m == GemvKernel::Simt as u8 => GemvKernel::Simt,
+            m if m == GemvKernel::Tc4 as u8 => GemvKernel::Tc4,
+            _ if rows >= 2 => GemvKernel::Tc4,
+            _ => GemvKernel::Simt,
+        }
+    }
+
+    /// Chooses the few-row `linear` kernel (benchmarks and tests compare them).
+    pub fn set_gemv_kernel(&self, kernel: GemvKernel) {
+        self.gemv_mode.store(kernel as u8, Ordering::Relaxed);
+        self.settings_changed();
+    }
+
+    /// Lets [`Gpu::linear_accumulate_sum`] run its two products as one launch where it
+    /// can (the default; `FALCONER_FUSE_SUM=0` turns it off), or always as two.
+    pub fn set_fuse_sum(&self, on: bool) {
+        self.fuse_sum.store(on, Ordering::Relaxed);
+        self.settings_changed();
+    }
+
+    pub fn fuse_sum(&self) -> bool {
+        self.fuse_sum.load(Ordering::Relaxed)
+    }
+
+    /// Lets a fused [`Gpu::linear_accumulate_sum`] whose second input was written before
+    /// the kernel queued last stream that product first, before its programmatic
+    /// dependent launch wait, so that it overlaps that kernel (the attention, for
+    /// Falcon's MLP down projection); the default; `FALCONER_SUM_OVERLAP=0` turns it
+    /// off. Other rounding than the plain fused sum (the terms in the other order).
+    pub fn set_sum_overlap(&self, on: bool) {
+        self.sum_overlap.store(on, Ordering::Relaxed);
+        self.settings_changed();
+    }
+
+    pub fn sum_overlap(&self) -> bool {
+        self.sum_overlap.load(Ordering::Relaxed)
+    }
+
+    /// Lets [`Gpu::attention_and_pair`] store a one-row step's queries, keys and values
+    /// from the projection's epilogue (`FALCONER_FUSE_ROPE=1`), or always through
+    /// `rope_qkv` (the default: it saves a launch per layer, but with it and the
+    /// in-kernel split merge on, decode ran 3-6% slower on an H100). Either way the
+    /// same bits.
+    pub fn set_fuse_rope(&self, on: bool) {
+        self.fuse_rope.store(on, Ordering::Relaxed);
+        self.settings_changed();
+    }
+
+    pub fn fuse_rope(&self) -> bool {
+        self.fuse_rope.load(Ordering::Relaxed)
+    }
+
+    /// Lets the CUDA-core decode attention merge its key splits in the last block of
+    /// each row and head chunk (`FALCONER_FUSE_COMBINE=1`), or always in a separate
+    /// `attn_combine` launch (the default; see [`Gpu::set_fuse_rope`] for the
+    /// measurement). Other rounding, the same for a row in any step either way.
+    pub fn set_fuse_combine(&self, on: bool) {
+        self.fuse_combine.store(on, Ordering::Relaxed);
+        self.settings_changed();
+    }
+
+    pub fn fuse_combine(&self) -> bool {
+        self.fuse_combine.load(Ordering::Relaxed)
+    }
+
+    /// How many times [`Gpu::attention_and_pair`] has queued its fused kernel (a
+    /// replayed recording adds none): tests check that the path they compare ran.
+    pub fn fused_rope_launches(&self) -> u64 {
+        self.fused_rope_launches.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_fused_rope_launch(&self) {
+        self.fused_rope_launches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many times [`Gpu::linear_accumulate_sum`] has queued the overlapped fused sum
+    /// (`gemv_cat_late_bf16_r1`; a replayed recording adds none).
+    pub fn late_sum_launches(&self) -> u64 {
+        self.late_sum_launches.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_late_sum_launch(&self) {
+        self.late_sum_launches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Chooses how [`Gpu::linear_pair`] runs (benchmarks compare them).
+    pub fn set_pair_launch(&self, mode: PairLaunch) {
+        self.pair_launch.store(mode as u8, Ordering::Relaxed);
+        self.settings_changed();
+    }
+
+    pub fn pair_launch(&self) -> PairLaunch {
+        match self.pair_launch.load(Ordering::Relaxed) {
+            m if m == PairLaunch::Off as u8 => PairLaunch::Off,
+            m if m == PairLaunch::TensorCores as u8 => PairLaunch::TensorCores,
+            _ => PairLaunch::Simt,
+        }
+    }
+
+    /// Decode rows whose context reaches `min_ctx` take the tensor-core decode attention
+    /// (head dim 64 or 128, at least 16 query heads per kv head); shorter ones the f32
+    /// CUDA-core kernel. Default [`ATTN_TC_MIN_CTX`]; tests lower it to cover the kernel.
+    pub fn set_attn_tc_min_ctx(&self, min_ctx: usize) {
+        self.attn_tc_min_ctx.store(min_ctx, Ordering::Relaxed);
+        self.settings_changed();
+    }
+
+    /// Blocks per SM the split-K tensor-core GEMV aims for: more splits start more loads
+    /// at once, fewer cost less in partial sums. Default [`TC_BLOCKS_PER_SM`].
+    pub fn set_tc_blocks_per_sm(&self, blocks: usize) {
+        self.tc_blocks_per_sm
+            .store(blocks.max(1), Ordering::Relaxed);
+        self.settings_changed();
+    }
+
+    /// Row-invariant products: every `linear` of up to [`ROW_INVARIANT_MAX_ROWS`] rows
+    /// takes kernels whose result for a row does not depend on the other rows (the
+    /// tensor-core GEMV, hi and lo parts in separate mmas, in groups of up to 8; never
+    /// cuBLAS), so that a verify pass gives each row exactly what a one-token step
+    /// gives it and greedy speculation reproduces plain greedy decoding bit for bit.
+    /// A larger product whose rows come in sequence chunks (`groups`) computes each
+    /// chunk as it would be computed alone, so batching sessions changes no bit either.
+    /// The runtime turns it on; a single-row step is then slower than with the CUDA-core
+    /// GEMV (see the benchmark). Off by default for direct engine use, or
+    /// `FALCONER_ROW_INVARIANT=1`.
+    pub fn set_row_invariant(&self, on: bool) {
+        self.row_invariant.store(on, Ordering::Relaxed);
+        self.settings_changed();
+    }
+
+    pub fn row_invariant(&self) -> bool {
+        self.row_invariant.load(Ordering::Relaxed)
+    }
+
+    fn settings_changed(&self) {
+        self.settings.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Changes with every setting that changes which kernels a step launches.
+    pub fn settings_generation(&self) -> u64 {
+        self.settings.load(Ordering::Relaxed)
+    }
+
+    pub fn tc_blocks_per_sm(&self) -> usize {
+        self.tc_blocks_per_sm.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn attn_tc_min_ctx(&self) -> usize {
+        self.attn_tc_min_ctx.load(Ordering::Relaxed)
+    }
+}
