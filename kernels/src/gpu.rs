@@ -192,7 +192,7 @@ impl Gpu {
                 _ => PAIR_LAUNCH,
             } as u8),
             fuse_sum: AtomicBool::new(env_flag("FALCONER_FUSE_SUM", true)),
-            sum_overlap: AtomicBool::new(env_flag("FALCONER_SUM_OVERLAP", true)),
+            sum_overlap: AtomicBool::new(env_flag("FALCONER_SUM_OVERLAP", false)),
             fuse_rope: AtomicBool::new(env_flag("FALCONER_FUSE_ROPE", false)),
             fused_rope_launches: AtomicU64::new(0),
             late_sum_launches: AtomicU64::new(0),

@@ -108,8 +108,10 @@ impl Gpu {
     /// Lets a fused [`Gpu::linear_accumulate_sum`] whose second input was written before
     /// the kernel queued last stream that product first, before its programmatic
     /// dependent launch wait, so that it overlaps that kernel (the attention, for
-    /// Falcon's MLP down projection); the default; `FALCONER_SUM_OVERLAP=0` turns it
-    /// off. Other rounding than the plain fused sum (the terms in the other order).
+    /// Falcon's MLP down projection); `FALCONER_SUM_OVERLAP=1`. Off by default until it
+    /// has run on a GPU: its kernel (`gemv_cat_late_bf16_r1`) and tests
+    /// (`cuda_overlapped_sum_*`) were built without one. Other rounding than the plain
+    /// fused sum (the terms in the other order).
     pub fn set_sum_overlap(&self, on: bool) {
         self.sum_overlap.store(on, Ordering::Relaxed);
         self.settings_changed();
