@@ -13,12 +13,10 @@ use falconer_engine::backend::cuda::CudaBackend;
 use falconer_engine::backend::{AttnConfig, Backend, KvLayout};
 use falconer_engine::config::{RopeConfig, RopeScaling};
 use falconer_engine::posenc::{alibi, rope::Rope};
-use falconer_engine::sampling::argmax;
-use falconer_engine::SeqWork;
 
 use crate::common::LAYOUTS;
 use crate::cuda_attention::one_sequence_step;
-use crate::cuda_golden::{backend, cuda_runner, random, same_bits};
+use crate::cuda_golden::{backend, greedy_logits, random, same_bits};
 use crate::cuda_sum::upload;
 
 /// Rows of the steps after the prefill: decode steps and verify passes.
@@ -154,22 +152,7 @@ fn greedy(
     b.gpu().set_row_invariant(exact);
     b.set_step_graphs(false);
     let before = b.gpu().fused_rope_launches();
-    let mut m = cuda_runner(b, name);
-    m.add_sequence(1).unwrap();
-    let mut tokens: Vec<u32> = (1..=9).collect();
-    let mut all = Vec::new();
-    for _ in 0..30 {
-        let out = m
-            .forward(&[SeqWork {
-                seq: 1,
-                tokens: &tokens,
-                all_logits: false,
-            }])
-            .unwrap();
-        let last = out[0].last().to_vec();
-        tokens = vec![argmax(&last) as u32];
-        all.push(last);
-    }
+    let all = greedy_logits(b, name, 30);
     let launches = b.gpu().fused_rope_launches() - before;
     b.gpu().set_fuse_rope(was);
     b.gpu().set_row_invariant(false);

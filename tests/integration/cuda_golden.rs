@@ -69,6 +69,28 @@ pub(crate) fn report(what: &str, failures: &[String]) {
     assert!(failures.is_empty(), "{what} failed for: {failures:#?}");
 }
 
+/// Greedy decoding of `steps` steps on a fixture from the prompt 1..=9, one step at a
+/// time on the GPU as configured: every step's last logits.
+pub(crate) fn greedy_logits(b: &Arc<CudaBackend>, name: &str, steps: usize) -> Vec<Vec<f32>> {
+    let mut m = cuda_runner(b, name);
+    m.add_sequence(1).unwrap();
+    let mut tokens: Vec<u32> = (1..=9).collect();
+    let mut all = Vec::new();
+    for _ in 0..steps {
+        let out = m
+            .forward(&[SeqWork {
+                seq: 1,
+                tokens: &tokens,
+                all_logits: false,
+            }])
+            .unwrap();
+        let last = out[0].last().to_vec();
+        tokens = vec![argmax(&last) as u32];
+        all.push(last);
+    }
+    all
+}
+
 /// Whether two rows hold the same values bit for bit.
 pub(crate) fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())

@@ -13,11 +13,10 @@ use falconer_engine::backend::cuda::kernels::{bf16, Gpu, SumTerm};
 use falconer_engine::backend::cuda::CudaBackend;
 use falconer_engine::backend::Backend;
 use falconer_engine::checkpoint::{Dtype, HostTensor};
-use falconer_engine::sampling::argmax;
-use falconer_engine::{CpuBackend, SeqWork};
+use falconer_engine::CpuBackend;
 
 use crate::common::{rel_err, LAYOUTS};
-use crate::cuda_golden::{backend, bf16_bytes, cuda_runner, random, same_bits};
+use crate::cuda_golden::{backend, bf16_bytes, greedy_logits, random, same_bits};
 
 /// A bf16 `[rows, cols]` (or `[rows]` when `cols` is 0) tensor of random values.
 pub(crate) fn upload<B: Backend>(b: &B, rows: usize, cols: usize, seed: u64) -> B::Tensor {
@@ -184,22 +183,7 @@ fn greedy_overlap(b: &Arc<CudaBackend>, name: &str, overlap: bool) -> (Vec<Vec<f
     b.gpu().set_sum_overlap(overlap);
     b.set_step_graphs(false);
     let before = b.gpu().late_sum_launches();
-    let mut m = cuda_runner(b, name);
-    m.add_sequence(1).unwrap();
-    let mut tokens: Vec<u32> = (1..=9).collect();
-    let mut all = Vec::new();
-    for _ in 0..30 {
-        let out = m
-            .forward(&[SeqWork {
-                seq: 1,
-                tokens: &tokens,
-                all_logits: false,
-            }])
-            .unwrap();
-        let last = out[0].last().to_vec();
-        tokens = vec![argmax(&last) as u32];
-        all.push(last);
-    }
+    let all = greedy_logits(b, name, 30);
     let launches = b.gpu().late_sum_launches() - before;
     b.gpu().set_sum_overlap(was);
     b.set_step_graphs(true);
