@@ -125,9 +125,10 @@ pub(crate) fn decode_section(
             vec![
                 cfg(true, false, false, false),
                 cfg(true, false, false, true),
-                cfg(true, true, true, true),
-                cfg(true, true, true, false),
+                cfg(true, false, true, false),
                 cfg(true, false, true, true),
+                cfg(true, true, true, false),
+                cfg(true, true, true, true),
                 cfg(true, true, false, true),
                 cfg(false, false, false, false),
             ]

@@ -58,14 +58,16 @@ __device__ __forceinline__ uint4 ld_stream_v(const uint4* p) {
 // GEMV_ROWS, so that how rows are dealt to warps changes no bit.
 //
 // With LATE the first input x is one that no kernel still running writes (written before
-// the kernel queued last started): the warp multiplies it before pdl_wait(), which it
-// calls only before the first round that reads x2 (or before the store), so that the
-// first product streams while the kernel before this one still runs.
+// the kernel queued last started): the warp multiplies it before pdl_wait(), then waits
+// (the whole warp, converged) and multiplies x2, so that the first product streams while
+// the kernel before this one still runs. Each lane takes its chunks in the same order
+// either way, so LATE changes no bit.
 template <int R, int U, int GEMV_ROWS, bool CAT, bool LATE, class Store>
 __device__ __forceinline__ void gemv_core(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                           int K, const float* __restrict__ x2,
                                           const bf16_t* __restrict__ w2, int K2, int n0,
                                           int stride, int N, Store store) {
+    static_assert(CAT || !LATE, "LATE needs a second input to wait for");
     const int lane = threadIdx.x & 31;
     if (n0 >= N) return;
     const int K8a = K >> 3;
@@ -90,86 +92,79 @@ __device__ __forceinline__ void gemv_core(const float* __restrict__ x, const bf1
 #pragma unroll
         for (int r = 0; r < R; r++) acc[i][r] = 0.0f;
 
-    // Rounds of U chunks per lane, two in flight while one is multiplied: enough bytes
-    // to cover HBM latency. The weights depend on no kernel, so the first two rounds are
-    // loaded before the wait, while the kernel before this one finishes.
-    int c = lane;
-    const int step = 32 * U;
-    bool full = c + 32 * (U - 1) < K8;
-    bool full1 = c + step + 32 * (U - 1) < K8;
-    uint4 wv[U][GEMV_ROWS], wn[U][GEMV_ROWS];
-    if (full) {
+    // This lane's chunks from c up to `end`, in rounds of U chunks, two in flight while
+    // one is multiplied: enough bytes to cover HBM latency. The weights depend on no
+    // kernel, so the first two rounds are loaded before the wait (when `wait`), while
+    // the kernel before this one finishes. Returns the lane's next chunk.
+    auto run = [&](int c, int end, bool wait) {
+        const int step = 32 * U;
+        bool full = c + 32 * (U - 1) < end;
+        bool full1 = c + step + 32 * (U - 1) < end;
+        uint4 wv[U][GEMV_ROWS], wn[U][GEMV_ROWS];
+        if (full) {
 #pragma unroll
-        for (int u = 0; u < U; u++)
+            for (int u = 0; u < U; u++)
 #pragma unroll
-            for (int i = 0; i < GEMV_ROWS; i++) wv[u][i] = ld_stream_v(wchunk(i, c + 32 * u));
-    }
-    if (full1) {
-#pragma unroll
-        for (int u = 0; u < U; u++)
-#pragma unroll
-            for (int i = 0; i < GEMV_ROWS; i++) wn[u][i] = ld_stream_v(wchunk(i, c + step + 32 * u));
-    }
-    bool waited = !LATE;
-    // Before loads of the activations written by the kernel before this one: every
-    // chunk from K8a on with LATE (lanes of a round reach it together: `base` is the
-    // round's first chunk).
-    auto wait_before = [&](int base, int span) {
-        if (LATE && !waited && base + span > K8a) {
-            pdl_wait();
-            pdl_trigger();
-            waited = true;
+                for (int i = 0; i < GEMV_ROWS; i++) wv[u][i] = ld_stream_v(wchunk(i, c + 32 * u));
         }
-    };
-    if (!LATE) {
-        pdl_wait();
-        pdl_trigger();
-    }
-    while (full) {
-        wait_before(c - lane, step);
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const float4* xp = xchunk(r, c + 32 * u);
-                const float4 a = __ldg(xp), b = __ldg(xp + 1);
-#pragma unroll
-                for (int i = 0; i < GEMV_ROWS; i++) acc[i][r] += dot8(wv[u][i], a, b);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < U; u++)
-#pragma unroll
-            for (int i = 0; i < GEMV_ROWS; i++) wv[u][i] = wn[u][i];
-        c += step;
-        full = full1;
-        full1 = c + step + 32 * (U - 1) < K8;
         if (full1) {
 #pragma unroll
             for (int u = 0; u < U; u++)
 #pragma unroll
-                for (int i = 0; i < GEMV_ROWS; i++) wn[u][i] = ld_stream(wchunk(i, c + step + 32 * u));
+                for (int i = 0; i < GEMV_ROWS; i++) wn[u][i] = ld_stream_v(wchunk(i, c + step + 32 * u));
         }
-    }
-    for (; c < K8; c += 32) {
-        wait_before(c - lane, 32);
-        uint4 wt[GEMV_ROWS];
-#pragma unroll
-        for (int i = 0; i < GEMV_ROWS; i++) wt[i] = ld_stream(wchunk(i, c));
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const float4* xp = xchunk(r, c);
-            const float4 a = __ldg(xp), b = __ldg(xp + 1);
-#pragma unroll
-            for (int i = 0; i < GEMV_ROWS; i++) acc[i][r] += dot8(wt[i], a, b);
+        if (wait) {
+            pdl_wait();
+            pdl_trigger();
         }
+        while (full) {
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    const float4* xp = xchunk(r, c + 32 * u);
+                    const float4 a = __ldg(xp), b = __ldg(xp + 1);
+#pragma unroll
+                    for (int i = 0; i < GEMV_ROWS; i++) acc[i][r] += dot8(wv[u][i], a, b);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++)
+#pragma unroll
+                for (int i = 0; i < GEMV_ROWS; i++) wv[u][i] = wn[u][i];
+            c += step;
+            full = full1;
+            full1 = c + step + 32 * (U - 1) < end;
+            if (full1) {
+#pragma unroll
+                for (int u = 0; u < U; u++)
+#pragma unroll
+                    for (int i = 0; i < GEMV_ROWS; i++) wn[u][i] = ld_stream(wchunk(i, c + step + 32 * u));
+            }
+        }
+        for (; c < end; c += 32) {
+            uint4 wt[GEMV_ROWS];
+#pragma unroll
+            for (int i = 0; i < GEMV_ROWS; i++) wt[i] = ld_stream(wchunk(i, c));
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const float4* xp = xchunk(r, c);
+                const float4 a = __ldg(xp), b = __ldg(xp + 1);
+#pragma unroll
+                for (int i = 0; i < GEMV_ROWS; i++) acc[i][r] += dot8(wt[i], a, b);
+            }
+        }
+        return c;
+    };
+    if (LATE) {
+        run(run(lane, K8a, false), K8, true);
+    } else {
+        run(lane, K8, true);
     }
 #pragma unroll
     for (int i = 0; i < GEMV_ROWS; i++)
 #pragma unroll
         for (int r = 0; r < R; r++) acc[i][r] = warp_sum(acc[i][r]);
-    // The store reads and writes activations (a residual accumulated in place).
-    wait_before(K8a, 1);
     if (lane == 0) store(acc);
 }
 
