@@ -8,7 +8,7 @@
 //!
 //! When the caller knows the second input was complete before the kernel it queued last
 //! (Falcon's MLP activations, computed before the attention) and
-//! [`Gpu::set_sum_overlap`] allows it (off by default: not yet run on a GPU), the launch
+//! [`Gpu::set_sum_overlap`] allows it (off by default: measured slower), the launch
 //! streams that product first, before its programmatic-dependent-launch wait
 //! (`gemv_cat_late_bf16_r1`): the larger weight (the MLP down projection) then streams
 //! while the attention still runs, and only the attention output projection waits.
