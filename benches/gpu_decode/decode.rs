@@ -73,30 +73,38 @@ pub(crate) fn decode_section(
     // the qkv projection), the decode attention's own split merge and the residual sum
     // overlapping the attention, in combinations run in turn three times each: their
     // effects are about the size of the run-to-run spread, so a single pair says little.
+    // The residual sum's warps per output (GemvSplit) join the matrix as `split2`, `split4`.
     #[derive(Clone, Copy)]
     struct Launch {
         pdl: bool,
         rope: bool,
         merge: bool,
         overlap: bool,
+        split: GemvSplit,
     }
     let cfg = |pdl, rope, merge, overlap| Launch {
         pdl,
         rope,
         merge,
         overlap,
+        split: GemvSplit::One,
     };
-    let defaults = cfg(
-        gpu.pdl(),
-        gpu.fuse_rope(),
-        gpu.fuse_combine(),
-        gpu.sum_overlap(),
-    );
+    let split = |c: Launch, split| Launch { split, ..c };
+    let defaults = Launch {
+        split: gpu.gemv_split(),
+        ..cfg(
+            gpu.pdl(),
+            gpu.fuse_rope(),
+            gpu.fuse_combine(),
+            gpu.sum_overlap(),
+        )
+    };
     let set = |c: Launch| {
         gpu.set_pdl(c.pdl && pdl_default);
         gpu.set_fuse_rope(c.rope);
         gpu.set_fuse_combine(c.merge);
         gpu.set_sum_overlap(c.overlap);
+        gpu.set_gemv_split(c.split);
     };
     let label = |c: Launch| {
         let flags = [
@@ -104,6 +112,8 @@ pub(crate) fn decode_section(
             (c.rope, "rope"),
             (c.merge, "merge"),
             (c.overlap, "overlap"),
+            (c.split == GemvSplit::Two, "split2"),
+            (c.split == GemvSplit::Four, "split4"),
         ];
         let on: Vec<&str> = flags.iter().filter(|f| f.0).map(|f| f.1).collect();
         if on.is_empty() {
@@ -124,6 +134,9 @@ pub(crate) fn decode_section(
         } else {
             vec![
                 cfg(true, false, false, false),
+                split(cfg(true, false, false, false), GemvSplit::Two),
+                split(cfg(true, false, false, false), GemvSplit::Four),
+                split(cfg(true, false, true, false), GemvSplit::Four),
                 cfg(true, false, false, true),
                 cfg(true, false, true, false),
                 cfg(true, false, true, true),

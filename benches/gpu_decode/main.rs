@@ -35,7 +35,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use decode::{decode_section, verify_section};
 use falconer_engine::backend::cuda::kernels::{
-    GemvKernel, PairLaunch, ATTN_TC_MIN_CTX, PAIR_LAUNCH,
+    GemvKernel, GemvSplit, PairLaunch, ATTN_TC_MIN_CTX, PAIR_LAUNCH,
 };
 use falconer_engine::backend::cuda::CudaBackend;
 use falconer_engine::config::FalconConfig;
@@ -257,6 +257,37 @@ fn gemv_section(backend: &CudaBackend, cfg: &FalconConfig, r: &mut Report) -> Re
     }
     r.rows
         .push(("sum of GEMVs per token".into(), format!("{est_ms:.3} ms")));
+
+    // One-row products whose rows are longer than their output count, by warps per
+    // output (GemvSplit): the MLP down projection alone, and fused with the attention
+    // output projection as decode runs it.
+    let split_default = gpu.gemv_split();
+    let mut cells = Vec::new();
+    let mut by_split = serde_json::Map::new();
+    for split in [GemvSplit::One, GemvSplit::Two, GemvSplit::Four] {
+        gpu.set_gemv_split(split);
+        let (us_down, gbs_down) = gemv_bandwidth(backend, h, cfg.ffn_hidden_size, 1)?;
+        let (us_sum, gbs_sum) = sum_bandwidth(backend, h, h, cfg.ffn_hidden_size)?;
+        let w = split as u32;
+        cells.push(format!(
+            "{w}: 4h_to_h {us_down:.1}us {gbs_down:.0}, sum {us_sum:.1}us {gbs_sum:.0}"
+        ));
+        by_split.insert(
+            format!("split{w}"),
+            json!({"h4_to_h_us": us_down, "h4_to_h_gb_s": gbs_down,
+                   "sum_us": us_sum, "sum_gb_s": gbs_sum}),
+        );
+    }
+    gpu.set_gemv_split(split_default);
+    r.row((
+        format!(
+            "one-row GEMV by warps per output (default {}), us GB/s",
+            split_default as u32
+        ),
+        cells.join(" | "),
+    ));
+    r.out
+        .insert("gemv_by_split".into(), Value::Object(by_split));
 
     // The split-K tensor-core GEMV by blocks per SM (more splits start more loads at
     // once; fewer cost less in partial sums).

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use falconer_engine::backend::cuda::kernels::SumTerm;
 use falconer_engine::backend::cuda::CudaBackend;
 use falconer_engine::backend::{AttnConfig, Backend, KvLayout, ParallelWeights, SeqMeta, StepMeta};
 use falconer_engine::config::FalconConfig;
@@ -260,6 +261,47 @@ pub(crate) fn gemv_bandwidth(
         Ok(())
     })?;
     Ok((s * 1e6, (n * k * 2) as f64 / s / 1e9))
+}
+
+/// One row's fused residual sum `acc += xa @ wa^T + xb @ wb^T` (`[n, ka]` and `[n, kb]`
+/// bf16 weights, as Falcon's attention output and MLP down projections): microseconds
+/// and GB/s of weights.
+pub(crate) fn sum_bandwidth(
+    backend: &CudaBackend,
+    n: usize,
+    ka: usize,
+    kb: usize,
+) -> Result<(f64, f64)> {
+    let gpu = backend.gpu();
+    let mut wa = gpu.alloc(n * ka)?;
+    gpu.fill_uniform_bf16(&mut wa, 6, 0.05)?;
+    let mut wb = gpu.alloc(n * kb)?;
+    gpu.fill_uniform_bf16(&mut wb, 7, 0.05)?;
+    let mut xa = gpu.alloc(ka)?;
+    gpu.fill_uniform_f32(&mut xa, 8, 1.0, 0.0)?;
+    let mut xb = gpu.alloc(kb)?;
+    gpu.fill_uniform_f32(&mut xb, 9, 1.0, 0.0)?;
+    let mut acc = gpu.alloc(n)?;
+    gpu.fill_uniform_f32(&mut acc, 10, 1.0, 0.0)?;
+    let term = |x, k, w| SumTerm {
+        x,
+        k,
+        w,
+        bias: None,
+    };
+    let s = time_it(backend, 50, || {
+        gpu.linear_accumulate_sum(
+            1,
+            n,
+            term(&xa, ka, &wa),
+            term(&xb, kb, &wb),
+            &mut acc,
+            &[1],
+            false,
+        )?;
+        Ok(())
+    })?;
+    Ok((s * 1e6, (n * (ka + kb) * 2) as f64 / s / 1e9))
 }
 
 /// The long-context attention's input: one row of seeded qkv activations, and

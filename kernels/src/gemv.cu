@@ -57,6 +57,10 @@ __device__ __forceinline__ uint4 ld_stream_v(const uint4* p) {
 // with activation row r). Each row's sum runs in the same order whatever the stride and
 // GEMV_ROWS, so that how rows are dealt to warps changes no bit.
 //
+// The warp takes slice `part` of `parts` of the K chunks (contiguous, each a multiple of
+// 32 chunks but the last; `parts` 1 is the whole row), so that several warps can share a
+// long row: their partial sums are then added by the caller.
+//
 // With LATE the first input x is one that no kernel still running writes (written before
 // the kernel queued last started): the warp multiplies it before pdl_wait(), then waits
 // (the whole warp, converged) and multiplies x2, so that the first product streams while
@@ -66,7 +70,7 @@ template <int R, int U, int GEMV_ROWS, bool CAT, bool LATE, class Store>
 __device__ __forceinline__ void gemv_core(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                           int K, const float* __restrict__ x2,
                                           const bf16_t* __restrict__ w2, int K2, int n0,
-                                          int stride, int N, Store store) {
+                                          int stride, int N, int part, int parts, Store store) {
     static_assert(CAT || !LATE, "LATE needs a second input to wait for");
     const int lane = threadIdx.x & 31;
     if (n0 >= N) return;
@@ -156,10 +160,16 @@ __device__ __forceinline__ void gemv_core(const float* __restrict__ x, const bf1
         }
         return c;
     };
+    int c0 = 0, c1 = K8;
+    if (parts > 1) {
+        const int per = ((K8 + parts - 1) / parts + 31) & ~31;
+        c0 = min(K8, part * per);
+        c1 = min(K8, c0 + per);
+    }
     if (LATE) {
-        run(run(lane, K8a, false), K8, true);
+        run(run(c0 + lane, max(c0, min(K8a, c1)), false), c1, true);
     } else {
-        run(lane, K8, true);
+        run(c0 + lane, c1, true);
     }
 #pragma unroll
     for (int i = 0; i < GEMV_ROWS; i++)
@@ -169,16 +179,23 @@ __device__ __forceinline__ void gemv_core(const float* __restrict__ x, const bf1
 }
 
 // y = x @ w^T (+ bias) (+ x2 @ w2^T (+ bias2) with CAT) with the epilogue `epi`, for
-// GEMV_ROWS consecutive features per warp.
-template <int R, int U, int GEMV_ROWS, bool CAT, bool LATE = false>
+// GEMV_ROWS consecutive features per group of SPLIT warps: GEMV_WARPS / SPLIT groups a
+// block. With SPLIT > 1 the group's warps take one slice of K each (gemv_core) and warp
+// 0 of the group adds their sums in slice order, so that long rows (few output features,
+// e.g. Falcon's residual sum) spread over more, smaller blocks: a grid of a few large
+// blocks per SM leaves some SMs a block more than others. Other rounding than SPLIT 1,
+// the same for every launch of one SPLIT.
+template <int R, int U, int GEMV_ROWS, bool CAT, bool LATE = false, int SPLIT = 1>
 __device__ __forceinline__ void gemv_rows(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                           int K, const float* __restrict__ x2,
                                           const bf16_t* __restrict__ w2, int K2,
                                           const float* __restrict__ bias,
                                           const float* __restrict__ bias2, float* __restrict__ y,
                                           int N, int has_bias, int has_bias2, int epi, int block) {
-    const int n0 = (block * GEMV_WARPS + (threadIdx.x >> 5)) * GEMV_ROWS;
-    gemv_core<R, U, GEMV_ROWS, CAT, LATE>(x, w, K, x2, w2, K2, n0, 1, N, [&](const float(&s)[GEMV_ROWS][R]) {
+    static_assert(SPLIT == 1 || SPLIT == 2 || SPLIT == 4, "SPLIT divides GEMV_WARPS");
+    const int warp = threadIdx.x >> 5;
+    const int n0 = (block * (GEMV_WARPS / SPLIT) + warp / SPLIT) * GEMV_ROWS;
+    auto store = [&](const float(&s)[GEMV_ROWS][R]) {
 #pragma unroll
         for (int i = 0; i < GEMV_ROWS; i++) {
 #pragma unroll
@@ -190,15 +207,44 @@ __device__ __forceinline__ void gemv_rows(const float* __restrict__ x, const bf1
                 }
             }
         }
-    });
+    };
+    if (SPLIT == 1) {
+        gemv_core<R, U, GEMV_ROWS, CAT, LATE>(x, w, K, x2, w2, K2, n0, 1, N, 0, 1, store);
+        return;
+    }
+    __shared__ float partial[GEMV_WARPS][GEMV_ROWS][R];
+    const int part = warp % SPLIT;
+    // Every warp reaches the barrier: a group past N computes row N - 1 and stores nothing.
+    gemv_core<R, U, GEMV_ROWS, CAT, LATE>(x, w, K, x2, w2, K2, min(n0, N - 1), 1, N, part, SPLIT,
+                                          [&](const float(&s)[GEMV_ROWS][R]) {
+#pragma unroll
+                                              for (int i = 0; i < GEMV_ROWS; i++)
+#pragma unroll
+                                                  for (int r = 0; r < R; r++) partial[warp][i][r] = s[i][r];
+                                          });
+    __syncthreads();
+    if (part == 0 && (threadIdx.x & 31) == 0 && n0 < N) {
+        float s[GEMV_ROWS][R];
+#pragma unroll
+        for (int i = 0; i < GEMV_ROWS; i++)
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                float v = partial[warp][i][r];
+#pragma unroll
+                for (int q = 1; q < SPLIT; q++) v += partial[warp + q][i][r];
+                s[i][r] = v;
+            }
+        store(s);
+    }
 }
 
 // y = x @ w^T (+ bias) with the epilogue `epi`.
-template <int R, int U, int GEMV_ROWS>
+template <int R, int U, int GEMV_ROWS, int SPLIT = 1>
 __device__ __forceinline__ void gemv_vec(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                          const float* __restrict__ bias, float* __restrict__ y,
                                          int N, int K, int has_bias, int epi, int block) {
-    gemv_rows<R, U, GEMV_ROWS, false>(x, w, K, x, w, 0, bias, bias, y, N, has_bias, 0, epi, block);
+    gemv_rows<R, U, GEMV_ROWS, false, false, SPLIT>(x, w, K, x, w, 0, bias, bias, y, N, has_bias, 0,
+                                                    epi, block);
 }
 
 // Output features per block: GEMV_WARPS * ROWS (the launcher mirrors this table).
@@ -218,6 +264,19 @@ GEMV_KERNEL(5, 2, 4)
 GEMV_KERNEL(6, 2, 4)
 GEMV_KERNEL(7, 2, 4)
 GEMV_KERNEL(8, 2, 4)
+
+// gemv_bf16_r1 with each pair of features shared by SPLIT warps, each a slice of K
+// (gemv_rows): grid ceil(N / (GEMV_WARPS / SPLIT * 2)).
+#define GEMV_SPLIT_KERNEL(SPLIT)                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                              \
+        gemv_bf16_r1_s##SPLIT(const float* __restrict__ x, const bf16_t* __restrict__ w,       \
+                              const float* __restrict__ bias, float* __restrict__ y, int N,    \
+                              int K, int has_bias, int epi) {                                  \
+        gemv_vec<1, 4, 2, SPLIT>(x, w, bias, y, N, K, has_bias, epi, blockIdx.x);              \
+    }
+
+GEMV_SPLIT_KERNEL(2)
+GEMV_SPLIT_KERNEL(4)
 
 // Two products of one input in one launch (Falcon's qkv and MLP up projection under a
 // shared norm): blocks [0, blocks_a) compute the first exactly as gemv_bf16_r* alone,
@@ -302,7 +361,7 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
     const int hg = pair / half, j = pair - hg * half;
     const int n0 = hg * hd + j;
     const RopeOut ro{q, kc, vc, slots, cosv, sinv, rotary, nh, kvh, hd, layer_off};
-    gemv_core<1, 4, 2, false, false>(x, wa, K, x, wa, 0, n0, half, na, [&](const float(&s)[2][1]) {
+    gemv_core<1, 4, 2, false, false>(x, wa, K, x, wa, 0, n0, half, na, 0, 1, [&](const float(&s)[2][1]) {
         rope_store(ro, 0, hg, j, s[0][0] + (has_ba ? ba[n0] : 0.0f),
                    s[1][0] + (has_ba ? ba[n0 + half] : 0.0f));
     });
@@ -313,30 +372,31 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
 // projection and MLP down projection) in one launch, which streams both weights where
 // two launches would each drain and ramp up the GPU. Other rounding than two
 // accumulating launches, so only for steps nothing compares bit for bit (not in
-// row-invariant mode). grid ceil(N / (GEMV_WARPS * 2)), block 32 * GEMV_WARPS.
-extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
-    gemv_cat_bf16_r1(const float* __restrict__ x, const bf16_t* __restrict__ w, int K,
-                     const float* __restrict__ bias, int has_bias, const float* __restrict__ x2,
-                     const bf16_t* __restrict__ w2, int K2, const float* __restrict__ bias2,
-                     int has_bias2, float* __restrict__ y, int N) {
-    gemv_rows<1, 4, 2, true>(x, w, K, x2, w2, K2, bias, bias2, y, N, has_bias, has_bias2,
-                             EPI_ACCUMULATE, blockIdx.x);
-}
+// row-invariant mode). grid ceil(N / (GEMV_WARPS / SPLIT * 2)), block 32 * GEMV_WARPS;
+// SPLIT warps share each pair of features (gemv_rows), the kernel name ends in _s2 or _s4
+// for SPLIT 2 or 4.
+//
+// The _late kernels take a first input that is complete before the kernel queued last
+// starts (Falcon's MLP activations, computed before the attention): its product streams
+// before the PDL wait, while that kernel (the attention) still runs, and only the second
+// product waits for it. Same arguments; the sum is rounded as the plain kernel of the
+// same SPLIT rounds it with its terms in this order.
+#define GEMV_CAT_KERNEL(NAME, LATE, SPLIT)                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                              \
+        NAME(const float* __restrict__ x, const bf16_t* __restrict__ w, int K,                 \
+             const float* __restrict__ bias, int has_bias, const float* __restrict__ x2,       \
+             const bf16_t* __restrict__ w2, int K2, const float* __restrict__ bias2,           \
+             int has_bias2, float* __restrict__ y, int N) {                                    \
+        gemv_rows<1, 4, 2, true, LATE, SPLIT>(x, w, K, x2, w2, K2, bias, bias2, y, N,          \
+                                              has_bias, has_bias2, EPI_ACCUMULATE, blockIdx.x); \
+    }
 
-// gemv_cat_bf16_r1 whose first input is complete before the kernel queued last starts
-// (Falcon's MLP activations, computed before the attention): its product streams before
-// the PDL wait, while that kernel (the attention) still runs, and only the second
-// product waits for it. Same arguments; the sum is rounded as gemv_cat_bf16_r1 rounds
-// it with its terms in this order.
-extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
-    gemv_cat_late_bf16_r1(const float* __restrict__ x, const bf16_t* __restrict__ w, int K,
-                          const float* __restrict__ bias, int has_bias,
-                          const float* __restrict__ x2, const bf16_t* __restrict__ w2, int K2,
-                          const float* __restrict__ bias2, int has_bias2, float* __restrict__ y,
-                          int N) {
-    gemv_rows<1, 4, 2, true, true>(x, w, K, x2, w2, K2, bias, bias2, y, N, has_bias, has_bias2,
-                                   EPI_ACCUMULATE, blockIdx.x);
-}
+GEMV_CAT_KERNEL(gemv_cat_bf16_r1, false, 1)
+GEMV_CAT_KERNEL(gemv_cat_bf16_r1_s2, false, 2)
+GEMV_CAT_KERNEL(gemv_cat_bf16_r1_s4, false, 4)
+GEMV_CAT_KERNEL(gemv_cat_late_bf16_r1, true, 1)
+GEMV_CAT_KERNEL(gemv_cat_late_bf16_r1_s2, true, 2)
+GEMV_CAT_KERNEL(gemv_cat_late_bf16_r1_s4, true, 4)
 
 // Any K, any alignment (tiny models): one warp per output feature, scalar loads.
 // grid ceil(N / GEMV_WARPS), block 32 * GEMV_WARPS, R <= 8.

@@ -33,7 +33,8 @@ use crate::error::KernelError;
 use crate::module::{ptx_for, Kernels};
 use settings::env_flag;
 pub use settings::{
-    GemvKernel, PairLaunch, ATTN_TC_MIN_CTX, PAIR_LAUNCH, ROW_INVARIANT_MAX_ROWS, TC_BLOCKS_PER_SM,
+    GemvKernel, GemvSplit, PairLaunch, ATTN_TC_MIN_CTX, GEMV_SPLIT, PAIR_LAUNCH,
+    ROW_INVARIANT_MAX_ROWS, TC_BLOCKS_PER_SM,
 };
 
 mod settings;
@@ -65,6 +66,8 @@ pub struct Gpu {
     gemv_mode: AtomicU8,
     /// [`PairLaunch`] as a number.
     pair_launch: AtomicU8,
+    /// [`GemvSplit`] as a number (warps per output).
+    gemv_split: AtomicU8,
     /// Whether [`Gpu::linear_accumulate_sum`] may run its two products as one launch.
     fuse_sum: AtomicBool,
     /// Whether a fused sum whose second input is ready early streams that product
@@ -191,6 +194,12 @@ impl Gpu {
                 Ok("tc") => PairLaunch::TensorCores,
                 _ => PAIR_LAUNCH,
             } as u8),
+            gemv_split: AtomicU8::new(
+                std::env::var("FALCONER_GEMV_SPLIT")
+                    .ok()
+                    .and_then(|v| GemvSplit::from_warps(v.trim().parse().ok()?))
+                    .unwrap_or(GEMV_SPLIT) as u8,
+            ),
             fuse_sum: AtomicBool::new(env_flag("FALCONER_FUSE_SUM", true)),
             sum_overlap: AtomicBool::new(env_flag("FALCONER_SUM_OVERLAP", false)),
             fuse_rope: AtomicBool::new(env_flag("FALCONER_FUSE_ROPE", false)),

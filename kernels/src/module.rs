@@ -48,11 +48,15 @@ pub(crate) struct Kernels {
     pub gemv2_simt_r1: CudaFunction,
     /// `gemv2_bf16_r1` with the qkv half stored through rotary into q and the KV cache.
     pub gemv2_rope_simt_r1: CudaFunction,
-    /// One row's `y += x @ w^T + x2 @ w2^T` as one product (`gemv_cat_bf16_r1`).
-    pub gemv_cat_simt_r1: CudaFunction,
-    /// `gemv_cat_bf16_r1` whose first product streams before the PDL wait
-    /// (`gemv_cat_late_bf16_r1`).
-    pub gemv_cat_late_simt_r1: CudaFunction,
+    /// `gemv_bf16_r1` with 2 and 4 warps sharing each output's row (`gemv_bf16_r1_s2`,
+    /// `_s4`; see [`crate::gpu::GemvSplit`]).
+    pub gemv_split_r1: [CudaFunction; 2],
+    /// One row's `y += x @ w^T + x2 @ w2^T` as one product, by [`crate::gpu::GemvSplit`]
+    /// (`gemv_cat_bf16_r1`, `_s2`, `_s4`).
+    pub gemv_cat_simt_r1: [CudaFunction; 3],
+    /// The same whose first product streams before the PDL wait
+    /// (`gemv_cat_late_bf16_r1`, `_s2`, `_s4`).
+    pub gemv_cat_late_simt_r1: [CudaFunction; 3],
     pub gemv2_tc: Vec<CudaFunction>,
     pub gemv2_tc_exact: Vec<CudaFunction>,
     /// `gemv2_tc_exact` with the first product a fused qkv projection stored through
@@ -129,8 +133,17 @@ impl Kernels {
             gemv_scalar: f("gemv_bf16_scalar")?,
             gemv2_simt_r1: f("gemv2_bf16_r1")?,
             gemv2_rope_simt_r1: f("gemv2_rope_bf16_r1")?,
-            gemv_cat_simt_r1: f("gemv_cat_bf16_r1")?,
-            gemv_cat_late_simt_r1: f("gemv_cat_late_bf16_r1")?,
+            gemv_split_r1: [f("gemv_bf16_r1_s2")?, f("gemv_bf16_r1_s4")?],
+            gemv_cat_simt_r1: [
+                f("gemv_cat_bf16_r1")?,
+                f("gemv_cat_bf16_r1_s2")?,
+                f("gemv_cat_bf16_r1_s4")?,
+            ],
+            gemv_cat_late_simt_r1: [
+                f("gemv_cat_late_bf16_r1")?,
+                f("gemv_cat_late_bf16_r1_s2")?,
+                f("gemv_cat_late_bf16_r1_s4")?,
+            ],
             gemv2_tc,
             gemv2_tc_exact,
             gemv2_tcx_rope,

@@ -113,7 +113,12 @@ fn cuda_fused_residual_sum_matches_two_accumulating_products() {
 
 /// `acc + first + second` through [`Gpu::linear_accumulate_sum`] for one row, the second
 /// input declared ready before the last kernel (`ready`) or not.
-fn gpu_sum(gpu: &Gpu, n: usize, terms: [(&[f32], usize, u64); 2], ready: bool) -> Vec<f32> {
+pub(crate) fn gpu_sum(
+    gpu: &Gpu,
+    n: usize,
+    terms: [(&[f32], usize, u64); 2],
+    ready: bool,
+) -> Vec<f32> {
     let bufs: Vec<_> = terms
         .iter()
         .map(|&(x, k, seed)| {

@@ -8,6 +8,7 @@ mod cuda_golden;
 mod cuda_graphs;
 mod cuda_runtime;
 mod cuda_sampling;
+mod cuda_split;
 mod cuda_sum;
 mod golden;
 mod interleavings;

@@ -40,6 +40,43 @@ pub enum PairLaunch {
 /// Default [`PairLaunch`] (`FALCONER_PAIR=off|simt|tc`).
 pub const PAIR_LAUNCH: PairLaunch = PairLaunch::Simt;
 
+/// How many warps share each output feature's row in a one-row CUDA-core GEMV whose
+/// rows are longer than its output count (Falcon's residual sum: 4544 outputs over
+/// 22720 inputs), each taking a slice of the row. With one warp per pair of outputs
+/// such a grid has a few large blocks per SM, and some SMs one block more than others;
+/// sharing rows makes smaller blocks. Other rounding than [`GemvSplit::One`], the same
+/// for every launch of one setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemvSplit {
+    One = 1,
+    Two = 2,
+    Four = 4,
+}
+
+impl GemvSplit {
+    /// The setting of `warps` warps per output (1, 2 or 4).
+    pub fn from_warps(warps: u32) -> Option<Self> {
+        match warps {
+            1 => Some(Self::One),
+            2 => Some(Self::Two),
+            4 => Some(Self::Four),
+            _ => None,
+        }
+    }
+
+    /// Index of the kernel in the module's per-split tables (0, 1, 2).
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Self::One => 0,
+            Self::Two => 1,
+            Self::Four => 2,
+        }
+    }
+}
+
+/// Default [`GemvSplit`] (`FALCONER_GEMV_SPLIT=1|2|4`).
+pub const GEMV_SPLIT: GemvSplit = GemvSplit::One;
+
 /// The kernels of a few-row (1 to 8) `linear`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemvKernel {
@@ -92,6 +129,27 @@ impl Gpu {
     pub fn set_gemv_kernel(&self, kernel: GemvKernel) {
         self.gemv_mode.store(kernel as u8, Ordering::Relaxed);
         self.settings_changed();
+    }
+
+    /// Sets how many warps share each output of a one-row CUDA-core GEMV with rows
+    /// longer than its output count ([`GemvSplit`]).
+    pub fn set_gemv_split(&self, split: GemvSplit) {
+        self.gemv_split.store(split as u8, Ordering::Relaxed);
+        self.settings_changed();
+    }
+
+    pub fn gemv_split(&self) -> GemvSplit {
+        GemvSplit::from_warps(u32::from(self.gemv_split.load(Ordering::Relaxed)))
+            .unwrap_or(GEMV_SPLIT)
+    }
+
+    /// The split a one-row CUDA-core GEMV of `n` outputs over `k` inputs takes.
+    pub(crate) fn gemv_split_for(&self, n: usize, k: usize) -> GemvSplit {
+        if k > n {
+            self.gemv_split()
+        } else {
+            GemvSplit::One
+        }
     }
 
     /// Lets [`Gpu::linear_accumulate_sum`] run its two products as one launch where it

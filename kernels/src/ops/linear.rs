@@ -8,7 +8,7 @@ use half::bf16;
 
 use super::{check_len, p, to_i32};
 use crate::error::KernelError;
-use crate::gpu::{Arg, DeviceBuffer, GemvKernel, Gpu, ROW_INVARIANT_MAX_ROWS};
+use crate::gpu::{Arg, DeviceBuffer, GemvKernel, GemvSplit, Gpu, ROW_INVARIANT_MAX_ROWS};
 
 /// Up to this many activation rows, `linear` streams the weights with the GEMV kernels
 /// (a verify pass costs about one decode step); beyond it, cuBLAS on tensor cores.
@@ -236,9 +236,22 @@ impl Gpu {
                 if k.is_multiple_of(32) && kernel != GemvKernel::Simt {
                     self.gemv_tc_launch(xa, w, bias_arg, has_bias, ya, r, n, k, epi, exact)?;
                 } else if k.is_multiple_of(8) {
+                    let split = if r == 1 {
+                        self.gemv_split_for(n, k)
+                    } else {
+                        GemvSplit::One
+                    };
+                    let kernel = match split {
+                        GemvSplit::One => &self.k.gemv[r - 1],
+                        s => &self.k.gemv_split_r1[s.index() - 1],
+                    };
                     self.launch(
-                        &self.k.gemv[r - 1],
-                        ((n as u32).div_ceil(gemv_features_per_block(r)), 1, 1),
+                        kernel,
+                        (
+                            (n as u32).div_ceil(gemv_features_per_block(r) / split as u32),
+                            1,
+                            1,
+                        ),
                         32 * GEMV_WARPS,
                         0,
                         &[

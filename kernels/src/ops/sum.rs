@@ -4,7 +4,8 @@
 //! (`gemv_cat_bf16_r1`): one launch streams both weights, where two launches would each
 //! drain the GPU and ramp it up again. The sum is rounded differently from two
 //! accumulating launches, so steps that must match other steps bit for bit (row-invariant
-//! mode) and every other shape take the two launches.
+//! mode) and every other shape take the two launches. Its rows (both inputs) are longer
+//! than its output count, so [`Gpu::set_gemv_split`] lets several warps share each.
 //!
 //! When the caller knows the second input was complete before the kernel it queued last
 //! (Falcon's MLP activations, computed before the attention) and
@@ -79,16 +80,17 @@ impl Gpu {
         };
         // The term multiplied before the wait goes first.
         let late = b_ready && self.sum_overlap();
+        let split = self.gemv_split_for(n, a.k + b.k);
         let (first, second, kernel) = if late {
-            (&b, &a, &self.k.gemv_cat_late_simt_r1)
+            (&b, &a, &self.k.gemv_cat_late_simt_r1[split.index()])
         } else {
-            (&a, &b, &self.k.gemv_cat_simt_r1)
+            (&a, &b, &self.k.gemv_cat_simt_r1[split.index()])
         };
         let mut args = Vec::with_capacity(12);
         args.extend(term(first)?);
         args.extend(term(second)?);
         args.extend([p(acc), Arg::I32(to_i32(OP, n)?)]);
-        let blocks = (n as u32).div_ceil(gemv_features_per_block(1));
+        let blocks = (n as u32).div_ceil(gemv_features_per_block(1) / split as u32);
         self.launch(kernel, (blocks, 1, 1), 32 * GEMV_WARPS, 0, &args)?;
         if late {
             self.count_late_sum_launch();
