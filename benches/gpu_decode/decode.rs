@@ -73,7 +73,8 @@ pub(crate) fn decode_section(
     // the qkv projection), the decode attention's own split merge and the residual sum
     // overlapping the attention, in combinations run in turn three times each: their
     // effects are about the size of the run-to-run spread, so a single pair says little.
-    // The residual sum's warps per output (GemvSplit) join the matrix as `split2`, `split4`.
+    // The residual sum's warps per output (GemvSplit) join the matrix as `split2`,
+    // `split4`, applied to every one-row GEMV with `all`.
     #[derive(Clone, Copy)]
     struct Launch {
         pdl: bool,
@@ -81,6 +82,7 @@ pub(crate) fn decode_section(
         merge: bool,
         overlap: bool,
         split: GemvSplit,
+        all: bool,
     }
     let cfg = |pdl, rope, merge, overlap| Launch {
         pdl,
@@ -88,10 +90,17 @@ pub(crate) fn decode_section(
         merge,
         overlap,
         split: GemvSplit::One,
+        all: false,
     };
     let split = |c: Launch, split| Launch { split, ..c };
+    let split_all = |c: Launch, split| Launch {
+        split,
+        all: true,
+        ..c
+    };
     let defaults = Launch {
         split: gpu.gemv_split(),
+        all: gpu.gemv_split_all(),
         ..cfg(
             gpu.pdl(),
             gpu.fuse_rope(),
@@ -105,6 +114,7 @@ pub(crate) fn decode_section(
         gpu.set_fuse_combine(c.merge);
         gpu.set_sum_overlap(c.overlap);
         gpu.set_gemv_split(c.split);
+        gpu.set_gemv_split_all(c.all);
     };
     let label = |c: Launch| {
         let flags = [
@@ -114,6 +124,7 @@ pub(crate) fn decode_section(
             (c.overlap, "overlap"),
             (c.split == GemvSplit::Two, "split2"),
             (c.split == GemvSplit::Four, "split4"),
+            (c.all && c.split != GemvSplit::One, "all"),
         ];
         let on: Vec<&str> = flags.iter().filter(|f| f.0).map(|f| f.1).collect();
         if on.is_empty() {
@@ -136,7 +147,8 @@ pub(crate) fn decode_section(
                 cfg(true, false, false, false),
                 split(cfg(true, false, false, false), GemvSplit::Two),
                 split(cfg(true, false, false, false), GemvSplit::Four),
-                split(cfg(true, false, true, false), GemvSplit::Four),
+                split_all(cfg(true, false, false, false), GemvSplit::Two),
+                split_all(cfg(true, false, false, false), GemvSplit::Four),
                 cfg(true, false, false, true),
                 cfg(true, false, true, false),
                 cfg(true, false, true, true),

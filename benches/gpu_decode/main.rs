@@ -278,12 +278,36 @@ fn gemv_section(backend: &CudaBackend, cfg: &FalconConfig, r: &mut Report) -> Re
                    "sum_us": us_sum, "sum_gb_s": gbs_sum}),
         );
     }
-    gpu.set_gemv_split(split_default);
     r.row((
         format!(
             "one-row GEMV by warps per output (default {}), us GB/s",
             split_default as u32
         ),
+        cells.join(" | "),
+    ));
+    // The same for the products whose rows are shorter than their output count, the
+    // split applied to every one-row GEMV (`set_gemv_split_all`).
+    let all_default = gpu.gemv_split_all();
+    gpu.set_gemv_split_all(true);
+    let mut cells = Vec::new();
+    for split in [GemvSplit::One, GemvSplit::Two, GemvSplit::Four] {
+        gpu.set_gemv_split(split);
+        let (us_pair, gbs_pair) = pair_bandwidth(backend, cfg.qkv_rows(), cfg.ffn_hidden_size, h)?;
+        let (us_head, gbs_head) = gemv_bandwidth(backend, cfg.vocab_size, h, 1)?;
+        let w = split as u32;
+        cells.push(format!(
+            "{w}: qkv+h_to_4h {us_pair:.1}us {gbs_pair:.0}, lm_head {us_head:.1}us {gbs_head:.0}"
+        ));
+        by_split.insert(
+            format!("all_split{w}"),
+            json!({"pair_us": us_pair, "pair_gb_s": gbs_pair,
+                   "lm_head_us": us_head, "lm_head_gb_s": gbs_head}),
+        );
+    }
+    gpu.set_gemv_split_all(all_default);
+    gpu.set_gemv_split(split_default);
+    r.row((
+        "one-row GEMV, split applied to every GEMV, us GB/s".into(),
         cells.join(" | "),
     ));
     r.out

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use falconer_engine::backend::cuda::kernels::SumTerm;
+use falconer_engine::backend::cuda::kernels::{PairHalf, SumTerm};
 use falconer_engine::backend::cuda::CudaBackend;
 use falconer_engine::backend::{AttnConfig, Backend, KvLayout, ParallelWeights, SeqMeta, StepMeta};
 use falconer_engine::config::FalconConfig;
@@ -302,6 +302,35 @@ pub(crate) fn sum_bandwidth(
         Ok(())
     })?;
     Ok((s * 1e6, (n * (ka + kb) * 2) as f64 / s / 1e9))
+}
+
+/// One row's paired products `x @ wa^T`, `gelu(x @ wb^T)` in one launch (Falcon's qkv
+/// and MLP up projections, `[na, k]` and `[nb, k]` bf16 weights): microseconds and GB/s
+/// of weights.
+pub(crate) fn pair_bandwidth(
+    backend: &CudaBackend,
+    na: usize,
+    nb: usize,
+    k: usize,
+) -> Result<(f64, f64)> {
+    let gpu = backend.gpu();
+    let mut wa = gpu.alloc(na * k)?;
+    gpu.fill_uniform_bf16(&mut wa, 11, 0.05)?;
+    let mut wb = gpu.alloc(nb * k)?;
+    gpu.fill_uniform_bf16(&mut wb, 12, 0.05)?;
+    let mut x = gpu.alloc(k)?;
+    gpu.fill_uniform_f32(&mut x, 13, 1.0, 0.0)?;
+    let half = |w, n, gelu| PairHalf {
+        w,
+        n,
+        bias: None,
+        gelu,
+    };
+    let s = time_it(backend, 50, || {
+        let _y = gpu.linear_pair(&x, 1, k, half(&wa, na, false), half(&wb, nb, true), &[1])?;
+        Ok(())
+    })?;
+    Ok((s * 1e6, ((na + nb) * k * 2) as f64 / s / 1e9))
 }
 
 /// The long-context attention's input: one row of seeded qkv activations, and

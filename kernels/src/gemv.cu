@@ -279,21 +279,26 @@ GEMV_SPLIT_KERNEL(2)
 GEMV_SPLIT_KERNEL(4)
 
 // Two products of one input in one launch (Falcon's qkv and MLP up projection under a
-// shared norm): blocks [0, blocks_a) compute the first exactly as gemv_bf16_r* alone,
-// the rest the second; one kernel boundary fewer per layer. One row (decode).
-extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
-    gemv2_bf16_r1(const float* __restrict__ x, int K, const bf16_t* __restrict__ wa,
-                  const float* __restrict__ ba, float* __restrict__ ya, int Na, int has_ba,
-                  int epi_a, int blocks_a, const bf16_t* __restrict__ wb,
-                  const float* __restrict__ bb, float* __restrict__ yb, int Nb, int has_bb,
-                  int epi_b) {
-    const int b = blockIdx.x;
-    if (b < blocks_a) {
-        gemv_vec<1, 4, 2>(x, wa, ba, ya, Na, K, has_ba, epi_a, b);
-    } else {
-        gemv_vec<1, 4, 2>(x, wb, bb, yb, Nb, K, has_bb, epi_b, b - blocks_a);
+// shared norm): blocks [0, blocks_a) compute the first exactly as gemv_bf16_r1 (_sN)
+// alone, the rest the second; one kernel boundary fewer per layer. One row (decode).
+#define GEMV2_KERNEL(NAME, SPLIT)                                                              \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                              \
+        NAME(const float* __restrict__ x, int K, const bf16_t* __restrict__ wa,                \
+             const float* __restrict__ ba, float* __restrict__ ya, int Na, int has_ba,         \
+             int epi_a, int blocks_a, const bf16_t* __restrict__ wb,                           \
+             const float* __restrict__ bb, float* __restrict__ yb, int Nb, int has_bb,         \
+             int epi_b) {                                                                      \
+        const int b = blockIdx.x;                                                              \
+        if (b < blocks_a) {                                                                    \
+            gemv_vec<1, 4, 2, SPLIT>(x, wa, ba, ya, Na, K, has_ba, epi_a, b);                  \
+        } else {                                                                               \
+            gemv_vec<1, 4, 2, SPLIT>(x, wb, bb, yb, Nb, K, has_bb, epi_b, b - blocks_a);       \
+        }                                                                                      \
     }
-}
+
+GEMV2_KERNEL(gemv2_bf16_r1, 1)
+GEMV2_KERNEL(gemv2_bf16_r1_s2, 2)
+GEMV2_KERNEL(gemv2_bf16_r1_s4, 4)
 
 // Where a fused qkv projection stores (gemv2_rope_bf16_r1, gemv2_tcx_rope_r*): queries,
 // the KV cache and the step's slots and rotary tables.

@@ -68,6 +68,8 @@ pub struct Gpu {
     pair_launch: AtomicU8,
     /// [`GemvSplit`] as a number (warps per output).
     gemv_split: AtomicU8,
+    /// Whether the split applies to every one-row CUDA-core GEMV.
+    gemv_split_all: AtomicBool,
     /// Whether [`Gpu::linear_accumulate_sum`] may run its two products as one launch.
     fuse_sum: AtomicBool,
     /// Whether a fused sum whose second input is ready early streams that product
@@ -200,6 +202,7 @@ impl Gpu {
                     .and_then(|v| GemvSplit::from_warps(v.trim().parse().ok()?))
                     .unwrap_or(GEMV_SPLIT) as u8,
             ),
+            gemv_split_all: AtomicBool::new(env_flag("FALCONER_GEMV_SPLIT_ALL", false)),
             fuse_sum: AtomicBool::new(env_flag("FALCONER_FUSE_SUM", true)),
             sum_overlap: AtomicBool::new(env_flag("FALCONER_SUM_OVERLAP", false)),
             fuse_rope: AtomicBool::new(env_flag("FALCONER_FUSE_ROPE", false)),

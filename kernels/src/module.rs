@@ -45,7 +45,8 @@ pub(crate) struct Kernels {
     pub gemv_scalar: CudaFunction,
     /// Two products of one input per launch (`gemv2_*`): CUDA cores for one row, and
     /// tensor cores for 1..8 rows, plain and row-invariant as `gemv_tc`/`gemv_tc_exact`.
-    pub gemv2_simt_r1: CudaFunction,
+    /// (`gemv2_bf16_r1`, `_s2`, `_s4` by [`crate::gpu::GemvSplit`].)
+    pub gemv2_simt_r1: [CudaFunction; 3],
     /// `gemv2_bf16_r1` with the qkv half stored through rotary into q and the KV cache.
     pub gemv2_rope_simt_r1: CudaFunction,
     /// `gemv_bf16_r1` with 2 and 4 warps sharing each output's row (`gemv_bf16_r1_s2`,
@@ -131,7 +132,11 @@ impl Kernels {
             gemv_tc,
             gemv_tc_exact,
             gemv_scalar: f("gemv_bf16_scalar")?,
-            gemv2_simt_r1: f("gemv2_bf16_r1")?,
+            gemv2_simt_r1: [
+                f("gemv2_bf16_r1")?,
+                f("gemv2_bf16_r1_s2")?,
+                f("gemv2_bf16_r1_s4")?,
+            ],
             gemv2_rope_simt_r1: f("gemv2_rope_bf16_r1")?,
             gemv_split_r1: [f("gemv_bf16_r1_s2")?, f("gemv_bf16_r1_s4")?],
             gemv_cat_simt_r1: [

@@ -143,9 +143,22 @@ impl Gpu {
             .unwrap_or(GEMV_SPLIT)
     }
 
+    /// Lets [`GemvSplit`] apply to every one-row CUDA-core GEMV (plain, paired and
+    /// fused sum; `FALCONER_GEMV_SPLIT_ALL=1`), not only to those with rows longer than
+    /// their output count (the default): smaller blocks also shorten the tail of a
+    /// grid of a few waves, where the last blocks run with the GPU part idle.
+    pub fn set_gemv_split_all(&self, on: bool) {
+        self.gemv_split_all.store(on, Ordering::Relaxed);
+        self.settings_changed();
+    }
+
+    pub fn gemv_split_all(&self) -> bool {
+        self.gemv_split_all.load(Ordering::Relaxed)
+    }
+
     /// The split a one-row CUDA-core GEMV of `n` outputs over `k` inputs takes.
     pub(crate) fn gemv_split_for(&self, n: usize, k: usize) -> GemvSplit {
-        if k > n {
+        if k > n || self.gemv_split_all() {
             self.gemv_split()
         } else {
             GemvSplit::One

@@ -165,7 +165,8 @@ impl Gpu {
         yb: &DeviceBuffer<f32>,
     ) -> Result<(), KernelError> {
         const OP: &str = "linear";
-        let per_block = gemv_features_per_block(1);
+        let split = self.gemv_split_for(a.n + b.n, k);
+        let per_block = gemv_features_per_block(1) / split as u32;
         let blocks_a = (a.n as u32).div_ceil(per_block);
         let blocks_b = (b.n as u32).div_ceil(per_block);
         let mut args = vec![p(x), Arg::I32(to_i32(OP, k)?)];
@@ -173,7 +174,7 @@ impl Gpu {
         args.push(Arg::I32(blocks_a as i32));
         args.extend(b.simt_args(x, yb)?);
         self.launch(
-            &self.k.gemv2_simt_r1,
+            &self.k.gemv2_simt_r1[split.index()],
             (blocks_a + blocks_b, 1, 1),
             32 * GEMV_WARPS,
             0,
