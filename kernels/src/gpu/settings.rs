@@ -46,6 +46,14 @@ pub const PAIR_LAUNCH: PairLaunch = PairLaunch::Simt;
 /// such a grid has a few large blocks per SM, and some SMs one block more than others;
 /// sharing rows makes smaller blocks. Other rounding than [`GemvSplit::One`], the same
 /// for every launch of one setting.
+///
+/// Why: on the H200 the MLP down projection streamed at 3547 GB/s against 4057 for the
+/// up projection (same bytes, 568 blocks of 8 outputs against 2272; `benches/results/
+/// h200.txt`). Measured on two H100s, where that gap is absent (2907 against 2924): the
+/// fused sum alone 74.0 -> 71.4 us with 4 warps, decode unchanged within the spread
+/// (193.7 tokens/s with one warp, 193.2 with 2, 193.8 with 4; 194.8 and 193.0 with
+/// [`Gpu::set_gemv_split_all`]; `benches/results/h100_761022e.txt`). So one warp stays
+/// the default until an H200 shows a gain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemvSplit {
     One = 1,
