@@ -258,58 +258,55 @@ fn gemv_section(backend: &CudaBackend, cfg: &FalconConfig, r: &mut Report) -> Re
     r.rows
         .push(("sum of GEMVs per token".into(), format!("{est_ms:.3} ms")));
 
-    // One-row products whose rows are longer than their output count, by warps per
-    // output (GemvSplit): the MLP down projection alone, and fused with the attention
-    // output projection as decode runs it.
-    let split_default = gpu.gemv_split();
-    let mut cells = Vec::new();
+    // One-row products by warps per output (GemvSplit): those whose rows are longer than
+    // their output count (the MLP down projection alone, and fused with the attention
+    // output projection as decode runs it), then, the split applied to every one-row
+    // GEMV, the paired qkv and MLP up projections and the lm_head.
+    let (split_default, all_default) = (gpu.gemv_split(), gpu.gemv_split_all());
     let mut by_split = serde_json::Map::new();
-    for split in [GemvSplit::One, GemvSplit::Two, GemvSplit::Four] {
-        gpu.set_gemv_split(split);
-        let (us_down, gbs_down) = gemv_bandwidth(backend, h, cfg.ffn_hidden_size, 1)?;
-        let (us_sum, gbs_sum) = sum_bandwidth(backend, h, h, cfg.ffn_hidden_size)?;
-        let w = split as u32;
-        cells.push(format!(
-            "{w}: 4h_to_h {us_down:.1}us {gbs_down:.0}, sum {us_sum:.1}us {gbs_sum:.0}"
-        ));
-        by_split.insert(
-            format!("split{w}"),
-            json!({"h4_to_h_us": us_down, "h4_to_h_gb_s": gbs_down,
-                   "sum_us": us_sum, "sum_gb_s": gbs_sum}),
-        );
-    }
-    r.row((
+    type Piece<'a> = (&'a str, &'a dyn Fn() -> Result<(f64, f64)>);
+    let mut split_row = |all: bool, title: String, pieces: &[Piece<'_>]| -> Result<()> {
+        gpu.set_gemv_split_all(all);
+        let mut cells = Vec::new();
+        for split in [GemvSplit::One, GemvSplit::Two, GemvSplit::Four] {
+            gpu.set_gemv_split(split);
+            let w = split as u32;
+            let mut parts = Vec::new();
+            for (name, f) in pieces {
+                let (us, gbs) = f()?;
+                parts.push(format!("{name} {us:.1}us {gbs:.0}"));
+                let key = format!("{}split{w}_{name}", if all { "all_" } else { "" });
+                by_split.insert(key, json!({"us": us, "gb_s": gbs}));
+            }
+            cells.push(format!("{w}: {}", parts.join(", ")));
+        }
+        gpu.set_gemv_split(split_default);
+        gpu.set_gemv_split_all(all_default);
+        r.row((title, cells.join(" | ")));
+        Ok(())
+    };
+    let ffn = cfg.ffn_hidden_size;
+    split_row(
+        false,
         format!(
             "one-row GEMV by warps per output (default {}), us GB/s",
             split_default as u32
         ),
-        cells.join(" | "),
-    ));
-    // The same for the products whose rows are shorter than their output count, the
-    // split applied to every one-row GEMV (`set_gemv_split_all`).
-    let all_default = gpu.gemv_split_all();
-    gpu.set_gemv_split_all(true);
-    let mut cells = Vec::new();
-    for split in [GemvSplit::One, GemvSplit::Two, GemvSplit::Four] {
-        gpu.set_gemv_split(split);
-        let (us_pair, gbs_pair) = pair_bandwidth(backend, cfg.qkv_rows(), cfg.ffn_hidden_size, h)?;
-        let (us_head, gbs_head) = gemv_bandwidth(backend, cfg.vocab_size, h, 1)?;
-        let w = split as u32;
-        cells.push(format!(
-            "{w}: qkv+h_to_4h {us_pair:.1}us {gbs_pair:.0}, lm_head {us_head:.1}us {gbs_head:.0}"
-        ));
-        by_split.insert(
-            format!("all_split{w}"),
-            json!({"pair_us": us_pair, "pair_gb_s": gbs_pair,
-                   "lm_head_us": us_head, "lm_head_gb_s": gbs_head}),
-        );
-    }
-    gpu.set_gemv_split_all(all_default);
-    gpu.set_gemv_split(split_default);
-    r.row((
+        &[
+            ("4h_to_h", &|| gemv_bandwidth(backend, h, ffn, 1)),
+            ("sum", &|| sum_bandwidth(backend, h, h, ffn)),
+        ],
+    )?;
+    split_row(
+        true,
         "one-row GEMV, split applied to every GEMV, us GB/s".into(),
-        cells.join(" | "),
-    ));
+        &[
+            ("qkv+h_to_4h", &|| {
+                pair_bandwidth(backend, cfg.qkv_rows(), ffn, h)
+            }),
+            ("lm_head", &|| gemv_bandwidth(backend, cfg.vocab_size, h, 1)),
+        ],
+    )?;
     r.out
         .insert("gemv_by_split".into(), Value::Object(by_split));
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use falconer_engine::backend::cuda::kernels::{PairHalf, SumTerm};
+use falconer_engine::backend::cuda::kernels::{bf16, DeviceBuffer, Gpu, PairHalf, SumTerm};
 use falconer_engine::backend::cuda::CudaBackend;
 use falconer_engine::backend::{AttnConfig, Backend, KvLayout, ParallelWeights, SeqMeta, StepMeta};
 use falconer_engine::config::FalconConfig;
@@ -243,6 +243,20 @@ pub(crate) fn gemm_peak(backend: &CudaBackend) -> Result<(f64, String)> {
     Ok(best)
 }
 
+/// A device buffer of `len` seeded random bf16 weights.
+fn random_weights(gpu: &Gpu, len: usize, seed: u64) -> Result<DeviceBuffer<bf16>> {
+    let mut w = gpu.alloc(len)?;
+    gpu.fill_uniform_bf16(&mut w, seed, 0.05)?;
+    Ok(w)
+}
+
+/// A device buffer of `len` seeded random f32 activations in [-1, 1).
+fn random_inputs(gpu: &Gpu, len: usize, seed: u64) -> Result<DeviceBuffer<f32>> {
+    let mut x = gpu.alloc(len)?;
+    gpu.fill_uniform_f32(&mut x, seed, 1.0, 0.0)?;
+    Ok(x)
+}
+
 /// One `linear` of `rows` activation rows on an `[n, k]` bf16 weight: microseconds and
 /// GB/s of weights.
 pub(crate) fn gemv_bandwidth(
@@ -252,10 +266,8 @@ pub(crate) fn gemv_bandwidth(
     rows: usize,
 ) -> Result<(f64, f64)> {
     let gpu = backend.gpu();
-    let mut w = gpu.alloc(n * k)?;
-    gpu.fill_uniform_bf16(&mut w, 4, 0.05)?;
-    let mut x = gpu.alloc(rows * k)?;
-    gpu.fill_uniform_f32(&mut x, 5, 1.0, 0.0)?;
+    let w = random_weights(gpu, n * k, 4)?;
+    let x = random_inputs(gpu, rows * k, 5)?;
     let s = time_it(backend, 50, || {
         let _y = gpu.linear(&x, rows, k, &w, n, None, &[])?;
         Ok(())
@@ -273,16 +285,12 @@ pub(crate) fn sum_bandwidth(
     kb: usize,
 ) -> Result<(f64, f64)> {
     let gpu = backend.gpu();
-    let mut wa = gpu.alloc(n * ka)?;
-    gpu.fill_uniform_bf16(&mut wa, 6, 0.05)?;
-    let mut wb = gpu.alloc(n * kb)?;
-    gpu.fill_uniform_bf16(&mut wb, 7, 0.05)?;
-    let mut xa = gpu.alloc(ka)?;
-    gpu.fill_uniform_f32(&mut xa, 8, 1.0, 0.0)?;
-    let mut xb = gpu.alloc(kb)?;
-    gpu.fill_uniform_f32(&mut xb, 9, 1.0, 0.0)?;
-    let mut acc = gpu.alloc(n)?;
-    gpu.fill_uniform_f32(&mut acc, 10, 1.0, 0.0)?;
+    let (wa, wb) = (
+        random_weights(gpu, n * ka, 6)?,
+        random_weights(gpu, n * kb, 7)?,
+    );
+    let (xa, xb) = (random_inputs(gpu, ka, 8)?, random_inputs(gpu, kb, 9)?);
+    let mut acc = random_inputs(gpu, n, 10)?;
     let term = |x, k, w| SumTerm {
         x,
         k,
@@ -314,12 +322,11 @@ pub(crate) fn pair_bandwidth(
     k: usize,
 ) -> Result<(f64, f64)> {
     let gpu = backend.gpu();
-    let mut wa = gpu.alloc(na * k)?;
-    gpu.fill_uniform_bf16(&mut wa, 11, 0.05)?;
-    let mut wb = gpu.alloc(nb * k)?;
-    gpu.fill_uniform_bf16(&mut wb, 12, 0.05)?;
-    let mut x = gpu.alloc(k)?;
-    gpu.fill_uniform_f32(&mut x, 13, 1.0, 0.0)?;
+    let (wa, wb) = (
+        random_weights(gpu, na * k, 11)?,
+        random_weights(gpu, nb * k, 12)?,
+    );
+    let x = random_inputs(gpu, k, 13)?;
     let half = |w, n, gelu| PairHalf {
         w,
         n,

@@ -12,7 +12,7 @@ use falconer_engine::backend::cuda::kernels::{bf16, GemvSplit, Gpu, PairHalf};
 
 use crate::common::{rel_err, LAYOUTS};
 use crate::cuda_golden::{backend, greedy_logits, random, same_bits};
-use crate::cuda_sum::gpu_sum;
+use crate::cuda_sum::{gpu_sum, SUM_SHAPES};
 
 const SPLITS: [GemvSplit; 3] = [GemvSplit::One, GemvSplit::Two, GemvSplit::Four];
 
@@ -161,12 +161,7 @@ fn cuda_split_fused_sum_matches_one_warp_per_row() {
     let Some(b) = backend() else { return };
     let gpu = b.gpu();
     let (was_split, was_overlap) = (gpu.gemv_split(), gpu.sum_overlap());
-    for (n, ka, kb) in [
-        (4544usize, 4544usize, 18176usize),
-        (37, 72, 264),
-        (130, 8, 1032),
-        (64, 1032, 8),
-    ] {
+    for (n, ka, kb) in SUM_SHAPES {
         let (xa, xb) = (random(ka, 21), random(kb, 22));
         let (a, bt) = ((&xa[..], ka, 31), (&xb[..], kb, 41));
         gpu.set_sum_overlap(false);

@@ -111,6 +111,15 @@ fn cuda_fused_residual_sum_matches_two_accumulating_products() {
     );
 }
 
+/// One-row fused sums `(n, ka, kb)`: Falcon-7B's, boundaries between the two inputs
+/// inside a lane's round of chunks, and each input the shorter one.
+pub(crate) const SUM_SHAPES: [(usize, usize, usize); 4] = [
+    (4544, 4544, 18176),
+    (37, 72, 264),
+    (130, 8, 1032),
+    (64, 1032, 8),
+];
+
 /// `acc + first + second` through [`Gpu::linear_accumulate_sum`] for one row, the second
 /// input declared ready before the last kernel (`ready`) or not.
 pub(crate) fn gpu_sum(
@@ -151,12 +160,7 @@ fn cuda_overlapped_sum_equals_the_fused_sum_with_its_terms_swapped() {
     let Some(b) = backend() else { return };
     let gpu = b.gpu();
     let was = gpu.sum_overlap();
-    for (n, ka, kb) in [
-        (4544usize, 4544usize, 18176usize),
-        (37, 72, 264),
-        (130, 8, 1032),
-        (64, 1032, 8),
-    ] {
+    for (n, ka, kb) in SUM_SHAPES {
         let (xa, xb) = (random(ka, 21), random(kb, 22));
         let (a, bt) = ((&xa[..], ka, 31), (&xb[..], kb, 41));
         gpu.set_sum_overlap(true);
