@@ -49,9 +49,9 @@ pub(crate) struct Kernels {
     pub gemv2_simt_r1: [CudaFunction; 3],
     /// `gemv2_bf16_r1` with the qkv half stored through rotary into q and the KV cache.
     pub gemv2_rope_simt_r1: CudaFunction,
-    /// `gemv_bf16_r1` with 2 and 4 warps sharing each output's row (`gemv_bf16_r1_s2`,
-    /// `_s4`; see [`crate::gpu::GemvSplit`]).
-    pub gemv_split_r1: [CudaFunction; 2],
+    /// One row's product by [`crate::gpu::GemvSplit`] (`gemv_bf16_r1`, `_s2`, `_s4`:
+    /// 1, 2 or 4 warps sharing each output's row).
+    pub gemv_r1: [CudaFunction; 3],
     /// One row's `y += x @ w^T + x2 @ w2^T` as one product, by [`crate::gpu::GemvSplit`]
     /// (`gemv_cat_bf16_r1`, `_s2`, `_s4`).
     pub gemv_cat_simt_r1: [CudaFunction; 3],
@@ -138,7 +138,11 @@ impl Kernels {
                 f("gemv2_bf16_r1_s4")?,
             ],
             gemv2_rope_simt_r1: f("gemv2_rope_bf16_r1")?,
-            gemv_split_r1: [f("gemv_bf16_r1_s2")?, f("gemv_bf16_r1_s4")?],
+            gemv_r1: [
+                f("gemv_bf16_r1")?,
+                f("gemv_bf16_r1_s2")?,
+                f("gemv_bf16_r1_s4")?,
+            ],
             gemv_cat_simt_r1: [
                 f("gemv_cat_bf16_r1")?,
                 f("gemv_cat_bf16_r1_s2")?,

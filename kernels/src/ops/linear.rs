@@ -19,9 +19,11 @@ pub const GEMV_MAX_ROWS: usize = 8;
 const SMALL_GEMM_MACS: usize = 1 << 26;
 pub(super) const GEMV_WARPS: u32 = 4;
 
-/// Output features per GEMV block for `rows` activation rows (`GEMV_KERNEL` in gemv.cu).
-pub(super) fn gemv_features_per_block(rows: usize) -> u32 {
-    GEMV_WARPS * if rows <= 2 { 2 } else { 4 }
+/// Output features per CUDA-core GEMV block for `rows` activation rows (`GEMV_KERNEL`
+/// in gemv.cu), with `split` warps sharing each output (`gemv_rows`' SPLIT).
+pub(super) fn gemv_features_per_block(rows: usize, split: GemvSplit) -> u32 {
+    let per_warp = if rows <= 2 { 2 } else { 4 };
+    GEMV_WARPS / split as u32 * per_warp
 }
 /// Tensor-core GEMV (`gemv_tc`): warps per block and output features per block.
 pub(super) const TCG_WARPS: u32 = 4;
@@ -236,22 +238,15 @@ impl Gpu {
                 if k.is_multiple_of(32) && kernel != GemvKernel::Simt {
                     self.gemv_tc_launch(xa, w, bias_arg, has_bias, ya, r, n, k, epi, exact)?;
                 } else if k.is_multiple_of(8) {
-                    let split = if r == 1 {
-                        self.gemv_split_for(n, k)
+                    let (kernel, split) = if r == 1 {
+                        let split = self.gemv_split_for(n, k);
+                        (&self.k.gemv_r1[split.index()], split)
                     } else {
-                        GemvSplit::One
-                    };
-                    let kernel = match split {
-                        GemvSplit::One => &self.k.gemv[r - 1],
-                        s => &self.k.gemv_split_r1[s.index() - 1],
+                        (&self.k.gemv[r - 1], GemvSplit::One)
                     };
                     self.launch(
                         kernel,
-                        (
-                            (n as u32).div_ceil(gemv_features_per_block(r) / split as u32),
-                            1,
-                            1,
-                        ),
+                        ((n as u32).div_ceil(gemv_features_per_block(r, split)), 1, 1),
                         32 * GEMV_WARPS,
                         0,
                         &[

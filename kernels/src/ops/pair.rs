@@ -166,7 +166,7 @@ impl Gpu {
     ) -> Result<(), KernelError> {
         const OP: &str = "linear";
         let split = self.gemv_split_for(a.n + b.n, k);
-        let per_block = gemv_features_per_block(1) / split as u32;
+        let per_block = gemv_features_per_block(1, split);
         let blocks_a = (a.n as u32).div_ceil(per_block);
         let blocks_b = (b.n as u32).div_ceil(per_block);
         let mut args = vec![p(x), Arg::I32(to_i32(OP, k)?)];

@@ -11,7 +11,7 @@ use super::linear::{bias_args, gemv_features_per_block, GEMV_WARPS};
 use super::pair::{check_pair, PairHalf, PairRoute};
 use super::{p, to_i32};
 use crate::error::KernelError;
-use crate::gpu::{Arg, DeviceBuffer, Gpu};
+use crate::gpu::{Arg, DeviceBuffer, GemvSplit, Gpu};
 use crate::step::DeviceStep;
 
 impl Gpu {
@@ -83,7 +83,7 @@ impl Gpu {
         // Four rotary pairs per block on the qkv side; the up projection's blocks as
         // gemv2_bf16_r1 deals them.
         let blocks_a = (qkv.n / 2).div_ceil(GEMV_WARPS as usize) as u32;
-        let blocks_b = (up.n as u32).div_ceil(gemv_features_per_block(1));
+        let blocks_b = (up.n as u32).div_ceil(gemv_features_per_block(1, GemvSplit::One));
         let (ba, has_ba) = bias_args(qkv.bias, x);
         let mut args = vec![
             p(x),

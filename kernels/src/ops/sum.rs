@@ -90,7 +90,7 @@ impl Gpu {
         args.extend(term(first)?);
         args.extend(term(second)?);
         args.extend([p(acc), Arg::I32(to_i32(OP, n)?)]);
-        let blocks = (n as u32).div_ceil(gemv_features_per_block(1) / split as u32);
+        let blocks = (n as u32).div_ceil(gemv_features_per_block(1, split));
         self.launch(kernel, (blocks, 1, 1), 32 * GEMV_WARPS, 0, &args)?;
         if late {
             self.count_late_sum_launch();
