@@ -74,7 +74,8 @@ pub(crate) fn decode_section(
     // overlapping the attention, in combinations run in turn three times each: their
     // effects are about the size of the run-to-run spread, so a single pair says little.
     // The residual sum's warps per output (GemvSplit) join the matrix as `split2`,
-    // `split4`, applied to every one-row GEMV with `all`.
+    // `split4`, applied to every one-row GEMV with `all`; the decode attention's keys
+    // loaded only after its PDL wait as `latekv`.
     #[derive(Clone, Copy)]
     struct Launch {
         pdl: bool,
@@ -83,6 +84,7 @@ pub(crate) fn decode_section(
         overlap: bool,
         split: GemvSplit,
         all: bool,
+        early: bool,
     }
     let cfg = |pdl, rope, merge, overlap| Launch {
         pdl,
@@ -91,7 +93,9 @@ pub(crate) fn decode_section(
         overlap,
         split: GemvSplit::One,
         all: false,
+        early: true,
     };
+    let late_kv = |c: Launch| Launch { early: false, ..c };
     let split = |c: Launch, split| Launch { split, ..c };
     let split_all = |c: Launch, split| Launch {
         split,
@@ -101,6 +105,7 @@ pub(crate) fn decode_section(
     let defaults = Launch {
         split: gpu.gemv_split(),
         all: gpu.gemv_split_all(),
+        early: gpu.early_kv(),
         ..cfg(
             gpu.pdl(),
             gpu.fuse_rope(),
@@ -115,6 +120,7 @@ pub(crate) fn decode_section(
         gpu.set_sum_overlap(c.overlap);
         gpu.set_gemv_split(c.split);
         gpu.set_gemv_split_all(c.all);
+        gpu.set_early_kv(c.early);
     };
     let label = |c: Launch| {
         let flags = [
@@ -125,6 +131,7 @@ pub(crate) fn decode_section(
             (c.split == GemvSplit::Two, "split2"),
             (c.split == GemvSplit::Four, "split4"),
             (c.all && c.split != GemvSplit::One, "all"),
+            (!c.early, "latekv"),
         ];
         let on: Vec<&str> = flags.iter().filter(|f| f.0).map(|f| f.1).collect();
         if on.is_empty() {
@@ -139,6 +146,7 @@ pub(crate) fn decode_section(
         let configs: Vec<Launch> = if exact {
             vec![
                 cfg(true, false, false, false),
+                late_kv(cfg(true, false, false, false)),
                 cfg(true, true, true, false),
                 cfg(false, false, false, false),
             ]
@@ -149,12 +157,11 @@ pub(crate) fn decode_section(
                 split(cfg(true, false, false, false), GemvSplit::Four),
                 split_all(cfg(true, false, false, false), GemvSplit::Two),
                 split_all(cfg(true, false, false, false), GemvSplit::Four),
+                late_kv(cfg(true, false, false, false)),
                 cfg(true, false, false, true),
                 cfg(true, false, true, false),
-                cfg(true, false, true, true),
                 cfg(true, true, true, false),
                 cfg(true, true, true, true),
-                cfg(true, true, false, true),
                 cfg(false, false, false, false),
             ]
         };

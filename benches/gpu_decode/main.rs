@@ -414,8 +414,21 @@ fn attention_section(
     copy_gbs: f64,
     r: &mut Report,
 ) -> Result<()> {
-    // Decode attention at a 32k context, all layers.
-    let (attn_ms, attn_gbs) = long_attention(backend, cfg, 20)?;
+    // Decode attention at a 32k context, all layers: with the kernels' keys loaded
+    // before their PDL wait (the default) and after it, interleaved three times.
+    let gpu = backend.gpu();
+    let early_default = gpu.early_kv();
+    let (mut early, mut late) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        for (on, into) in [(true, &mut early), (false, &mut late)] {
+            gpu.set_early_kv(on);
+            into.push(long_attention(backend, cfg, 20)?.0);
+        }
+    }
+    gpu.set_early_kv(early_default);
+    let kv_bytes = 2 * cfg.num_layers * LONG_CONTEXT * cfg.num_kv_heads * cfg.head_dim * 2;
+    let attn_ms = median(if early_default { &early } else { &late });
+    let attn_gbs = kv_bytes as f64 / attn_ms / 1e6;
     r.row((
         format!(
             "decode attention, {}k context, {} layers",
@@ -429,6 +442,20 @@ fn attention_section(
     ));
     r.out.insert("attention_32k_ms".into(), json!(attn_ms));
     r.out.insert("attention_32k_gb_s".into(), json!(attn_gbs));
+    let (early_ms, late_ms) = (median(&early), median(&late));
+    r.row((
+        format!(
+            "decode attention, {}k context: keys loaded before / after the PDL wait",
+            LONG_CONTEXT / 1024
+        ),
+        format!(
+            "{early_ms:.3} / {late_ms:.3} ms (median of 3 interleaved; default {})",
+            if early_default { "before" } else { "after" }
+        ),
+    ));
+    r.out
+        .insert("attention_32k_early_kv_ms".into(), json!(early));
+    r.out.insert("attention_32k_late_kv_ms".into(), json!(late));
     // The same bytes per launch, copied: what one layer's worth of KV allows at all.
     let layer_bytes = 2 * LONG_CONTEXT * cfg.num_kv_heads * cfg.head_dim * 2;
     let copy_layer_gbs = layer_copy_bandwidth(backend, layer_bytes, cfg.num_layers)?;

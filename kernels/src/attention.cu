@@ -183,7 +183,7 @@ __device__ __forceinline__ void attn_decode_fixed(
     const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,
     const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,
     float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh, int hb,
-    int keys_per_split, float scale, u32* __restrict__ counters) {
+    int keys_per_split, float scale, u32* __restrict__ counters, int early) {
     constexpr int KS = HD + 4;                                // padded K row, 16-byte aligned
     constexpr int DPL = HD / 32;                              // value columns per lane
     constexpr int CPK = HD / 8;                               // 16-byte chunks per key
@@ -197,6 +197,10 @@ __device__ __forceinline__ void attn_decode_fixed(
     const int nhb = min(hb, qpg - hc * hb);
     const int seq = row_info[2 * r], pos = row_info[2 * r + 1];
     const u32 bt_off = seq_info[4 * seq + 3];
+    // The step's first position of the row's sequence: keys from it on are written by
+    // the kernel before this one (rope_qkv), so they are read only after the wait
+    // (without `early`, every key is).
+    const int fresh = early ? (int)seq_info[4 * seq + 2] : 0x7fffffff;
     const int nsplit = gridDim.z, split = blockIdx.z;
     const int k_begin = split * keys_per_split;
     const int k_end = min(pos + 1, k_begin + keys_per_split);
@@ -210,6 +214,33 @@ __device__ __forceinline__ void attn_decode_fixed(
     float* l_s = m_s + hb;                   // [hb]
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    uint4 nk[CH], nv[CH];
+    // Loads the keys in [lo, hi) of the tile at key t into nk / nv, first zeroing them
+    // where `zero`.
+    auto fetch = [&](int t, int lo, int hi, bool zero) {
+#pragma unroll
+        for (int k = 0; k < CH; k++) {
+            const int id = tid + k * 32 * DEC_WARPS;
+            const int key = t + id / CPK, c = id % CPK;
+            if (zero) {
+                nk[k] = make_uint4(0, 0, 0, 0);
+                nv[k] = make_uint4(0, 0, 0, 0);
+            }
+            if (key >= lo && key < hi) {
+                const u64 slot = (u64)block_tables[bt_off + key / block_size] * block_size + key % block_size;
+                const u64 off = layer_off + (slot * kvh + g) * HD + c * 8;
+                nk[k] = *(const uint4*)(kc + off);
+                nv[k] = *(const uint4*)(vc + off);
+            }
+        }
+    };
+    // The first tile's keys that earlier steps wrote are loaded before the wait: the
+    // kernel before this one writes only the step's keys, and the kernels before it are
+    // complete (every kernel lets its successor start only after its own wait).
+    if (!early) PDL_ENTER();
+    fetch(k_begin, k_begin, min(k_end, fresh), true);
+    if (early) PDL_ENTER();
+    if (fresh < min(k_end, k_begin + DEC_TK)) fetch(k_begin, max(k_begin, fresh), k_end, false);
     for (int i = tid; i < nhb * HD; i += blockDim.x) {
         q_s[i] = q[((size_t)r * nh + h0) * HD + i];
         acc_s[i] = 0.0f;
@@ -218,23 +249,6 @@ __device__ __forceinline__ void attn_decode_fixed(
         m_s[i] = NEG_INF;
         l_s[i] = 0.0f;
     }
-    uint4 nk[CH], nv[CH];
-    auto fetch = [&](int t) {
-#pragma unroll
-        for (int k = 0; k < CH; k++) {
-            const int id = tid + k * 32 * DEC_WARPS;
-            const int key = t + id / CPK, c = id % CPK;
-            nk[k] = make_uint4(0, 0, 0, 0);
-            nv[k] = make_uint4(0, 0, 0, 0);
-            if (key < k_end) {
-                const u64 slot = (u64)block_tables[bt_off + key / block_size] * block_size + key % block_size;
-                const u64 off = layer_off + (slot * kvh + g) * HD + c * 8;
-                nk[k] = *(const uint4*)(kc + off);
-                nv[k] = *(const uint4*)(vc + off);
-            }
-        }
-    };
-    if (k_begin < k_end) fetch(k_begin);
     for (int t = k_begin; t < k_end; t += DEC_TK) {
         __syncthreads();
 #pragma unroll
@@ -249,7 +263,7 @@ __device__ __forceinline__ void attn_decode_fixed(
             vd[1] = make_float4(lo_bf16(nv[k].z), hi_bf16(nv[k].z), lo_bf16(nv[k].w), hi_bf16(nv[k].w));
         }
         __syncthreads();
-        if (t + DEC_TK < k_end) fetch(t + DEC_TK);
+        if (t + DEC_TK < k_end) fetch(t + DEC_TK, t + DEC_TK, k_end, true);
         const int key = t + lane;
         const bool valid = key < k_end;
         for (int hh = warp; hh < nhb; hh += DEC_WARPS) {
@@ -330,10 +344,10 @@ __device__ __forceinline__ void attn_decode_fixed(
         const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,  \
         const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,               \
         float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh, int hd, int hb, \
-        int keys_per_split, float scale, u32* __restrict__ counters) { PDL_ENTER();             \
+        int keys_per_split, float scale, u32* __restrict__ counters, int early) {               \
         attn_decode_fixed<HD>(q, kc, vc, layer_off, row_list, row_info, seq_info, block_tables, \
                               block_size, slopes, has_alibi, out, part_o, part_ml, nh, kvh, hb, \
-                              keys_per_split, scale, counters);                                 \
+                              keys_per_split, scale, counters, early);                          \
     }
 
 ATTN_DECODE_KERNEL(64)

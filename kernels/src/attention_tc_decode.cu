@@ -8,9 +8,10 @@
 // The context is cut into splits of DTC_SPLIT keys (flash-decoding: grid z), the same
 // for every step, so that a row gets the same bits whatever its step holds; splits go to
 // attn_combine. A block:
-// - reads the step's metadata and its split's block ids before waiting on the previous
-//   kernel (PDL), then copies the whole split (DTC_TILES tiles of TC_BK keys) from the
-//   paged cache to shared memory with cp.async, every tile in flight before any math;
+// - reads the step's metadata and its split's block ids, and starts copying the whole
+//   split (DTC_TILES tiles of TC_BK keys) from the paged cache to shared memory with
+//   cp.async, before waiting on the previous kernel (PDL): only keys the step itself
+//   wrote wait for it; every tile is in flight before any math;
 // - runs its warps as `kg` key groups x m-tiles: key group i takes tiles i, i + kg, ...
 //   (its warps load them and meet at a named barrier of their own, so groups never wait
 //   for each other), then the groups' softmax states merge in shared memory in group
@@ -41,7 +42,8 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid)
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 
-// Waits until at most `n` (0..DTC_TILES-1) of this thread's copy groups are pending.
+// Waits until at most `n` of this thread's copy groups are pending (at most 3 for any
+// larger `n`: waiting for more than asked is never wrong).
 __device__ __forceinline__ void cp_async_wait_pending(int n) {
     if (n >= 3) {
         asm volatile("cp.async.wait_group 3;" ::: "memory");
@@ -155,7 +157,7 @@ __device__ __forceinline__ void attn_dec_tc(
     u64 layer_off, const u32* __restrict__ row_list, const u32* __restrict__ row_info,
     const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,
     const float* __restrict__ slopes, float* __restrict__ out, float* __restrict__ part_o,
-    float* __restrict__ part_ml, int nh, int kvh, int kg, float scale) {
+    float* __restrict__ part_ml, int nh, int kvh, int kg, float scale, int early) {
     constexpr int P = HD + 8;          // padded row (bf16): conflict-free ldmatrix
     constexpr int TILE = TC_BK * P;    // elements of one K (or V) tile
     constexpr int CPK = HD / 8;        // 16-byte chunks per key
@@ -177,6 +179,10 @@ __device__ __forceinline__ void attn_dec_tc(
     const int nhb = min(DTC_MAX_HEADS, qpg - ht * DTC_MAX_HEADS);
     const int seq = row_info[2 * r], pos = row_info[2 * r + 1];
     const u32 bt_off = seq_info[4 * seq + 3];
+    // The step's first position of the row's sequence: keys from it on are written by
+    // the kernel before this one (rope_qkv), so they are copied only after the wait
+    // (without `early`, every key is).
+    const int fresh = early ? (int)seq_info[4 * seq + 2] : 0x7fffffff;
     const int k_begin = blockIdx.z * DTC_SPLIT;
     const int k_end = min(pos + 1, k_begin + DTC_SPLIT);
     // Block ids staged once: per-key lookups would put a dependent global load in front
@@ -184,8 +190,6 @@ __device__ __forceinline__ void attn_dec_tc(
     const int b_first = k_begin / block_size;
     const int n_blk = k_begin < k_end ? (k_end - 1) / block_size - b_first + 1 : 0;
     for (int i = threadIdx.x; i < n_blk; i += blockDim.x) blk_s[i] = block_tables[bt_off + b_first + i];
-    pdl_wait();
-    pdl_trigger();
     __syncthreads();
 
     const int warps = blockDim.x >> 5, mts = warps / kg;
@@ -199,26 +203,47 @@ __device__ __forceinline__ void attn_dec_tc(
     const float slope0 = (ALIBI && v0) ? slopes[h0 + hr0] : 0.0f;
     const float slope1 = (ALIBI && v1) ? slopes[h0 + hr1] : 0.0f;
 
-    // The group's tiles, each its own copy group, all in flight before any math.
-    int ntiles = 0;
-    for (int t = grp; t < DTC_TILES; t += kg) {
+    // Copies of the keys in [lo, hi) of tile t (zeros past the context where `pad`), by
+    // the group's threads.
+    auto copy_keys = [&](int t, int lo, int hi, bool pad) {
         const int kt = k_begin + t * TC_BK;
-        if (kt >= k_end) break;
+        if (!pad && (hi <= kt || lo >= kt + TC_BK)) return;
         for (int i = gtid; i < TC_BK * CPK; i += gthreads) {
             const int j = i / CPK, c = i % CPK;
             const int key = kt + j;
-            const bool valid = key < k_end;
+            const bool past = key >= k_end;
+            if ((key < lo || key >= hi) && !(pad && past)) continue;
             u64 off = 0;
-            if (valid) {
+            if (!past) {
                 const u64 slot = (u64)blk_s[key / block_size - b_first] * block_size + key % block_size;
                 off = layer_off + (slot * kvh + g) * HD + c * 8;
             }
-            cp_async16(smem_u32(ks + t * TILE + j * P + c * 8), kc + off, valid);
-            cp_async16(smem_u32(vs + t * TILE + j * P + c * 8), vc + off, valid);
+            cp_async16(smem_u32(ks + t * TILE + j * P + c * 8), kc + off, !past);
+            cp_async16(smem_u32(vs + t * TILE + j * P + c * 8), vc + off, !past);
         }
+    };
+    // The group's tiles, each its own copy group, all in flight before any math, and
+    // before the wait for the keys earlier steps wrote: the kernel before this one
+    // writes only the step's keys, and the kernels before it are complete (every kernel
+    // lets its successor start only after its own wait). The step's own keys follow the
+    // wait as one more copy group, committed even when empty.
+    if (!early) {
+        pdl_wait();
+        pdl_trigger();
+    }
+    int ntiles = 0;
+    for (int t = grp; t < DTC_TILES; t += kg) {
+        if (k_begin + t * TC_BK >= k_end) break;
+        copy_keys(t, k_begin, fresh, true);
         cp_async_commit();
         ntiles++;
     }
+    if (early) {
+        pdl_wait();
+        pdl_trigger();
+    }
+    for (int i = 0; i < ntiles; i++) copy_keys(grp + i * kg, fresh, k_end, false);
+    cp_async_commit();
 
     u32 qf[HD / 16][4];
     tc_query_fragments<HD>(qf, q + ((size_t)r * nh + h0 + (v0 ? hr0 : 0)) * HD,
@@ -233,7 +258,9 @@ __device__ __forceinline__ void attn_dec_tc(
     for (int i = 0; i < ntiles; i++) {
         const int t = grp + i * kg;
         const int kt = k_begin + t * TC_BK;
-        cp_async_wait_pending(ntiles - 1 - i);
+        // Tile i's group has ntiles - 1 - i tile groups and the step's keys after it; a
+        // tile holding any of the step's keys waits for everything.
+        cp_async_wait_pending(kt + TC_BK > fresh ? 0 : ntiles - i);
         named_barrier(1 + grp, gthreads);
         if (!active) continue;
         const u32 kb = smem_u32(ks + t * TILE), vb = smem_u32(vs + t * TILE);
@@ -335,15 +362,15 @@ __device__ __forceinline__ void attn_dec_tc(
         const u32* __restrict__ seq_info, const u32* __restrict__ block_tables, int block_size,  \
         const float* __restrict__ slopes, int has_alibi, float* __restrict__ out,               \
         float* __restrict__ part_o, float* __restrict__ part_ml, int nh, int kvh, int kg,       \
-        float scale) {                                                                          \
+        float scale, int early) {                                                               \
         if (has_alibi) {                                                                        \
             attn_dec_tc<HD, true>(q, kc, vc, layer_off, row_list, row_info, seq_info,           \
                                   block_tables, block_size, slopes, out, part_o, part_ml, nh,   \
-                                  kvh, kg, scale);                                              \
+                                  kvh, kg, scale, early);                                       \
         } else {                                                                                \
             attn_dec_tc<HD, false>(q, kc, vc, layer_off, row_list, row_info, seq_info,          \
                                    block_tables, block_size, slopes, out, part_o, part_ml, nh,  \
-                                   kvh, kg, scale);                                             \
+                                   kvh, kg, scale, early);                                      \
         }                                                                                       \
     }
 

@@ -96,7 +96,10 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 // attribute, and before sm_90), then pdl_trigger() so that its own successor may be
 // scheduled early. Before the wait a kernel may read only what no kernel writes: weights,
 // and a step's metadata (uploaded by a copy before the step's first kernel); the GEMVs
-// load their first weights there, while the kernel before them finishes. (Triggering
+// load their first weights there, while the kernel before them finishes. Since every
+// kernel triggers after its own wait, only the kernel just before may still be running:
+// the decode attention also loads the keys of earlier steps there, which that kernel
+// (rope_qkv) does not write. (Triggering
 // before the wait, so that a chain of kernels is scheduled at once, measured slower on
 // an H100.)
 __device__ __forceinline__ void pdl_wait() {

@@ -80,6 +80,9 @@ pub struct Gpu {
     fuse_rope: AtomicBool,
     /// Whether the CUDA-core decode attention merges its own key splits.
     fuse_combine: AtomicBool,
+    /// Whether the decode attention kernels load the keys of earlier steps before their
+    /// PDL wait.
+    early_kv: AtomicBool,
     /// Launches of the fused qkv-rotary projection queued so far (replays add none).
     fused_rope_launches: AtomicU64,
     /// Launches of the overlapped fused sum queued so far (replays add none).
@@ -209,6 +212,7 @@ impl Gpu {
             fused_rope_launches: AtomicU64::new(0),
             late_sum_launches: AtomicU64::new(0),
             fuse_combine: AtomicBool::new(env_flag("FALCONER_FUSE_COMBINE", false)),
+            early_kv: AtomicBool::new(env_flag("FALCONER_EARLY_KV", true)),
             gemv_counters: Mutex::new(Vec::new()),
             attn_tc_min_ctx: AtomicUsize::new(ATTN_TC_MIN_CTX),
             staging: Mutex::new(None),

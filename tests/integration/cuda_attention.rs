@@ -289,3 +289,111 @@ fn cuda_attention_rows_are_the_same_bits_in_any_step() {
     b.gpu().set_fuse_combine(merge_default);
     b.gpu().set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
 }
+
+/// The decode kernels load a context's keys before waiting for the kernel before them
+/// (PDL), all but the keys their own step writes: a step that rewrites the slots of a
+/// step of huge keys and values sees its own keys, none of the slots' old contents.
+/// Verify-sized and one-token steps, across a tile and split boundary, on the
+/// tensor-core and CUDA-core decode kernels.
+#[test]
+fn cuda_attention_reads_its_steps_keys_not_the_slots_old_contents() {
+    let Some(b) = backend() else { return };
+    let early_default = b.gpu().early_kv();
+    let cpu = CpuBackend::new();
+    let bs = 16;
+    let table: Vec<u32> = (0..96).map(|i| (i * 7 + 3) % 96).collect();
+    let rope_cfg = RopeConfig {
+        theta: 10_000.0,
+        scaling: RopeScaling::None,
+    };
+    // (heads, kv heads, head dim, tensor-core threshold): MQA on either decode kernel,
+    // GQA on the CUDA-core one.
+    let cases = [
+        (71usize, 1usize, 64usize, 0usize),
+        (71, 1, 64, ATTN_TC_MIN_CTX),
+        (8, 2, 128, ATTN_TC_MIN_CTX),
+    ];
+    // (start, rows) of each step: a prefill, then pairs of steps over the same slots,
+    // the first of each pair with keys and values a thousand times larger. Keys 318..323
+    // cross a tile boundary (32 and 64 keys) and both kernels' splits end past it.
+    let steps = [(0usize, 318usize), (318, 5), (318, 5), (323, 1), (323, 1)];
+    let mut failures = Vec::new();
+    for (nh, kvh, hd, tc_from) in cases {
+        b.gpu().set_attn_tc_min_ctx(tc_from);
+        let attn = AttnConfig {
+            num_heads: nh,
+            num_kv_heads: kvh,
+            head_dim: hd,
+            alibi_slopes: None,
+        };
+        let layout = KvLayout {
+            num_layers: 1,
+            num_blocks: 96,
+            block_size: bs,
+            num_kv_heads: kvh,
+            head_dim: hd,
+        };
+        let rope = Rope::new(&rope_cfg, hd);
+        let width = kvh * (nh / kvh + 2) * hd;
+        let inputs: Vec<Vec<f32>> = steps
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, rows))| {
+                let scale = if i % 2 == 1 { 1000.0 } else { 1.0 };
+                random(rows * width, 40 + i as u64)
+                    .into_iter()
+                    .map(|v| v * scale)
+                    .collect()
+            })
+            .collect();
+        fn run<B: Backend>(
+            be: &B,
+            steps: &[(usize, usize)],
+            inputs: &[Vec<f32>],
+            meta: impl Fn(usize, usize) -> StepMeta,
+            layout: &KvLayout,
+            attn: &AttnConfig,
+            width: usize,
+        ) -> Vec<Vec<f32>> {
+            let mut kv = be.alloc_kv(layout).unwrap();
+            steps
+                .iter()
+                .zip(inputs)
+                .map(|(&(start, rows), qkv)| {
+                    let step = be.prepare_step(&meta(start, rows)).unwrap();
+                    let x = be.upload_hidden(qkv, rows, width).unwrap();
+                    be.to_host(&be.attention(&x, &mut kv, 0, &step, attn).unwrap())
+                        .unwrap()
+                })
+                .collect()
+        }
+        let meta =
+            |start: usize, rows: usize| one_sequence_step(&table, bs, start, rows, Some(&rope));
+        let want = run(&cpu, &steps, &inputs, meta, &layout, &attn, width);
+        // Every key after the wait: the same bits.
+        b.gpu().set_early_kv(false);
+        let late = run(&*b, &steps, &inputs, meta, &layout, &attn, width);
+        b.gpu().set_early_kv(early_default);
+        for repeat in 0..3 {
+            let got = run(&*b, &steps, &inputs, meta, &layout, &attn, width);
+            if got.iter().zip(&late).any(|(g, l)| !same_bits(g, l)) {
+                failures.push(format!(
+                    "{nh}/{kvh}x{hd}, tc from {tc_from}, repeat {repeat}: other bits than \
+                     with every key loaded after the wait"
+                ));
+            }
+            for i in [2, 4] {
+                let e = rel_err(&got[i], &want[i]);
+                if e.is_nan() || e >= TOL {
+                    failures.push(format!(
+                        "{nh}/{kvh}x{hd}, tc from {tc_from}, repeat {repeat}: step of {} rows \
+                         at {}: rel err {e:.2e}",
+                        steps[i].1, steps[i].0
+                    ));
+                }
+            }
+        }
+    }
+    b.gpu().set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
+    report("attention over rewritten slots", &failures);
+}

@@ -227,6 +227,21 @@ impl Gpu {
         self.fuse_combine.load(Ordering::Relaxed)
     }
 
+    /// Lets the decode attention kernels (tensor-core, and CUDA-core at head sizes 64
+    /// and 128) start loading a row's keys and values before their PDL wait, all but
+    /// those of the row's own step, which the kernel before them writes
+    /// (`FALCONER_EARLY_KV=0` turns it off: every key after the wait, as before). The
+    /// kernels before that one are complete by then, since every kernel lets its
+    /// successor start only after its own wait. The same bits either way.
+    pub fn set_early_kv(&self, on: bool) {
+        self.early_kv.store(on, Ordering::Relaxed);
+        self.settings_changed();
+    }
+
+    pub fn early_kv(&self) -> bool {
+        self.early_kv.load(Ordering::Relaxed)
+    }
+
     /// How many times [`Gpu::attention_and_pair`] has queued its fused kernel (a
     /// replayed recording adds none): tests check that the path they compare ran.
     pub fn fused_rope_launches(&self) -> u64 {

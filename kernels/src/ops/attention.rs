@@ -557,7 +557,11 @@ impl Gpu {
         let nsplit = grid_ctx(max_ctx).div_ceil(DTC_SPLIT_KEYS).max(1);
         let (_parts, po, pm) = self.partials(d, nsplit)?;
         let mut args = d.args(list, po, pm)?;
-        args.extend([Arg::I32(shape.key_groups as i32), Arg::F32(d.scale)]);
+        args.extend([
+            Arg::I32(shape.key_groups as i32),
+            Arg::F32(d.scale),
+            Arg::I32(self.early_kv().into()),
+        ]);
         self.launch(
             func,
             (n_list as u32, (d.kvh * tiles) as u32, nsplit as u32),
@@ -582,10 +586,10 @@ impl Gpu {
         let qpg = nh / kvh;
         // The compile-time head sizes take the vectorised kernel (K rows padded by 4
         // floats instead of 1).
-        let (decode, pad) = match hd {
-            64 => (&self.k.attn_decode_hd64, 4),
-            128 => (&self.k.attn_decode_hd128, 4),
-            _ => (&self.k.attn_decode, 1),
+        let (decode, pad, fixed_hd) = match hd {
+            64 => (&self.k.attn_decode_hd64, 4, true),
+            128 => (&self.k.attn_decode_hd128, 4, true),
+            _ => (&self.k.attn_decode, 1, false),
         };
         // Heads per block: one per warp at most (more blocks for MQA's 71 heads), and
         // what fits 48 KiB of shared memory, less the kernels' static shared memory (the
@@ -621,6 +625,10 @@ impl Gpu {
             Arg::F32(d.scale),
             Arg::U64(counters),
         ]);
+        // Only the compile-time head sizes load keys before their PDL wait.
+        if fixed_hd {
+            args.push(Arg::I32(self.early_kv().into()));
+        }
         self.launch(
             decode,
             (n_list as u32, (kvh * chunks) as u32, nsplit as u32),
