@@ -362,6 +362,7 @@ ATTN_DECODE_KERNEL(128)
 #define COMBINE_MAX_SPLITS 1024
 #define COMBINE_GROUPS 16
 #define COMBINE_THREADS 1024
+#define COMBINE_PREFETCH 8
 extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
     attn_combine(const u32* __restrict__ row_list, const float* __restrict__ part_o,
                  const float* __restrict__ part_ml, float* __restrict__ out, int nh, int hd,
@@ -371,6 +372,18 @@ extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
     __shared__ float scratch[32];
     const int r = row_list[blockIdx.x], h = blockIdx.y;
     const size_t base = ((size_t)r * nh + h) * nsplit;
+    // The thread's first output column's first COMBINE_PREFETCH partial sums (column i
+    // = threadIdx.x below), loaded now so that their latency overlaps the split maxima's
+    // instead of following the weights; summed below in the same order as the rest.
+    float pre[COMBINE_PREFETCH];
+    {
+        const int group = threadIdx.x / hd, d = threadIdx.x % hd;
+#pragma unroll
+        for (int k = 0; k < COMBINE_PREFETCH; k++) {
+            const int z = group + k * COMBINE_GROUPS;
+            pre[k] = group < COMBINE_GROUPS && z < nsplit ? part_o[(base + z) * hd + d] : 0.0f;
+        }
+    }
     float m = NEG_INF;
     for (int z = threadIdx.x; z < nsplit; z += blockDim.x) m = fmaxf(m, part_ml[2 * (base + z)]);
     m = warp_max(m);
@@ -413,8 +426,17 @@ extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
     for (int i = threadIdx.x; i < COMBINE_GROUPS * hd; i += blockDim.x) {
         const int group = i / hd, d = i % hd;  // a warp reads consecutive columns
         float a = 0.0f;
+        int z = group;
+        if (i == (int)threadIdx.x) {
+#pragma unroll
+            for (int k = 0; k < COMBINE_PREFETCH; k++) {
+                if (z >= nsplit) break;
+                a = fmaf(pre[k], wt(z), a);
+                z += COMBINE_GROUPS;
+            }
+        }
 #pragma unroll 8
-        for (int z = group; z < nsplit; z += COMBINE_GROUPS) a = fmaf(part_o[(base + z) * hd + d], wt(z), a);
+        for (; z < nsplit; z += COMBINE_GROUPS) a = fmaf(part_o[(base + z) * hd + d], wt(z), a);
         acc[group * hd + d] = a;
     }
     __syncthreads();
