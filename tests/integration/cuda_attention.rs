@@ -294,7 +294,9 @@ fn cuda_attention_rows_are_the_same_bits_in_any_step() {
 /// (PDL), all but the keys their own step writes: a step that rewrites the slots of a
 /// step of huge keys and values sees its own keys, none of the slots' old contents.
 /// Verify-sized and one-token steps, across a tile and split boundary, on the
-/// tensor-core and CUDA-core decode kernels.
+/// tensor-core and CUDA-core decode kernels. (It guards the results, not the race
+/// itself: a build that loaded every key before the wait passed it too on an H100, the
+/// kernel before writing its few keys well before this one's loads land.)
 #[test]
 fn cuda_attention_reads_its_steps_keys_not_the_slots_old_contents() {
     let Some(b) = backend() else { return };
@@ -396,4 +398,70 @@ fn cuda_attention_reads_its_steps_keys_not_the_slots_old_contents() {
     }
     b.gpu().set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
     report("attention over rewritten slots", &failures);
+}
+
+/// `attn_combine` with each head's columns spread over several blocks gives exactly the
+/// bits of one block per head: split decode rows on both decode kernels, head sizes 64
+/// and 128.
+#[test]
+fn cuda_attention_combine_by_columns_gives_the_same_bits() {
+    let Some(b) = backend() else { return };
+    let columns_default = b.gpu().combine_columns();
+    let bs = 16;
+    let tables = vec![(0..96u32).map(|i| (i * 7 + 3) % 96).collect::<Vec<u32>>()];
+    let steps = vec![
+        vec![Chunk {
+            seq: 0,
+            start: 0,
+            rows: 700,
+        }],
+        vec![Chunk {
+            seq: 0,
+            start: 700,
+            rows: 1,
+        }],
+        vec![Chunk {
+            seq: 0,
+            start: 701,
+            rows: 5,
+        }],
+    ];
+    // (heads, kv heads, head dim, tensor-core threshold)
+    let cases = [
+        (71usize, 1usize, 64usize, 0usize),
+        (71, 1, 64, ATTN_TC_MIN_CTX),
+        (32, 1, 128, 0),
+        (8, 2, 128, ATTN_TC_MIN_CTX),
+    ];
+    for (nh, kvh, hd, tc_from) in cases {
+        b.gpu().set_attn_tc_min_ctx(tc_from);
+        let attn = AttnConfig {
+            num_heads: nh,
+            num_kv_heads: kvh,
+            head_dim: hd,
+            alibi_slopes: None,
+        };
+        let layout = KvLayout {
+            num_layers: 1,
+            num_blocks: 96,
+            block_size: bs,
+            num_kv_heads: kvh,
+            head_dim: hd,
+        };
+        let mut outs = Vec::new();
+        for on in [false, true] {
+            b.gpu().set_combine_columns(on);
+            outs.push(run_attention(
+                &*b, &steps, &tables, &attn, &layout, None, 21,
+            ));
+        }
+        for (i, (one, cols)) in outs[0].iter().zip(&outs[1]).enumerate() {
+            assert!(
+                same_bits(one, cols),
+                "{nh}/{kvh}x{hd}, tc from {tc_from}: step {i} differs with the columns spread"
+            );
+        }
+    }
+    b.gpu().set_combine_columns(columns_default);
+    b.gpu().set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
 }
