@@ -75,8 +75,7 @@ pub(crate) fn decode_section(
     // effects are about the size of the run-to-run spread, so a single pair says little.
     // The residual sum's warps per output (GemvSplit) join the matrix as `split2`,
     // `split4`, applied to every one-row GEMV with `all`; the decode attention's keys
-    // loaded only after its PDL wait as `latekv`, its split merge by column chunks as
-    // `cols`.
+    // loaded only after its PDL wait as `latekv`.
     #[derive(Clone, Copy)]
     struct Launch {
         pdl: bool,
@@ -86,7 +85,6 @@ pub(crate) fn decode_section(
         split: GemvSplit,
         all: bool,
         early: bool,
-        cols: bool,
     }
     let cfg = |pdl, rope, merge, overlap| Launch {
         pdl,
@@ -96,10 +94,8 @@ pub(crate) fn decode_section(
         split: GemvSplit::One,
         all: false,
         early: true,
-        cols: false,
     };
     let late_kv = |c: Launch| Launch { early: false, ..c };
-    let by_cols = |c: Launch| Launch { cols: true, ..c };
     let split = |c: Launch, split| Launch { split, ..c };
     let split_all = |c: Launch, split| Launch {
         split,
@@ -110,7 +106,6 @@ pub(crate) fn decode_section(
         split: gpu.gemv_split(),
         all: gpu.gemv_split_all(),
         early: gpu.early_kv(),
-        cols: gpu.combine_columns(),
         ..cfg(
             gpu.pdl(),
             gpu.fuse_rope(),
@@ -126,7 +121,6 @@ pub(crate) fn decode_section(
         gpu.set_gemv_split(c.split);
         gpu.set_gemv_split_all(c.all);
         gpu.set_early_kv(c.early);
-        gpu.set_combine_columns(c.cols);
     };
     let label = |c: Launch| {
         let flags = [
@@ -138,7 +132,6 @@ pub(crate) fn decode_section(
             (c.split == GemvSplit::Four, "split4"),
             (c.all && c.split != GemvSplit::One, "all"),
             (!c.early, "latekv"),
-            (c.cols, "cols"),
         ];
         let on: Vec<&str> = flags.iter().filter(|f| f.0).map(|f| f.1).collect();
         if on.is_empty() {
@@ -165,7 +158,6 @@ pub(crate) fn decode_section(
                 split_all(cfg(true, false, false, false), GemvSplit::Two),
                 split_all(cfg(true, false, false, false), GemvSplit::Four),
                 late_kv(cfg(true, false, false, false)),
-                by_cols(cfg(true, false, false, false)),
                 cfg(true, false, false, true),
                 cfg(true, false, true, false),
                 cfg(true, true, true, false),

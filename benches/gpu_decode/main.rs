@@ -416,29 +416,18 @@ fn attention_section(
 ) -> Result<()> {
     // Decode attention at a 32k context, all layers: with the kernels' keys loaded
     // before their PDL wait (the default) and after it, interleaved three times.
-    // The split merge by column chunks (`cols`) joins them.
     let gpu = backend.gpu();
-    let (early_default, cols_default) = (gpu.early_kv(), gpu.combine_columns());
-    let (mut early, mut late, mut cols) = (Vec::new(), Vec::new(), Vec::new());
+    let early_default = gpu.early_kv();
+    let (mut early, mut late) = (Vec::new(), Vec::new());
     for _ in 0..3 {
-        for (on, by_cols, into) in [
-            (true, false, &mut early),
-            (false, false, &mut late),
-            (true, true, &mut cols),
-        ] {
+        for (on, into) in [(true, &mut early), (false, &mut late)] {
             gpu.set_early_kv(on);
-            gpu.set_combine_columns(by_cols);
             into.push(long_attention(backend, cfg, 20)?.0);
         }
     }
     gpu.set_early_kv(early_default);
-    gpu.set_combine_columns(cols_default);
     let kv_bytes = 2 * cfg.num_layers * LONG_CONTEXT * cfg.num_kv_heads * cfg.head_dim * 2;
-    let attn_ms = median(match (early_default, cols_default) {
-        (_, true) => &cols,
-        (true, false) => &early,
-        (false, false) => &late,
-    });
+    let attn_ms = median(if early_default { &early } else { &late });
     let attn_gbs = kv_bytes as f64 / attn_ms / 1e6;
     r.row((
         format!(
@@ -467,19 +456,6 @@ fn attention_section(
     r.out
         .insert("attention_32k_early_kv_ms".into(), json!(early));
     r.out.insert("attention_32k_late_kv_ms".into(), json!(late));
-    let cols_ms = median(&cols);
-    r.row((
-        format!(
-            "decode attention, {}k context: splits merged by one / four blocks a head",
-            LONG_CONTEXT / 1024
-        ),
-        format!(
-            "{early_ms:.3} / {cols_ms:.3} ms (median of 3 interleaved; default {})",
-            if cols_default { "four" } else { "one" }
-        ),
-    ));
-    r.out
-        .insert("attention_32k_combine_columns_ms".into(), json!(cols));
     // The same bytes per launch, copied: what one layer's worth of KV allows at all.
     let layer_bytes = 2 * LONG_CONTEXT * cfg.num_kv_heads * cfg.head_dim * 2;
     let copy_layer_gbs = layer_copy_bandwidth(backend, layer_bytes, cfg.num_layers)?;

@@ -353,15 +353,12 @@ __device__ __forceinline__ void attn_decode_fixed(
 ATTN_DECODE_KERNEL(64)
 ATTN_DECODE_KERNEL(128)
 
-// Merges the key splits of attn_decode / attn_decode_tc. grid (rows in list, heads,
-// column chunks): a block computes the head's split weights and outputs its chunk of
-// hd / gridDim.z columns; any block size (a multiple of 32, at most COMBINE_THREADS: the
-// result depends on neither), dynamic shared memory (2 * COMBINE_MAX_SPLITS +
-// COMBINE_GROUPS * hd) floats. The split weights exp(m_z - m) are computed once, in
-// parallel, into shared memory; then COMBINE_GROUPS groups of threads sum the splits of
-// every output column, each load independent of the others, so that a long context's
-// hundred-odd splits cost about one memory latency rather than one per split or per
-// batch of them.
+// Merges the key splits of attn_decode / attn_decode_tc. grid (rows in list, heads), any
+// block size (a multiple of 32, at most COMBINE_THREADS: the result does not depend on
+// it), dynamic shared memory (2 * COMBINE_MAX_SPLITS + COMBINE_GROUPS * hd) floats. The split weights exp(m_z - m) are computed once, in parallel, into shared
+// memory; then COMBINE_GROUPS groups of threads sum the splits of every output column,
+// each load independent of the others, so that a long context's hundred-odd splits
+// cost about one memory latency rather than one per split or per batch of them.
 #define COMBINE_MAX_SPLITS 1024
 #define COMBINE_GROUPS 16
 #define COMBINE_THREADS 1024
@@ -374,14 +371,13 @@ extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
     extern __shared__ float wz[];  // [COMBINE_MAX_SPLITS], then lw and acc
     __shared__ float scratch[32];
     const int r = row_list[blockIdx.x], h = blockIdx.y;
-    const int cw = hd / gridDim.z, c0 = blockIdx.z * cw;  // the block's columns
     const size_t base = ((size_t)r * nh + h) * nsplit;
     // The thread's first output column's first COMBINE_PREFETCH partial sums (column i
     // = threadIdx.x below), loaded now so that their latency overlaps the split maxima's
     // instead of following the weights; summed below in the same order as the rest.
     float pre[COMBINE_PREFETCH];
     {
-        const int group = threadIdx.x / cw, d = c0 + threadIdx.x % cw;
+        const int group = threadIdx.x / hd, d = threadIdx.x % hd;
 #pragma unroll
         for (int k = 0; k < COMBINE_PREFETCH; k++) {
             const int z = group + k * COMBINE_GROUPS;
@@ -425,10 +421,10 @@ extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
     // summed in one fixed tree, so that splits without keys (zero weight) change
     // nothing: a row's output is the same bits whatever the split count of its step,
     // and the same as the decode kernels' direct path for one split.
-    float* acc = lw + COMBINE_MAX_SPLITS;  // [COMBINE_GROUPS][cw]
+    float* acc = lw + COMBINE_MAX_SPLITS;  // [COMBINE_GROUPS][hd]
     auto wt = [&](int z) { return z < COMBINE_MAX_SPLITS ? wz[z] : 0.0f; };
-    for (int i = threadIdx.x; i < COMBINE_GROUPS * cw; i += blockDim.x) {
-        const int group = i / cw, d = c0 + i % cw;  // a warp reads consecutive columns
+    for (int i = threadIdx.x; i < COMBINE_GROUPS * hd; i += blockDim.x) {
+        const int group = i / hd, d = i % hd;  // a warp reads consecutive columns
         float a = 0.0f;
         int z = group;
         if (i == (int)threadIdx.x) {
@@ -441,19 +437,19 @@ extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
         }
 #pragma unroll 8
         for (; z < nsplit; z += COMBINE_GROUPS) a = fmaf(part_o[(base + z) * hd + d], wt(z), a);
-        acc[i] = a;
+        acc[group * hd + d] = a;
     }
     __syncthreads();
-    for (int j = threadIdx.x; j < cw; j += blockDim.x) {
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float g[COMBINE_GROUPS];
 #pragma unroll
-        for (int k = 0; k < COMBINE_GROUPS; k++) g[k] = acc[k * cw + j];
+        for (int k = 0; k < COMBINE_GROUPS; k++) g[k] = acc[k * hd + d];
 #pragma unroll
         for (int w = COMBINE_GROUPS / 2; w > 0; w /= 2) {
 #pragma unroll
             for (int k = 0; k < w; k++) g[k] = g[k] + g[k + w];
         }
-        out[((size_t)r * nh + h) * hd + c0 + j] = g[0] * inv;
+        out[((size_t)r * nh + h) * hd + d] = g[0] * inv;
     }
 }
 

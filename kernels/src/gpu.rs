@@ -83,8 +83,6 @@ pub struct Gpu {
     /// Whether the decode attention kernels load the keys of earlier steps before their
     /// PDL wait.
     early_kv: AtomicBool,
-    /// Whether `attn_combine` spreads each head's columns over several blocks.
-    combine_columns: AtomicBool,
     /// Launches of the fused qkv-rotary projection queued so far (replays add none).
     fused_rope_launches: AtomicU64,
     /// Launches of the overlapped fused sum queued so far (replays add none).
@@ -215,7 +213,6 @@ impl Gpu {
             late_sum_launches: AtomicU64::new(0),
             fuse_combine: AtomicBool::new(env_flag("FALCONER_FUSE_COMBINE", false)),
             early_kv: AtomicBool::new(env_flag("FALCONER_EARLY_KV", true)),
-            combine_columns: AtomicBool::new(env_flag("FALCONER_COMBINE_COLUMNS", false)),
             gemv_counters: Mutex::new(Vec::new()),
             attn_tc_min_ctx: AtomicUsize::new(ATTN_TC_MIN_CTX),
             staging: Mutex::new(None),

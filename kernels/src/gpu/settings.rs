@@ -242,19 +242,6 @@ impl Gpu {
         self.early_kv.load(Ordering::Relaxed)
     }
 
-    /// Lets `attn_combine` (the merge of decode attention's key splits) run four blocks
-    /// per head at head sizes that are multiples of 64, each recomputing the head's
-    /// split weights and summing a quarter of its columns (`FALCONER_COMBINE_COLUMNS=1`),
-    /// instead of one block per head (the default). The same bits either way.
-    pub fn set_combine_columns(&self, on: bool) {
-        self.combine_columns.store(on, Ordering::Relaxed);
-        self.settings_changed();
-    }
-
-    pub fn combine_columns(&self) -> bool {
-        self.combine_columns.load(Ordering::Relaxed)
-    }
-
     /// How many times [`Gpu::attention_and_pair`] has queued its fused kernel (a
     /// replayed recording adds none): tests check that the path they compare ran.
     pub fn fused_rope_launches(&self) -> u64 {

@@ -23,9 +23,6 @@ const COMBINE_MAX_SPLITS: usize = 1024;
 /// `attn_combine`: threads per block, accumulators per output column.
 const COMBINE_THREADS: u32 = 1024;
 const COMBINE_GROUPS: usize = 16;
-/// `attn_combine`'s blocks per head with [`Gpu::combine_columns`] (head sizes that are
-/// multiples of 64: at least 16 columns a block).
-const COMBINE_COLUMN_CHUNKS: usize = 4;
 /// Tensor-core decode attention (`attn_decode_tc*`, attention_tc_decode.cu): keys per
 /// split (fixed: `DTC_SPLIT`), per tile and tiles per split, query heads per block.
 const DTC_SPLIT_KEYS: usize = DTC_TILES * DTC_TILE_KEYS;
@@ -680,23 +677,10 @@ impl Gpu {
         // every column. The block size changes no bit of the result, so few splits
         // (short contexts) take a small block.
         let smem = ((2 * COMBINE_MAX_SPLITS + COMBINE_GROUPS * d.hd) * 4) as u32;
-        // Column chunks: each block recomputes its head's split weights and sums a
-        // quarter of the columns (the same bits: every column's sum is computed alike).
-        let chunks = if self.combine_columns() && d.hd.is_multiple_of(64) {
-            COMBINE_COLUMN_CHUNKS
-        } else {
-            1
-        };
-        let threads = if chunks > 1 {
-            (COMBINE_GROUPS * d.hd / chunks) as u32
-        } else if nsplit > 64 {
-            COMBINE_THREADS
-        } else {
-            256
-        };
+        let threads = if nsplit > 64 { COMBINE_THREADS } else { 256 };
         self.launch(
             &self.k.attn_combine,
-            (n_list as u32, d.nh as u32, chunks as u32),
+            (n_list as u32, d.nh as u32, 1),
             threads,
             smem,
             &[
