@@ -46,6 +46,24 @@ pub(crate) fn one_sequence_step(
     m
 }
 
+/// Attention without ALiBi over a one-layer cache of 96 blocks of `bs` slots.
+fn geometry(nh: usize, kvh: usize, hd: usize, bs: usize) -> (AttnConfig, KvLayout) {
+    let attn = AttnConfig {
+        num_heads: nh,
+        num_kv_heads: kvh,
+        head_dim: hd,
+        alibi_slopes: None,
+    };
+    let layout = KvLayout {
+        num_layers: 1,
+        num_blocks: 96,
+        block_size: bs,
+        num_kv_heads: kvh,
+        head_dim: hd,
+    };
+    (attn, layout)
+}
+
 /// One sequence chunk of an attention step: `rows` new tokens at `start`.
 struct Chunk {
     seq: usize,
@@ -246,19 +264,7 @@ fn cuda_attention_rows_are_the_same_bits_in_any_step() {
     for (merge, (nh, kvh, hd, prefix, tc_from)) in runs {
         b.gpu().set_fuse_combine(merge);
         b.gpu().set_attn_tc_min_ctx(tc_from);
-        let attn = AttnConfig {
-            num_heads: nh,
-            num_kv_heads: kvh,
-            head_dim: hd,
-            alibi_slopes: None,
-        };
-        let layout = KvLayout {
-            num_layers: 1,
-            num_blocks: 96,
-            block_size: bs,
-            num_kv_heads: kvh,
-            head_dim: hd,
-        };
+        let (attn, layout) = geometry(nh, kvh, hd, bs);
         let width = kvh * (nh / kvh + 2) * hd;
         let meta = |start: usize, rows: usize| one_sequence_step(&table, bs, start, rows, None);
         let attend = |kv: &mut _, start: usize, qkv: &[f32], rows: usize| {
@@ -322,19 +328,7 @@ fn cuda_attention_reads_its_steps_keys_not_the_slots_old_contents() {
     let mut failures = Vec::new();
     for (nh, kvh, hd, tc_from) in cases {
         b.gpu().set_attn_tc_min_ctx(tc_from);
-        let attn = AttnConfig {
-            num_heads: nh,
-            num_kv_heads: kvh,
-            head_dim: hd,
-            alibi_slopes: None,
-        };
-        let layout = KvLayout {
-            num_layers: 1,
-            num_blocks: 96,
-            block_size: bs,
-            num_kv_heads: kvh,
-            head_dim: hd,
-        };
+        let (attn, layout) = geometry(nh, kvh, hd, bs);
         let rope = Rope::new(&rope_cfg, hd);
         let width = kvh * (nh / kvh + 2) * hd;
         let inputs: Vec<Vec<f32>> = steps
