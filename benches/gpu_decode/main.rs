@@ -426,7 +426,8 @@ fn attention_section(
         }
     }
     gpu.set_early_kv(early_default);
-    let kv_bytes = 2 * cfg.num_layers * LONG_CONTEXT * cfg.num_kv_heads * cfg.head_dim * 2;
+    let layer_bytes = long_kv_layer_bytes(cfg);
+    let kv_bytes = cfg.num_layers * layer_bytes;
     let attn_ms = median(if early_default { &early } else { &late });
     let attn_gbs = kv_bytes as f64 / attn_ms / 1e6;
     r.row((
@@ -457,7 +458,6 @@ fn attention_section(
         .insert("attention_32k_early_kv_ms".into(), json!(early));
     r.out.insert("attention_32k_late_kv_ms".into(), json!(late));
     // The same bytes per launch, copied: what one layer's worth of KV allows at all.
-    let layer_bytes = 2 * LONG_CONTEXT * cfg.num_kv_heads * cfg.head_dim * 2;
     let copy_layer_gbs = layer_copy_bandwidth(backend, layer_bytes, cfg.num_layers)?;
     r.row((
         format!(
@@ -475,7 +475,6 @@ fn attention_section(
     // The same layers as one CUDA graph: what launching them one by one costs.
     match long_attention_graph(backend, cfg) {
         Ok(graph_ms) => {
-            let bytes = cfg.num_layers * layer_bytes;
             r.row((
                 format!(
                     "decode attention, {}k context, as one CUDA graph",
@@ -483,7 +482,7 @@ fn attention_section(
                 ),
                 format!(
                     "{graph_ms:.3} ms a replay, {:.0} GB/s of KV",
-                    bytes as f64 / graph_ms / 1e6
+                    kv_bytes as f64 / graph_ms / 1e6
                 ),
             ));
             r.out

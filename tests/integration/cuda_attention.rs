@@ -72,7 +72,7 @@ struct Chunk {
 }
 
 /// Runs a series of attention steps over one layer's cache on `backend`, returning
-/// each step's output.
+/// each step's output; step `si`'s qkv rows are random from `seed + si`.
 fn run_attention<B: Backend>(
     backend: &B,
     steps: &[Vec<Chunk>],
@@ -81,6 +81,20 @@ fn run_attention<B: Backend>(
     layout: &KvLayout,
     rope: Option<&Rope>,
     seed: u64,
+) -> Vec<Vec<f32>> {
+    let input = |si: usize, n: usize| random(n, seed + si as u64);
+    run_attention_on(backend, steps, tables, attn, layout, rope, input)
+}
+
+/// [`run_attention`] with step `si`'s `n` qkv values from `input(si, n)`.
+fn run_attention_on<B: Backend>(
+    backend: &B,
+    steps: &[Vec<Chunk>],
+    tables: &[Vec<u32>],
+    attn: &AttnConfig,
+    layout: &KvLayout,
+    rope: Option<&Rope>,
+    input: impl Fn(usize, usize) -> Vec<f32>,
 ) -> Vec<Vec<f32>> {
     let mut kv = backend.alloc_kv(layout).unwrap();
     let width = attn.num_kv_heads * (attn.num_heads / attn.num_kv_heads + 2) * attn.head_dim;
@@ -109,7 +123,7 @@ fn run_attention<B: Backend>(
             }
         }
         let rows = meta.token_ids.len();
-        let qkv = random(rows * width, seed + si as u64);
+        let qkv = input(si, rows * width);
         let step = backend.prepare_step(&meta).unwrap();
         let x = backend.upload_hidden(&qkv, rows, width).unwrap();
         let out = backend.attention(&x, &mut kv, 0, &step, attn).unwrap();
@@ -309,7 +323,7 @@ fn cuda_attention_reads_its_steps_keys_not_the_slots_old_contents() {
     let early_default = b.gpu().early_kv();
     let cpu = CpuBackend::new();
     let bs = 16;
-    let table: Vec<u32> = (0..96).map(|i| (i * 7 + 3) % 96).collect();
+    let tables = vec![(0..96u32).map(|i| (i * 7 + 3) % 96).collect::<Vec<u32>>()];
     let rope_cfg = RopeConfig {
         theta: 10_000.0,
         scaling: RopeScaling::None,
@@ -325,53 +339,35 @@ fn cuda_attention_reads_its_steps_keys_not_the_slots_old_contents() {
     // the first of each pair with keys and values a thousand times larger. Keys 318..323
     // cross a tile boundary (32 and 64 keys) and both kernels' splits end past it.
     let steps = [(0usize, 318usize), (318, 5), (318, 5), (323, 1), (323, 1)];
+    let chunks: Vec<Vec<Chunk>> = steps
+        .iter()
+        .map(|&(start, rows)| {
+            vec![Chunk {
+                seq: 0,
+                start,
+                rows,
+            }]
+        })
+        .collect();
+    let input = |si: usize, n: usize| -> Vec<f32> {
+        let scale = if si % 2 == 1 { 1000.0 } else { 1.0 };
+        random(n, 40 + si as u64)
+            .into_iter()
+            .map(|v| v * scale)
+            .collect()
+    };
     let mut failures = Vec::new();
     for (nh, kvh, hd, tc_from) in cases {
         b.gpu().set_attn_tc_min_ctx(tc_from);
         let (attn, layout) = geometry(nh, kvh, hd, bs);
-        let rope = Rope::new(&rope_cfg, hd);
-        let width = kvh * (nh / kvh + 2) * hd;
-        let inputs: Vec<Vec<f32>> = steps
-            .iter()
-            .enumerate()
-            .map(|(i, &(_, rows))| {
-                let scale = if i % 2 == 1 { 1000.0 } else { 1.0 };
-                random(rows * width, 40 + i as u64)
-                    .into_iter()
-                    .map(|v| v * scale)
-                    .collect()
-            })
-            .collect();
-        fn run<B: Backend>(
-            be: &B,
-            steps: &[(usize, usize)],
-            inputs: &[Vec<f32>],
-            meta: impl Fn(usize, usize) -> StepMeta,
-            layout: &KvLayout,
-            attn: &AttnConfig,
-            width: usize,
-        ) -> Vec<Vec<f32>> {
-            let mut kv = be.alloc_kv(layout).unwrap();
-            steps
-                .iter()
-                .zip(inputs)
-                .map(|(&(start, rows), qkv)| {
-                    let step = be.prepare_step(&meta(start, rows)).unwrap();
-                    let x = be.upload_hidden(qkv, rows, width).unwrap();
-                    be.to_host(&be.attention(&x, &mut kv, 0, &step, attn).unwrap())
-                        .unwrap()
-                })
-                .collect()
-        }
-        let meta =
-            |start: usize, rows: usize| one_sequence_step(&table, bs, start, rows, Some(&rope));
-        let want = run(&cpu, &steps, &inputs, meta, &layout, &attn, width);
+        let rope = Some(Rope::new(&rope_cfg, hd));
+        let want = run_attention_on(&cpu, &chunks, &tables, &attn, &layout, rope.as_ref(), input);
         // Every key after the wait: the same bits.
         b.gpu().set_early_kv(false);
-        let late = run(&*b, &steps, &inputs, meta, &layout, &attn, width);
+        let late = run_attention_on(&*b, &chunks, &tables, &attn, &layout, rope.as_ref(), input);
         b.gpu().set_early_kv(early_default);
         for repeat in 0..3 {
-            let got = run(&*b, &steps, &inputs, meta, &layout, &attn, width);
+            let got = run_attention_on(&*b, &chunks, &tables, &attn, &layout, rope.as_ref(), input);
             if got.iter().zip(&late).any(|(g, l)| !same_bits(g, l)) {
                 failures.push(format!(
                     "{nh}/{kvh}x{hd}, tc from {tc_from}, repeat {repeat}: other bits than \
