@@ -75,7 +75,8 @@ pub(crate) fn decode_section(
     // effects are about the size of the run-to-run spread, so a single pair says little.
     // The residual sum's warps per output (GemvSplit) join the matrix as `split2`,
     // `split4`, applied to every one-row GEMV with `all`; the decode attention's keys
-    // loaded only after its PDL wait as `latekv`.
+    // loaded only after its PDL wait as `latekv`; the MLP down projection forked onto a
+    // second stream beside the attention as `fork`.
     #[derive(Clone, Copy)]
     struct Launch {
         pdl: bool,
@@ -85,6 +86,7 @@ pub(crate) fn decode_section(
         split: GemvSplit,
         all: bool,
         early: bool,
+        fork: bool,
     }
     let cfg = |pdl, rope, merge, overlap| Launch {
         pdl,
@@ -94,8 +96,10 @@ pub(crate) fn decode_section(
         split: GemvSplit::One,
         all: false,
         early: true,
+        fork: false,
     };
     let late_kv = |c: Launch| Launch { early: false, ..c };
+    let fork = |c: Launch| Launch { fork: true, ..c };
     let split = |c: Launch, split| Launch { split, ..c };
     let split_all = |c: Launch, split| Launch {
         split,
@@ -106,6 +110,7 @@ pub(crate) fn decode_section(
         split: gpu.gemv_split(),
         all: gpu.gemv_split_all(),
         early: gpu.early_kv(),
+        fork: gpu.fork_mlp(),
         ..cfg(
             gpu.pdl(),
             gpu.fuse_rope(),
@@ -121,6 +126,7 @@ pub(crate) fn decode_section(
         gpu.set_gemv_split(c.split);
         gpu.set_gemv_split_all(c.all);
         gpu.set_early_kv(c.early);
+        gpu.set_fork_mlp(c.fork);
     };
     let label = |c: Launch| {
         let flags = [
@@ -132,6 +138,7 @@ pub(crate) fn decode_section(
             (c.split == GemvSplit::Four, "split4"),
             (c.all && c.split != GemvSplit::One, "all"),
             (!c.early, "latekv"),
+            (c.fork, "fork"),
         ];
         let on: Vec<&str> = flags.iter().filter(|f| f.0).map(|f| f.1).collect();
         if on.is_empty() {
@@ -158,10 +165,13 @@ pub(crate) fn decode_section(
                 split_all(cfg(true, false, false, false), GemvSplit::Two),
                 split_all(cfg(true, false, false, false), GemvSplit::Four),
                 late_kv(cfg(true, false, false, false)),
-                cfg(true, false, false, true),
                 cfg(true, false, true, false),
                 cfg(true, true, true, false),
                 cfg(true, true, true, true),
+                fork(cfg(true, false, false, false)),
+                fork(cfg(true, true, false, false)),
+                fork(cfg(true, false, true, false)),
+                fork(cfg(false, false, false, false)),
                 cfg(false, false, false, false),
             ]
         };

@@ -343,15 +343,28 @@ fn replica_section(backend: &CudaBackend, cfg: &FalconConfig, r: &mut Report) ->
     // One decode step's layer ops replayed directly on the backend (same weights every
     // layer: 414 MB per layer cannot stay in L2): host time to queue them against GPU
     // time, and the same with the GEMVs alone.
-    for (label, full) in [("all ops", true), ("GEMVs only", false)] {
-        let rep = layer_replica(backend, cfg, PROMPT + NEW_TOKENS, full)?;
+    // With the MLP down projection forked beside the attention too (`fork`).
+    let gpu = backend.gpu();
+    let fork_default = gpu.fork_mlp();
+    for (label, key, full, fork) in [
+        ("all ops", "all", true, fork_default),
+        ("all ops, MLP forked", "all_fork", true, true),
+        ("GEMVs only", "gemv", false, fork_default),
+    ] {
+        if fork == fork_default && key == "all_fork" {
+            continue;
+        }
+        gpu.set_fork_mlp(fork);
+        let rep = layer_replica(backend, cfg, PROMPT + NEW_TOKENS, full);
+        gpu.set_fork_mlp(fork_default);
+        let rep = rep?;
         let (total_ms, enqueue_ms) = (rep.total_ms, rep.enqueue_ms);
         r.row((
             format!("decode step layers replayed ({label}), 32 layers"),
             format!("{total_ms:.3} ms GPU+host, {enqueue_ms:.3} ms to queue on the host"),
         ));
         r.out.insert(
-            format!("replica_{}", if full { "all" } else { "gemv" }),
+            format!("replica_{key}"),
             json!({"total_ms": total_ms, "enqueue_ms": enqueue_ms, "graph_ms": rep.graph_ms}),
         );
         if let Some(graph_ms) = rep.graph_ms {

@@ -1,7 +1,8 @@
 //! One GPU: its context and stream, its loaded kernel module (`module`), a cuBLAS
 //! handle, allocation and copies of device buffers (`buffer`), the raw launch plumbing
-//! the typed launchers in `ops` build on, and (`settings`) the switches that choose which
-//! kernels a step launches.
+//! the typed launchers in `ops` build on, (`fork`) a second stream for work that can run
+//! beside the next kernels, and (`settings`) the switches that choose which kernels a
+//! step launches.
 //!
 //! Everything runs on one non-default stream in issue order, so no buffer needs events:
 //! cudarc's per-buffer event tracking is switched off before the first allocation (it
@@ -14,6 +15,8 @@
 //! allocation plus a free per buffer were most of the host's time per step. Reuse is safe
 //! for the same reason as stream-ordered frees: a buffer is only handed out again after
 //! its last use was queued on the one stream, so the new writer runs after the old readers.
+//! The one exception, work forked onto a second stream (`fork`), is joined back before
+//! the buffers it uses are let go.
 
 use std::ffi::c_void;
 use std::fmt;
@@ -37,7 +40,11 @@ pub use settings::{
     ROW_INVARIANT_MAX_ROWS, TC_BLOCKS_PER_SM,
 };
 
+mod fork;
 mod settings;
+
+pub use fork::Forked;
+pub(crate) use fork::{Lane, LaneHandles};
 
 /// A kernel argument: device pointers and sizes travel as 64-bit words, the rest as
 /// 32-bit ints and floats, matching the kernels' parameter lists.
@@ -87,6 +94,14 @@ pub struct Gpu {
     fused_rope_launches: AtomicU64,
     /// Launches of the overlapped fused sum queued so far (replays add none).
     late_sum_launches: AtomicU64,
+    /// Whether a one-row parallel-attention layer runs its MLP down projection on a
+    /// second stream beside the attention.
+    fork_mlp: AtomicBool,
+    /// The second stream that work outside a recording forks onto, made at the first
+    /// fork.
+    lane: Mutex<Option<fork::Lane>>,
+    /// Forks queued so far (replays add none).
+    forks: AtomicU64,
     /// Decode rows of at least this context take the tensor-core decode attention (when
     /// the geometry allows).
     attn_tc_min_ctx: AtomicUsize,
@@ -211,6 +226,9 @@ impl Gpu {
             fuse_rope: AtomicBool::new(env_flag("FALCONER_FUSE_ROPE", false)),
             fused_rope_launches: AtomicU64::new(0),
             late_sum_launches: AtomicU64::new(0),
+            fork_mlp: AtomicBool::new(env_flag("FALCONER_FORK_MLP", false)),
+            lane: Mutex::new(None),
+            forks: AtomicU64::new(0),
             fuse_combine: AtomicBool::new(env_flag("FALCONER_FUSE_COMBINE", false)),
             early_kv: AtomicBool::new(env_flag("FALCONER_EARLY_KV", true)),
             gemv_counters: Mutex::new(Vec::new()),
@@ -461,10 +479,12 @@ impl Gpu {
         }
     }
 
-    /// The stream launches go to: the GPU's, or the one this thread is capturing a
-    /// graph on.
+    /// The stream launches go to: the GPU's, the one this thread is capturing a graph
+    /// on, or the second stream it queues forked work on ([`Gpu::fork`]).
     pub(crate) fn launch_stream(&self) -> cudarc::driver::sys::CUstream {
-        crate::graph::capture_stream(self).unwrap_or_else(|| self.stream.cu_stream())
+        fork::lane_stream(self)
+            .or_else(|| crate::graph::capture_stream(self))
+            .unwrap_or_else(|| self.stream.cu_stream())
     }
 
     /// Queues `func` with `args` (validated by the typed launcher that calls this).
@@ -509,12 +529,14 @@ impl Gpu {
         // kernel, with device pointers of live buffers whose lengths it checked against
         // the sizes the kernel will index; `vals` outlives the call, and cuLaunchKernel
         // copies the argument values before returning.
-        if self.pdl() || cluster > 1 {
+        // Forked work depends on an event, not on the kernel before it in its stream.
+        let pdl = self.pdl() && fork::lane_stream(self).is_none();
+        if pdl || cluster > 1 {
             use cudarc::driver::sys::{CUlaunchAttribute, CUlaunchAttributeID};
             // SAFETY: plain-data C structs, valid when zeroed.
             let mut attrs: [CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
             let mut n = 0;
-            if self.pdl() {
+            if pdl {
                 attrs[n].id =
                     CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
                 attrs[n].value.programmaticStreamSerializationAllowed = 1;

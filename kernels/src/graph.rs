@@ -27,7 +27,7 @@ use cudarc::driver::CudaStream;
 
 use crate::buffer::Pool;
 use crate::error::KernelError;
-use crate::gpu::{DeviceBuffer, Gpu};
+use crate::gpu::{DeviceBuffer, Gpu, Lane, LaneHandles};
 use crate::ops::{ctx_class, ctx_class_limit, GEMV_MAX_ROWS};
 use crate::step::DeviceStep;
 
@@ -197,6 +197,9 @@ struct Recorder {
     pool: Option<(Arc<Pool>, bool)>,
     /// The stream being captured, while capturing.
     stream: Option<cudarc::driver::sys::CUstream>,
+    /// The recording's second stream for forked work ([`Gpu::fork`]), made at its first
+    /// fork and dropped after the capture ends.
+    lane: Option<Lane>,
     limits: StepLimits,
 }
 
@@ -229,6 +232,25 @@ pub(crate) fn capture_stream(gpu: &Gpu) -> Option<cudarc::driver::sys::CUstream>
     with_recorder(gpu, |r| r.stream).flatten()
 }
 
+/// The lane of the graph this thread captures on `gpu` (made by `make` at the first
+/// fork), as raw handles (stream, fork event, join event); `None` when it captures none.
+pub(crate) fn recording_lane(
+    gpu: &Gpu,
+    make: impl FnOnce() -> Result<Lane, KernelError>,
+) -> Option<Result<LaneHandles, KernelError>> {
+    with_recorder(gpu, |r| {
+        r.stream?;
+        if r.lane.is_none() {
+            match make() {
+                Ok(lane) => r.lane = Some(lane),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        r.lane.as_ref().map(|l| Ok(l.handles()))
+    })
+    .flatten()
+}
+
 /// Sets this thread's recorder for the duration of `f` (they do not nest).
 fn recording<R>(
     gpu: &Gpu,
@@ -240,6 +262,7 @@ fn recording<R>(
             gpu: gpu as *const Gpu as usize,
             pool,
             stream: None,
+            lane: None,
             limits: StepLimits::default(),
         })
     });

@@ -43,7 +43,7 @@ fn same_rows(a: &[Vec<f32>], b: &[Vec<f32>]) -> bool {
 /// Greedy decoding of 150 tokens with a three-token verify pass every tenth step, on a
 /// model whose steps are recorded and on one whose are not: every step's logits must be
 /// the same bits. Returns the recording model's statistics.
-fn replays_match(b: &Arc<CudaBackend>, name: &str) -> Result<GraphStats, String> {
+pub(crate) fn replays_match(b: &Arc<CudaBackend>, name: &str) -> Result<GraphStats, String> {
     let mut on = cuda_runner(b, name);
     let mut off = cuda_runner(b, name);
     on.add_sequence(1).unwrap();

@@ -3,6 +3,7 @@
 
 mod common;
 mod cuda_attention;
+mod cuda_fork;
 mod cuda_fused_rope;
 mod cuda_golden;
 mod cuda_graphs;

@@ -227,6 +227,22 @@ impl Gpu {
         self.fuse_combine.load(Ordering::Relaxed)
     }
 
+    /// Lets a one-row parallel-attention layer outside row-invariant mode run its MLP
+    /// down projection on a second stream ([`Gpu::fork`]) while the attention runs on
+    /// the main stream, then the attention output projection after both
+    /// (`FALCONER_FORK_MLP=1`): the attention's small kernels (rotary, decode, split
+    /// merge) are latency-bound, so a GEMV streaming beside them hides most of their
+    /// time. The two products then accumulate in two launches, MLP first: other
+    /// rounding than the fused sum.
+    pub fn set_fork_mlp(&self, on: bool) {
+        self.fork_mlp.store(on, Ordering::Relaxed);
+        self.settings_changed();
+    }
+
+    pub fn fork_mlp(&self) -> bool {
+        self.fork_mlp.load(Ordering::Relaxed)
+    }
+
     /// Lets the decode attention kernels (tensor-core, and CUDA-core at head sizes 64
     /// and 128) start loading a row's keys and values before their PDL wait, all but
     /// those of the row's own step, which the kernel before them writes

@@ -19,8 +19,10 @@ impl Gpu {
     /// of the two products, then [`Gpu::attention`] over the first. Where the pair would
     /// run as `gemv2_bf16_r1` or as the row-invariant `gemv2_tc*`, the fused kernel runs
     /// instead (while [`Gpu::fuse_rope`] is on), writing the queries and the cache.
+    /// `then` is queued between the two, with the up projection's output (the caller
+    /// forks the MLP's next product there, [`Gpu::fork`]); its result comes back third.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_and_pair(
+    pub fn attention_and_pair<T>(
         &self,
         x: &DeviceBuffer<f32>,
         k: usize,
@@ -31,7 +33,8 @@ impl Gpu {
         layer: usize,
         step: &DeviceStep,
         a: &AttentionParams<'_>,
-    ) -> Result<(DeviceBuffer<f32>, DeviceBuffer<f32>), KernelError> {
+        then: impl FnOnce(&DeviceBuffer<f32>) -> Result<T, KernelError>,
+    ) -> Result<(DeviceBuffer<f32>, DeviceBuffer<f32>, T), KernelError> {
         let rows = step.rows;
         // The one-row CUDA-core pair, or the row-invariant tensor-core pair of up to 8
         // rows (the runtime's decode and verify steps), whose tiles then hold rotary
@@ -39,7 +42,8 @@ impl Gpu {
         let route = self.pair_route(rows, k, qkv.n, up.n);
         if !(self.fuse_rope() && !qkv.gelu && rope_fuses(route, a.head_dim)) {
             let (y, up_out) = self.linear_pair(x, rows, k, qkv, up, groups)?;
-            return Ok((self.attention(&y, kv, layer, step, a)?, up_out));
+            let t = then(&up_out)?;
+            return Ok((self.attention(&y, kv, layer, step, a)?, up_out, t));
         }
         let g = self.attention_geometry(kv, layer, step, a)?;
         check_pair(x, rows, k, &qkv, &up)?;
@@ -66,7 +70,8 @@ impl Gpu {
             self.pair_tc(x, rows, k, &qkv, &up, &q, &up_out, true, Some(&rope))?;
         }
         self.count_fused_rope_launch();
-        Ok((self.attend(&q, kv, step, &g)?, up_out))
+        let t = then(&up_out)?;
+        Ok((self.attend(&q, kv, step, &g)?, up_out, t))
     }
 
     /// `gemv2_rope_bf16_r1`: one row on CUDA cores, the qkv half in rotary pairs.

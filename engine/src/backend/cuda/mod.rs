@@ -12,6 +12,7 @@
 //! returns [`BackendError::Unavailable`], so callers can fall back to the CPU.
 
 mod graphs;
+mod parallel;
 mod tensor;
 mod warp;
 
@@ -560,28 +561,17 @@ impl Backend for CudaBackend {
         step: &CudaStep,
         attn: &AttnConfig,
     ) -> Result<(CudaTensor, CudaTensor), BackendError> {
-        check_linear(x, qkv)?;
-        check_linear(x, up)?;
-        check_step_rows(x, step)?;
-        let slopes = self.alibi_slopes(attn)?;
-        let (ctx, up_out) = self
-            .gpu
-            .attention_and_pair(
-                x.f32("linear")?,
-                x.cols,
-                pair_half(qkv, qkv_bias, false)?,
-                pair_half(up, up_bias, true)?,
-                groups(x),
-                &mut kv.buf,
-                layer,
-                &step.dev,
-                &attention_params(attn, slopes.as_deref()),
-            )
-            .map_err(map_err)?;
-        Ok((
-            attention_output(ctx, x.rows, attn, step),
-            x.product_output(up, up_out),
-        ))
+        let (ctx, up_out, ()) = self.attention_pair_then(
+            x,
+            (qkv, qkv_bias),
+            (up, up_bias),
+            kv,
+            layer,
+            step,
+            attn,
+            |_| Ok(()),
+        )?;
+        Ok((ctx, x.product_output(up, up_out)))
     }
 
     fn linear_add_sum(
@@ -607,6 +597,10 @@ impl Backend for CudaBackend {
         attn: &AttnConfig,
         acc: &mut CudaTensor,
     ) -> Result<(), BackendError> {
+        let gpu = &self.gpu;
+        if gpu.fork_mlp() && x.rows == 1 && !gpu.row_invariant() {
+            return self.parallel_attention_forked(x, w, kv, layer, step, attn, acc);
+        }
         let (ctx, up) =
             self.attention_and_gelu(x, w.qkv.0, w.qkv.1, w.up.0, w.up.1, kv, layer, step, attn)?;
         // The attention queued at least one kernel after the one that wrote `up`.

@@ -1,0 +1,107 @@
+//! Falcon's parallel-attention layer on the GPU, `x += dense(attn(a)) + down(gelu(up(a)))`
+//! for the layer's normed input `a`: the qkv and up projections as one pair, the
+//! attention, then the two residual products. With [`Gpu::set_fork_mlp`] a one-row step
+//! runs the MLP down projection on a second stream while the attention runs (it needs
+//! only the up projection), and the attention output projection after both.
+//!
+//! [`Gpu::set_fork_mlp`]: falconer_kernels::Gpu::set_fork_mlp
+
+use falconer_kernels::DeviceBuffer;
+
+use super::{
+    attention_output, attention_params, check_linear, check_step_rows, groups, invalid, map_err,
+    pair_half, CudaBackend, CudaKvCache, CudaStep, CudaTensor,
+};
+use crate::backend::{AttnConfig, Backend, ParallelWeights};
+use crate::error::BackendError;
+
+impl CudaBackend {
+    /// The qkv and up projections of `x` (`(weight, bias)` each, GELU on the second),
+    /// `then` with the up projection's output, then the attention; returns the attention
+    /// output, the up projection's output and `then`'s result.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_pair_then<T>(
+        &self,
+        x: &CudaTensor,
+        (qkv, qkv_bias): (&CudaTensor, Option<&CudaTensor>),
+        (up, up_bias): (&CudaTensor, Option<&CudaTensor>),
+        kv: &mut CudaKvCache,
+        layer: usize,
+        step: &CudaStep,
+        attn: &AttnConfig,
+        then: impl FnOnce(&DeviceBuffer<f32>) -> Result<T, falconer_kernels::KernelError>,
+    ) -> Result<(CudaTensor, DeviceBuffer<f32>, T), BackendError> {
+        check_linear(x, qkv)?;
+        check_linear(x, up)?;
+        check_step_rows(x, step)?;
+        let slopes = self.alibi_slopes(attn)?;
+        let (ctx, up_out, t) = self
+            .gpu
+            .attention_and_pair(
+                x.f32("linear")?,
+                x.cols,
+                pair_half(qkv, qkv_bias, false)?,
+                pair_half(up, up_bias, true)?,
+                groups(x),
+                &mut kv.buf,
+                layer,
+                &step.dev,
+                &attention_params(attn, slopes.as_deref()),
+                then,
+            )
+            .map_err(map_err)?;
+        Ok((attention_output(ctx, x.rows, attn, step), up_out, t))
+    }
+
+    /// [`Backend::parallel_attention`] for one row with the MLP down projection forked
+    /// beside the attention: `acc += down(h)` on the second stream, then, after the
+    /// join, `acc += dense(attn)`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn parallel_attention_forked(
+        &self,
+        x: &CudaTensor,
+        w: &ParallelWeights<'_, CudaTensor>,
+        kv: &mut CudaKvCache,
+        layer: usize,
+        step: &CudaStep,
+        attn: &AttnConfig,
+        acc: &mut CudaTensor,
+    ) -> Result<(), BackendError> {
+        let ((down, down_bias), up) = (w.down, w.up.0);
+        check_linear(x, up)?;
+        if down.cols != up.rows || (acc.rows, acc.cols) != (x.rows, down.rows) {
+            return Err(invalid(
+                "linear",
+                format!(
+                    "{}x{} accumulator for a {}-row MLP of {} -> {} -> {} features",
+                    acc.rows, acc.cols, x.rows, up.cols, up.rows, down.rows
+                ),
+            ));
+        }
+        let gpu = &self.gpu;
+        let down_w = down.bf16("linear")?;
+        let down_b = down_bias.map(|b| b.f32("linear")).transpose()?;
+        let acc_buf = acc.f32_mut("linear")?;
+        let (ctx, up_out, forked) =
+            self.attention_pair_then(x, w.qkv, w.up, kv, layer, step, attn, |h| {
+                Ok(gpu
+                    .fork(|| {
+                        gpu.linear_accumulate(
+                            h,
+                            x.rows,
+                            up.rows,
+                            down_w,
+                            down.rows,
+                            down_b,
+                            acc_buf,
+                            groups(x),
+                        )
+                    })?
+                    .1)
+            })?;
+        forked.join().map_err(map_err)?;
+        // The forked product read `up_out` and wrote `acc` until the join.
+        drop(up_out);
+        self.linear_add(&ctx, w.dense.0, w.dense.1, acc)
+    }
+}

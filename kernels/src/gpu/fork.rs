@@ -1,0 +1,214 @@
+//! A second stream (a "lane") for work that the next kernels on the thread's stream do
+//! not need: [`Gpu::fork`] queues it there, starting after everything queued so far, and
+//! [`Forked::join`] makes the thread's stream wait for it. Falcon's parallel-attention
+//! layer uses it for the MLP down projection ([`Gpu::set_fork_mlp`]): a bandwidth-bound
+//! GEMV that needs only the up projection, while the attention's chain of small,
+//! latency-bound kernels runs beside it on the main stream.
+//!
+//! Buffers: the GPU's buffers otherwise live on one stream (`gpu.rs`), where a buffer goes
+//! back to the pool, or is freed, once its last use is queued. Forked work may use only
+//! buffers that its caller keeps alive until it has queued the join, and no kernel on the
+//! main stream may write them in between; after the join every later use is ordered
+//! after the lane's work, so the one-stream rule holds again.
+//!
+//! Kernels on the lane launch without programmatic dependent launch: the kernel before
+//! one of them in its stream is not what it depends on (the event is). While the thread
+//! records a graph, the lane is one of the recording's own, a fresh stream that joins the
+//! capture through the fork event, so that the fork and the join become edges of the
+//! graph.
+
+use std::cell::Cell;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUevent, CUevent_wait_flags, CUstream};
+use cudarc::driver::{CudaEvent, CudaStream};
+
+use super::Gpu;
+use crate::error::KernelError;
+
+/// A lane's stream, fork event and join event, as raw driver handles.
+pub(crate) type LaneHandles = (CUstream, CUevent, CUevent);
+
+/// A second stream with its fork and join events.
+pub(crate) struct Lane {
+    stream: Arc<CudaStream>,
+    /// Recorded on the main stream at the fork; the lane waits for it.
+    start: CudaEvent,
+    /// Recorded on the lane after the forked work; the join waits for it.
+    done: CudaEvent,
+}
+
+impl Lane {
+    pub(crate) fn new(gpu: &Gpu) -> Result<Self, KernelError> {
+        let stream = gpu
+            .ctx
+            .new_stream()
+            .map_err(|e| KernelError::driver("fork stream", e))?;
+        let event = || {
+            gpu.ctx
+                .new_event(None)
+                .map_err(|e| KernelError::driver("fork event", e))
+        };
+        Ok(Lane {
+            stream,
+            start: event()?,
+            done: event()?,
+        })
+    }
+
+    pub(crate) fn handles(&self) -> LaneHandles {
+        (
+            self.stream.cu_stream(),
+            self.start.cu_event(),
+            self.done.cu_event(),
+        )
+    }
+}
+
+thread_local! {
+    /// Where this thread's launches go while it queues forked work: (the GPU's address,
+    /// the lane's stream).
+    static ON_LANE: Cell<Option<(usize, CUstream)>> = const { Cell::new(None) };
+}
+
+/// The lane this thread queues forked work on for `gpu`, while it does.
+pub(crate) fn lane_stream(gpu: &Gpu) -> Option<CUstream> {
+    ON_LANE
+        .with(Cell::get)
+        .filter(|&(g, _)| g == gpu as *const Gpu as usize)
+        .map(|(_, s)| s)
+}
+
+/// Work queued by [`Gpu::fork`] and not yet waited for. Dropping it joins too (errors
+/// ignored), so that an error between the fork and the join leaves no stream of a
+/// capture unjoined.
+#[must_use = "the main stream must join the forked work before its buffers are reused"]
+#[derive(Debug)]
+pub struct Forked<'a> {
+    gpu: &'a Gpu,
+    /// The lane's `done` event: alive as long as its lane, which outlives this (the
+    /// GPU's own lane lives with the GPU, a recording's until the recording ends, after
+    /// the work that forked).
+    done: CUevent,
+    joined: bool,
+}
+
+impl Forked<'_> {
+    /// Makes the thread's stream wait for the forked work: what it queues next runs after
+    /// it.
+    pub fn join(mut self) -> Result<(), KernelError> {
+        self.joined = true;
+        self.wait()
+    }
+
+    fn wait(&self) -> Result<(), KernelError> {
+        self.gpu
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| KernelError::driver("bind context", e))?;
+        // SAFETY: the event is alive (see `done`) and belongs to this stream's context.
+        unsafe {
+            cudarc::driver::result::stream::wait_event(
+                self.gpu.launch_stream(),
+                self.done,
+                CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .map_err(|e| KernelError::driver("join", e))
+    }
+}
+
+impl Drop for Forked<'_> {
+    fn drop(&mut self) {
+        if !self.joined {
+            let _ = self.wait();
+        }
+    }
+}
+
+/// Clears `ON_LANE` when dropped (also if the forked work panics).
+struct OffLane;
+
+impl Drop for OffLane {
+    fn drop(&mut self) {
+        ON_LANE.with(|c| c.set(None));
+    }
+}
+
+impl Gpu {
+    /// Queues what `f` launches on a second stream, after everything this thread queued
+    /// so far, and returns at once: what the thread queues next runs beside it until it
+    /// joins the returned [`Forked`]. `f` may only launch kernels (no allocation, copy or
+    /// cuBLAS call), on buffers that the caller keeps alive and that nothing else
+    /// writes until the join (see the module docs). Forks do not nest.
+    pub fn fork<R>(
+        &self,
+        f: impl FnOnce() -> Result<R, KernelError>,
+    ) -> Result<(R, Forked<'_>), KernelError> {
+        if lane_stream(self).is_some() {
+            return Err(KernelError::invalid("fork", "forks do not nest"));
+        }
+        let main = self.launch_stream();
+        // A recording forks onto a lane of its own; other work onto the GPU's, whose
+        // lock is held until the forked work is queued, so that two threads' forks do not
+        // interleave their events (which would only make them wait longer).
+        let mut eager = None;
+        let handles = match crate::graph::recording_lane(self, || Lane::new(self)) {
+            Some(h) => h?,
+            None => {
+                let mut guard = self.lane.lock().map_err(|_| KernelError::Device {
+                    op: "fork",
+                    message: "lane lock poisoned".into(),
+                })?;
+                if guard.is_none() {
+                    *guard = Some(Lane::new(self)?);
+                }
+                let h = guard.as_ref().map(Lane::handles);
+                eager = Some(guard);
+                h.ok_or_else(|| KernelError::invalid("fork", "no lane"))?
+            }
+        };
+        let (lane, start, done) = handles;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| KernelError::driver("bind context", e))?;
+        // SAFETY: the stream and events are alive (the lane outlives this call) and
+        // belong to this GPU's context.
+        unsafe {
+            cudarc::driver::result::event::record(start, main)
+                .and_then(|()| {
+                    cudarc::driver::result::stream::wait_event(
+                        lane,
+                        start,
+                        CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                    )
+                })
+                .map_err(|e| KernelError::driver("fork", e))?;
+        }
+        let out = {
+            ON_LANE.with(|c| c.set(Some((self as *const Gpu as usize, lane))));
+            let _off = OffLane;
+            f()
+        };
+        // SAFETY: as above.
+        let recorded = unsafe { cudarc::driver::result::event::record(done, lane) }
+            .map_err(|e| KernelError::driver("fork", e));
+        drop(eager);
+        self.forks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let forked = Forked {
+            gpu: self,
+            done,
+            joined: false,
+        };
+        // On an error the forked part is joined at once (by the drop).
+        recorded?;
+        Ok((out?, forked))
+    }
+
+    /// How many times work was forked onto a second stream (a replayed recording adds
+    /// none): tests check that the path they compare ran.
+    pub fn forks(&self) -> u64 {
+        self.forks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
