@@ -87,6 +87,7 @@ pub(crate) fn decode_section(
         all: bool,
         early: bool,
         fork: bool,
+        keys: usize,
     }
     let cfg = |pdl, rope, merge, overlap| Launch {
         pdl,
@@ -97,9 +98,11 @@ pub(crate) fn decode_section(
         all: false,
         early: true,
         fork: false,
+        keys: ATTN_SPLIT_KEYS,
     };
     let late_kv = |c: Launch| Launch { early: false, ..c };
     let fork = |c: Launch| Launch { fork: true, ..c };
+    let keys = |c: Launch, keys| Launch { keys, ..c };
     let split = |c: Launch, split| Launch { split, ..c };
     let split_all = |c: Launch, split| Launch {
         split,
@@ -111,6 +114,7 @@ pub(crate) fn decode_section(
         all: gpu.gemv_split_all(),
         early: gpu.early_kv(),
         fork: gpu.fork_mlp(),
+        keys: gpu.attn_split_keys(),
         ..cfg(
             gpu.pdl(),
             gpu.fuse_rope(),
@@ -127,6 +131,8 @@ pub(crate) fn decode_section(
         gpu.set_gemv_split_all(c.all);
         gpu.set_early_kv(c.early);
         gpu.set_fork_mlp(c.fork);
+        // Only the accepted lengths are listed below.
+        let _ = gpu.set_attn_split_keys(c.keys);
     };
     let label = |c: Launch| {
         let flags = [
@@ -140,7 +146,14 @@ pub(crate) fn decode_section(
             (!c.early, "latekv"),
             (c.fork, "fork"),
         ];
-        let on: Vec<&str> = flags.iter().filter(|f| f.0).map(|f| f.1).collect();
+        let mut on: Vec<String> = flags
+            .iter()
+            .filter(|f| f.0)
+            .map(|f| f.1.to_string())
+            .collect();
+        if c.keys != ATTN_SPLIT_KEYS {
+            on.push(format!("keys{}", c.keys));
+        }
         if on.is_empty() {
             "none".to_string()
         } else {
@@ -154,24 +167,25 @@ pub(crate) fn decode_section(
             vec![
                 cfg(true, false, false, false),
                 late_kv(cfg(true, false, false, false)),
+                keys(cfg(true, false, false, false), 256),
                 cfg(true, true, true, false),
                 cfg(false, false, false, false),
             ]
         } else {
             vec![
                 cfg(true, false, false, false),
-                split(cfg(true, false, false, false), GemvSplit::Two),
                 split(cfg(true, false, false, false), GemvSplit::Four),
-                split_all(cfg(true, false, false, false), GemvSplit::Two),
                 split_all(cfg(true, false, false, false), GemvSplit::Four),
                 late_kv(cfg(true, false, false, false)),
-                cfg(true, false, true, false),
                 cfg(true, true, true, false),
                 cfg(true, true, true, true),
                 fork(cfg(true, false, false, false)),
                 fork(cfg(true, true, false, false)),
                 fork(cfg(true, false, true, false)),
                 fork(cfg(false, false, false, false)),
+                keys(cfg(true, false, false, false), 256),
+                keys(cfg(true, false, false, false), 512),
+                keys(fork(cfg(true, false, false, false)), 256),
                 cfg(false, false, false, false),
             ]
         };

@@ -35,7 +35,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use decode::{decode_section, verify_section};
 use falconer_engine::backend::cuda::kernels::{
-    GemvKernel, GemvSplit, PairLaunch, ATTN_TC_MIN_CTX, PAIR_LAUNCH,
+    GemvKernel, GemvSplit, PairLaunch, ATTN_SPLIT_KEYS, ATTN_TC_MIN_CTX, PAIR_LAUNCH,
 };
 use falconer_engine::backend::cuda::CudaBackend;
 use falconer_engine::config::FalconConfig;

@@ -36,7 +36,7 @@ use crate::error::KernelError;
 use crate::module::{ptx_for, Kernels};
 use settings::env_flag;
 pub use settings::{
-    GemvKernel, GemvSplit, PairLaunch, ATTN_TC_MIN_CTX, GEMV_SPLIT, PAIR_LAUNCH,
+    GemvKernel, GemvSplit, PairLaunch, ATTN_SPLIT_KEYS, ATTN_TC_MIN_CTX, GEMV_SPLIT, PAIR_LAUNCH,
     ROW_INVARIANT_MAX_ROWS, TC_BLOCKS_PER_SM,
 };
 
@@ -105,6 +105,8 @@ pub struct Gpu {
     /// Decode rows of at least this context take the tensor-core decode attention (when
     /// the geometry allows).
     attn_tc_min_ctx: AtomicUsize,
+    /// Keys per split of the CUDA-core decode attention.
+    attn_split_keys: AtomicUsize,
     /// Blocks per SM the split-K tensor-core GEMV aims for.
     tc_blocks_per_sm: AtomicUsize,
     /// Few-row products give each row the same bits in any row count (see
@@ -233,6 +235,13 @@ impl Gpu {
             early_kv: AtomicBool::new(env_flag("FALCONER_EARLY_KV", true)),
             gemv_counters: Mutex::new(Vec::new()),
             attn_tc_min_ctx: AtomicUsize::new(ATTN_TC_MIN_CTX),
+            attn_split_keys: AtomicUsize::new(
+                std::env::var("FALCONER_ATTN_SPLIT_KEYS")
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .filter(|&k| settings::valid_attn_split_keys(k))
+                    .unwrap_or(ATTN_SPLIT_KEYS),
+            ),
             staging: Mutex::new(None),
             row_invariant: AtomicBool::new(env_flag("FALCONER_ROW_INVARIANT", false)),
             tc_blocks_per_sm: AtomicUsize::new(

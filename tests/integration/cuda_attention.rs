@@ -7,7 +7,7 @@
 //! Without a GPU every test prints `skipped: no CUDA device (<reason>)` and passes.
 #![cfg(feature = "cuda")]
 
-use falconer_engine::backend::cuda::kernels::ATTN_TC_MIN_CTX;
+use falconer_engine::backend::cuda::kernels::{ATTN_SPLIT_KEYS, ATTN_TC_MIN_CTX};
 use falconer_engine::backend::{AttnConfig, Backend, KvLayout, SeqMeta, StepMeta};
 use falconer_engine::config::{RopeConfig, RopeScaling};
 use falconer_engine::posenc::{alibi, rope::Rope};
@@ -225,25 +225,36 @@ fn cuda_attention_matches_cpu_in_every_kernel_path() {
         let want = run_attention(&cpu, &steps, &tables, &attn, &layout, rope.as_ref(), 11);
         // Decode rows on the f32 kernel (short contexts, the default), then on the
         // tensor-core decode kernel wherever the geometry allows (many heads per kv head).
-        // Split rows on the f32 kernel merged by attn_combine too.
-        for (tc_min_ctx, merge) in [(ATTN_TC_MIN_CTX, true), (0, true), (ATTN_TC_MIN_CTX, false)] {
+        // Split rows on the f32 kernel merged by attn_combine too, and in longer splits
+        // (the 509-key context in two splits of 256 and one of 512).
+        for (tc_min_ctx, merge, keys) in [
+            (ATTN_TC_MIN_CTX, true, ATTN_SPLIT_KEYS),
+            (0, true, ATTN_SPLIT_KEYS),
+            (ATTN_TC_MIN_CTX, false, ATTN_SPLIT_KEYS),
+            (ATTN_TC_MIN_CTX, false, 256),
+            (ATTN_TC_MIN_CTX, true, 512),
+        ] {
             b.gpu().set_attn_tc_min_ctx(tc_min_ctx);
             b.gpu().set_fuse_combine(merge);
+            b.gpu().set_attn_split_keys(keys).unwrap();
             let got = run_attention(&*b, &steps, &tables, &attn, &layout, rope.as_ref(), 11);
             let errs: Vec<f32> = got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).collect();
             let shown: Vec<String> = errs.iter().map(|e| format!("{e:.2e}")).collect();
             println!(
                 "attention {nh} heads / {kvh} kv x {hd}, alibi {use_alibi}, tc decode from \
-                 ctx {tc_min_ctx}, splits merged in the kernel {merge}: rel err per step {}",
+                 ctx {tc_min_ctx}, splits merged in the kernel {merge}, {keys} keys a \
+                 split: rel err per step {}",
                 shown.join(" ")
             );
             if errs.iter().any(|&e| e >= TOL) {
                 failures.push(format!(
-                    "{nh}/{kvh}x{hd} alibi={use_alibi} tc from {tc_min_ctx} merge {merge}: {}",
+                    "{nh}/{kvh}x{hd} alibi={use_alibi} tc from {tc_min_ctx} merge {merge} \
+                     keys {keys}: {}",
                     shown.join(" ")
                 ));
             }
         }
+        b.gpu().set_attn_split_keys(ATTN_SPLIT_KEYS).unwrap();
         b.gpu().set_fuse_combine(merge_default);
         b.gpu().set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
     }
@@ -257,6 +268,13 @@ fn cuda_attention_matches_cpu_in_every_kernel_path() {
 fn cuda_attention_rows_are_the_same_bits_in_any_step() {
     let Some(b) = backend() else { return };
     let merge_default = b.gpu().fuse_combine();
+    for bad in [0, 32, 100, 8192] {
+        assert!(
+            b.gpu().set_attn_split_keys(bad).is_err(),
+            "{bad} keys a split must be refused"
+        );
+    }
+    assert_eq!(b.gpu().attn_split_keys(), ATTN_SPLIT_KEYS);
     let bs = 16;
     let table: Vec<u32> = (0..96).map(|i| (i * 7 + 3) % 96).collect();
     // (heads, kv heads, head dim, prefix length, tensor-core threshold)
@@ -271,12 +289,17 @@ fn cuda_attention_rows_are_the_same_bits_in_any_step() {
         (48, 1, 128, 765, 0),
     ];
     // Split rows merged by the CUDA-core decode kernel itself or by attn_combine (the
-    // default).
-    let runs = [true, false]
-        .into_iter()
-        .flat_map(|merge| cases.map(|c| (merge, c)));
-    for (merge, (nh, kvh, hd, prefix, tc_from)) in runs {
+    // default), in the default splits and in splits of 256 keys.
+    let runs = [
+        (true, ATTN_SPLIT_KEYS),
+        (false, ATTN_SPLIT_KEYS),
+        (false, 256),
+    ]
+    .into_iter()
+    .flat_map(|setting| cases.map(|c| (setting, c)));
+    for ((merge, keys), (nh, kvh, hd, prefix, tc_from)) in runs {
         b.gpu().set_fuse_combine(merge);
+        b.gpu().set_attn_split_keys(keys).unwrap();
         b.gpu().set_attn_tc_min_ctx(tc_from);
         let (attn, layout) = geometry(nh, kvh, hd, bs);
         let width = kvh * (nh / kvh + 2) * hd;
@@ -300,12 +323,13 @@ fn cuda_attention_rows_are_the_same_bits_in_any_step() {
             let row = &verify[i * out_w..(i + 1) * out_w];
             assert!(
                 same_bits(row, &one),
-                "{nh}/{kvh}x{hd}, context {}, splits merged in the kernel {merge}: the \
-                 verify row differs from the one-token step",
+                "{nh}/{kvh}x{hd}, context {}, splits merged in the kernel {merge}, {keys} \
+                 keys a split: the verify row differs from the one-token step",
                 prefix + i + 1
             );
         }
     }
+    b.gpu().set_attn_split_keys(ATTN_SPLIT_KEYS).unwrap();
     b.gpu().set_fuse_combine(merge_default);
     b.gpu().set_attn_tc_min_ctx(ATTN_TC_MIN_CTX);
 }

@@ -14,6 +14,18 @@ use super::Gpu;
 /// tensor-core kernel at every context).
 pub const ATTN_TC_MIN_CTX: usize = 1024;
 
+/// Default keys per split of the CUDA-core decode attention (the kernel of contexts below
+/// [`ATTN_TC_MIN_CTX`]; `FALCONER_ATTN_SPLIT_KEYS`, a multiple of 64 up to 4096): short
+/// splits spread a context over more blocks, long ones save the split merge
+/// (`attn_combine`) where a context fits one split.
+pub const ATTN_SPLIT_KEYS: usize = 64;
+
+/// The keys per split that [`Gpu::set_attn_split_keys`] accepts: multiples of 64 (the
+/// tensor-core kernel's 256-key splits must stay a multiple) up to 4096.
+pub fn valid_attn_split_keys(keys: usize) -> bool {
+    keys > 0 && keys.is_multiple_of(64) && keys <= 4096
+}
+
 /// The most rows a row-invariant `linear` keeps out of cuBLAS (a verify pass over 8
 /// drafts plus catch-up tokens).
 pub const ROW_INVARIANT_MAX_ROWS: usize = 16;
@@ -298,6 +310,25 @@ impl Gpu {
     pub fn set_attn_tc_min_ctx(&self, min_ctx: usize) {
         self.attn_tc_min_ctx.store(min_ctx, Ordering::Relaxed);
         self.settings_changed();
+    }
+
+    /// Keys per split of the CUDA-core decode attention ([`ATTN_SPLIT_KEYS`]): fixed for
+    /// every step of a setting, so that a row gets the same bits in a verify pass as in
+    /// a one-token step. Refuses other values than [`valid_attn_split_keys`] allows.
+    pub fn set_attn_split_keys(&self, keys: usize) -> Result<(), crate::error::KernelError> {
+        if !valid_attn_split_keys(keys) {
+            return Err(crate::error::KernelError::invalid(
+                "attention",
+                format!("{keys} keys per split (a multiple of 64 up to 4096)"),
+            ));
+        }
+        self.attn_split_keys.store(keys, Ordering::Relaxed);
+        self.settings_changed();
+        Ok(())
+    }
+
+    pub fn attn_split_keys(&self) -> usize {
+        self.attn_split_keys.load(Ordering::Relaxed)
     }
 
     /// Blocks per SM the split-K tensor-core GEMV aims for: more splits start more loads

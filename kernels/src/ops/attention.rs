@@ -13,9 +13,10 @@ use crate::graph::Bound;
 use crate::step::DeviceStep;
 
 const DEC_TK: usize = 32;
-/// Keys per split of the CUDA-core decode kernels (a multiple of their key tile): the
-/// same for every step, so that a row's result does not depend on its step's other
-/// rows (the tensor-core kernel's is `DTC_SPLIT_KEYS`).
+/// The shortest split of the CUDA-core decode kernels (a multiple of their key tile),
+/// which contexts are classed by; a step's splits are [`Gpu::attn_split_keys`] long, the
+/// same for every step, so that a row's result does not depend on its step's other rows
+/// (the tensor-core kernel's are `DTC_SPLIT_KEYS`).
 const DEC_SPLIT_KEYS: usize = 64;
 /// Splits whose weights `attn_combine` keeps in shared memory (more still combine, with
 /// weight 0: never produced, the launchers stay below).
@@ -606,7 +607,7 @@ impl Gpu {
         let chunks0 = qpg.div_ceil(max_hb.min(DEC_WARPS));
         let hb = qpg.div_ceil(chunks0);
         let chunks = qpg.div_ceil(hb);
-        let (nsplit, keys_per_split) = fixed_splits(grid_ctx(max_ctx), DEC_SPLIT_KEYS);
+        let (nsplit, keys_per_split) = fixed_splits(grid_ctx(max_ctx), self.attn_split_keys());
         let smem = ((2 * hb * hd + 2 * hb + fixed) * 4) as u32;
         let (_parts, po, pm) = self.partials(d, nsplit)?;
         // Split rows merged by the kernel's last block per (row, head chunk), or by
@@ -701,7 +702,8 @@ mod tests {
     use super::*;
 
     /// Every context of a class launches the same split grids in both decode kernels,
-    /// with the keys per split its own context would get; a sequence changes class only
+    /// with the keys per split its own context would get (at every split length the
+    /// settings accept); a sequence changes class only
     /// when its context doubles.
     #[test]
     fn contexts_of_one_class_split_alike() {
@@ -714,11 +716,13 @@ mod tests {
             );
             let grid = grid_ctx(ctx);
             assert_eq!(grid, class);
-            assert_eq!(
-                fixed_splits(grid, DEC_SPLIT_KEYS).1,
-                fixed_splits(ctx, DEC_SPLIT_KEYS).1,
-                "context {ctx}: keys per split"
-            );
+            for keys in [DEC_SPLIT_KEYS, 128, 256, 512, 4096] {
+                assert_eq!(
+                    fixed_splits(grid, keys).1,
+                    fixed_splits(ctx, keys).1,
+                    "context {ctx}, {keys} keys a split: keys per split"
+                );
+            }
             classes.insert(class);
         }
         assert_eq!(classes.len(), 11, "{classes:?}");
