@@ -280,6 +280,8 @@ impl Gpu {
 
     /// Device address of at least `tiles` zeroed GEMV arrival counters.
     pub(crate) fn gemv_counters(&self, tiles: usize) -> Result<u64, KernelError> {
+        // Shared by every launch that uses them, so never by two streams at once.
+        fork::refuse_on_lane(self, "arrival counters")?;
         let mut c = self.gemv_counters.lock().map_err(|_| KernelError::Device {
             op: "gemv",
             message: "counter lock poisoned".into(),
@@ -319,6 +321,8 @@ impl Gpu {
     /// Like [`Gpu::alloc`], from (and, when dropped, back to) the pool: for op outputs
     /// and temporaries.
     pub(crate) fn scratch<T: Elem>(&self, len: usize) -> Result<DeviceBuffer<T>, KernelError> {
+        // It would go back to the pool before the join.
+        fork::refuse_on_lane(self, "a scratch buffer")?;
         let (pool, strict) =
             crate::graph::recording_pool(self).unwrap_or_else(|| (Arc::clone(&self.pool), false));
         let slice = match pool.take::<T>(len.max(1)) {
@@ -346,6 +350,7 @@ impl Gpu {
 
     /// Refuses an allocation while a graph is captured: the graph would own it.
     pub(crate) fn not_capturing(&self, op: &'static str) -> Result<(), KernelError> {
+        fork::refuse_on_lane(self, op)?;
         if crate::graph::capturing(self) {
             return Err(KernelError::invalid(
                 op,

@@ -80,9 +80,19 @@ fn cuda_forked_work_runs_after_the_fork_and_before_the_join() {
         5,
         "every forked round counts one fork"
     );
-    // Forks do not nest.
+    // Forks do not nest, and forked work allocates nothing (a scratch buffer would go
+    // back to the pool before the join): both refused, and the GPU goes on working.
     let nested = gpu.fork(|| gpu.fork(|| Ok(())).map(|_| ()));
     assert!(nested.is_err(), "a fork inside a fork must be refused");
+    let x = gpu.upload(&random(4544, 7)).unwrap();
+    let allocating = gpu.fork(|| gpu.linear(&x, 1, 4544, &w[2], 4544, None, &[1]));
+    assert!(
+        allocating.is_err(),
+        "a product into a new buffer must be refused in forked work"
+    );
+    let one = mlp_round(gpu, &w, 7, false);
+    let forked = mlp_round(gpu, &w, 7, true);
+    assert!(same_bits(&forked, &one), "after the refusals");
 }
 
 /// Greedy decoding on a fixture (steps queued kernel by kernel) with the MLP forked or

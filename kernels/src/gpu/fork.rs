@@ -79,6 +79,18 @@ pub(crate) fn lane_stream(gpu: &Gpu) -> Option<CUstream> {
         .map(|(_, s)| s)
 }
 
+/// An error if this thread is queueing forked work on `gpu`: what `what` would share
+/// with the main stream is not safe there (see the module docs).
+pub(crate) fn refuse_on_lane(gpu: &Gpu, what: &str) -> Result<(), KernelError> {
+    match lane_stream(gpu) {
+        Some(_) => Err(KernelError::invalid(
+            "fork",
+            format!("{what} in forked work (it may only launch kernels)"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Work queued by [`Gpu::fork`] and not yet waited for. Dropping it joins too (errors
 /// ignored), so that an error between the fork and the join leaves no stream of a
 /// capture unjoined.
@@ -194,8 +206,6 @@ impl Gpu {
         let recorded = unsafe { cudarc::driver::result::event::record(done, lane) }
             .map_err(|e| KernelError::driver("fork", e));
         drop(eager);
-        self.forks
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let forked = Forked {
             gpu: self,
             done,
@@ -203,10 +213,13 @@ impl Gpu {
         };
         // On an error the forked part is joined at once (by the drop).
         recorded?;
-        Ok((out?, forked))
+        let out = out?;
+        self.forks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok((out, forked))
     }
 
-    /// How many times work was forked onto a second stream (a replayed recording adds
+    /// How many forks queued their work (refused ones and replayed recordings add
     /// none): tests check that the path they compare ran.
     pub fn forks(&self) -> u64 {
         self.forks.load(std::sync::atomic::Ordering::Relaxed)
