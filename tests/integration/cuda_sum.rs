@@ -185,16 +185,20 @@ fn cuda_overlapped_sum_equals_the_fused_sum_with_its_terms_swapped() {
     gpu.set_sum_overlap(was);
 }
 
-/// Greedy decoding on a fixture (default kernels, steps queued kernel by kernel) with the
-/// overlapped sum on or off: every step's logits, and how many overlapped launches ran.
+/// Greedy decoding on a fixture (default kernels but the MLP not forked, steps queued
+/// kernel by kernel) with the overlapped sum on or off: every step's logits, and how
+/// many overlapped launches ran.
 fn greedy_overlap(b: &Arc<CudaBackend>, name: &str, overlap: bool) -> (Vec<Vec<f32>>, u64) {
-    let was = b.gpu().sum_overlap();
+    let was = (b.gpu().sum_overlap(), b.gpu().fork_mlp());
     b.gpu().set_sum_overlap(overlap);
+    // A forked MLP takes no fused sum.
+    b.gpu().set_fork_mlp(false);
     b.set_step_graphs(false);
     let before = b.gpu().late_sum_launches();
     let all = greedy_logits(b, name, 30);
     let launches = b.gpu().late_sum_launches() - before;
-    b.gpu().set_sum_overlap(was);
+    b.gpu().set_sum_overlap(was.0);
+    b.gpu().set_fork_mlp(was.1);
     b.set_step_graphs(true);
     (all, launches)
 }
