@@ -36,8 +36,8 @@ use crate::error::KernelError;
 use crate::module::{ptx_for, Kernels};
 use settings::env_flag;
 pub use settings::{
-    GemvKernel, GemvSplit, PairLaunch, ATTN_SPLIT_KEYS, ATTN_TC_MIN_CTX, GEMV_SPLIT, PAIR_LAUNCH,
-    ROW_INVARIANT_MAX_ROWS, TC_BLOCKS_PER_SM,
+    GemvKernel, GemvSplit, PairLaunch, ATTN_SPLIT_KEYS, ATTN_TC_MIN_CTX, FORK_MLP, GEMV_SPLIT,
+    PAIR_LAUNCH, ROW_INVARIANT_MAX_ROWS, TC_BLOCKS_PER_SM,
 };
 
 mod fork;
@@ -228,7 +228,7 @@ impl Gpu {
             fuse_rope: AtomicBool::new(env_flag("FALCONER_FUSE_ROPE", false)),
             fused_rope_launches: AtomicU64::new(0),
             late_sum_launches: AtomicU64::new(0),
-            fork_mlp: AtomicBool::new(env_flag("FALCONER_FORK_MLP", false)),
+            fork_mlp: AtomicBool::new(env_flag("FALCONER_FORK_MLP", FORK_MLP)),
             lane: Mutex::new(None),
             forks: AtomicU64::new(0),
             fuse_combine: AtomicBool::new(env_flag("FALCONER_FUSE_COMBINE", false)),

@@ -14,6 +14,9 @@ use super::Gpu;
 /// tensor-core kernel at every context).
 pub const ATTN_TC_MIN_CTX: usize = 1024;
 
+/// Default of [`Gpu::set_fork_mlp`] (`FALCONER_FORK_MLP=0|1`).
+pub const FORK_MLP: bool = false;
+
 /// Default keys per split of the CUDA-core decode attention (the kernel of contexts below
 /// [`ATTN_TC_MIN_CTX`]; `FALCONER_ATTN_SPLIT_KEYS`, a multiple of 64 up to 4096): short
 /// splits spread a context over more blocks, long ones save the split merge
