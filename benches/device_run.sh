@@ -13,7 +13,8 @@
 #
 # Environment: NOTEST=1 skips the CUDA tests; HF=1 runs benches/hf_baseline.py first
 # and hands its figures to the bench (HF_BASELINE_JSON); ONLY=a,b picks the bench's
-# sections (BENCH_ONLY; default decode,verify), FULL=1 runs all of them; SPEC=1 runs
+# sections (BENCH_ONLY; default decode,verify), FULL=1 runs all of them (BENCH_MATRIX,
+# passed through, limits the decode section to the listed launch settings); SPEC=1 runs
 # specbench --device cuda; PROF=1 runs the profile pass under ncu (kernel times).
 set -uo pipefail
 LIMIT=${1:-540}

@@ -13,62 +13,14 @@ pub(crate) fn decode_section(
     r: &mut Report,
 ) -> Result<f64> {
     let gpu = backend.gpu();
-    // Batch-1 greedy decode, first without programmatic dependent launch (for the
-    // comparison), then as configured.
     let vocab = cfg.vocab_size as u32;
     let pdl_default = gpu.pdl();
-    if pdl_default {
-        gpu.set_pdl(false);
-        let tps = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
-        r.row((
-            "decode without programmatic dependent launch".into(),
-            format!("{tps:.1} tokens/s (median of 2)"),
-        ));
-        r.out
-            .insert("decode_no_pdl_tokens_per_s".into(), json!(tps));
-        gpu.set_pdl(true);
+    // `BENCH_MATRIX=label,label` runs only the listed matrix entries (and the
+    // default) and skips the other variants: a short device call.
+    let matrix = std::env::var("BENCH_MATRIX").ok();
+    if matrix.is_none() {
+        launch_variants(backend, runner, vocab, r)?;
     }
-    r.out.insert("pdl".into(), json!(pdl_default));
-    // Steps queued kernel by kernel, or replayed as CUDA graphs.
-    let graphs_default = backend.step_graphs();
-    backend.set_step_graphs(!graphs_default);
-    let tps_g = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
-    backend.set_step_graphs(graphs_default);
-    r.row((
-        format!(
-            "decode with CUDA graphs {}",
-            if graphs_default { "off" } else { "on" }
-        ),
-        format!(
-            "{tps_g:.1} tokens/s (median of 2; default: {})",
-            if graphs_default { "on" } else { "off" }
-        ),
-    ));
-    r.out
-        .insert("decode_graphs_flipped_tokens_per_s".into(), json!(tps_g));
-    r.out.insert("step_graphs".into(), json!(graphs_default));
-    // The layer's two residual products (attention output, MLP down) as two launches.
-    let fuse_default = gpu.fuse_sum();
-    gpu.set_fuse_sum(!fuse_default);
-    let tps_f = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
-    gpu.set_fuse_sum(fuse_default);
-    r.row((
-        format!(
-            "decode with the residual products {}",
-            if fuse_default {
-                "as two launches"
-            } else {
-                "as one launch"
-            }
-        ),
-        format!(
-            "{tps_f:.1} tokens/s (median of 2; default: {})",
-            if fuse_default { "one" } else { "two" }
-        ),
-    ));
-    r.out
-        .insert("decode_fuse_sum_flipped_tokens_per_s".into(), json!(tps_f));
-    r.out.insert("fuse_sum".into(), json!(fuse_default));
     // Programmatic dependent launch, the fused attention input (rotary and KV write in
     // the qkv projection), the decode attention's own split merge and the residual sum
     // overlapping the attention, in combinations run in turn three times each: their
@@ -189,6 +141,13 @@ pub(crate) fn decode_section(
                 cfg(false, false, false, false),
             ]
         };
+        let listed = |c: &Launch| {
+            matrix.as_deref().is_none_or(|m| {
+                let l = label(*c);
+                l == label(defaults) || m.split(',').any(|s| s.trim() == l)
+            })
+        };
+        let configs: Vec<Launch> = configs.into_iter().filter(listed).collect();
         let mut runs = vec![Vec::new(); configs.len()];
         for _ in 0..3 {
             for (&c, into) in configs.iter().zip(runs.iter_mut()) {
@@ -222,6 +181,125 @@ pub(crate) fn decode_section(
             Value::Object(fields),
         );
     }
+    if matrix.is_none() {
+        kernel_variants(backend, runner, vocab, r)?;
+    }
+    let decode_s = decode_runs(runner, vocab, DECODE_RUNS, Pick::DeviceArgmax)?;
+    // The first run warms up (JIT, allocator pool).
+    let med = median(&decode_s[1..]);
+    let tps = NEW_TOKENS as f64 / med;
+    let ms_tok = med * 1e3 / NEW_TOKENS as f64;
+    r.row((
+        format!("decode, batch 1, {PROMPT}-token prompt, {NEW_TOKENS} new"),
+        format!("{tps:.1} tokens/s (median of {})", DECODE_RUNS - 1),
+    ));
+    r.row((
+        "ms/token vs weight-streaming floor".into(),
+        format!(
+            "{ms_tok:.3} ms vs {floor_ms:.2} ms ({:.0}% of floor speed)",
+            floor_ms / ms_tok * 100.0
+        ),
+    ));
+    r.out.insert("decode_tokens_per_s".into(), json!(tps));
+    r.out.insert("decode_ms_per_token".into(), json!(ms_tok));
+    r.out.insert("decode_runs_s".into(), json!(decode_s));
+    r.out.insert("floor_ms_per_token".into(), json!(floor_ms));
+    let graphs = runner.model().step_graphs();
+    if let Some(why) = graphs.last_failure() {
+        eprintln!("a CUDA graph capture failed: {why}");
+    }
+    let g = graphs.stats();
+    r.row((
+        "CUDA graph recordings of the decode model's steps".into(),
+        format!(
+            "{} recorded, {} replayed, {} warm-up, {} failed, {} not recordable",
+            g.recorded, g.replayed, g.warmed, g.failed, g.direct
+        ),
+    ));
+    r.out.insert(
+        "graph_stats".into(),
+        json!({"recorded": g.recorded, "replayed": g.replayed, "warmed": g.warmed,
+               "failed": g.failed, "direct": g.direct}),
+    );
+    Ok(tps)
+}
+
+/// Decode with one launch setting flipped each: programmatic dependent launch off, CUDA
+/// graphs flipped, the residual products as two launches.
+fn launch_variants(
+    backend: &CudaBackend,
+    runner: &mut ModelRunner<CudaBackend>,
+    vocab: u32,
+    r: &mut Report,
+) -> Result<()> {
+    let gpu = backend.gpu();
+    let pdl_default = gpu.pdl();
+    // Batch-1 greedy decode, first without programmatic dependent launch (for the
+    // comparison), then as configured.
+    if pdl_default {
+        gpu.set_pdl(false);
+        let tps = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
+        r.row((
+            "decode without programmatic dependent launch".into(),
+            format!("{tps:.1} tokens/s (median of 2)"),
+        ));
+        r.out
+            .insert("decode_no_pdl_tokens_per_s".into(), json!(tps));
+        gpu.set_pdl(true);
+    }
+    r.out.insert("pdl".into(), json!(pdl_default));
+    // Steps queued kernel by kernel, or replayed as CUDA graphs.
+    let graphs_default = backend.step_graphs();
+    backend.set_step_graphs(!graphs_default);
+    let tps_g = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
+    backend.set_step_graphs(graphs_default);
+    r.row((
+        format!(
+            "decode with CUDA graphs {}",
+            if graphs_default { "off" } else { "on" }
+        ),
+        format!(
+            "{tps_g:.1} tokens/s (median of 2; default: {})",
+            if graphs_default { "on" } else { "off" }
+        ),
+    ));
+    r.out
+        .insert("decode_graphs_flipped_tokens_per_s".into(), json!(tps_g));
+    r.out.insert("step_graphs".into(), json!(graphs_default));
+    // The layer's two residual products (attention output, MLP down) as two launches.
+    let fuse_default = gpu.fuse_sum();
+    gpu.set_fuse_sum(!fuse_default);
+    let tps_f = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
+    gpu.set_fuse_sum(fuse_default);
+    r.row((
+        format!(
+            "decode with the residual products {}",
+            if fuse_default {
+                "as two launches"
+            } else {
+                "as one launch"
+            }
+        ),
+        format!(
+            "{tps_f:.1} tokens/s (median of 2; default: {})",
+            if fuse_default { "one" } else { "two" }
+        ),
+    ));
+    r.out
+        .insert("decode_fuse_sum_flipped_tokens_per_s".into(), json!(tps_f));
+    r.out.insert("fuse_sum".into(), json!(fuse_default));
+    Ok(())
+}
+
+/// Decode with other kernels: row-invariant, tensor-core attention everywhere, logits
+/// on the host, sampled (warped on the device or the host), and the pair launches.
+fn kernel_variants(
+    backend: &CudaBackend,
+    runner: &mut ModelRunner<CudaBackend>,
+    vocab: u32,
+    r: &mut Report,
+) -> Result<()> {
+    let gpu = backend.gpu();
     gpu.set_row_invariant(true);
     let tps_x = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
     gpu.set_row_invariant(false);
@@ -293,44 +371,7 @@ pub(crate) fn decode_section(
         "decode tokens/s, qkv + MLP up projection launches".into(),
         format!("{} (default {PAIR_LAUNCH:?})", cells.join(", ")),
     ));
-    let decode_s = decode_runs(runner, vocab, DECODE_RUNS, Pick::DeviceArgmax)?;
-    // The first run warms up (JIT, allocator pool).
-    let med = median(&decode_s[1..]);
-    let tps = NEW_TOKENS as f64 / med;
-    let ms_tok = med * 1e3 / NEW_TOKENS as f64;
-    r.row((
-        format!("decode, batch 1, {PROMPT}-token prompt, {NEW_TOKENS} new"),
-        format!("{tps:.1} tokens/s (median of {})", DECODE_RUNS - 1),
-    ));
-    r.row((
-        "ms/token vs weight-streaming floor".into(),
-        format!(
-            "{ms_tok:.3} ms vs {floor_ms:.2} ms ({:.0}% of floor speed)",
-            floor_ms / ms_tok * 100.0
-        ),
-    ));
-    r.out.insert("decode_tokens_per_s".into(), json!(tps));
-    r.out.insert("decode_ms_per_token".into(), json!(ms_tok));
-    r.out.insert("decode_runs_s".into(), json!(decode_s));
-    r.out.insert("floor_ms_per_token".into(), json!(floor_ms));
-    let graphs = runner.model().step_graphs();
-    if let Some(why) = graphs.last_failure() {
-        eprintln!("a CUDA graph capture failed: {why}");
-    }
-    let g = graphs.stats();
-    r.row((
-        "CUDA graph recordings of the decode model's steps".into(),
-        format!(
-            "{} recorded, {} replayed, {} warm-up, {} failed, {} not recordable",
-            g.recorded, g.replayed, g.warmed, g.failed, g.direct
-        ),
-    ));
-    r.out.insert(
-        "graph_stats".into(),
-        json!({"recorded": g.recorded, "replayed": g.replayed, "warmed": g.warmed,
-               "failed": g.failed, "direct": g.direct}),
-    );
-    Ok(tps)
+    Ok(())
 }
 
 /// Verify pass against a one-token step; returns the one-token step in seconds.
