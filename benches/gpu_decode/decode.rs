@@ -28,7 +28,9 @@ pub(crate) fn decode_section(
     // The residual sum's warps per output (GemvSplit) join the matrix as `split2`,
     // `split4`, applied to every one-row GEMV with `all`; the decode attention's keys
     // loaded only after its PDL wait as `latekv`; the MLP down projection forked onto a
-    // second stream beside the attention as `fork`.
+    // second stream beside the attention as `fork` (its layers always store the rotary
+    // from the projection, so `rope` only matters unforked); the CUDA-core attention's
+    // keys per split as `keysN`.
     #[derive(Clone, Copy)]
     struct Launch {
         pdl: bool,
@@ -125,19 +127,14 @@ pub(crate) fn decode_section(
             ]
         } else {
             vec![
-                cfg(true, false, false, false),
-                split(cfg(true, false, false, false), GemvSplit::Four),
-                split_all(cfg(true, false, false, false), GemvSplit::Four),
-                late_kv(cfg(true, false, false, false)),
-                cfg(true, true, true, false),
-                cfg(true, true, true, true),
                 fork(cfg(true, false, false, false)),
-                fork(cfg(true, true, false, false)),
+                cfg(true, false, false, false),
+                fork(split(cfg(true, false, false, false), GemvSplit::Four)),
+                fork(split_all(cfg(true, false, false, false), GemvSplit::Four)),
+                fork(late_kv(cfg(true, false, false, false))),
                 fork(cfg(true, false, true, false)),
+                cfg(true, true, true, true),
                 fork(cfg(false, false, false, false)),
-                keys(cfg(true, false, false, false), 256),
-                keys(cfg(true, false, false, false), 512),
-                keys(fork(cfg(true, false, false, false)), 256),
                 cfg(false, false, false, false),
             ]
         };

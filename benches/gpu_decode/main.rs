@@ -343,17 +343,14 @@ fn replica_section(backend: &CudaBackend, cfg: &FalconConfig, r: &mut Report) ->
     // One decode step's layer ops replayed directly on the backend (same weights every
     // layer: 414 MB per layer cannot stay in L2): host time to queue them against GPU
     // time, and the same with the GEMVs alone.
-    // With the MLP down projection forked beside the attention too (`fork`).
+    // All ops with the MLP down projection forked beside the attention and not.
     let gpu = backend.gpu();
     let fork_default = gpu.fork_mlp();
     for (label, key, full, fork) in [
-        ("all ops", "all", true, fork_default),
         ("all ops, MLP forked", "all_fork", true, true),
+        ("all ops, MLP not forked", "all", true, false),
         ("GEMVs only", "gemv", false, fork_default),
     ] {
-        if fork == fork_default && key == "all_fork" {
-            continue;
-        }
         gpu.set_fork_mlp(fork);
         let rep = layer_replica(backend, cfg, PROMPT + NEW_TOKENS, full);
         gpu.set_fork_mlp(fork_default);

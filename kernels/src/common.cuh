@@ -99,7 +99,10 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 // load their first weights there, while the kernel before them finishes. Since every
 // kernel triggers after its own wait, only the kernel just before may still be running:
 // the decode attention also loads the keys of earlier steps there, which that kernel
-// (rope_qkv) does not write. (Triggering
+// (rope_qkv, or the projection that stores the rotary itself) does not write. Work
+// forked onto a second stream (gpu/fork.rs: the MLP down projection) may run beside
+// them too; it writes only the residual stream, which the attention does not read, and
+// is joined before the kernel that adds to it next. (Triggering
 // before the wait, so that a chain of kernels is scheduled at once, measured slower on
 // an H100.)
 __device__ __forceinline__ void pdl_wait() {

@@ -1,9 +1,10 @@
 //! Work forked onto a second stream (`Gpu::fork`) and the layer that uses it, the MLP
-//! down projection beside the attention (`Gpu::set_fork_mlp`): the fork starts after
-//! what the main stream queued before it and the join orders it before what follows;
-//! greedy decoding on every fixture matches the fused sum, gives the same bits on every
-//! run, and the same bits again when the steps are replayed as CUDA graphs (the fork
-//! and join recorded as graph edges).
+//! down projection beside the attention (`Gpu::set_fork_mlp`, on by default, its qkv
+//! projection storing the rotary itself): the fork starts after what the main stream
+//! queued before it and the join orders it before what follows; greedy decoding on
+//! every fixture matches the unforked layer (fused sum, `rope_qkv`), gives the same bits
+//! on every run, and the same bits again when the steps are replayed as CUDA graphs
+//! (the fork and join recorded as graph edges).
 //!
 //! Without a GPU every test prints `skipped: no CUDA device (<reason>)` and passes.
 #![cfg(feature = "cuda")]
@@ -96,18 +97,22 @@ fn cuda_forked_work_runs_after_the_fork_and_before_the_join() {
 }
 
 /// Greedy decoding on a fixture (steps queued kernel by kernel) with the MLP forked or
-/// not: every step's logits, and how many forks ran.
-fn greedy_fork(b: &Arc<CudaBackend>, name: &str, fork: bool) -> (Vec<Vec<f32>>, u64) {
+/// not (then with `rope_qkv`, not the fused projection): every step's logits, how many
+/// forks ran and how many fused qkv-rotary projections.
+fn greedy_fork(b: &Arc<CudaBackend>, name: &str, fork: bool) -> (Vec<Vec<f32>>, u64, u64) {
     let gpu = b.gpu();
-    let was = gpu.fork_mlp();
+    let was = (gpu.fork_mlp(), gpu.fuse_rope());
     gpu.set_fork_mlp(fork);
+    gpu.set_fuse_rope(false);
     b.set_step_graphs(false);
-    let before = gpu.forks();
+    let (forks0, fused0) = (gpu.forks(), gpu.fused_rope_launches());
     let all = greedy_logits(b, name, 30);
-    let forks = gpu.forks() - before;
-    gpu.set_fork_mlp(was);
+    let forks = gpu.forks() - forks0;
+    let fused = gpu.fused_rope_launches() - fused0;
+    gpu.set_fork_mlp(was.0);
+    gpu.set_fuse_rope(was.1);
     b.set_step_graphs(true);
-    (all, forks)
+    (all, forks, fused)
 }
 
 #[test]
@@ -115,10 +120,16 @@ fn cuda_forked_mlp_decodes_every_fixture_like_the_fused_sum() {
     let Some(b) = backend() else { return };
     let mut forking = 0;
     for name in LAYOUTS {
-        let (on, forks) = greedy_fork(&b, name, true);
-        let (again, _) = greedy_fork(&b, name, true);
-        let (off, none) = greedy_fork(&b, name, false);
+        let (on, forks, fused) = greedy_fork(&b, name, true);
+        let (again, _, _) = greedy_fork(&b, name, true);
+        let (off, none, unfused) = greedy_fork(&b, name, false);
         assert_eq!(none, 0, "{name}: switched off, no layer may fork");
+        assert_eq!(unfused, 0, "{name}: unforked, rope_qkv was asked for");
+        // Every forked layer stores the rotary from its projection.
+        assert_eq!(
+            fused, forks,
+            "{name}: forked layers without the fused projection"
+        );
         let differs = on.iter().zip(&again).position(|(x, y)| !same_bits(x, y));
         assert!(
             differs.is_none(),

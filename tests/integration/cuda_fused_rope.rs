@@ -139,22 +139,25 @@ fn cuda_fused_rope_projection_equals_rope_qkv_bit_for_bit() {
     }
 }
 
-/// Greedy decoding on a fixture with the fused projection on or off: every step's
-/// logits, and the number of fused launches.
+/// Greedy decoding on a fixture (the MLP not forked) with the fused projection on or
+/// off: every step's logits, and the number of fused launches.
 fn greedy(
     b: &std::sync::Arc<CudaBackend>,
     name: &str,
     fused: bool,
     exact: bool,
 ) -> (Vec<Vec<f32>>, u64) {
-    let was = b.gpu().fuse_rope();
+    let was = (b.gpu().fuse_rope(), b.gpu().fork_mlp());
     b.gpu().set_fuse_rope(fused);
+    // A forked layer always fuses: compare the unforked layer's two ways.
+    b.gpu().set_fork_mlp(false);
     b.gpu().set_row_invariant(exact);
     b.set_step_graphs(false);
     let before = b.gpu().fused_rope_launches();
     let all = greedy_logits(b, name, 30);
     let launches = b.gpu().fused_rope_launches() - before;
-    b.gpu().set_fuse_rope(was);
+    b.gpu().set_fuse_rope(was.0);
+    b.gpu().set_fork_mlp(was.1);
     b.gpu().set_row_invariant(false);
     b.set_step_graphs(true);
     (all, launches)

@@ -14,8 +14,10 @@ use super::Gpu;
 /// tensor-core kernel at every context).
 pub const ATTN_TC_MIN_CTX: usize = 1024;
 
-/// Default of [`Gpu::set_fork_mlp`] (`FALCONER_FORK_MLP=0|1`).
-pub const FORK_MLP: bool = false;
+/// Default of [`Gpu::set_fork_mlp`] (`FALCONER_FORK_MLP=0|1`): on, measured faster on an
+/// H100 (205.4 tokens/s decoding the Falcon-7B shape against 195.0, three interleaved
+/// runs each; `benches/results/h100_fork.txt`).
+pub const FORK_MLP: bool = true;
 
 /// Default keys per split of the CUDA-core decode attention (the kernel of contexts below
 /// [`ATTN_TC_MIN_CTX`]; `FALCONER_ATTN_SPLIT_KEYS`, a multiple of 64 up to 4096): short
@@ -25,7 +27,7 @@ pub const ATTN_SPLIT_KEYS: usize = 64;
 
 /// The keys per split that [`Gpu::set_attn_split_keys`] accepts: multiples of 64 (the
 /// tensor-core kernel's 256-key splits must stay a multiple) up to 4096.
-pub fn valid_attn_split_keys(keys: usize) -> bool {
+pub(crate) fn valid_attn_split_keys(keys: usize) -> bool {
     keys > 0 && keys.is_multiple_of(64) && keys <= 4096
 }
 
@@ -219,7 +221,8 @@ impl Gpu {
     /// from the projection's epilogue (`FALCONER_FUSE_ROPE=1`), or always through
     /// `rope_qkv` (the default: it saves a launch per layer, but with it and the
     /// in-kernel split merge on, decode ran 3-6% slower on an H100). Either way the
-    /// same bits.
+    /// same bits. A layer that forks its MLP ([`Gpu::set_fork_mlp`]) always stores them
+    /// from the projection.
     pub fn set_fuse_rope(&self, on: bool) {
         self.fuse_rope.store(on, Ordering::Relaxed);
         self.settings_changed();
@@ -244,11 +247,12 @@ impl Gpu {
 
     /// Lets a one-row parallel-attention layer outside row-invariant mode run its MLP
     /// down projection on a second stream ([`Gpu::fork`]) while the attention runs on
-    /// the main stream, then the attention output projection after both
-    /// (`FALCONER_FORK_MLP=1`): the attention's small kernels (rotary, decode, split
-    /// merge) are latency-bound, so a GEMV streaming beside them hides most of their
-    /// time. The two products then accumulate in two launches, MLP first: other
-    /// rounding than the fused sum.
+    /// the main stream, then the attention output projection after both (on by default,
+    /// [`FORK_MLP`]; `FALCONER_FORK_MLP=0` turns it off): the attention's small kernels
+    /// are latency-bound, so a GEMV streaming beside them hides their time. The forked
+    /// layer's qkv projection writes the rotary queries and the KV cache itself (as
+    /// with [`Gpu::set_fuse_rope`]; the same bits). The two products accumulate in two
+    /// launches, MLP first: other rounding than the fused sum.
     pub fn set_fork_mlp(&self, on: bool) {
         self.fork_mlp.store(on, Ordering::Relaxed);
         self.settings_changed();
@@ -317,7 +321,7 @@ impl Gpu {
 
     /// Keys per split of the CUDA-core decode attention ([`ATTN_SPLIT_KEYS`]): fixed for
     /// every step of a setting, so that a row gets the same bits in a verify pass as in
-    /// a one-token step. Refuses other values than [`valid_attn_split_keys`] allows.
+    /// a one-token step. Refuses other lengths than multiples of 64 up to 4096.
     pub fn set_attn_split_keys(&self, keys: usize) -> Result<(), crate::error::KernelError> {
         if !valid_attn_split_keys(keys) {
             return Err(crate::error::KernelError::invalid(

@@ -18,9 +18,10 @@ impl Gpu {
     /// `(attention(x @ qkv^T + qkv_bias), up(x))` for one layer: [`Gpu::linear_pair`]
     /// of the two products, then [`Gpu::attention`] over the first. Where the pair would
     /// run as `gemv2_bf16_r1` or as the row-invariant `gemv2_tc*`, the fused kernel runs
-    /// instead (while [`Gpu::fuse_rope`] is on), writing the queries and the cache.
-    /// `then` is queued between the two, with the up projection's output (the caller
-    /// forks the MLP's next product there, [`Gpu::fork`]); its result comes back third.
+    /// instead when `fuse_rope` (callers pass [`Gpu::fuse_rope`], or true where they
+    /// always fuse), writing the queries and the cache. `then` is queued between the
+    /// two, with the up projection's output (the caller forks the MLP's next product
+    /// there, [`Gpu::fork`]); its result comes back third.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_and_pair<T>(
         &self,
@@ -33,6 +34,7 @@ impl Gpu {
         layer: usize,
         step: &DeviceStep,
         a: &AttentionParams<'_>,
+        fuse_rope: bool,
         then: impl FnOnce(&DeviceBuffer<f32>) -> Result<T, KernelError>,
     ) -> Result<(DeviceBuffer<f32>, DeviceBuffer<f32>, T), KernelError> {
         let rows = step.rows;
@@ -40,7 +42,7 @@ impl Gpu {
         // rows (the runtime's decode and verify steps), whose tiles then hold rotary
         // pairs (16 features: head sizes that are multiples of 16).
         let route = self.pair_route(rows, k, qkv.n, up.n);
-        if !(self.fuse_rope() && !qkv.gelu && rope_fuses(route, a.head_dim)) {
+        if !(fuse_rope && !qkv.gelu && rope_fuses(route, a.head_dim)) {
             let (y, up_out) = self.linear_pair(x, rows, k, qkv, up, groups)?;
             let t = then(&up_out)?;
             return Ok((self.attention(&y, kv, layer, step, a)?, up_out, t));

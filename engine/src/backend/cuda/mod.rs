@@ -569,6 +569,7 @@ impl Backend for CudaBackend {
             layer,
             step,
             attn,
+            self.gpu.fuse_rope(),
             |_| Ok(()),
         )?;
         Ok((ctx, x.product_output(up, up_out)))
