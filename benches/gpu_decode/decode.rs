@@ -263,14 +263,17 @@ fn launch_variants(
     r.out
         .insert("decode_graphs_flipped_tokens_per_s".into(), json!(tps_g));
     r.out.insert("step_graphs".into(), json!(graphs_default));
-    // The layer's two residual products (attention output, MLP down) as two launches.
-    let fuse_default = gpu.fuse_sum();
+    // The layer's two residual products (attention output, MLP down) as two launches,
+    // the MLP not forked (a forked layer never fuses them).
+    let (fuse_default, fork_default) = (gpu.fuse_sum(), gpu.fork_mlp());
     gpu.set_fuse_sum(!fuse_default);
+    gpu.set_fork_mlp(false);
     let tps_f = variant_tokens_per_s(runner, vocab, Pick::DeviceArgmax)?;
     gpu.set_fuse_sum(fuse_default);
+    gpu.set_fork_mlp(fork_default);
     r.row((
         format!(
-            "decode with the residual products {}",
+            "decode, MLP not forked, with the residual products {}",
             if fuse_default {
                 "as two launches"
             } else {
