@@ -172,12 +172,12 @@ impl Gpu {
                     op: "fork",
                     message: "lane lock poisoned".into(),
                 })?;
-                if guard.is_none() {
-                    *guard = Some(Lane::new(self)?);
-                }
-                let h = guard.as_ref().map(Lane::handles);
+                let h = match &*guard {
+                    Some(lane) => lane.handles(),
+                    None => guard.insert(Lane::new(self)?).handles(),
+                };
                 eager = Some(guard);
-                h.ok_or_else(|| KernelError::invalid("fork", "no lane"))?
+                h
             }
         };
         let (lane, start, done) = handles;

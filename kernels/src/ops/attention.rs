@@ -703,8 +703,7 @@ mod tests {
 
     /// Every context of a class launches the same split grids in both decode kernels,
     /// with the keys per split its own context would get (at every split length the
-    /// settings accept); a sequence changes class only
-    /// when its context doubles.
+    /// settings accept); a sequence changes class only when its context doubles.
     #[test]
     fn contexts_of_one_class_split_alike() {
         let mut classes = std::collections::BTreeSet::new();

@@ -76,14 +76,22 @@ impl CudaBackend {
         attn: &AttnConfig,
         acc: &mut CudaTensor,
     ) -> Result<(), BackendError> {
-        let ((down, down_bias), up) = (w.down, w.up.0);
-        check_linear(x, up)?;
-        if down.cols != up.rows || (acc.rows, acc.cols) != (x.rows, down.rows) {
+        let ((down, down_bias), up, dense) = (w.down, w.up.0, w.dense.0);
+        // Both residual products checked before anything is queued, as the unforked
+        // layer's sum does (the projections are checked by `attention_pair_then`), so
+        // that a bad shape leaves `acc` untouched.
+        let ctx_cols = attn.num_heads * attn.head_dim;
+        if down.cols != up.rows
+            || dense.cols != ctx_cols
+            || dense.rows != down.rows
+            || (acc.rows, acc.cols) != (x.rows, down.rows)
+        {
             return Err(invalid(
                 "linear",
                 format!(
-                    "{}x{} accumulator for a {}-row MLP of {} -> {} -> {} features",
-                    acc.rows, acc.cols, x.rows, up.cols, up.rows, down.rows
+                    "{}x{} accumulator for a {}-row MLP of {} -> {} -> {} features and an \
+                     attention output projection of {} -> {} ({ctx_cols} attention features)",
+                    acc.rows, acc.cols, x.rows, up.cols, up.rows, down.rows, dense.cols, dense.rows
                 ),
             ));
         }
@@ -111,6 +119,6 @@ impl CudaBackend {
         forked.join().map_err(map_err)?;
         // The forked product read `up_out` and wrote `acc` until the join.
         drop(up_out);
-        self.linear_add(&ctx, w.dense.0, w.dense.1, acc)
+        self.linear_add(&ctx, dense, w.dense.1, acc)
     }
 }
