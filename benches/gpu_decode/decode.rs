@@ -119,10 +119,11 @@ pub(crate) fn decode_section(
         // (Row-invariant steps never fuse the sum, so never overlap it.)
         let configs: Vec<Launch> = if exact {
             vec![
+                fork(cfg(true, false, false, false)),
                 cfg(true, false, false, false),
-                late_kv(cfg(true, false, false, false)),
+                cfg(true, true, false, false),
+                fork(late_kv(cfg(true, false, false, false))),
                 keys(cfg(true, false, false, false), 256),
-                cfg(true, true, true, false),
                 cfg(false, false, false, false),
             ]
         } else {

@@ -82,8 +82,8 @@ impl<T: Elem> Drop for DeviceBuffer<T> {
     }
 }
 
-/// A freed `CudaSlice<T>` of some element type.
-type Pooled = Box<dyn Any + Send>;
+/// A freed `CudaSlice<T>` of some element type, with its size in bytes.
+type Pooled = (Box<dyn Any + Send>, usize);
 
 /// Freed scratch buffers by element type and length.
 #[derive(Default)]
@@ -93,6 +93,15 @@ pub(crate) struct Pool {
     /// Keeps every buffer (a recorded step's pool: freeing while a graph is captured
     /// would put the free into the graph).
     unbounded: bool,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("bytes", &self.bytes.load(Ordering::Relaxed))
+            .field("unbounded", &self.unbounded)
+            .finish()
+    }
 }
 
 /// The pool keeps at most this much memory, and no single buffer above `POOL_MAX_ONE`
@@ -111,7 +120,7 @@ impl Pool {
 
     pub(crate) fn take<T: Elem>(&self, len: usize) -> Option<CudaSlice<T>> {
         let mut free = self.free.lock().ok()?;
-        let slice = free.get_mut(&(TypeId::of::<T>(), len))?.pop()?;
+        let (slice, _) = free.get_mut(&(TypeId::of::<T>(), len))?.pop()?;
         let slice = slice.downcast::<CudaSlice<T>>().ok()?;
         self.bytes.fetch_sub(slice.num_bytes(), Ordering::Relaxed);
         Some(*slice)
@@ -129,7 +138,21 @@ impl Pool {
             self.bytes.fetch_add(bytes, Ordering::Relaxed);
             free.entry((TypeId::of::<T>(), slice.len()))
                 .or_default()
-                .push(Box::new(slice));
+                .push((Box::new(slice), bytes));
+        }
+    }
+
+    /// Moves every buffer of this pool into `to`, whatever `to` keeps otherwise (they
+    /// came from it: see `Gpu::fork_with`).
+    pub(crate) fn drain_into(&self, to: &Pool) {
+        let (Ok(mut from), Ok(mut into)) = (self.free.lock(), to.free.lock()) else {
+            return;
+        };
+        for (key, slices) in from.drain() {
+            let bytes: usize = slices.iter().map(|(_, b)| b).sum();
+            self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+            to.bytes.fetch_add(bytes, Ordering::Relaxed);
+            into.entry(key).or_default().extend(slices);
         }
     }
 }

@@ -44,7 +44,7 @@ mod fork;
 mod settings;
 
 pub use fork::Forked;
-pub(crate) use fork::{Lane, LaneHandles};
+pub(crate) use fork::{Lane, LaneHandles, LaneReserve};
 
 /// A kernel argument: device pointers and sizes travel as 64-bit words, the rest as
 /// 32-bit ints and floats, matching the kernels' parameter lists.
@@ -120,6 +120,8 @@ pub struct Gpu {
     /// tile; each launch leaves them zeroed again), the last the one in use. Only ever
     /// grows, and outgrown buffers are kept: recorded steps still address them.
     gemv_counters: Mutex<Vec<DeviceBuffer<u32>>>,
+    /// The same for forked work (on the lane), reserved before each fork.
+    lane_counters: Mutex<Vec<DeviceBuffer<u32>>>,
     name: String,
     cc: (i32, i32),
     sm_count: u32,
@@ -135,6 +137,26 @@ impl fmt::Debug for Gpu {
             .field("sm_count", &self.sm_count)
             .finish()
     }
+}
+
+fn lock_counters(
+    counters: &Mutex<Vec<DeviceBuffer<u32>>>,
+) -> Result<std::sync::MutexGuard<'_, Vec<DeviceBuffer<u32>>>, KernelError> {
+    counters.lock().map_err(|_| KernelError::Device {
+        op: "gemv",
+        message: "counter lock poisoned".into(),
+    })
+}
+
+/// The address of the last of `counters` if it holds at least `tiles`.
+fn counters_of(
+    counters: &Mutex<Vec<DeviceBuffer<u32>>>,
+    tiles: usize,
+) -> Result<Option<u64>, KernelError> {
+    Ok(lock_counters(counters)?
+        .last()
+        .filter(|b| b.len() >= tiles)
+        .map(|b| b.ptr))
 }
 
 fn unavailable(reason: impl Into<String>) -> KernelError {
@@ -234,6 +256,7 @@ impl Gpu {
             fuse_combine: AtomicBool::new(env_flag("FALCONER_FUSE_COMBINE", false)),
             early_kv: AtomicBool::new(env_flag("FALCONER_EARLY_KV", true)),
             gemv_counters: Mutex::new(Vec::new()),
+            lane_counters: Mutex::new(Vec::new()),
             attn_tc_min_ctx: AtomicUsize::new(ATTN_TC_MIN_CTX),
             attn_split_keys: AtomicUsize::new(
                 std::env::var("FALCONER_ATTN_SPLIT_KEYS")
@@ -278,20 +301,33 @@ impl Gpu {
         self.total_mem
     }
 
-    /// Device address of at least `tiles` zeroed GEMV arrival counters.
+    /// Device address of at least `tiles` zeroed GEMV arrival counters. Forked work
+    /// gets the lane's own (reserved before the fork, [`Gpu::fork_with`]): a launch on
+    /// each stream at once must not share them.
     pub(crate) fn gemv_counters(&self, tiles: usize) -> Result<u64, KernelError> {
-        // Shared by every launch that uses them, so never by two streams at once.
-        fork::refuse_on_lane(self, "arrival counters")?;
-        let mut c = self.gemv_counters.lock().map_err(|_| KernelError::Device {
-            op: "gemv",
-            message: "counter lock poisoned".into(),
-        })?;
-        if let Some(b) = c.last().filter(|b| b.len() >= tiles) {
-            return Ok(b.ptr);
+        if fork::lane_stream(self).is_some() {
+            return counters_of(&self.lane_counters, tiles)?.ok_or_else(|| {
+                KernelError::invalid(
+                    "fork",
+                    format!("{tiles} arrival counters in forked work that reserved fewer"),
+                )
+            });
+        }
+        self.grow_counters(&self.gemv_counters, tiles)
+    }
+
+    /// The last of `counters` if it holds `tiles`, else a new zeroed one that does.
+    pub(crate) fn grow_counters(
+        &self,
+        counters: &Mutex<Vec<DeviceBuffer<u32>>>,
+        tiles: usize,
+    ) -> Result<u64, KernelError> {
+        if let Some(ptr) = counters_of(counters, tiles)? {
+            return Ok(ptr);
         }
         let b = self.zeros::<u32>(tiles.max(4096))?;
         let ptr = b.ptr;
-        c.push(b);
+        lock_counters(counters)?.push(b);
         Ok(ptr)
     }
 
@@ -321,8 +357,19 @@ impl Gpu {
     /// Like [`Gpu::alloc`], from (and, when dropped, back to) the pool: for op outputs
     /// and temporaries.
     pub(crate) fn scratch<T: Elem>(&self, len: usize) -> Result<DeviceBuffer<T>, KernelError> {
-        // It would go back to the pool before the join.
-        fork::refuse_on_lane(self, "a scratch buffer")?;
+        // Forked work takes what its fork reserved (a buffer of the main pool would go
+        // back to it before the join).
+        if fork::lane_stream(self).is_some() {
+            let unreserved = || {
+                KernelError::invalid(
+                    "fork",
+                    format!("a scratch buffer of {len} elements that the fork did not reserve"),
+                )
+            };
+            let lane = fork::lane_pool(self).ok_or_else(unreserved)?;
+            let slice = lane.take::<T>(len.max(1)).ok_or_else(unreserved)?;
+            return Ok(self.wrap(slice, len, Some(lane)));
+        }
         let (pool, strict) =
             crate::graph::recording_pool(self).unwrap_or_else(|| (Arc::clone(&self.pool), false));
         let slice = match pool.take::<T>(len.max(1)) {

@@ -4,7 +4,9 @@
 //! queued before it and the join orders it before what follows; greedy decoding on
 //! every fixture matches the unforked layer (fused sum, `rope_qkv`), gives the same bits
 //! on every run, and the same bits again when the steps are replayed as CUDA graphs
-//! (the fork and join recorded as graph edges).
+//! (the fork and join recorded as graph edges). In row-invariant mode (the runtime's)
+//! forked products take scratch and arrival counters reserved before the fork, and a
+//! forked layer changes no bit: decode and verify steps equal the unforked ones.
 //!
 //! Without a GPU every test prints `skipped: no CUDA device (<reason>)` and passes.
 #![cfg(feature = "cuda")]
@@ -15,7 +17,7 @@ use falconer_engine::backend::cuda::kernels::{bf16, DeviceBuffer, Gpu};
 use falconer_engine::backend::cuda::CudaBackend;
 
 use crate::common::{rel_err, LAYOUTS};
-use crate::cuda_golden::{backend, greedy_logits, random, same_bits};
+use crate::cuda_golden::{backend, greedy_logits, random, same_bits, verify_and_one_at_a_time};
 use crate::cuda_graphs::replays_match;
 
 fn weights(gpu: &Gpu, n: usize, k: usize, seed: u64) -> DeviceBuffer<bf16> {
@@ -172,6 +174,163 @@ fn cuda_forked_mlp_replays_equal_steps_queued_kernel_by_kernel() {
                 );
             }
             Err(e) => panic!("{name}: with the MLP forked, {e} differs from the replay"),
+        }
+    }
+    assert!(forks > 0, "no layer forked");
+}
+
+/// Row-invariant mode at Falcon-7B's MLP down projection (its split-K tensor-core GEMV
+/// takes partials and arrival counters): `acc += h @ down^T` forked while the main
+/// stream runs the same kind of GEMV on other weights, against the same product on one
+/// stream, for 1 to 16 rows. A forked product that shared the main stream's counters or
+/// scratch would race the main one.
+#[test]
+fn cuda_row_invariant_forked_products_take_their_own_scratch() {
+    let Some(b) = backend() else { return };
+    let gpu = b.gpu();
+    gpu.set_row_invariant(true);
+    let (hidden, inner) = (4544, 18176);
+    let down = weights(gpu, hidden, inner, 4);
+    let other = weights(gpu, 4672, hidden, 5);
+    let before = gpu.forks();
+    let mut failures = Vec::new();
+    for (i, rows) in [1usize, 5, 9, 16].into_iter().enumerate() {
+        let seed = 200 + 10 * i as u64;
+        let h = gpu.upload(&random(rows * inner, seed)).unwrap();
+        let x = gpu.upload(&random(rows * hidden, seed + 1)).unwrap();
+        let acc0 = random(rows * hidden, seed + 2);
+        let mut one = gpu.upload(&acc0).unwrap();
+        gpu.linear_accumulate(&h, rows, inner, &down, hidden, None, &mut one, &[rows])
+            .unwrap();
+        let y_one = gpu
+            .linear(&x, rows, hidden, &other, 4672, None, &[rows])
+            .unwrap();
+        let mut forked = gpu.upload(&acc0).unwrap();
+        let fork = gpu
+            .fork_linear_accumulate(&h, rows, inner, &down, hidden, None, &mut forked, &[rows])
+            .unwrap();
+        let y = gpu
+            .linear(&x, rows, hidden, &other, 4672, None, &[rows])
+            .unwrap();
+        fork.join().unwrap();
+        let (want, got) = (
+            gpu.download_f32(&one).unwrap(),
+            gpu.download_f32(&forked).unwrap(),
+        );
+        if !same_bits(&got, &want) {
+            failures.push(format!(
+                "{rows} rows: forked product off by {:.2e}",
+                rel_err(&got, &want)
+            ));
+        }
+        let (y_want, y_got) = (
+            gpu.download_f32(&y_one).unwrap(),
+            gpu.download_f32(&y).unwrap(),
+        );
+        if !same_bits(&y_got, &y_want) {
+            failures.push(format!(
+                "{rows} rows: the main stream's product beside the fork differs"
+            ));
+        }
+    }
+    let forks = gpu.forks() - before;
+    // cuBLAS (prefill-sized products) never runs forked.
+    let h = gpu.upload(&random(40 * inner, 9)).unwrap();
+    let mut acc = gpu.upload(&random(40 * hidden, 10)).unwrap();
+    let refused = gpu
+        .fork_linear_accumulate(&h, 40, inner, &down, hidden, None, &mut acc, &[40])
+        .is_err();
+    gpu.set_row_invariant(false);
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert_eq!(forks, 4, "every forked product counts one fork");
+    assert!(
+        refused,
+        "a 40-row product (cuBLAS) must be refused in forked work"
+    );
+}
+
+/// Row-invariant mode on every fixture: greedy decoding and a verify pass with the MLP
+/// forked give the bits of the unforked layers (both add the MLP product first), and
+/// verify rows still equal one-token steps.
+#[test]
+fn cuda_row_invariant_forked_layers_change_no_bit() {
+    let Some(b) = backend() else { return };
+    let gpu = b.gpu();
+    let was = gpu.fork_mlp();
+    gpu.set_row_invariant(true);
+    b.set_step_graphs(false);
+    let mut failures = Vec::new();
+    let mut forking = 0;
+    for name in LAYOUTS {
+        let run = |fork: bool| {
+            gpu.set_fork_mlp(fork);
+            let before = gpu.forks();
+            let greedy = greedy_logits(&b, name, 20);
+            let (verify, ones) = verify_and_one_at_a_time(&b, name);
+            (greedy, verify, ones, gpu.forks() - before)
+        };
+        let (g_on, v_on, o_on, forks) = run(true);
+        let (g_off, v_off, o_off, none) = run(false);
+        if none != 0 {
+            failures.push(format!("{name}: {none} forks with the fork off"));
+        }
+        for (what, on, off) in [
+            ("decode", &g_on, &g_off),
+            ("verify", &v_on, &v_off),
+            ("one-token", &o_on, &o_off),
+        ] {
+            if let Some(i) = on.iter().zip(off).position(|(x, y)| !same_bits(x, y)) {
+                failures.push(format!(
+                    "{name}: {what} row {i} differs forked (off by {:.2e})",
+                    rel_err(&on[i], &off[i])
+                ));
+            }
+        }
+        if let Some(i) = v_on.iter().zip(&o_on).position(|(x, y)| !same_bits(x, y)) {
+            failures.push(format!(
+                "{name}: forked verify row {i} differs from the one-token step"
+            ));
+        }
+        println!("{name}: {forks} forks");
+        if forks > 0 {
+            forking += 1;
+        }
+    }
+    gpu.set_fork_mlp(was);
+    gpu.set_row_invariant(false);
+    b.set_step_graphs(true);
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(forking >= 5, "only {forking} layouts forked their MLP");
+}
+
+/// Row-invariant forked steps (decode and three-token verify steps, whose forked
+/// products take reserved scratch) replayed as CUDA graphs equal the same steps queued
+/// kernel by kernel.
+#[test]
+fn cuda_row_invariant_forked_replays_equal_steps_queued_kernel_by_kernel() {
+    let Some(b) = backend() else { return };
+    let gpu = b.gpu();
+    let was = gpu.fork_mlp();
+    gpu.set_fork_mlp(true);
+    gpu.set_row_invariant(true);
+    let before = gpu.forks();
+    let results: Vec<_> = ["falcon7b_mqa", "bias_mha"]
+        .into_iter()
+        .map(|name| (name, replays_match(&b, name)))
+        .collect();
+    let forks = gpu.forks() - before;
+    gpu.set_fork_mlp(was);
+    gpu.set_row_invariant(false);
+    for (name, r) in results {
+        match r {
+            Ok(s) => {
+                println!("{name}: {s:?}");
+                assert!(
+                    s.failed == 0 && s.recorded >= 6 && s.replayed >= 140,
+                    "{name}: row-invariant forked steps were not recorded and replayed: {s:?}"
+                );
+            }
+            Err(e) => panic!("{name}: row-invariant, MLP forked: {e} differs from the replay"),
         }
     }
     assert!(forks > 0, "no layer forked");

@@ -98,7 +98,10 @@ pub(crate) fn same_bits(a: &[f32], b: &[f32]) -> bool {
 
 /// A fixture's prompt then a verify pass over its first 6 greedy tokens, and the same
 /// tokens one step at a time on a second sequence: (verify rows, one-step rows).
-fn verify_and_one_at_a_time(b: &Arc<CudaBackend>, name: &str) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+pub(crate) fn verify_and_one_at_a_time(
+    b: &Arc<CudaBackend>,
+    name: &str,
+) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
     let r = reference(name);
     let mut m = cuda_runner(b, name);
     let new = &r.greedy_ids[..6];

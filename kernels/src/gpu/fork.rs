@@ -9,7 +9,11 @@
 //! back to the pool, or is freed, once its last use is queued. Forked work may use only
 //! buffers that its caller keeps alive until it has queued the join, and no kernel on the
 //! main stream may write them in between; after the join every later use is ordered
-//! after the lane's work, so the one-stream rule holds again.
+//! after the lane's work, so the one-stream rule holds again. Scratch buffers and GEMV
+//! arrival counters that forked work needs (the split-K tensor-core GEMV's) are reserved
+//! on the main stream before the fork ([`Gpu::fork_with`]): the scratch goes to a pool of
+//! the fork's own, back to the main pool only at the join, and the counters are the
+//! lane's own. Forked work allocates nothing.
 //!
 //! Kernels on the lane launch without programmatic dependent launch: the kernel before
 //! one of them in its stream is not what it depends on (the event is). While the thread
@@ -17,13 +21,14 @@
 //! capture through the fork event, so that the fork and the join become edges of the
 //! graph.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUevent, CUevent_wait_flags, CUstream};
 use cudarc::driver::{CudaEvent, CudaStream};
 
 use super::Gpu;
+use crate::buffer::Pool;
 use crate::error::KernelError;
 
 /// A lane's stream, fork event and join event, as raw driver handles.
@@ -69,6 +74,29 @@ thread_local! {
     /// Where this thread's launches go while it queues forked work: (the GPU's address,
     /// the lane's stream).
     static ON_LANE: Cell<Option<(usize, CUstream)>> = const { Cell::new(None) };
+    /// The scratch the fork being queued reserved.
+    static LANE_POOL: RefCell<Option<Arc<Pool>>> = const { RefCell::new(None) };
+}
+
+/// What forked work may take besides kernels: f32 scratch buffers of these lengths, and
+/// this many GEMV arrival counters (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct LaneReserve {
+    pub(crate) scratch_f32: Vec<usize>,
+    pub(crate) counters: usize,
+}
+
+impl LaneReserve {
+    /// Nothing: forked work that only launches kernels on its caller's buffers.
+    pub(crate) fn none() -> Self {
+        Self::default()
+    }
+}
+
+/// The scratch pool of the fork this thread queues on `gpu`, while it does.
+pub(crate) fn lane_pool(gpu: &Gpu) -> Option<Arc<Pool>> {
+    lane_stream(gpu)?;
+    LANE_POOL.with(|p| p.borrow().clone())
 }
 
 /// The lane this thread queues forked work on for `gpu`, while it does.
@@ -102,6 +130,8 @@ pub struct Forked<'a> {
     /// GPU's own lane lives with the GPU, a recording's until the recording ends, after
     /// the work that forked).
     done: CUevent,
+    /// The fork's scratch and the pool it came from, where it goes at the join.
+    held: Option<(Arc<Pool>, Arc<Pool>)>,
     joined: bool,
 }
 
@@ -113,7 +143,21 @@ impl Forked<'_> {
         self.wait()
     }
 
-    fn wait(&self) -> Result<(), KernelError> {
+    fn wait(&mut self) -> Result<(), KernelError> {
+        let waited = self.queue_wait();
+        if let Some((lane, origin)) = self.held.take() {
+            if waited.is_ok() {
+                // Later uses queue after the join, so after the forked work.
+                lane.drain_into(&origin);
+            } else {
+                // Nothing orders them after the forked work: never reused nor freed.
+                std::mem::forget(lane);
+            }
+        }
+        waited
+    }
+
+    fn queue_wait(&self) -> Result<(), KernelError> {
         self.gpu
             .ctx
             .bind_to_thread()
@@ -138,12 +182,13 @@ impl Drop for Forked<'_> {
     }
 }
 
-/// Clears `ON_LANE` when dropped (also if the forked work panics).
+/// Clears `ON_LANE` and `LANE_POOL` when dropped (also if the forked work panics).
 struct OffLane;
 
 impl Drop for OffLane {
     fn drop(&mut self) {
         ON_LANE.with(|c| c.set(None));
+        LANE_POOL.with(|p| *p.borrow_mut() = None);
     }
 }
 
@@ -157,9 +202,20 @@ impl Gpu {
         &self,
         f: impl FnOnce() -> Result<R, KernelError>,
     ) -> Result<(R, Forked<'_>), KernelError> {
+        self.fork_with(&LaneReserve::none(), f)
+    }
+
+    /// [`Gpu::fork`] for work that takes the scratch buffers and GEMV arrival counters
+    /// of `reserve` (taken here, before the fork; `f` asking for others is an error).
+    pub(crate) fn fork_with<R>(
+        &self,
+        reserve: &LaneReserve,
+        f: impl FnOnce() -> Result<R, KernelError>,
+    ) -> Result<(R, Forked<'_>), KernelError> {
         if lane_stream(self).is_some() {
             return Err(KernelError::invalid("fork", "forks do not nest"));
         }
+        let held = self.reserve(reserve)?;
         let main = self.launch_stream();
         // A recording forks onto a lane of its own; other work onto the GPU's, whose
         // lock is held until the forked work is queued, so that two threads' forks do not
@@ -199,6 +255,7 @@ impl Gpu {
         }
         let out = {
             ON_LANE.with(|c| c.set(Some((self as *const Gpu as usize, lane))));
+            LANE_POOL.with(|p| *p.borrow_mut() = held.as_ref().map(|(l, _)| Arc::clone(l)));
             let _off = OffLane;
             f()
         };
@@ -209,6 +266,7 @@ impl Gpu {
         let forked = Forked {
             gpu: self,
             done,
+            held,
             joined: false,
         };
         // On an error the forked part is joined at once (by the drop).
@@ -217,6 +275,31 @@ impl Gpu {
         self.forks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok((out, forked))
+    }
+
+    /// Takes `reserve`'s scratch from the pool `Gpu::scratch` takes from (a recording's
+    /// or the GPU's) into a pool of the fork's own, returning both, and makes the lane's
+    /// counters large enough.
+    fn reserve(
+        &self,
+        reserve: &LaneReserve,
+    ) -> Result<Option<(Arc<Pool>, Arc<Pool>)>, KernelError> {
+        if reserve.counters > 0 {
+            self.grow_counters(&self.lane_counters, reserve.counters)?;
+        }
+        if reserve.scratch_f32.is_empty() {
+            return Ok(None);
+        }
+        let lane = Arc::new(Pool::unbounded());
+        let mut origin = None;
+        for &len in &reserve.scratch_f32 {
+            let mut b = self.scratch::<f32>(len)?;
+            origin = b.pool.take();
+            if let Some(slice) = b.slice.take() {
+                lane.put(slice);
+            }
+        }
+        Ok(origin.map(|o| (lane, o)))
     }
 
     /// How many forks queued their work (refused ones and replayed recordings add

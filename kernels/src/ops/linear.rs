@@ -8,7 +8,9 @@ use half::bf16;
 
 use super::{check_len, p, to_i32};
 use crate::error::KernelError;
-use crate::gpu::{Arg, DeviceBuffer, GemvKernel, GemvSplit, Gpu, ROW_INVARIANT_MAX_ROWS};
+use crate::gpu::{
+    Arg, DeviceBuffer, Forked, GemvKernel, GemvSplit, Gpu, LaneReserve, ROW_INVARIANT_MAX_ROWS,
+};
 
 /// Up to this many activation rows, `linear` streams the weights with the GEMV kernels
 /// (a verify pass costs about one decode step); beyond it, cuBLAS on tensor cores.
@@ -63,6 +65,17 @@ struct Span {
     k: usize,
     n: usize,
     gemv: bool,
+}
+
+/// The kernel a GEMV launch of at most [`GEMV_MAX_ROWS`] rows takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkKernel {
+    /// `gemv_tc` (K a multiple of 32), split over K with scratch and arrival counters.
+    TensorCores,
+    /// `gemv_bf16_r*` (K a multiple of 8).
+    Simt,
+    /// `gemv_scalar`, any K.
+    Scalar,
 }
 
 /// What a GEMV stores (`EPI_*` in gemv.cu).
@@ -228,16 +241,10 @@ impl Gpu {
                     Arg::U64(x.ptr_at((row0 + r0) * k)),
                     Arg::U64(out.ptr_at((row0 + r0) * n)),
                 );
-                // Row-invariant: the tensor-core kernel for every row count (the CUDA-core
-                // ones are row-invariant too, for K that is not a multiple of 32).
-                let kernel = if exact {
-                    GemvKernel::Tc4
-                } else {
-                    self.gemv_kernel(r)
-                };
-                if k.is_multiple_of(32) && kernel != GemvKernel::Simt {
+                let kernel = self.chunk_kernel(r, k);
+                if kernel == ChunkKernel::TensorCores {
                     self.gemv_tc_launch(xa, w, bias_arg, has_bias, ya, r, n, k, epi, exact)?;
-                } else if k.is_multiple_of(8) {
+                } else if kernel == ChunkKernel::Simt {
                     let (kernel, split) = if r == 1 {
                         let split = self.gemv_split_for(n, k);
                         (&self.k.gemv_r1[split.index()], split)
@@ -323,6 +330,77 @@ impl Gpu {
         } else {
             self.copy_f32(&t, out.ptr_at(row0 * n))
         }
+    }
+
+    /// The kernel of a GEMV launch of `r` rows over `k`. Row-invariant: the tensor-core
+    /// kernel for every row count (the CUDA-core ones are row-invariant too, for K that
+    /// is not a multiple of 32).
+    fn chunk_kernel(&self, r: usize, k: usize) -> ChunkKernel {
+        let kernel = if self.row_invariant() {
+            GemvKernel::Tc4
+        } else {
+            self.gemv_kernel(r)
+        };
+        if k.is_multiple_of(32) && kernel != GemvKernel::Simt {
+            ChunkKernel::TensorCores
+        } else if k.is_multiple_of(8) {
+            ChunkKernel::Simt
+        } else {
+            ChunkKernel::Scalar
+        }
+    }
+
+    /// Whether a product of `rows` rows runs on the GEMV kernels whatever its shape, as
+    /// [`Gpu::fork_linear_accumulate`] needs: up to [`GEMV_MAX_ROWS`] rows, or
+    /// [`ROW_INVARIANT_MAX_ROWS`] in row-invariant mode.
+    pub fn gemv_takes_rows(&self, rows: usize) -> bool {
+        rows <= GEMV_MAX_ROWS || (self.row_invariant() && rows <= ROW_INVARIANT_MAX_ROWS)
+    }
+
+    /// [`Gpu::linear_accumulate`] queued on a second stream ([`Gpu::fork`]) for rows that
+    /// [`Gpu::gemv_takes_rows`] (cuBLAS does not run forked: an error otherwise), with
+    /// the split partials and arrival counters its tensor-core GEMV takes reserved first.
+    /// The caller keeps `x`, `w`, `bias` and `acc` alive, and queues nothing that
+    /// writes them, until it joins the returned [`Forked`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn fork_linear_accumulate(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        k: usize,
+        w: &DeviceBuffer<bf16>,
+        n: usize,
+        bias: Option<&DeviceBuffer<f32>>,
+        acc: &mut DeviceBuffer<f32>,
+        groups: &[usize],
+    ) -> Result<Forked<'_>, KernelError> {
+        if !self.gemv_takes_rows(rows) {
+            return Err(KernelError::invalid(
+                "fork",
+                format!("a product of {rows} rows takes cuBLAS, which forked work may not call"),
+            ));
+        }
+        // The scratch of each GEMV launch as `linear_span` makes them (a launch's
+        // partials go back to the fork's pool before the next launch on the lane takes
+        // them).
+        let mut reserve = LaneReserve::none();
+        for r0 in (0..rows).step_by(GEMV_MAX_ROWS) {
+            let r = GEMV_MAX_ROWS.min(rows - r0);
+            if self.chunk_kernel(r, k) != ChunkKernel::TensorCores {
+                continue;
+            }
+            let (tiles, nsplit, _) = self.tc_tiles(n, k);
+            if nsplit > 1 {
+                if !reserve.scratch_f32.contains(&(nsplit * r * n)) {
+                    reserve.scratch_f32.push(nsplit * r * n);
+                }
+                reserve.counters = reserve.counters.max(tiles);
+            }
+        }
+        let ((), forked) = self.fork_with(&reserve, || {
+            self.linear_accumulate(x, rows, k, w, n, bias, acc, groups)
+        })?;
+        Ok(forked)
     }
 
     /// The tensor-core GEMV (`gemv_tc` in gemv.cu) of `r` rows on `w [n, k]`, k a

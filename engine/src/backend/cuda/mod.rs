@@ -599,18 +599,28 @@ impl Backend for CudaBackend {
         acc: &mut CudaTensor,
     ) -> Result<(), BackendError> {
         let gpu = &self.gpu;
-        if gpu.fork_mlp() && x.rows == 1 && !gpu.row_invariant() {
+        // Outside row-invariant mode only one-row steps fork (measured); row-invariant
+        // steps fork whenever their products run as GEMVs (the runtime's decode and
+        // verify steps).
+        let forks = if gpu.row_invariant() {
+            gpu.gemv_takes_rows(x.rows)
+        } else {
+            x.rows == 1
+        };
+        if gpu.fork_mlp() && forks {
             return self.parallel_attention_forked(x, w, kv, layer, step, attn, acc);
         }
         let (ctx, up) =
             self.attention_and_gelu(x, w.qkv.0, w.qkv.1, w.up.0, w.up.1, kv, layer, step, attn)?;
+        let dense = (&ctx, w.dense.0, w.dense.1);
+        let mlp = (&up, w.down.0, w.down.1);
+        if gpu.row_invariant() {
+            // The MLP product first, as a forked step adds it, in every row-invariant
+            // step: a row gets the same bits whether its step forked or not.
+            return self.add_sum(mlp, dense, acc, false);
+        }
         // The attention queued at least one kernel after the one that wrote `up`.
-        self.add_sum(
-            (&ctx, w.dense.0, w.dense.1),
-            (&up, w.down.0, w.down.1),
-            acc,
-            true,
-        )
+        self.add_sum(dense, mlp, acc, true)
     }
 
     fn linear_add(

@@ -1,8 +1,10 @@
 //! Falcon's parallel-attention layer on the GPU, `x += dense(attn(a)) + down(gelu(up(a)))`
 //! for the layer's normed input `a`: the qkv and up projections as one pair, the
 //! attention, then the two residual products. With [`Gpu::set_fork_mlp`] a one-row step
-//! runs the MLP down projection on a second stream while the attention runs (it needs
-//! only the up projection), and the attention output projection after both.
+//! (in row-invariant mode, any step whose products run as GEMVs) runs the MLP down
+//! projection on a second stream while the attention runs (it needs only the up
+//! projection), and the attention output projection after both. Row-invariant steps add
+//! the MLP product first whether they fork or not, so that forking changes no bit.
 //!
 //! [`Gpu::set_fork_mlp`]: falconer_kernels::Gpu::set_fork_mlp
 
@@ -58,7 +60,7 @@ impl CudaBackend {
         Ok((attention_output(ctx, x.rows, attn, step), up_out, t))
     }
 
-    /// [`Backend::parallel_attention`] for one row with the MLP down projection forked
+    /// [`Backend::parallel_attention`] with the MLP down projection forked
     /// beside the attention: `acc += down(h)` on the second stream, then, after the
     /// join, `acc += dense(attn)`. The qkv projection always stores the rotary queries
     /// and the cache itself here (`Gpu::fuse_rope` aside; the same bits as `rope_qkv`):
@@ -101,20 +103,16 @@ impl CudaBackend {
         let acc_buf = acc.f32_mut("linear")?;
         let (ctx, up_out, forked) =
             self.attention_pair_then(x, w.qkv, w.up, kv, layer, step, attn, true, |h| {
-                Ok(gpu
-                    .fork(|| {
-                        gpu.linear_accumulate(
-                            h,
-                            x.rows,
-                            up.rows,
-                            down_w,
-                            down.rows,
-                            down_b,
-                            acc_buf,
-                            groups(x),
-                        )
-                    })?
-                    .1)
+                gpu.fork_linear_accumulate(
+                    h,
+                    x.rows,
+                    up.rows,
+                    down_w,
+                    down.rows,
+                    down_b,
+                    acc_buf,
+                    groups(x),
+                )
             })?;
         forked.join().map_err(map_err)?;
         // The forked product read `up_out` and wrote `acc` until the join.
