@@ -119,6 +119,10 @@ pub(crate) fn refuse_on_lane(gpu: &Gpu, what: &str) -> Result<(), KernelError> {
     }
 }
 
+/// A fork's scratch (a pool of its own) and the pool it came from, where it goes at the
+/// join.
+type Held = (Arc<Pool>, Arc<Pool>);
+
 /// Work queued by [`Gpu::fork`] and not yet waited for. Dropping it joins too (errors
 /// ignored), so that an error between the fork and the join leaves no stream of a
 /// capture unjoined.
@@ -130,8 +134,7 @@ pub struct Forked<'a> {
     /// GPU's own lane lives with the GPU, a recording's until the recording ends, after
     /// the work that forked).
     done: CUevent,
-    /// The fork's scratch and the pool it came from, where it goes at the join.
-    held: Option<(Arc<Pool>, Arc<Pool>)>,
+    held: Option<Held>,
     joined: bool,
 }
 
@@ -280,10 +283,7 @@ impl Gpu {
     /// Takes `reserve`'s scratch from the pool `Gpu::scratch` takes from (a recording's
     /// or the GPU's) into a pool of the fork's own, returning both, and makes the lane's
     /// counters large enough.
-    fn reserve(
-        &self,
-        reserve: &LaneReserve,
-    ) -> Result<Option<(Arc<Pool>, Arc<Pool>)>, KernelError> {
+    fn reserve(&self, reserve: &LaneReserve) -> Result<Option<Held>, KernelError> {
         if reserve.counters > 0 {
             self.grow_counters(&self.lane_counters, reserve.counters)?;
         }
