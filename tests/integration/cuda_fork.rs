@@ -223,6 +223,19 @@ fn cuda_row_invariant_forked_products_take_their_own_scratch() {
                 rel_err(&got, &want)
             ));
         }
+        // The product into a buffer of its own, forked, against `linear` on one stream.
+        let product = gpu
+            .fork_linear(&h, rows, inner, &down, hidden, None, &[rows])
+            .unwrap();
+        let alone = gpu
+            .linear(&h, rows, inner, &down, hidden, None, &[rows])
+            .unwrap();
+        let product = gpu.download_f32(&product.join().unwrap()).unwrap();
+        if !same_bits(&product, &gpu.download_f32(&alone).unwrap()) {
+            failures.push(format!(
+                "{rows} rows: the forked product differs from linear"
+            ));
+        }
         let (y_want, y_got) = (
             gpu.download_f32(&y_one).unwrap(),
             gpu.download_f32(&y).unwrap(),
@@ -242,7 +255,7 @@ fn cuda_row_invariant_forked_products_take_their_own_scratch() {
         .is_err();
     gpu.set_row_invariant(false);
     assert!(failures.is_empty(), "{failures:#?}");
-    assert_eq!(forks, 4, "every forked product counts one fork");
+    assert_eq!(forks, 8, "every forked product counts one fork");
     assert!(
         refused,
         "a 40-row product (cuBLAS) must be refused in forked work"
@@ -250,8 +263,9 @@ fn cuda_row_invariant_forked_products_take_their_own_scratch() {
 }
 
 /// Row-invariant mode on every fixture: greedy decoding and a verify pass with the MLP
-/// forked give the bits of the unforked layers (both add the MLP product first), and
-/// verify rows still equal one-token steps.
+/// forked give the bits of the unforked layers (the forked product is added after the
+/// attention output projection, as unforked), and verify rows still equal one-token
+/// steps.
 #[test]
 fn cuda_row_invariant_forked_layers_change_no_bit() {
     let Some(b) = backend() else { return };

@@ -67,6 +67,23 @@ struct Span {
     gemv: bool,
 }
 
+/// A product queued on a second stream by [`Gpu::fork_linear`]: its output, once joined.
+#[must_use = "the main stream must join the forked product before using its output"]
+#[derive(Debug)]
+pub struct ForkedProduct<'a> {
+    // Dropped first: a dropped product joins before its buffer goes back to the pool.
+    forked: Forked<'a>,
+    out: DeviceBuffer<f32>,
+}
+
+impl ForkedProduct<'_> {
+    /// Makes the thread's stream wait for the product; returns its output.
+    pub fn join(self) -> Result<DeviceBuffer<f32>, KernelError> {
+        self.forked.join()?;
+        Ok(self.out)
+    }
+}
+
 /// The kernel a GEMV launch of at most [`GEMV_MAX_ROWS`] rows takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ChunkKernel {
@@ -374,6 +391,42 @@ impl Gpu {
         acc: &mut DeviceBuffer<f32>,
         groups: &[usize],
     ) -> Result<Forked<'_>, KernelError> {
+        check_len("linear", "accumulator", acc, rows * n)?;
+        self.fork_linear_into(x, rows, k, w, n, bias, Epilogue::Accumulate, acc, groups)
+    }
+
+    /// [`Gpu::linear`] queued on a second stream, as [`Gpu::fork_linear_accumulate`];
+    /// its output comes with the join.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fork_linear(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        k: usize,
+        w: &DeviceBuffer<bf16>,
+        n: usize,
+        bias: Option<&DeviceBuffer<f32>>,
+        groups: &[usize],
+    ) -> Result<ForkedProduct<'_>, KernelError> {
+        let mut out = self.scratch::<f32>(rows * n)?;
+        let forked =
+            self.fork_linear_into(x, rows, k, w, n, bias, Epilogue::Store, &mut out, groups)?;
+        Ok(ForkedProduct { forked, out })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fork_linear_into(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        k: usize,
+        w: &DeviceBuffer<bf16>,
+        n: usize,
+        bias: Option<&DeviceBuffer<f32>>,
+        epi: Epilogue,
+        out: &mut DeviceBuffer<f32>,
+        groups: &[usize],
+    ) -> Result<Forked<'_>, KernelError> {
         if !self.gemv_takes_rows(rows) {
             return Err(KernelError::invalid(
                 "fork",
@@ -398,7 +451,7 @@ impl Gpu {
             }
         }
         let ((), forked) = self.fork_with(&reserve, || {
-            self.linear_accumulate(x, rows, k, w, n, bias, acc, groups)
+            self.linear_into(x, rows, k, w, n, bias, epi, out, groups)
         })?;
         Ok(forked)
     }

@@ -18,7 +18,7 @@ mod sum;
 
 pub(crate) use attention::{ctx_class, ctx_class_limit};
 pub use attention::{AttentionParams, KvBuffers};
-pub use linear::GEMV_MAX_ROWS;
+pub use linear::{ForkedProduct, GEMV_MAX_ROWS};
 pub use pair::PairHalf;
 pub use sampling::{PenaltySpec, ProbsSpec, WarpedRow};
 pub use sum::SumTerm;

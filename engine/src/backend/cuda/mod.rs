@@ -612,15 +612,13 @@ impl Backend for CudaBackend {
         }
         let (ctx, up) =
             self.attention_and_gelu(x, w.qkv.0, w.qkv.1, w.up.0, w.up.1, kv, layer, step, attn)?;
-        let dense = (&ctx, w.dense.0, w.dense.1);
-        let mlp = (&up, w.down.0, w.down.1);
-        if gpu.row_invariant() {
-            // The MLP product first, as a forked step adds it, in every row-invariant
-            // step: a row gets the same bits whether its step forked or not.
-            return self.add_sum(mlp, dense, acc, false);
-        }
         // The attention queued at least one kernel after the one that wrote `up`.
-        self.add_sum(dense, mlp, acc, true)
+        self.add_sum(
+            (&ctx, w.dense.0, w.dense.1),
+            (&up, w.down.0, w.down.1),
+            acc,
+            true,
+        )
     }
 
     fn linear_add(

@@ -3,8 +3,9 @@
 //! attention, then the two residual products. With [`Gpu::set_fork_mlp`] a one-row step
 //! (in row-invariant mode, any step whose products run as GEMVs) runs the MLP down
 //! projection on a second stream while the attention runs (it needs only the up
-//! projection), and the attention output projection after both. Row-invariant steps add
-//! the MLP product first whether they fork or not, so that forking changes no bit.
+//! projection), and the attention output projection after both. A forked row-invariant
+//! step keeps the unforked order of the sums (attention output projection first, then
+//! the MLP's product from a buffer of its own), so that forking changes no bit.
 //!
 //! [`Gpu::set_fork_mlp`]: falconer_kernels::Gpu::set_fork_mlp
 
@@ -100,6 +101,19 @@ impl CudaBackend {
         let gpu = &self.gpu;
         let down_w = down.bf16("linear")?;
         let down_b = down_bias.map(|b| b.f32("linear")).transpose()?;
+        if gpu.row_invariant() {
+            // `acc + dense + down` in the unforked order, so that a row gets the bits
+            // of every other step (a product added from its own buffer is rounded as
+            // one accumulated by its GEMV).
+            let (ctx, up_out, product) =
+                self.attention_pair_then(x, w.qkv, w.up, kv, layer, step, attn, true, |h| {
+                    gpu.fork_linear(h, x.rows, up.rows, down_w, down.rows, down_b, groups(x))
+                })?;
+            let mlp = product.join().map_err(map_err)?;
+            drop(up_out);
+            self.linear_add(&ctx, dense, w.dense.1, acc)?;
+            return gpu.add(acc.f32_mut("add")?, &mlp).map_err(map_err);
+        }
         let acc_buf = acc.f32_mut("linear")?;
         let (ctx, up_out, forked) =
             self.attention_pair_then(x, w.qkv, w.up, kv, layer, step, attn, true, |h| {
