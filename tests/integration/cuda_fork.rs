@@ -4,9 +4,10 @@
 //! queued before it and the join orders it before what follows; greedy decoding on
 //! every fixture matches the unforked layer (fused sum, `rope_qkv`), gives the same bits
 //! on every run, and the same bits again when the steps are replayed as CUDA graphs
-//! (the fork and join recorded as graph edges). In row-invariant mode (the runtime's)
-//! forked products take scratch and arrival counters reserved before the fork, and a
-//! forked layer changes no bit: decode and verify steps equal the unforked ones.
+//! (the fork and join recorded as graph edges). Under separate norms the whole MLP
+//! forks and changes no bit. In row-invariant mode (the runtime's) forked products take
+//! scratch and arrival counters reserved before the fork, and a forked layer changes no
+//! bit: decode and verify steps equal the unforked ones.
 //!
 //! Without a GPU every test prints `skipped: no CUDA device (<reason>)` and passes.
 #![cfg(feature = "cuda")]
@@ -117,38 +118,65 @@ fn greedy_fork(b: &Arc<CudaBackend>, name: &str, fork: bool) -> (Vec<Vec<f32>>, 
     (all, forks, fused)
 }
 
+/// Layouts whose attention and MLP have norms of their own (the new decoder
+/// architecture's two norms): their whole MLP forks, with no fused rotary.
+const SEPARATE_NORMS: [&str; 4] = [
+    "new_arch_gqa_sharded",
+    "rope_linear",
+    "rope_yarn",
+    "f16_weights",
+];
+
 #[test]
 fn cuda_forked_mlp_decodes_every_fixture_like_the_fused_sum() {
     let Some(b) = backend() else { return };
-    let mut forking = 0;
+    let (mut shared, mut separate) = (0, 0);
     for name in LAYOUTS {
         let (on, forks, fused) = greedy_fork(&b, name, true);
         let (again, _, _) = greedy_fork(&b, name, true);
         let (off, none, unfused) = greedy_fork(&b, name, false);
         assert_eq!(none, 0, "{name}: switched off, no layer may fork");
         assert_eq!(unfused, 0, "{name}: unforked, rope_qkv was asked for");
-        // Every forked layer stores the rotary from its projection.
-        assert_eq!(
-            fused, forks,
-            "{name}: forked layers without the fused projection"
-        );
         let differs = on.iter().zip(&again).position(|(x, y)| !same_bits(x, y));
         assert!(
             differs.is_none(),
             "{name}: forked decoding differs between two runs from step {differs:?}"
         );
-        for (i, (x, z)) in on.iter().zip(&off).enumerate() {
-            let e = rel_err(x, z);
-            assert!(e < 1e-3, "{name}: step {i}'s logits off by {e:.2e}");
+        if SEPARATE_NORMS.contains(name) {
+            // The same kernels in the same order of sums: the same bits.
+            assert_eq!(fused, 0, "{name}: a fused rotary under separate norms");
+            let differs = on.iter().zip(&off).position(|(x, y)| !same_bits(x, y));
+            assert!(
+                differs.is_none(),
+                "{name}: the forked MLP changed step {differs:?}'s logits"
+            );
+            separate += usize::from(forks > 0);
+        } else {
+            // Every forked layer stores the rotary from its projection, and adds the
+            // MLP before the attention output projection (other rounding).
+            assert_eq!(
+                fused, forks,
+                "{name}: forked layers without the fused projection"
+            );
+            for (i, (x, z)) in on.iter().zip(&off).enumerate() {
+                let e = rel_err(x, z);
+                assert!(e < 1e-3, "{name}: step {i}'s logits off by {e:.2e}");
+            }
+            shared += usize::from(forks > 0);
         }
         println!("{name}: {forks} forks over 29 decode steps");
-        if forks > 0 {
-            forking += 1;
-        }
     }
     // The layouts with one shared norm before parallel attention fork (the same ones
-    // that fuse the residual sum).
-    assert!(forking >= 5, "only {forking} layouts forked their MLP");
+    // that fuse the residual sum), and every one with separate norms.
+    assert!(
+        shared >= 5,
+        "only {shared} shared-norm layouts forked their MLP"
+    );
+    assert_eq!(
+        separate,
+        SEPARATE_NORMS.len(),
+        "separate-norm layouts that forked"
+    );
 }
 
 #[test]
@@ -158,7 +186,7 @@ fn cuda_forked_mlp_replays_equal_steps_queued_kernel_by_kernel() {
     let was = gpu.fork_mlp();
     gpu.set_fork_mlp(true);
     let before = gpu.forks();
-    let results: Vec<_> = ["falcon7b_mqa", "new_arch_one_ln", "bias_mha"]
+    let results: Vec<_> = ["falcon7b_mqa", "new_arch_one_ln", "bias_mha", "rope_linear"]
         .into_iter()
         .map(|name| (name, replays_match(&b, name)))
         .collect();
@@ -191,6 +219,7 @@ fn cuda_row_invariant_forked_products_take_their_own_scratch() {
     gpu.set_row_invariant(true);
     let (hidden, inner) = (4544, 18176);
     let down = weights(gpu, hidden, inner, 4);
+    let up = weights(gpu, inner, hidden, 6);
     let other = weights(gpu, 4672, hidden, 5);
     let before = gpu.forks();
     let mut failures = Vec::new();
@@ -236,6 +265,31 @@ fn cuda_row_invariant_forked_products_take_their_own_scratch() {
                 "{rows} rows: the forked product differs from linear"
             ));
         }
+        // The whole MLP forked, against its two products on one stream.
+        let mlp = gpu
+            .fork_mlp_product(
+                &x,
+                rows,
+                hidden,
+                (&up, None),
+                inner,
+                (&down, None),
+                hidden,
+                &[rows],
+            )
+            .unwrap();
+        let h1 = gpu
+            .linear_gelu(&x, rows, hidden, &up, inner, None, &[rows])
+            .unwrap();
+        let alone = gpu
+            .linear(&h1, rows, inner, &down, hidden, None, &[rows])
+            .unwrap();
+        let mlp = gpu.download_f32(&mlp.join().unwrap()).unwrap();
+        if !same_bits(&mlp, &gpu.download_f32(&alone).unwrap()) {
+            failures.push(format!(
+                "{rows} rows: the forked MLP differs from its products"
+            ));
+        }
         let (y_want, y_got) = (
             gpu.download_f32(&y_one).unwrap(),
             gpu.download_f32(&y).unwrap(),
@@ -255,7 +309,7 @@ fn cuda_row_invariant_forked_products_take_their_own_scratch() {
         .is_err();
     gpu.set_row_invariant(false);
     assert!(failures.is_empty(), "{failures:#?}");
-    assert_eq!(forks, 8, "every forked product counts one fork");
+    assert_eq!(forks, 12, "every forked product counts one fork");
     assert!(
         refused,
         "a 40-row product (cuBLAS) must be refused in forked work"
@@ -328,7 +382,7 @@ fn cuda_row_invariant_forked_replays_equal_steps_queued_kernel_by_kernel() {
     gpu.set_fork_mlp(true);
     gpu.set_row_invariant(true);
     let before = gpu.forks();
-    let results: Vec<_> = ["falcon7b_mqa", "bias_mha"]
+    let results: Vec<_> = ["falcon7b_mqa", "bias_mha", "new_arch_gqa_sharded"]
         .into_iter()
         .map(|name| (name, replays_match(&b, name)))
         .collect();

@@ -280,6 +280,30 @@ pub trait Backend: Send + Sync + Debug + 'static {
         self.linear_add_sum(&ctx, w.dense.0, w.dense.1, &up, w.down.0, w.down.1, acc)
     }
 
+    /// A parallel-attention layer whose attention and MLP have norms of their own
+    /// (Falcon's new decoder architecture), for a few-row step: `acc +=
+    /// dense(attention(qkv(a)))`, then `acc += down(gelu(up(m)))`, for the attention's
+    /// normed input `a` and the MLP's `m`. A backend may run the MLP, which needs nothing
+    /// from the attention, beside it, adding in this order.
+    #[allow(clippy::too_many_arguments)]
+    fn parallel_attention_separate(
+        &self,
+        a: &Self::Tensor,
+        m: &Self::Tensor,
+        w: &ParallelWeights<'_, Self::Tensor>,
+        kv: &mut Self::KvCache,
+        layer: usize,
+        step: &Self::Step,
+        attn: &AttnConfig,
+        acc: &mut Self::Tensor,
+    ) -> Result<(), BackendError> {
+        let qkv = self.linear(a, w.qkv.0, w.qkv.1)?;
+        let ctx = self.attention(&qkv, kv, layer, step, attn)?;
+        self.linear_add(&ctx, w.dense.0, w.dense.1, acc)?;
+        let h = self.linear_gelu(m, w.up.0, w.up.1)?;
+        self.linear_add(&h, w.down.0, w.down.1, acc)
+    }
+
     /// `x += y`, in place.
     fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<(), BackendError>;
 

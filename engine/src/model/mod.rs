@@ -308,21 +308,30 @@ impl<B: Backend> Falcon<B> {
         let ln = |n: &weights::Norm<B>, t: &B::Tensor| b.layer_norm(t, &n.weight, &n.bias, eps);
         let pair = rows <= PAIR_MAX_ROWS;
         let kv = &mut self.kv;
-        // Under a shared norm the qkv and MLP up projections read the same input: for
-        // few-row steps the whole layer is one backend call (on the GPU one launch for
-        // both products, and the MLP down projection streaming while the attention runs).
-        // Larger steps (prefill) compute the MLP after attention, so that its rows x 4h
-        // activations are not held through it.
-        if let (LayerNormWeights::Shared { input }, true) = (&w.norms, pair) {
-            let a = ln(input, &x)?;
-            let pw = ParallelWeights {
-                qkv: w.qkv.parts(),
-                up: w.h_to_4h.parts(),
-                dense: w.dense.parts(),
-                down: w.four_h_to_h.parts(),
-            };
-            b.parallel_attention(&a, &pw, kv, i, device, &self.attn, &mut x)?;
-            return Ok(x);
+        // Parallel attention for few-row steps is one backend call. Under a shared norm
+        // the qkv and MLP up projections read the same input (on the GPU one launch for
+        // both products, and the MLP down projection streaming while the attention
+        // runs); under separate norms the whole MLP needs nothing from the attention (on
+        // the GPU it runs beside it). Larger steps (prefill) compute the MLP after
+        // attention, so that its rows x 4h activations are not held through it.
+        let pw = ParallelWeights {
+            qkv: w.qkv.parts(),
+            up: w.h_to_4h.parts(),
+            dense: w.dense.parts(),
+            down: w.four_h_to_h.parts(),
+        };
+        match (&w.norms, pair) {
+            (LayerNormWeights::Shared { input }, true) => {
+                let a = ln(input, &x)?;
+                b.parallel_attention(&a, &pw, kv, i, device, &self.attn, &mut x)?;
+                return Ok(x);
+            }
+            (LayerNormWeights::Separate { attn, mlp }, true) => {
+                let (a, m) = (ln(attn, &x)?, ln(mlp, &x)?);
+                b.parallel_attention_separate(&a, &m, &pw, kv, i, device, &self.attn, &mut x)?;
+                return Ok(x);
+            }
+            _ => {}
         }
         let attention =
             |qkv: &B::Tensor, kv: &mut B::KvCache| b.attention(qkv, kv, i, device, &self.attn);

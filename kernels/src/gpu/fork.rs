@@ -91,6 +91,18 @@ impl LaneReserve {
     pub(crate) fn none() -> Self {
         Self::default()
     }
+
+    /// A buffer of `len` that forked launches take one at a time (one is enough for all).
+    pub(crate) fn add_scratch(&mut self, len: usize) {
+        if !self.scratch_f32.contains(&len) {
+            self.scratch_f32.push(len);
+        }
+    }
+
+    /// A buffer of `len` held beside the others.
+    pub(crate) fn hold_scratch(&mut self, len: usize) {
+        self.scratch_f32.push(len);
+    }
 }
 
 /// The scratch pool of the fork this thread queues on `gpu`, while it does.

@@ -8,9 +8,7 @@ use half::bf16;
 
 use super::{check_len, p, to_i32};
 use crate::error::KernelError;
-use crate::gpu::{
-    Arg, DeviceBuffer, Forked, GemvKernel, GemvSplit, Gpu, LaneReserve, ROW_INVARIANT_MAX_ROWS,
-};
+use crate::gpu::{Arg, DeviceBuffer, GemvKernel, GemvSplit, Gpu, ROW_INVARIANT_MAX_ROWS};
 
 /// Up to this many activation rows, `linear` streams the weights with the GEMV kernels
 /// (a verify pass costs about one decode step); beyond it, cuBLAS on tensor cores.
@@ -67,26 +65,9 @@ struct Span {
     gemv: bool,
 }
 
-/// A product queued on a second stream by [`Gpu::fork_linear`]: its output, once joined.
-#[must_use = "the main stream must join the forked product before using its output"]
-#[derive(Debug)]
-pub struct ForkedProduct<'a> {
-    // Dropped first: a dropped product joins before its buffer goes back to the pool.
-    forked: Forked<'a>,
-    out: DeviceBuffer<f32>,
-}
-
-impl ForkedProduct<'_> {
-    /// Makes the thread's stream wait for the product; returns its output.
-    pub fn join(self) -> Result<DeviceBuffer<f32>, KernelError> {
-        self.forked.join()?;
-        Ok(self.out)
-    }
-}
-
 /// The kernel a GEMV launch of at most [`GEMV_MAX_ROWS`] rows takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ChunkKernel {
+pub(super) enum ChunkKernel {
     /// `gemv_tc` (K a multiple of 32), split over K with scratch and arrival counters.
     TensorCores,
     /// `gemv_bf16_r*` (K a multiple of 8).
@@ -352,7 +333,7 @@ impl Gpu {
     /// The kernel of a GEMV launch of `r` rows over `k`. Row-invariant: the tensor-core
     /// kernel for every row count (the CUDA-core ones are row-invariant too, for K that
     /// is not a multiple of 32).
-    fn chunk_kernel(&self, r: usize, k: usize) -> ChunkKernel {
+    pub(super) fn chunk_kernel(&self, r: usize, k: usize) -> ChunkKernel {
         let kernel = if self.row_invariant() {
             GemvKernel::Tc4
         } else {
@@ -365,95 +346,6 @@ impl Gpu {
         } else {
             ChunkKernel::Scalar
         }
-    }
-
-    /// Whether a product of `rows` rows runs on the GEMV kernels whatever its shape, as
-    /// [`Gpu::fork_linear_accumulate`] needs: up to [`GEMV_MAX_ROWS`] rows, or
-    /// [`ROW_INVARIANT_MAX_ROWS`] in row-invariant mode.
-    pub fn gemv_takes_rows(&self, rows: usize) -> bool {
-        rows <= GEMV_MAX_ROWS || (self.row_invariant() && rows <= ROW_INVARIANT_MAX_ROWS)
-    }
-
-    /// [`Gpu::linear_accumulate`] queued on a second stream ([`Gpu::fork`]) for rows that
-    /// [`Gpu::gemv_takes_rows`] (cuBLAS does not run forked: an error otherwise), with
-    /// the split partials and arrival counters its tensor-core GEMV takes reserved first.
-    /// The caller keeps `x`, `w`, `bias` and `acc` alive, and queues nothing that
-    /// writes them, until it joins the returned [`Forked`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn fork_linear_accumulate(
-        &self,
-        x: &DeviceBuffer<f32>,
-        rows: usize,
-        k: usize,
-        w: &DeviceBuffer<bf16>,
-        n: usize,
-        bias: Option<&DeviceBuffer<f32>>,
-        acc: &mut DeviceBuffer<f32>,
-        groups: &[usize],
-    ) -> Result<Forked<'_>, KernelError> {
-        check_len("linear", "accumulator", acc, rows * n)?;
-        self.fork_linear_into(x, rows, k, w, n, bias, Epilogue::Accumulate, acc, groups)
-    }
-
-    /// [`Gpu::linear`] queued on a second stream, as [`Gpu::fork_linear_accumulate`];
-    /// its output comes with the join.
-    #[allow(clippy::too_many_arguments)]
-    pub fn fork_linear(
-        &self,
-        x: &DeviceBuffer<f32>,
-        rows: usize,
-        k: usize,
-        w: &DeviceBuffer<bf16>,
-        n: usize,
-        bias: Option<&DeviceBuffer<f32>>,
-        groups: &[usize],
-    ) -> Result<ForkedProduct<'_>, KernelError> {
-        let mut out = self.scratch::<f32>(rows * n)?;
-        let forked =
-            self.fork_linear_into(x, rows, k, w, n, bias, Epilogue::Store, &mut out, groups)?;
-        Ok(ForkedProduct { forked, out })
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn fork_linear_into(
-        &self,
-        x: &DeviceBuffer<f32>,
-        rows: usize,
-        k: usize,
-        w: &DeviceBuffer<bf16>,
-        n: usize,
-        bias: Option<&DeviceBuffer<f32>>,
-        epi: Epilogue,
-        out: &mut DeviceBuffer<f32>,
-        groups: &[usize],
-    ) -> Result<Forked<'_>, KernelError> {
-        if !self.gemv_takes_rows(rows) {
-            return Err(KernelError::invalid(
-                "fork",
-                format!("a product of {rows} rows takes cuBLAS, which forked work may not call"),
-            ));
-        }
-        // The scratch of each GEMV launch as `linear_span` makes them (a launch's
-        // partials go back to the fork's pool before the next launch on the lane takes
-        // them).
-        let mut reserve = LaneReserve::none();
-        for r0 in (0..rows).step_by(GEMV_MAX_ROWS) {
-            let r = GEMV_MAX_ROWS.min(rows - r0);
-            if self.chunk_kernel(r, k) != ChunkKernel::TensorCores {
-                continue;
-            }
-            let (tiles, nsplit, _) = self.tc_tiles(n, k);
-            if nsplit > 1 {
-                if !reserve.scratch_f32.contains(&(nsplit * r * n)) {
-                    reserve.scratch_f32.push(nsplit * r * n);
-                }
-                reserve.counters = reserve.counters.max(tiles);
-            }
-        }
-        let ((), forked) = self.fork_with(&reserve, || {
-            self.linear_into(x, rows, k, w, n, bias, epi, out, groups)
-        })?;
-        Ok(forked)
     }
 
     /// The tensor-core GEMV (`gemv_tc` in gemv.cu) of `r` rows on `w [n, k]`, k a

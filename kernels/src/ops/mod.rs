@@ -18,7 +18,9 @@ mod sum;
 
 pub(crate) use attention::{ctx_class, ctx_class_limit};
 pub use attention::{AttentionParams, KvBuffers};
-pub use linear::{ForkedProduct, GEMV_MAX_ROWS};
+mod forked;
+pub use forked::{ForkedProduct, MlpHalf};
+pub use linear::GEMV_MAX_ROWS;
 pub use pair::PairHalf;
 pub use sampling::{PenaltySpec, ProbsSpec, WarpedRow};
 pub use sum::SumTerm;

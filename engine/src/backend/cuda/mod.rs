@@ -598,16 +598,7 @@ impl Backend for CudaBackend {
         attn: &AttnConfig,
         acc: &mut CudaTensor,
     ) -> Result<(), BackendError> {
-        let gpu = &self.gpu;
-        // Outside row-invariant mode only one-row steps fork (measured); row-invariant
-        // steps fork whenever their products run as GEMVs (the runtime's decode and
-        // verify steps).
-        let forks = if gpu.row_invariant() {
-            gpu.gemv_takes_rows(x.rows)
-        } else {
-            x.rows == 1
-        };
-        if gpu.fork_mlp() && forks {
+        if self.forks_mlp(x.rows) {
             return self.parallel_attention_forked(x, w, kv, layer, step, attn, acc);
         }
         let (ctx, up) =
@@ -619,6 +610,27 @@ impl Backend for CudaBackend {
             acc,
             true,
         )
+    }
+
+    fn parallel_attention_separate(
+        &self,
+        a: &CudaTensor,
+        m: &CudaTensor,
+        w: &ParallelWeights<'_, CudaTensor>,
+        kv: &mut CudaKvCache,
+        layer: usize,
+        step: &CudaStep,
+        attn: &AttnConfig,
+        acc: &mut CudaTensor,
+    ) -> Result<(), BackendError> {
+        if self.forks_mlp(a.rows) {
+            return self.parallel_attention_separate_forked(a, m, w, kv, layer, step, attn, acc);
+        }
+        let qkv = self.linear(a, w.qkv.0, w.qkv.1)?;
+        let ctx = self.attention(&qkv, kv, layer, step, attn)?;
+        self.linear_add(&ctx, w.dense.0, w.dense.1, acc)?;
+        let h = self.linear_gelu(m, w.up.0, w.up.1)?;
+        self.linear_add(&h, w.down.0, w.down.1, acc)
     }
 
     fn linear_add(

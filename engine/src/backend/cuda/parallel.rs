@@ -19,6 +19,75 @@ use crate::backend::{AttnConfig, Backend, ParallelWeights};
 use crate::error::BackendError;
 
 impl CudaBackend {
+    /// Whether a parallel-attention layer of `rows` rows runs its MLP beside the
+    /// attention ([`Gpu::set_fork_mlp`]): outside row-invariant mode one-row steps
+    /// (measured), in it every step whose products run as GEMVs (the runtime's decode
+    /// and verify steps).
+    pub(super) fn forks_mlp(&self, rows: usize) -> bool {
+        let gpu = &self.gpu;
+        gpu.fork_mlp()
+            && if gpu.row_invariant() {
+                gpu.gemv_takes_rows(rows)
+            } else {
+                rows == 1
+            }
+    }
+
+    /// [`Backend::parallel_attention_separate`] with the whole MLP (its up and down
+    /// projections) on a second stream while the main stream runs the qkv projection,
+    /// the attention and its output projection; the MLP's product is added after those,
+    /// as unforked (the same bits).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn parallel_attention_separate_forked(
+        &self,
+        a: &CudaTensor,
+        m: &CudaTensor,
+        w: &ParallelWeights<'_, CudaTensor>,
+        kv: &mut CudaKvCache,
+        layer: usize,
+        step: &CudaStep,
+        attn: &AttnConfig,
+        acc: &mut CudaTensor,
+    ) -> Result<(), BackendError> {
+        let ((up, up_bias), (down, down_bias)) = (w.up, w.down);
+        check_linear(m, up)?;
+        if down.cols != up.rows || a.rows != m.rows || (acc.rows, acc.cols) != (m.rows, down.rows) {
+            return Err(invalid(
+                "linear",
+                format!(
+                    "{}x{} accumulator for a {}-row MLP of {} -> {} -> {} features \
+                     ({} attention rows)",
+                    acc.rows, acc.cols, m.rows, up.cols, up.rows, down.rows, a.rows
+                ),
+            ));
+        }
+        let gpu = &self.gpu;
+        let product = gpu
+            .fork_mlp_product(
+                m.f32("linear")?,
+                m.rows,
+                m.cols,
+                (
+                    up.bf16("linear")?,
+                    up_bias.map(|b| b.f32("linear")).transpose()?,
+                ),
+                up.rows,
+                (
+                    down.bf16("linear")?,
+                    down_bias.map(|b| b.f32("linear")).transpose()?,
+                ),
+                down.rows,
+                groups(m),
+            )
+            .map_err(map_err)?;
+        // An error from here on drops `product`, which joins it.
+        let qkv = self.linear(a, w.qkv.0, w.qkv.1)?;
+        let ctx = self.attention(&qkv, kv, layer, step, attn)?;
+        self.linear_add(&ctx, w.dense.0, w.dense.1, acc)?;
+        let mlp = product.join().map_err(map_err)?;
+        gpu.add(acc.f32_mut("add")?, &mlp).map_err(map_err)
+    }
+
     /// The qkv and up projections of `x` (`(weight, bias)` each, GELU on the second),
     /// `then` with the up projection's output, then the attention; returns the attention
     /// output, the up projection's output and `then`'s result. `fuse_rope` as for

@@ -1,0 +1,159 @@
+//! Products queued on the GPU's second stream ([`Gpu::fork`]) beside the main stream's
+//! work: one product ([`Gpu::fork_linear`], [`Gpu::fork_linear_accumulate`]) or a whole
+//! MLP ([`Gpu::fork_mlp_product`]). Forked work allocates nothing, so each first reserves what
+//! its GEMV launches take (outputs, split-K partials, arrival counters), as
+//! `linear_span` makes them; and since cuBLAS is not a kernel launch of ours, only rows
+//! that run on the GEMV kernels fork.
+
+use half::bf16;
+
+use super::check_len;
+use super::linear::{ChunkKernel, Epilogue, GEMV_MAX_ROWS};
+use crate::error::KernelError;
+use crate::gpu::{DeviceBuffer, Forked, Gpu, LaneReserve, ROW_INVARIANT_MAX_ROWS};
+
+/// A product queued on a second stream: its output, once joined.
+#[must_use = "the main stream must join the forked product before using its output"]
+#[derive(Debug)]
+pub struct ForkedProduct<'a> {
+    // Dropped first: a dropped product joins before its buffer goes back to the pool.
+    forked: Forked<'a>,
+    out: DeviceBuffer<f32>,
+}
+
+impl ForkedProduct<'_> {
+    /// Makes the thread's stream wait for the product; returns its output.
+    pub fn join(self) -> Result<DeviceBuffer<f32>, KernelError> {
+        self.forked.join()?;
+        Ok(self.out)
+    }
+}
+
+/// One side of a forked MLP: a weight `[n, k]` and its bias.
+pub type MlpHalf<'a> = (&'a DeviceBuffer<bf16>, Option<&'a DeviceBuffer<f32>>);
+
+impl Gpu {
+    /// Whether a product of `rows` rows runs on the GEMV kernels whatever its shape, as
+    /// forked products need: up to [`GEMV_MAX_ROWS`] rows, or [`ROW_INVARIANT_MAX_ROWS`]
+    /// in row-invariant mode.
+    pub fn gemv_takes_rows(&self, rows: usize) -> bool {
+        rows <= GEMV_MAX_ROWS || (self.row_invariant() && rows <= ROW_INVARIANT_MAX_ROWS)
+    }
+
+    /// Adds to `reserve` the split-K partials and arrival counters that the GEMV
+    /// launches of a `[rows, k] @ [n, k]^T` product take (a launch's partials go back to
+    /// the fork's pool before the next launch on the lane takes them).
+    fn reserve_gemv(
+        &self,
+        rows: usize,
+        k: usize,
+        n: usize,
+        reserve: &mut LaneReserve,
+    ) -> Result<(), KernelError> {
+        if !self.gemv_takes_rows(rows) {
+            return Err(KernelError::invalid(
+                "fork",
+                format!("a product of {rows} rows takes cuBLAS, which forked work may not call"),
+            ));
+        }
+        for r0 in (0..rows).step_by(GEMV_MAX_ROWS) {
+            let r = GEMV_MAX_ROWS.min(rows - r0);
+            if self.chunk_kernel(r, k) != ChunkKernel::TensorCores {
+                continue;
+            }
+            let (tiles, nsplit, _) = self.tc_tiles(n, k);
+            if nsplit > 1 {
+                reserve.add_scratch(nsplit * r * n);
+                reserve.counters = reserve.counters.max(tiles);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Gpu::linear_accumulate`] queued on a second stream for rows that
+    /// [`Gpu::gemv_takes_rows`] (an error otherwise). The caller keeps `x`, `w`, `bias`
+    /// and `acc` alive, and queues nothing that writes them, until it joins the returned
+    /// [`Forked`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn fork_linear_accumulate(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        k: usize,
+        w: &DeviceBuffer<bf16>,
+        n: usize,
+        bias: Option<&DeviceBuffer<f32>>,
+        acc: &mut DeviceBuffer<f32>,
+        groups: &[usize],
+    ) -> Result<Forked<'_>, KernelError> {
+        check_len("linear", "accumulator", acc, rows * n)?;
+        let mut reserve = LaneReserve::none();
+        self.reserve_gemv(rows, k, n, &mut reserve)?;
+        let ((), forked) = self.fork_with(&reserve, || {
+            self.linear_into(x, rows, k, w, n, bias, Epilogue::Accumulate, acc, groups)
+        })?;
+        Ok(forked)
+    }
+
+    /// [`Gpu::linear`] queued on a second stream, as [`Gpu::fork_linear_accumulate`];
+    /// its output comes with the join.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fork_linear(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        k: usize,
+        w: &DeviceBuffer<bf16>,
+        n: usize,
+        bias: Option<&DeviceBuffer<f32>>,
+        groups: &[usize],
+    ) -> Result<ForkedProduct<'_>, KernelError> {
+        let mut reserve = LaneReserve::none();
+        self.reserve_gemv(rows, k, n, &mut reserve)?;
+        let mut out = self.scratch::<f32>(rows * n)?;
+        let ((), forked) = self.fork_with(&reserve, || {
+            self.linear_into(x, rows, k, w, n, bias, Epilogue::Store, &mut out, groups)
+        })?;
+        Ok(ForkedProduct { forked, out })
+    }
+
+    /// Falcon's MLP `gelu(x @ up^T + up_bias) @ down^T + down_bias` for `x [rows, k]`
+    /// (`up [ffn, k]`, `down [n, ffn]`) queued on a second stream: the same kernels, so
+    /// the same bits, as [`Gpu::linear_gelu`] then [`Gpu::linear`]. As
+    /// [`Gpu::fork_linear`] otherwise.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fork_mlp_product(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        k: usize,
+        (up, up_bias): MlpHalf<'_>,
+        ffn: usize,
+        (down, down_bias): MlpHalf<'_>,
+        n: usize,
+        groups: &[usize],
+    ) -> Result<ForkedProduct<'_>, KernelError> {
+        check_len("linear", "input", x, rows * k)?;
+        let mut reserve = LaneReserve::none();
+        self.reserve_gemv(rows, k, ffn, &mut reserve)?;
+        self.reserve_gemv(rows, ffn, n, &mut reserve)?;
+        // The up projection's output, taken on the lane and held beside the partials.
+        reserve.hold_scratch(rows * ffn);
+        let mut out = self.scratch::<f32>(rows * n)?;
+        let ((), forked) = self.fork_with(&reserve, || {
+            let h = self.linear_gelu(x, rows, k, up, ffn, up_bias, groups)?;
+            self.linear_into(
+                &h,
+                rows,
+                ffn,
+                down,
+                n,
+                down_bias,
+                Epilogue::Store,
+                &mut out,
+                groups,
+            )
+        })?;
+        Ok(ForkedProduct { forked, out })
+    }
+}
