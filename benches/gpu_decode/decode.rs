@@ -29,8 +29,9 @@ pub(crate) fn decode_section(
     // `split4`, applied to every one-row GEMV with `all`; the decode attention's keys
     // loaded only after its PDL wait as `latekv`; the MLP down projection forked onto a
     // second stream beside the attention as `fork` (its layers always store the rotary
-    // from the projection, so `rope` only matters unforked); the CUDA-core attention's
-    // keys per split as `keysN`.
+    // from the projection, so `rope` only matters unforked), in row-invariant steps too
+    // with `wide` (without it `fork` changes nothing there); the CUDA-core attention's
+    // keys per split, when set from the environment, as `keysN` (measured slower).
     #[derive(Clone, Copy)]
     struct Launch {
         pdl: bool,
@@ -41,6 +42,7 @@ pub(crate) fn decode_section(
         all: bool,
         early: bool,
         fork: bool,
+        wide: bool,
         keys: usize,
     }
     let cfg = |pdl, rope, merge, overlap| Launch {
@@ -52,11 +54,16 @@ pub(crate) fn decode_section(
         all: false,
         early: true,
         fork: false,
+        wide: false,
         keys: ATTN_SPLIT_KEYS,
     };
     let late_kv = |c: Launch| Launch { early: false, ..c };
     let fork = |c: Launch| Launch { fork: true, ..c };
-    let keys = |c: Launch, keys| Launch { keys, ..c };
+    let wide = |c: Launch| Launch {
+        fork: true,
+        wide: true,
+        ..c
+    };
     let split = |c: Launch, split| Launch { split, ..c };
     let split_all = |c: Launch, split| Launch {
         split,
@@ -68,6 +75,7 @@ pub(crate) fn decode_section(
         all: gpu.gemv_split_all(),
         early: gpu.early_kv(),
         fork: gpu.fork_mlp(),
+        wide: gpu.fork_wide(),
         keys: gpu.attn_split_keys(),
         ..cfg(
             gpu.pdl(),
@@ -85,6 +93,7 @@ pub(crate) fn decode_section(
         gpu.set_gemv_split_all(c.all);
         gpu.set_early_kv(c.early);
         gpu.set_fork_mlp(c.fork);
+        gpu.set_fork_wide(c.wide);
         // Only the accepted lengths are listed below.
         let _ = gpu.set_attn_split_keys(c.keys);
     };
@@ -99,6 +108,7 @@ pub(crate) fn decode_section(
             (c.all && c.split != GemvSplit::One, "all"),
             (!c.early, "latekv"),
             (c.fork, "fork"),
+            (c.wide, "wide"),
         ];
         let mut on: Vec<String> = flags
             .iter()
@@ -120,11 +130,10 @@ pub(crate) fn decode_section(
         let configs: Vec<Launch> = if exact {
             vec![
                 fork(cfg(true, false, false, false)),
-                cfg(true, false, false, false),
-                cfg(true, true, false, false),
-                fork(late_kv(cfg(true, false, false, false))),
-                keys(cfg(true, false, false, false), 256),
-                cfg(false, false, false, false),
+                wide(cfg(true, false, false, false)),
+                fork(cfg(true, true, false, false)),
+                wide(late_kv(cfg(true, false, false, false))),
+                fork(cfg(false, false, false, false)),
             ]
         } else {
             vec![

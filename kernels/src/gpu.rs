@@ -36,8 +36,8 @@ use crate::error::KernelError;
 use crate::module::{ptx_for, Kernels};
 use settings::env_flag;
 pub use settings::{
-    GemvKernel, GemvSplit, PairLaunch, ATTN_SPLIT_KEYS, ATTN_TC_MIN_CTX, FORK_MLP, GEMV_SPLIT,
-    PAIR_LAUNCH, ROW_INVARIANT_MAX_ROWS, TC_BLOCKS_PER_SM,
+    GemvKernel, GemvSplit, PairLaunch, ATTN_SPLIT_KEYS, ATTN_TC_MIN_CTX, FORK_MLP, FORK_WIDE,
+    GEMV_SPLIT, PAIR_LAUNCH, ROW_INVARIANT_MAX_ROWS, TC_BLOCKS_PER_SM,
 };
 
 mod fork;
@@ -97,6 +97,8 @@ pub struct Gpu {
     /// Whether a one-row parallel-attention layer runs its MLP down projection on a
     /// second stream beside the attention.
     fork_mlp: AtomicBool,
+    /// Whether row-invariant steps and separate-norm layers fork too.
+    fork_wide: AtomicBool,
     /// The second stream that work outside a recording forks onto, made at the first
     /// fork.
     lane: Mutex<Option<fork::Lane>>,
@@ -251,6 +253,7 @@ impl Gpu {
             fused_rope_launches: AtomicU64::new(0),
             late_sum_launches: AtomicU64::new(0),
             fork_mlp: AtomicBool::new(env_flag("FALCONER_FORK_MLP", FORK_MLP)),
+            fork_wide: AtomicBool::new(env_flag("FALCONER_FORK_WIDE", FORK_WIDE)),
             lane: Mutex::new(None),
             forks: AtomicU64::new(0),
             fuse_combine: AtomicBool::new(env_flag("FALCONER_FUSE_COMBINE", false)),

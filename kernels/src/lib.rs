@@ -36,7 +36,8 @@ pub use error::KernelError;
 #[cfg(feature = "cuda")]
 pub use gpu::{
     DeviceBuffer, Elem, Forked, GemvKernel, GemvSplit, Gpu, PairLaunch, ATTN_SPLIT_KEYS,
-    ATTN_TC_MIN_CTX, FORK_MLP, GEMV_SPLIT, PAIR_LAUNCH, ROW_INVARIANT_MAX_ROWS, TC_BLOCKS_PER_SM,
+    ATTN_TC_MIN_CTX, FORK_MLP, FORK_WIDE, GEMV_SPLIT, PAIR_LAUNCH, ROW_INVARIANT_MAX_ROWS,
+    TC_BLOCKS_PER_SM,
 };
 #[cfg(feature = "cuda")]
 pub use graph::{CapturedGraph, InputSlot, ScratchPool, StepLimits, StepShape};

@@ -4,8 +4,9 @@
 //! queued before it and the join orders it before what follows; greedy decoding on
 //! every fixture matches the unforked layer (fused sum, `rope_qkv`), gives the same bits
 //! on every run, and the same bits again when the steps are replayed as CUDA graphs
-//! (the fork and join recorded as graph edges). Under separate norms the whole MLP
-//! forks and changes no bit. In row-invariant mode (the runtime's) forked products take
+//! (the fork and join recorded as graph edges). With `Gpu::set_fork_wide` (off by
+//! default: these tests are its first check) the whole MLP forks under separate norms
+//! and changes no bit; in row-invariant mode (the runtime's) forked products take
 //! scratch and arrival counters reserved before the fork, and a forked layer changes no
 //! bit: decode and verify steps equal the unforked ones.
 //!
@@ -104,8 +105,9 @@ fn cuda_forked_work_runs_after_the_fork_and_before_the_join() {
 /// forks ran and how many fused qkv-rotary projections.
 fn greedy_fork(b: &Arc<CudaBackend>, name: &str, fork: bool) -> (Vec<Vec<f32>>, u64, u64) {
     let gpu = b.gpu();
-    let was = (gpu.fork_mlp(), gpu.fuse_rope());
+    let was = (gpu.fork_mlp(), gpu.fuse_rope(), gpu.fork_wide());
     gpu.set_fork_mlp(fork);
+    gpu.set_fork_wide(fork);
     gpu.set_fuse_rope(false);
     b.set_step_graphs(false);
     let (forks0, fused0) = (gpu.forks(), gpu.fused_rope_launches());
@@ -114,6 +116,7 @@ fn greedy_fork(b: &Arc<CudaBackend>, name: &str, fork: bool) -> (Vec<Vec<f32>>, 
     let fused = gpu.fused_rope_launches() - fused0;
     gpu.set_fork_mlp(was.0);
     gpu.set_fuse_rope(was.1);
+    gpu.set_fork_wide(was.2);
     b.set_step_graphs(true);
     (all, forks, fused)
 }
@@ -183,15 +186,17 @@ fn cuda_forked_mlp_decodes_every_fixture_like_the_fused_sum() {
 fn cuda_forked_mlp_replays_equal_steps_queued_kernel_by_kernel() {
     let Some(b) = backend() else { return };
     let gpu = b.gpu();
-    let was = gpu.fork_mlp();
+    let was = (gpu.fork_mlp(), gpu.fork_wide());
     gpu.set_fork_mlp(true);
+    gpu.set_fork_wide(true);
     let before = gpu.forks();
     let results: Vec<_> = ["falcon7b_mqa", "new_arch_one_ln", "bias_mha", "rope_linear"]
         .into_iter()
         .map(|name| (name, replays_match(&b, name)))
         .collect();
     let forks = gpu.forks() - before;
-    gpu.set_fork_mlp(was);
+    gpu.set_fork_mlp(was.0);
+    gpu.set_fork_wide(was.1);
     for (name, r) in results {
         match r {
             Ok(s) => {
@@ -324,8 +329,9 @@ fn cuda_row_invariant_forked_products_take_their_own_scratch() {
 fn cuda_row_invariant_forked_layers_change_no_bit() {
     let Some(b) = backend() else { return };
     let gpu = b.gpu();
-    let was = gpu.fork_mlp();
+    let was = (gpu.fork_mlp(), gpu.fork_wide());
     gpu.set_row_invariant(true);
+    gpu.set_fork_wide(true);
     b.set_step_graphs(false);
     let mut failures = Vec::new();
     let mut forking = 0;
@@ -364,7 +370,8 @@ fn cuda_row_invariant_forked_layers_change_no_bit() {
             forking += 1;
         }
     }
-    gpu.set_fork_mlp(was);
+    gpu.set_fork_mlp(was.0);
+    gpu.set_fork_wide(was.1);
     gpu.set_row_invariant(false);
     b.set_step_graphs(true);
     assert!(failures.is_empty(), "{failures:#?}");
@@ -378,8 +385,9 @@ fn cuda_row_invariant_forked_layers_change_no_bit() {
 fn cuda_row_invariant_forked_replays_equal_steps_queued_kernel_by_kernel() {
     let Some(b) = backend() else { return };
     let gpu = b.gpu();
-    let was = gpu.fork_mlp();
+    let was = (gpu.fork_mlp(), gpu.fork_wide());
     gpu.set_fork_mlp(true);
+    gpu.set_fork_wide(true);
     gpu.set_row_invariant(true);
     let before = gpu.forks();
     let results: Vec<_> = ["falcon7b_mqa", "bias_mha", "new_arch_gqa_sharded"]
@@ -387,7 +395,8 @@ fn cuda_row_invariant_forked_replays_equal_steps_queued_kernel_by_kernel() {
         .map(|name| (name, replays_match(&b, name)))
         .collect();
     let forks = gpu.forks() - before;
-    gpu.set_fork_mlp(was);
+    gpu.set_fork_mlp(was.0);
+    gpu.set_fork_wide(was.1);
     gpu.set_row_invariant(false);
     for (name, r) in results {
         match r {

@@ -19,6 +19,11 @@ pub const ATTN_TC_MIN_CTX: usize = 1024;
 /// runs each; `benches/results/h100_fork.txt`).
 pub const FORK_MLP: bool = true;
 
+/// Default of [`Gpu::set_fork_wide`] (`FALCONER_FORK_WIDE=0|1`): off until the forks it
+/// adds (row-invariant steps, layers with separate norms) have run their tests on a GPU
+/// and been measured.
+pub const FORK_WIDE: bool = false;
+
 /// Default keys per split of the CUDA-core decode attention (the kernel of contexts below
 /// [`ATTN_TC_MIN_CTX`]; `FALCONER_ATTN_SPLIT_KEYS`, a multiple of 64 up to 4096): short
 /// splits spread a context over more blocks, long ones save the split merge
@@ -260,6 +265,21 @@ impl Gpu {
 
     pub fn fork_mlp(&self) -> bool {
         self.fork_mlp.load(Ordering::Relaxed)
+    }
+
+    /// With [`Gpu::set_fork_mlp`], forks more than one-row steps of shared-norm layers
+    /// ([`FORK_WIDE`]): row-invariant steps whose products run as GEMVs (the runtime's
+    /// decode and verify steps; their forked products take scratch reserved before the
+    /// fork, and add in the unforked order, so the same bits), and layers whose attention
+    /// and MLP have norms of their own (the whole MLP beside the attention; the same
+    /// bits too).
+    pub fn set_fork_wide(&self, on: bool) {
+        self.fork_wide.store(on, Ordering::Relaxed);
+        self.settings_changed();
+    }
+
+    pub fn fork_wide(&self) -> bool {
+        self.fork_wide.load(Ordering::Relaxed)
     }
 
     /// Lets the decode attention kernels (tensor-core, and CUDA-core at head sizes 64

@@ -598,7 +598,7 @@ impl Backend for CudaBackend {
         attn: &AttnConfig,
         acc: &mut CudaTensor,
     ) -> Result<(), BackendError> {
-        if self.forks_mlp(x.rows) {
+        if self.forks_mlp(x.rows, false) {
             return self.parallel_attention_forked(x, w, kv, layer, step, attn, acc);
         }
         let (ctx, up) =
@@ -623,7 +623,7 @@ impl Backend for CudaBackend {
         attn: &AttnConfig,
         acc: &mut CudaTensor,
     ) -> Result<(), BackendError> {
-        if self.forks_mlp(a.rows) {
+        if self.forks_mlp(a.rows, true) {
             return self.parallel_attention_separate_forked(a, m, w, kv, layer, step, attn, acc);
         }
         let qkv = self.linear(a, w.qkv.0, w.qkv.1)?;

@@ -20,17 +20,23 @@ use crate::error::BackendError;
 
 impl CudaBackend {
     /// Whether a parallel-attention layer of `rows` rows runs its MLP beside the
-    /// attention ([`Gpu::set_fork_mlp`]): outside row-invariant mode one-row steps
-    /// (measured), in it every step whose products run as GEMVs (the runtime's decode
-    /// and verify steps).
-    pub(super) fn forks_mlp(&self, rows: usize) -> bool {
+    /// attention ([`Gpu::set_fork_mlp`]; `separate`: a layer whose attention and MLP have
+    /// norms of their own): outside row-invariant mode one-row steps (measured with a
+    /// shared norm), in it every step whose products run as GEMVs (the runtime's decode
+    /// and verify steps). All but one-row shared-norm steps outside row-invariant mode
+    /// only with [`Gpu::set_fork_wide`].
+    ///
+    /// [`Gpu::set_fork_wide`]: falconer_kernels::Gpu::set_fork_wide
+    pub(super) fn forks_mlp(&self, rows: usize, separate: bool) -> bool {
         let gpu = &self.gpu;
-        gpu.fork_mlp()
-            && if gpu.row_invariant() {
-                gpu.gemv_takes_rows(rows)
-            } else {
-                rows == 1
-            }
+        if !gpu.fork_mlp() {
+            return false;
+        }
+        if gpu.row_invariant() {
+            gpu.fork_wide() && gpu.gemv_takes_rows(rows)
+        } else {
+            rows == 1 && (!separate || gpu.fork_wide())
+        }
     }
 
     /// [`Backend::parallel_attention_separate`] with the whole MLP (its up and down
