@@ -15,7 +15,9 @@
 # and hands its figures to the bench (HF_BASELINE_JSON); ONLY=a,b picks the bench's
 # sections (BENCH_ONLY; default decode,verify), FULL=1 runs all of them (BENCH_MATRIX,
 # passed through, limits the decode section to the listed launch settings); SPEC=1 runs
-# specbench --device cuda; PROF=1 runs the profile pass under ncu (kernel times).
+# specbench --device cuda; PROF=1 runs the profile pass under ncu (kernel times);
+# WIDE=1 also runs the golden, graph and fork tests with FALCONER_FORK_WIDE=1, and
+# specbench (with SPEC=1) once more with it.
 set -uo pipefail
 LIMIT=${1:-540}
 T0=$(date +%s)
@@ -32,6 +34,13 @@ if [ -z "${NOTEST:-}" ]; then
   timeout 240 "$B/integration" cuda_ --test-threads=1 >"$OUT/tests.txt" 2>&1
   echo "tests rc=$?"
   grep -E "test result|FAILED|panicked|failed" "$OUT/tests.txt" | head -40
+  if [ -n "${WIDE:-}" ]; then
+    echo "== tests, FALCONER_FORK_WIDE=1 ($(left)s left)"
+    FALCONER_FORK_WIDE=1 timeout 180 "$B/integration" cuda_golden cuda_graphs cuda_fork \
+      --test-threads=1 >"$OUT/tests_wide.txt" 2>&1
+    echo "wide tests rc=$?"
+    grep -E "test result|FAILED|panicked|failed" "$OUT/tests_wide.txt" | head -40
+  fi
 fi
 if [ -n "${HF:-}" ] && [ "$(left)" -gt 200 ]; then
   echo "== hf ($(left)s left)"
@@ -52,6 +61,14 @@ if [ -n "${SPEC:-}" ] && [ "$(left)" -gt 90 ]; then
   timeout $(($(left) - 10)) "$B/specbench" --device cuda --out "$OUT" >"$OUT/spec.txt" 2>&1
   echo "spec rc=$?"
   tail -25 "$OUT/spec.txt"
+  if [ -n "${WIDE:-}" ] && [ "$(left)" -gt 90 ]; then
+    echo "== specbench, FALCONER_FORK_WIDE=1 ($(left)s left)"
+    mkdir -p "$OUT/wide"
+    FALCONER_FORK_WIDE=1 timeout $(($(left) - 10)) "$B/specbench" --device cuda --out "$OUT/wide" \
+      >"$OUT/spec_wide.txt" 2>&1
+    echo "spec wide rc=$?"
+    tail -25 "$OUT/spec_wide.txt"
+  fi
 fi
 if [ -n "${PROF:-}" ] && [ "$(left)" -gt 60 ]; then
   echo "== ncu ($(left)s left)"
