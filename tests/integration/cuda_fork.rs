@@ -182,34 +182,48 @@ fn cuda_forked_mlp_decodes_every_fixture_like_the_fused_sum() {
     );
 }
 
-#[test]
-fn cuda_forked_mlp_replays_equal_steps_queued_kernel_by_kernel() {
-    let Some(b) = backend() else { return };
+/// `replays_match` on the fixtures `names` with every fork on (`row_invariant`: in
+/// row-invariant mode): each fixture's steps must be recorded and replayed with the
+/// bits of the steps queued kernel by kernel, and some layer must fork.
+fn forked_replays_match(b: &Arc<CudaBackend>, names: &[&str], row_invariant: bool) {
     let gpu = b.gpu();
     let was = (gpu.fork_mlp(), gpu.fork_wide());
     gpu.set_fork_mlp(true);
     gpu.set_fork_wide(true);
+    gpu.set_row_invariant(row_invariant);
     let before = gpu.forks();
-    let results: Vec<_> = ["falcon7b_mqa", "new_arch_one_ln", "bias_mha", "rope_linear"]
-        .into_iter()
-        .map(|name| (name, replays_match(&b, name)))
+    let results: Vec<_> = names
+        .iter()
+        .map(|name| (name, replays_match(b, name)))
         .collect();
     let forks = gpu.forks() - before;
     gpu.set_fork_mlp(was.0);
     gpu.set_fork_wide(was.1);
+    gpu.set_row_invariant(false);
     for (name, r) in results {
         match r {
             Ok(s) => {
                 println!("{name}: {s:?}");
                 assert!(
                     s.failed == 0 && s.recorded >= 6 && s.replayed >= 140,
-                    "{name}: forked steps were not recorded and replayed: {s:?}"
+                    "{name} (row-invariant {row_invariant}): forked steps were not recorded \
+                     and replayed: {s:?}"
                 );
             }
-            Err(e) => panic!("{name}: with the MLP forked, {e} differs from the replay"),
+            Err(e) => panic!(
+                "{name} (row-invariant {row_invariant}): with the MLP forked, {e} differs \
+                 from the replay"
+            ),
         }
     }
     assert!(forks > 0, "no layer forked");
+}
+
+#[test]
+fn cuda_forked_mlp_replays_equal_steps_queued_kernel_by_kernel() {
+    let Some(b) = backend() else { return };
+    let names = ["falcon7b_mqa", "new_arch_one_ln", "bias_mha", "rope_linear"];
+    forked_replays_match(&b, &names, false);
 }
 
 /// Row-invariant mode at Falcon-7B's MLP down projection (its split-K tensor-core GEMV
@@ -384,31 +398,9 @@ fn cuda_row_invariant_forked_layers_change_no_bit() {
 #[test]
 fn cuda_row_invariant_forked_replays_equal_steps_queued_kernel_by_kernel() {
     let Some(b) = backend() else { return };
-    let gpu = b.gpu();
-    let was = (gpu.fork_mlp(), gpu.fork_wide());
-    gpu.set_fork_mlp(true);
-    gpu.set_fork_wide(true);
-    gpu.set_row_invariant(true);
-    let before = gpu.forks();
-    let results: Vec<_> = ["falcon7b_mqa", "bias_mha", "new_arch_gqa_sharded"]
-        .into_iter()
-        .map(|name| (name, replays_match(&b, name)))
-        .collect();
-    let forks = gpu.forks() - before;
-    gpu.set_fork_mlp(was.0);
-    gpu.set_fork_wide(was.1);
-    gpu.set_row_invariant(false);
-    for (name, r) in results {
-        match r {
-            Ok(s) => {
-                println!("{name}: {s:?}");
-                assert!(
-                    s.failed == 0 && s.recorded >= 6 && s.replayed >= 140,
-                    "{name}: row-invariant forked steps were not recorded and replayed: {s:?}"
-                );
-            }
-            Err(e) => panic!("{name}: row-invariant, MLP forked: {e} differs from the replay"),
-        }
-    }
-    assert!(forks > 0, "no layer forked");
+    forked_replays_match(
+        &b,
+        &["falcon7b_mqa", "bias_mha", "new_arch_gqa_sharded"],
+        true,
+    );
 }
