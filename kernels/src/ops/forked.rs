@@ -29,6 +29,28 @@ impl ForkedProduct<'_> {
     }
 }
 
+/// The split-K partials (lengths) and arrival counters that the GEMV launches of a
+/// `rows`-row product with `n` outputs take, as `linear_span` launches them: one launch
+/// per [`GEMV_MAX_ROWS`] rows, each, where `tensor_cores(its rows)`, split into `nsplit`
+/// parts over K with a counter per one of `tiles` output tiles (partials only when
+/// split).
+fn gemv_scratch(
+    rows: usize,
+    n: usize,
+    tensor_cores: impl Fn(usize) -> bool,
+    (tiles, nsplit): (usize, usize),
+) -> (Vec<usize>, usize) {
+    let (mut partials, mut counters) = (Vec::new(), 0);
+    for r0 in (0..rows).step_by(GEMV_MAX_ROWS) {
+        let r = GEMV_MAX_ROWS.min(rows - r0);
+        if nsplit > 1 && tensor_cores(r) {
+            partials.push(nsplit * r * n);
+            counters = tiles;
+        }
+    }
+    (partials, counters)
+}
+
 /// One side of a forked MLP: a weight `[n, k]` and its bias.
 pub type MlpHalf<'a> = (&'a DeviceBuffer<bf16>, Option<&'a DeviceBuffer<f32>>);
 
@@ -56,17 +78,13 @@ impl Gpu {
                 format!("a product of {rows} rows takes cuBLAS, which forked work may not call"),
             ));
         }
-        for r0 in (0..rows).step_by(GEMV_MAX_ROWS) {
-            let r = GEMV_MAX_ROWS.min(rows - r0);
-            if self.chunk_kernel(r, k) != ChunkKernel::TensorCores {
-                continue;
-            }
-            let (tiles, nsplit, _) = self.tc_tiles(n, k);
-            if nsplit > 1 {
-                reserve.add_scratch(nsplit * r * n);
-                reserve.counters = reserve.counters.max(tiles);
-            }
+        let (tiles, nsplit, _) = self.tc_tiles(n, k);
+        let tensor_cores = |r| self.chunk_kernel(r, k) == ChunkKernel::TensorCores;
+        let (partials, counters) = gemv_scratch(rows, n, tensor_cores, (tiles, nsplit));
+        for len in partials {
+            reserve.add_scratch(len);
         }
+        reserve.counters = reserve.counters.max(counters);
         Ok(())
     }
 
@@ -155,5 +173,31 @@ impl Gpu {
             )
         })?;
         Ok(ForkedProduct { forked, out })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemv_scratch_follows_the_launches() {
+        // Falcon-7B's down projection split four ways: one launch per 8 rows.
+        let (n, split) = (4544, (284, 4));
+        assert_eq!(gemv_scratch(1, n, |_| true, split), (vec![4 * n], 284));
+        assert_eq!(gemv_scratch(8, n, |_| true, split), (vec![4 * 8 * n], 284));
+        assert_eq!(
+            gemv_scratch(13, n, |_| true, split),
+            (vec![4 * 8 * n, 4 * 5 * n], 284)
+        );
+        assert_eq!(
+            gemv_scratch(16, n, |_| true, split),
+            (vec![4 * 8 * n, 4 * 8 * n], 284)
+        );
+        // Unsplit, or on CUDA cores: nothing.
+        assert_eq!(gemv_scratch(5, n, |_| true, (284, 1)), (vec![], 0));
+        assert_eq!(gemv_scratch(5, n, |_| false, split), (vec![], 0));
+        // Only the launches on tensor cores (a CUDA-core kernel for one row).
+        assert_eq!(gemv_scratch(9, n, |r| r > 1, split), (vec![4 * 8 * n], 284));
     }
 }
