@@ -79,7 +79,8 @@ impl Gpu {
             ));
         }
         let (tiles, nsplit, _) = self.tc_tiles(n, k);
-        let tensor_cores = |r| self.chunk_kernel(r, k) == ChunkKernel::TensorCores;
+        let exact = self.row_invariant();
+        let tensor_cores = |r| self.chunk_kernel(r, k, exact) == ChunkKernel::TensorCores;
         let (partials, counters) = gemv_scratch(rows, n, tensor_cores, (tiles, nsplit));
         for len in partials {
             reserve.add_scratch(len);

@@ -239,7 +239,7 @@ impl Gpu {
                     Arg::U64(x.ptr_at((row0 + r0) * k)),
                     Arg::U64(out.ptr_at((row0 + r0) * n)),
                 );
-                let kernel = self.chunk_kernel(r, k);
+                let kernel = self.chunk_kernel(r, k, exact);
                 if kernel == ChunkKernel::TensorCores {
                     self.gemv_tc_launch(xa, w, bias_arg, has_bias, ya, r, n, k, epi, exact)?;
                 } else if kernel == ChunkKernel::Simt {
@@ -330,11 +330,11 @@ impl Gpu {
         }
     }
 
-    /// The kernel of a GEMV launch of `r` rows over `k`. Row-invariant: the tensor-core
-    /// kernel for every row count (the CUDA-core ones are row-invariant too, for K that
-    /// is not a multiple of 32).
-    pub(super) fn chunk_kernel(&self, r: usize, k: usize) -> ChunkKernel {
-        let kernel = if self.row_invariant() {
+    /// The kernel of a GEMV launch of `r` rows over `k`. Row-invariant (`exact`): the
+    /// tensor-core kernel for every row count (the CUDA-core ones are row-invariant too,
+    /// for K that is not a multiple of 32).
+    pub(super) fn chunk_kernel(&self, r: usize, k: usize, exact: bool) -> ChunkKernel {
+        let kernel = if exact {
             GemvKernel::Tc4
         } else {
             self.gemv_kernel(r)
