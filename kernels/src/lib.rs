@@ -45,7 +45,7 @@ pub use graph::{CapturedGraph, InputSlot, ScratchPool, StepLimits, StepShape};
 pub use half::bf16;
 #[cfg(feature = "cuda")]
 pub use ops::{
-    AttentionParams, ForkedProduct, KvBuffers, MlpHalf, PairHalf, PenaltySpec, ProbsSpec, SumTerm,
+    AttentionParams, ForkedProduct, KvBuffers, PairHalf, PenaltySpec, ProbsSpec, SumTerm,
     WarpedRow, GEMV_MAX_ROWS,
 };
 #[cfg(feature = "cuda")]

@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use falconer_engine::backend::cuda::kernels::{bf16, DeviceBuffer, Gpu};
+use falconer_engine::backend::cuda::kernels::{bf16, DeviceBuffer, Gpu, PairHalf};
 use falconer_engine::backend::cuda::CudaBackend;
 
 use crate::common::{rel_err, LAYOUTS};
@@ -290,10 +290,18 @@ fn cuda_row_invariant_forked_products_take_their_own_scratch() {
                 &x,
                 rows,
                 hidden,
-                (&up, None),
-                inner,
-                (&down, None),
-                hidden,
+                PairHalf {
+                    w: &up,
+                    n: inner,
+                    bias: None,
+                    gelu: true,
+                },
+                PairHalf {
+                    w: &down,
+                    n: hidden,
+                    bias: None,
+                    gelu: false,
+                },
                 &[rows],
             )
             .unwrap();

@@ -9,6 +9,7 @@ use half::bf16;
 
 use super::check_len;
 use super::linear::{ChunkKernel, Epilogue, GEMV_MAX_ROWS};
+use super::pair::PairHalf;
 use crate::error::KernelError;
 use crate::gpu::{DeviceBuffer, Forked, Gpu, LaneReserve, ROW_INVARIANT_MAX_ROWS};
 
@@ -50,9 +51,6 @@ fn gemv_scratch(
     }
     (partials, counters)
 }
-
-/// One side of a forked MLP: a weight `[n, k]` and its bias.
-pub type MlpHalf<'a> = (&'a DeviceBuffer<bf16>, Option<&'a DeviceBuffer<f32>>);
 
 impl Gpu {
     /// Whether a product of `rows` rows runs on the GEMV kernels whatever its shape, as
@@ -106,12 +104,13 @@ impl Gpu {
         groups: &[usize],
     ) -> Result<Forked<'_>, KernelError> {
         check_len("linear", "accumulator", acc, rows * n)?;
-        let mut reserve = LaneReserve::none();
-        self.reserve_gemv(rows, k, n, &mut reserve)?;
-        let ((), forked) = self.fork_with(&reserve, || {
-            self.linear_into(x, rows, k, w, n, bias, Epilogue::Accumulate, acc, groups)
-        })?;
-        Ok(forked)
+        let half = PairHalf {
+            w,
+            n,
+            bias,
+            gelu: false,
+        };
+        self.fork_gemv(x, rows, k, None, half, Epilogue::Accumulate, acc, groups)
     }
 
     /// [`Gpu::linear`] queued on a second stream, as [`Gpu::fork_linear_accumulate`];
@@ -127,53 +126,95 @@ impl Gpu {
         bias: Option<&DeviceBuffer<f32>>,
         groups: &[usize],
     ) -> Result<ForkedProduct<'_>, KernelError> {
-        let mut reserve = LaneReserve::none();
-        self.reserve_gemv(rows, k, n, &mut reserve)?;
-        let mut out = self.scratch::<f32>(rows * n)?;
-        let ((), forked) = self.fork_with(&reserve, || {
-            self.linear_into(x, rows, k, w, n, bias, Epilogue::Store, &mut out, groups)
-        })?;
-        Ok(ForkedProduct { forked, out })
+        let half = PairHalf {
+            w,
+            n,
+            bias,
+            gelu: false,
+        };
+        self.fork_product(x, rows, k, None, half, groups)
     }
 
-    /// Falcon's MLP `gelu(x @ up^T + up_bias) @ down^T + down_bias` for `x [rows, k]`
-    /// (`up [ffn, k]`, `down [n, ffn]`) queued on a second stream: the same kernels, so
-    /// the same bits, as [`Gpu::linear_gelu`] then [`Gpu::linear`]. As
+    /// Falcon's MLP `down(up(x))` for `x [rows, k]` (`up.w [up.n, k]`, `down.w [down.n,
+    /// up.n]`, each with its bias and, where its `gelu` says, GELU: Falcon's on `up`)
+    /// queued on a second stream: the same kernels, so the same bits, as the two
+    /// products one after the other ([`Gpu::linear_gelu`] then [`Gpu::linear`]). As
     /// [`Gpu::fork_linear`] otherwise.
-    #[allow(clippy::too_many_arguments)]
     pub fn fork_mlp_product(
         &self,
         x: &DeviceBuffer<f32>,
         rows: usize,
         k: usize,
-        (up, up_bias): MlpHalf<'_>,
-        ffn: usize,
-        (down, down_bias): MlpHalf<'_>,
-        n: usize,
+        up: PairHalf<'_>,
+        down: PairHalf<'_>,
         groups: &[usize],
     ) -> Result<ForkedProduct<'_>, KernelError> {
+        self.fork_product(x, rows, k, Some(up), down, groups)
+    }
+
+    /// `product` of `x [rows, k]`, or of `before`'s output when given, queued on a
+    /// second stream into a new buffer that comes with the join.
+    fn fork_product(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        k: usize,
+        before: Option<PairHalf<'_>>,
+        product: PairHalf<'_>,
+        groups: &[usize],
+    ) -> Result<ForkedProduct<'_>, KernelError> {
+        let mut out = self.scratch::<f32>(rows * product.n)?;
+        let forked = self.fork_gemv(
+            x,
+            rows,
+            k,
+            before,
+            product,
+            Epilogue::Store,
+            &mut out,
+            groups,
+        )?;
+        Ok(ForkedProduct { forked, out })
+    }
+
+    /// Queues `product` of `x [rows, k]` (or of `before`'s output, computed first with
+    /// the epilogue its `gelu` says) on a second stream, into `out` with `epi`, with the
+    /// scratch the GEMV launches take reserved first.
+    #[allow(clippy::too_many_arguments)]
+    fn fork_gemv(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        k: usize,
+        before: Option<PairHalf<'_>>,
+        product: PairHalf<'_>,
+        epi: Epilogue,
+        out: &mut DeviceBuffer<f32>,
+        groups: &[usize],
+    ) -> Result<Forked<'_>, KernelError> {
         check_len("linear", "input", x, rows * k)?;
         let mut reserve = LaneReserve::none();
-        self.reserve_gemv(rows, k, ffn, &mut reserve)?;
-        self.reserve_gemv(rows, ffn, n, &mut reserve)?;
-        // The up projection's output, taken on the lane and held beside the partials.
-        reserve.hold_scratch(rows * ffn);
-        let mut out = self.scratch::<f32>(rows * n)?;
+        let width = before.map_or(k, |b| b.n);
+        if let Some(b) = before {
+            self.reserve_gemv(rows, k, b.n, &mut reserve)?;
+            // Its output, taken on the lane and held beside the partials.
+            reserve.hold_scratch(rows * b.n);
+        }
+        self.reserve_gemv(rows, width, product.n, &mut reserve)?;
         let ((), forked) = self.fork_with(&reserve, || {
-            let h = self.linear_gelu(x, rows, k, up, ffn, up_bias, groups)?;
-            self.linear_into(
-                &h,
-                rows,
-                ffn,
-                down,
-                n,
-                down_bias,
-                Epilogue::Store,
-                &mut out,
-                groups,
-            )
+            let h = match before {
+                Some(b) => {
+                    let mut h = self.scratch::<f32>(rows * b.n)?;
+                    self.linear_into(x, rows, k, b.w, b.n, b.bias, b.epilogue(), &mut h, groups)?;
+                    Some(h)
+                }
+                None => None,
+            };
+            let p = product;
+            let input = h.as_ref().unwrap_or(x);
+            self.linear_into(input, rows, width, p.w, p.n, p.bias, epi, out, groups)
         })?;
-        Ok(ForkedProduct { forked, out })
+        Ok(forked)
     }
 }
 

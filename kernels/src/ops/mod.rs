@@ -19,7 +19,7 @@ mod sum;
 pub(crate) use attention::{ctx_class, ctx_class_limit};
 pub use attention::{AttentionParams, KvBuffers};
 mod forked;
-pub use forked::{ForkedProduct, MlpHalf};
+pub use forked::ForkedProduct;
 pub use linear::GEMV_MAX_ROWS;
 pub use pair::PairHalf;
 pub use sampling::{PenaltySpec, ProbsSpec, WarpedRow};

@@ -73,16 +73,8 @@ impl CudaBackend {
                 m.f32("linear")?,
                 m.rows,
                 m.cols,
-                (
-                    up.bf16("linear")?,
-                    up_bias.map(|b| b.f32("linear")).transpose()?,
-                ),
-                up.rows,
-                (
-                    down.bf16("linear")?,
-                    down_bias.map(|b| b.f32("linear")).transpose()?,
-                ),
-                down.rows,
+                pair_half(up, up_bias, true)?,
+                pair_half(down, down_bias, false)?,
                 groups(m),
             )
             .map_err(map_err)?;
