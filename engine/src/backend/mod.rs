@@ -89,6 +89,28 @@ pub struct ParallelWeights<'a, T> {
     pub down: (&'a T, Option<&'a T>),
 }
 
+/// [`Backend::parallel_attention_separate`] one product after the other, in the order
+/// it defines (its default; a backend that overrides it and does not fork runs this, so
+/// that forked and unforked layers add alike).
+#[allow(clippy::too_many_arguments)]
+pub fn parallel_attention_separate_in_order<B: Backend + ?Sized>(
+    b: &B,
+    a: &B::Tensor,
+    m: &B::Tensor,
+    w: &ParallelWeights<'_, B::Tensor>,
+    kv: &mut B::KvCache,
+    layer: usize,
+    step: &B::Step,
+    attn: &AttnConfig,
+    acc: &mut B::Tensor,
+) -> Result<(), BackendError> {
+    let qkv = b.linear(a, w.qkv.0, w.qkv.1)?;
+    let ctx = b.attention(&qkv, kv, layer, step, attn)?;
+    b.linear_add(&ctx, w.dense.0, w.dense.1, acc)?;
+    let h = b.linear_gelu(m, w.up.0, w.up.1)?;
+    b.linear_add(&h, w.down.0, w.down.1, acc)
+}
+
 /// Per row of [`Backend::warp_rows`]: the distribution, or why the row has none.
 pub type WarpedRows = Vec<Result<Vec<f32>, SamplingError>>;
 
@@ -297,11 +319,7 @@ pub trait Backend: Send + Sync + Debug + 'static {
         attn: &AttnConfig,
         acc: &mut Self::Tensor,
     ) -> Result<(), BackendError> {
-        let qkv = self.linear(a, w.qkv.0, w.qkv.1)?;
-        let ctx = self.attention(&qkv, kv, layer, step, attn)?;
-        self.linear_add(&ctx, w.dense.0, w.dense.1, acc)?;
-        let h = self.linear_gelu(m, w.up.0, w.up.1)?;
-        self.linear_add(&h, w.down.0, w.down.1, acc)
+        parallel_attention_separate_in_order(self, a, m, w, kv, layer, step, attn, acc)
     }
 
     /// `x += y`, in place.

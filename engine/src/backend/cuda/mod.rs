@@ -626,11 +626,7 @@ impl Backend for CudaBackend {
         if self.forks_mlp(a.rows, true) {
             return self.parallel_attention_separate_forked(a, m, w, kv, layer, step, attn, acc);
         }
-        let qkv = self.linear(a, w.qkv.0, w.qkv.1)?;
-        let ctx = self.attention(&qkv, kv, layer, step, attn)?;
-        self.linear_add(&ctx, w.dense.0, w.dense.1, acc)?;
-        let h = self.linear_gelu(m, w.up.0, w.up.1)?;
-        self.linear_add(&h, w.down.0, w.down.1, acc)
+        super::parallel_attention_separate_in_order(self, a, m, w, kv, layer, step, attn, acc)
     }
 
     fn linear_add(
