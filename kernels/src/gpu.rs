@@ -151,14 +151,8 @@ fn lock_counters(
 }
 
 /// The address of the last of `counters` if it holds at least `tiles`.
-fn counters_of(
-    counters: &Mutex<Vec<DeviceBuffer<u32>>>,
-    tiles: usize,
-) -> Result<Option<u64>, KernelError> {
-    Ok(lock_counters(counters)?
-        .last()
-        .filter(|b| b.len() >= tiles)
-        .map(|b| b.ptr))
+fn last_holding(counters: &[DeviceBuffer<u32>], tiles: usize) -> Option<u64> {
+    counters.last().filter(|b| b.len() >= tiles).map(|b| b.ptr)
 }
 
 fn unavailable(reason: impl Into<String>) -> KernelError {
@@ -309,7 +303,7 @@ impl Gpu {
     /// each stream at once must not share them.
     pub(crate) fn gemv_counters(&self, tiles: usize) -> Result<u64, KernelError> {
         if fork::lane_stream(self).is_some() {
-            return counters_of(&self.lane_counters, tiles)?.ok_or_else(|| {
+            return last_holding(&lock_counters(&self.lane_counters)?, tiles).ok_or_else(|| {
                 KernelError::invalid(
                     "fork",
                     format!("{tiles} arrival counters in forked work that reserved fewer"),
@@ -325,12 +319,14 @@ impl Gpu {
         counters: &Mutex<Vec<DeviceBuffer<u32>>>,
         tiles: usize,
     ) -> Result<u64, KernelError> {
-        if let Some(ptr) = counters_of(counters, tiles)? {
+        // Held while a new buffer is made, so that two threads do not both make one.
+        let mut c = lock_counters(counters)?;
+        if let Some(ptr) = last_holding(&c, tiles) {
             return Ok(ptr);
         }
         let b = self.zeros::<u32>(tiles.max(4096))?;
         let ptr = b.ptr;
-        lock_counters(counters)?.push(b);
+        c.push(b);
         Ok(ptr)
     }
 

@@ -21,7 +21,7 @@
 //! capture through the fork event, so that the fork and the join become edges of the
 //! graph.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUevent, CUevent_wait_flags, CUstream};
@@ -70,12 +70,28 @@ impl Lane {
     }
 }
 
+/// The fork this thread queues work for.
+struct OnLane {
+    /// The GPU's address.
+    gpu: usize,
+    /// Where this thread's launches go.
+    stream: CUstream,
+    /// The scratch the fork reserved.
+    pool: Option<Arc<Pool>>,
+}
+
 thread_local! {
-    /// Where this thread's launches go while it queues forked work: (the GPU's address,
-    /// the lane's stream).
-    static ON_LANE: Cell<Option<(usize, CUstream)>> = const { Cell::new(None) };
-    /// The scratch the fork being queued reserved.
-    static LANE_POOL: RefCell<Option<Arc<Pool>>> = const { RefCell::new(None) };
+    static ON_LANE: RefCell<Option<OnLane>> = const { RefCell::new(None) };
+}
+
+/// What `f` reads of the fork this thread queues work for on `gpu`, while it does.
+fn on_lane<R>(gpu: &Gpu, f: impl FnOnce(&OnLane) -> R) -> Option<R> {
+    ON_LANE.with(|l| {
+        l.borrow()
+            .as_ref()
+            .filter(|l| l.gpu == gpu as *const Gpu as usize)
+            .map(f)
+    })
 }
 
 /// What forked work may take besides kernels: f32 scratch buffers of these lengths, and
@@ -107,16 +123,12 @@ impl LaneReserve {
 
 /// The scratch pool of the fork this thread queues on `gpu`, while it does.
 pub(crate) fn lane_pool(gpu: &Gpu) -> Option<Arc<Pool>> {
-    lane_stream(gpu)?;
-    LANE_POOL.with(|p| p.borrow().clone())
+    on_lane(gpu, |l| l.pool.clone()).flatten()
 }
 
 /// The lane this thread queues forked work on for `gpu`, while it does.
 pub(crate) fn lane_stream(gpu: &Gpu) -> Option<CUstream> {
-    ON_LANE
-        .with(Cell::get)
-        .filter(|&(g, _)| g == gpu as *const Gpu as usize)
-        .map(|(_, s)| s)
+    on_lane(gpu, |l| l.stream)
 }
 
 /// An error if this thread is queueing forked work on `gpu`: what `what` would share
@@ -197,13 +209,12 @@ impl Drop for Forked<'_> {
     }
 }
 
-/// Clears `ON_LANE` and `LANE_POOL` when dropped (also if the forked work panics).
+/// Clears `ON_LANE` when dropped (also if the forked work panics).
 struct OffLane;
 
 impl Drop for OffLane {
     fn drop(&mut self) {
-        ON_LANE.with(|c| c.set(None));
-        LANE_POOL.with(|p| *p.borrow_mut() = None);
+        ON_LANE.with(|l| *l.borrow_mut() = None);
     }
 }
 
@@ -269,8 +280,12 @@ impl Gpu {
                 .map_err(|e| KernelError::driver("fork", e))?;
         }
         let out = {
-            ON_LANE.with(|c| c.set(Some((self as *const Gpu as usize, lane))));
-            LANE_POOL.with(|p| *p.borrow_mut() = held.as_ref().map(|(l, _)| Arc::clone(l)));
+            let on = OnLane {
+                gpu: self as *const Gpu as usize,
+                stream: lane,
+                pool: held.as_ref().map(|(l, _)| Arc::clone(l)),
+            };
+            ON_LANE.with(|l| *l.borrow_mut() = Some(on));
             let _off = OffLane;
             f()
         };
