@@ -98,7 +98,11 @@ fn on_lane<R>(gpu: &Gpu, f: impl FnOnce(&OnLane) -> R) -> Option<R> {
 /// this many GEMV arrival counters (see the module docs).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct LaneReserve {
-    pub(crate) scratch_f32: Vec<usize>,
+    /// Lengths that launches take one at a time: one buffer of each serves them all.
+    shared: Vec<usize>,
+    /// Lengths held for the whole fork, each a buffer of its own (a held buffer of the
+    /// same length as a shared one is still in use when a launch takes the shared one).
+    held: Vec<usize>,
     pub(crate) counters: usize,
 }
 
@@ -110,14 +114,19 @@ impl LaneReserve {
 
     /// A buffer of `len` that forked launches take one at a time (one is enough for all).
     pub(crate) fn add_scratch(&mut self, len: usize) {
-        if !self.scratch_f32.contains(&len) {
-            self.scratch_f32.push(len);
+        if !self.shared.contains(&len) {
+            self.shared.push(len);
         }
     }
 
     /// A buffer of `len` held beside the others.
     pub(crate) fn hold_scratch(&mut self, len: usize) {
-        self.scratch_f32.push(len);
+        self.held.push(len);
+    }
+
+    /// The lengths of every buffer the fork takes.
+    fn scratch_lens(&self) -> impl Iterator<Item = usize> + '_ {
+        self.shared.iter().chain(&self.held).copied()
     }
 }
 
@@ -314,12 +323,12 @@ impl Gpu {
         if reserve.counters > 0 {
             self.grow_counters(&self.lane_counters, reserve.counters)?;
         }
-        if reserve.scratch_f32.is_empty() {
+        if reserve.scratch_lens().next().is_none() {
             return Ok(None);
         }
         let lane = Arc::new(Pool::unbounded());
         let mut origin = None;
-        for &len in &reserve.scratch_f32 {
+        for len in reserve.scratch_lens() {
             let mut b = self.scratch::<f32>(len)?;
             origin = b.pool.take();
             if let Some(slice) = b.slice.take() {
@@ -333,5 +342,24 @@ impl Gpu {
     /// none): tests check that the path they compare ran.
     pub fn forks(&self) -> u64 {
         self.forks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LaneReserve;
+
+    #[test]
+    fn held_scratch_is_never_shared() {
+        // Falcon-7B's forked MLP at one row: the held up activations (18176) have the
+        // length of the down projection's four-way split-K partials (4 x 4544).
+        let mut r = LaneReserve::none();
+        r.add_scratch(4 * 18176);
+        r.hold_scratch(18176);
+        r.add_scratch(4 * 4544);
+        r.add_scratch(4 * 18176);
+        let mut lens: Vec<usize> = r.scratch_lens().collect();
+        lens.sort_unstable();
+        assert_eq!(lens, vec![18176, 18176, 4 * 18176]);
     }
 }
