@@ -16,8 +16,8 @@
 # sections (BENCH_ONLY; default decode,verify), FULL=1 runs all of them (BENCH_MATRIX,
 # passed through, limits the decode section to the listed launch settings); SPEC=1 runs
 # specbench --device cuda; PROF=1 runs the profile pass under ncu (kernel times);
-# WIDE=1 also runs the golden, graph and fork tests with FALCONER_FORK_WIDE=1, and
-# specbench (with SPEC=1) once more with it.
+# NARROW=1 also runs the golden, graph and fork tests with FALCONER_FORK_WIDE=0 (the
+# fork only in one-row shared-norm steps), and specbench (with SPEC=1) once more so.
 set -uo pipefail
 LIMIT=${1:-540}
 T0=$(date +%s)
@@ -34,12 +34,12 @@ if [ -z "${NOTEST:-}" ]; then
   timeout 240 "$B/integration" cuda_ --test-threads=1 >"$OUT/tests.txt" 2>&1
   echo "tests rc=$?"
   grep -E "test result|FAILED|panicked|failed" "$OUT/tests.txt" | head -40
-  if [ -n "${WIDE:-}" ]; then
-    echo "== tests, FALCONER_FORK_WIDE=1 ($(left)s left)"
-    FALCONER_FORK_WIDE=1 timeout 180 "$B/integration" cuda_golden cuda_graphs cuda_fork \
-      --test-threads=1 >"$OUT/tests_wide.txt" 2>&1
-    echo "wide tests rc=$?"
-    grep -E "test result|FAILED|panicked|failed" "$OUT/tests_wide.txt" | head -40
+  if [ -n "${NARROW:-}" ]; then
+    echo "== tests, FALCONER_FORK_WIDE=0 ($(left)s left)"
+    FALCONER_FORK_WIDE=0 timeout 180 "$B/integration" cuda_golden cuda_graphs cuda_fork \
+      --test-threads=1 >"$OUT/tests_narrow.txt" 2>&1
+    echo "narrow tests rc=$?"
+    grep -E "test result|FAILED|panicked|failed" "$OUT/tests_narrow.txt" | head -40
   fi
 fi
 if [ -n "${HF:-}" ] && [ "$(left)" -gt 200 ]; then
@@ -61,13 +61,13 @@ if [ -n "${SPEC:-}" ] && [ "$(left)" -gt 90 ]; then
   timeout $(($(left) - 10)) "$B/specbench" --device cuda --out "$OUT" >"$OUT/spec.txt" 2>&1
   echo "spec rc=$?"
   tail -25 "$OUT/spec.txt"
-  if [ -n "${WIDE:-}" ] && [ "$(left)" -gt 90 ]; then
-    echo "== specbench, FALCONER_FORK_WIDE=1 ($(left)s left)"
-    mkdir -p "$OUT/wide"
-    FALCONER_FORK_WIDE=1 timeout $(($(left) - 10)) "$B/specbench" --device cuda --out "$OUT/wide" \
-      >"$OUT/spec_wide.txt" 2>&1
-    echo "spec wide rc=$?"
-    tail -25 "$OUT/spec_wide.txt"
+  if [ -n "${NARROW:-}" ] && [ "$(left)" -gt 90 ]; then
+    echo "== specbench, FALCONER_FORK_WIDE=0 ($(left)s left)"
+    mkdir -p "$OUT/narrow"
+    FALCONER_FORK_WIDE=0 timeout $(($(left) - 10)) "$B/specbench" --device cuda --out "$OUT/narrow" \
+      >"$OUT/spec_narrow.txt" 2>&1
+    echo "spec narrow rc=$?"
+    tail -25 "$OUT/spec_narrow.txt"
   fi
 fi
 if [ -n "${PROF:-}" ] && [ "$(left)" -gt 60 ]; then

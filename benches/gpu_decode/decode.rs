@@ -30,7 +30,9 @@ pub(crate) fn decode_section(
     // loaded only after its PDL wait as `latekv`; the MLP down projection forked onto a
     // second stream beside the attention as `fork` (its layers always store the rotary
     // from the projection, so `rope` only matters unforked), in row-invariant steps too
-    // with `wide` (without it `fork` changes nothing there); the CUDA-core attention's
+    // with `wide` (without it `fork` changes nothing there; the default-mode rows take
+    // the default `wide`, which this shape's shared norm leaves without effect there,
+    // and a label shows `wide` only with `fork`); the CUDA-core attention's
     // keys per split, when set from the environment, as `keysN` (measured slower).
     #[derive(Clone, Copy)]
     struct Launch {
@@ -108,7 +110,7 @@ pub(crate) fn decode_section(
             (c.all && c.split != GemvSplit::One, "all"),
             (!c.early, "latekv"),
             (c.fork, "fork"),
-            (c.wide, "wide"),
+            (c.fork && c.wide, "wide"),
         ];
         let mut on: Vec<String> = flags
             .iter()
@@ -147,6 +149,12 @@ pub(crate) fn decode_section(
                 fork(cfg(false, false, false, false)),
                 cfg(false, false, false, false),
             ]
+            .into_iter()
+            .map(|c| Launch {
+                wide: defaults.wide,
+                ..c
+            })
+            .collect()
         };
         let listed = |c: &Launch| {
             matrix.as_deref().is_none_or(|m| {

@@ -4,8 +4,8 @@
 //! queued before it and the join orders it before what follows; greedy decoding on
 //! every fixture matches the unforked layer (fused sum, `rope_qkv`), gives the same bits
 //! on every run, and the same bits again when the steps are replayed as CUDA graphs
-//! (the fork and join recorded as graph edges). With `Gpu::set_fork_wide` (off by
-//! default: these tests are its first check) the whole MLP forks under separate norms
+//! (the fork and join recorded as graph edges). With `Gpu::set_fork_wide` (on by
+//! default; the tests switch it themselves) the whole MLP forks under separate norms
 //! and changes no bit; in row-invariant mode (the runtime's) forked products take
 //! scratch and arrival counters reserved before the fork, and a forked layer changes no
 //! bit: decode and verify steps equal the unforked ones.
