@@ -20,10 +20,11 @@ pub const ATTN_TC_MIN_CTX: usize = 1024;
 pub const FORK_MLP: bool = true;
 
 /// Default of [`Gpu::set_fork_wide`] (`FALCONER_FORK_WIDE=0|1`): on, measured faster on
-/// an H100 (`benches/results/h100_198a0ec_*`): row-invariant decoding of the Falcon-7B
-/// shape at 188.5 tokens/s against 184.2 (three interleaved runs each), and plain
+/// an H100: row-invariant decoding of the Falcon-7B shape at 188.5 tokens/s against
+/// 184.2 (three interleaved runs each; `benches/results/h100_198a0ec.txt`), and plain
 /// decoding of the shipped separate-norm target at 3859-3900 tokens/s against
-/// 3298-3469, its speculative decoding at 4383 tokens/s (k = 3) against 3897-4212.
+/// 3298-3469, its speculative decoding at 4383 tokens/s (k = 3) against 3897-4212
+/// (`examples/specbench/results/h100_198a0ec_*.txt`).
 pub const FORK_WIDE: bool = true;
 
 /// Default keys per split of the CUDA-core decode attention (the kernel of contexts below
