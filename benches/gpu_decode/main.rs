@@ -500,6 +500,52 @@ fn attention_section(
         }
         Err(e) => eprintln!("attention as a CUDA graph: {e:#}"),
     }
+    in_step_kv_section(backend, cfg, copy_gbs, r)
+}
+
+/// What a 32k context costs inside a whole decode step: every layer's ops (the model's
+/// calls, as one CUDA graph) at the long context against the same at the bench's
+/// decode context, three interleaved runs each. The extra time reads the extra KV; with
+/// the MLP forked, the attention's latency-bound kernels run beside the down projection,
+/// so this is what a user's step pays for the KV, where the figure above times the
+/// attention launches alone.
+fn in_step_kv_section(
+    backend: &CudaBackend,
+    cfg: &FalconConfig,
+    copy_gbs: f64,
+    r: &mut Report,
+) -> Result<()> {
+    let short_ctx = PROMPT + NEW_TOKENS;
+    let (mut short, mut long) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        for (ctx, into) in [(short_ctx, &mut short), (LONG_CONTEXT, &mut long)] {
+            let rep = layer_replica(backend, cfg, ctx, true)?;
+            into.push(rep.graph_ms.unwrap_or(rep.total_ms));
+        }
+    }
+    let (short_ms, long_ms) = (median(&short), median(&long));
+    let extra_bytes =
+        cfg.num_layers * 2 * (LONG_CONTEXT - short_ctx) * cfg.num_kv_heads * cfg.head_dim * 2;
+    let extra_ms = long_ms - short_ms;
+    let gbs = extra_bytes as f64 / extra_ms / 1e6;
+    r.row((
+        format!(
+            "decode step layers at {}k against {short_ctx} context (one graph, median of 3)",
+            LONG_CONTEXT / 1024
+        ),
+        format!(
+            "{long_ms:.3} / {short_ms:.3} ms: the extra {:.0} MB of KV cost {extra_ms:.3} ms, \
+             {gbs:.0} GB/s = {:.0}% of copy bandwidth",
+            extra_bytes as f64 / 1e6,
+            gbs / copy_gbs * 100.0
+        ),
+    ));
+    r.out.insert(
+        "in_step_kv".into(),
+        json!({"long_ms": long, "short_ms": short, "short_ctx": short_ctx,
+               "extra_bytes": extra_bytes, "gb_s": gbs,
+               "fraction_of_copy": gbs / copy_gbs, "fork_mlp": backend.gpu().fork_mlp()}),
+    );
     Ok(())
 }
 
