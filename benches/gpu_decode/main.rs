@@ -436,7 +436,7 @@ fn attention_section(
         }
     }
     gpu.set_early_kv(early_default);
-    let layer_bytes = long_kv_layer_bytes(cfg);
+    let layer_bytes = kv_layer_bytes(cfg, LONG_CONTEXT);
     let kv_bytes = cfg.num_layers * layer_bytes;
     let attn_ms = median(if early_default { &early } else { &late });
     let attn_gbs = kv_bytes as f64 / attn_ms / 1e6;
@@ -524,8 +524,7 @@ fn in_step_kv_section(
         }
     }
     let (short_ms, long_ms) = (median(&short), median(&long));
-    let extra_bytes =
-        cfg.num_layers * 2 * (LONG_CONTEXT - short_ctx) * cfg.num_kv_heads * cfg.head_dim * 2;
+    let extra_bytes = cfg.num_layers * kv_layer_bytes(cfg, LONG_CONTEXT - short_ctx);
     let extra_ms = long_ms - short_ms;
     let gbs = extra_bytes as f64 / extra_ms / 1e6;
     r.row((

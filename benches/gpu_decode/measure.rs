@@ -361,9 +361,9 @@ fn long_attention_input(
     Ok((backend.upload_hidden(&qkv, 1, width)?, kv, step, attn))
 }
 
-/// Bytes of one layer's keys and values at the long context (bf16).
-pub(crate) fn long_kv_layer_bytes(cfg: &FalconConfig) -> usize {
-    2 * LONG_CONTEXT * cfg.num_kv_heads * cfg.head_dim * 2
+/// Bytes of one layer's keys and values over `ctx` positions (bf16).
+pub(crate) fn kv_layer_bytes(cfg: &FalconConfig, ctx: usize) -> usize {
+    2 * ctx * cfg.num_kv_heads * cfg.head_dim * 2
 }
 
 /// One decode row at position 32k-1 attending over every layer's cache.
@@ -379,7 +379,7 @@ pub(crate) fn long_attention(
         }
         Ok(())
     })?;
-    let bytes = cfg.num_layers * long_kv_layer_bytes(cfg);
+    let bytes = cfg.num_layers * kv_layer_bytes(cfg, LONG_CONTEXT);
     Ok((s * 1e3, bytes as f64 / s / 1e9))
 }
 
