@@ -57,4 +57,5 @@ pub use api::request::{GenerateRequest, Prompt, Speculation};
 pub use api::runtime::{ModelInfo, Runtime};
 pub use api::stream::{GenerationStream, RequestId};
 pub use error::RuntimeError;
+pub use falconer_engine::WeightFormat;
 pub use scheduler::{DraftPolicy, SchedulerStats};

@@ -4,7 +4,9 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use falconer_engine::{Backend, CpuBackend, Falcon, LoadOptions, ModelDir, ProgressFn, Tokenizer};
+use falconer_engine::{
+    Backend, CpuBackend, Falcon, LoadOptions, ModelDir, ProgressFn, Tokenizer, WeightFormat,
+};
 use ractor::Actor;
 
 use super::runtime::{Inner, ModelInfo, Runtime};
@@ -61,6 +63,8 @@ pub struct RuntimeBuilder {
     lookup_ngram: (usize, usize),
     draft_panic_after: Option<usize>,
     progress: Option<ProgressFn>,
+    weights: WeightFormat,
+    draft_weights: WeightFormat,
 }
 
 impl Default for RuntimeBuilder {
@@ -78,6 +82,8 @@ impl Default for RuntimeBuilder {
             lookup_ngram: (3, 1),
             draft_panic_after: None,
             progress: Some(ProgressFn::stderr_bar("loading weights", 1 << 30)),
+            weights: WeightFormat::Checkpoint,
+            draft_weights: WeightFormat::Checkpoint,
         }
     }
 }
@@ -99,6 +105,20 @@ impl RuntimeBuilder {
     /// A draft model directory; it must share the target's vocabulary.
     pub fn draft(mut self, dir: impl Into<PathBuf>) -> Self {
         self.draft = Some(dir.into());
+        self
+    }
+
+    /// How the target's decoder-layer weights are held: as in the checkpoint (the
+    /// default), or quantized on load to 8 or 4 bits (`falconer_engine::quant`).
+    /// Speculative output stays exactly the (quantized) target's.
+    pub fn weights(mut self, format: WeightFormat) -> Self {
+        self.weights = format;
+        self
+    }
+
+    /// As [`RuntimeBuilder::weights`], for the draft model.
+    pub fn draft_weights(mut self, format: WeightFormat) -> Self {
+        self.draft_weights = format;
         self
     }
 
@@ -202,6 +222,7 @@ impl RuntimeBuilder {
                 kv_blocks: self.kv_blocks,
                 block_size: self.block_size,
                 progress: self.progress.clone(),
+                weights: self.weights,
             };
             let m = tokio::task::spawn_blocking(move || Falcon::load(&dir, b, &opts))
                 .await
@@ -255,6 +276,7 @@ impl RuntimeBuilder {
                 kv_blocks: self.draft_kv_blocks,
                 block_size: self.block_size,
                 progress: self.progress.clone(),
+                weights: self.draft_weights,
             };
             let b = Arc::clone(&backend);
             let factory: DraftFactory<B> =

@@ -107,6 +107,7 @@ fn main() -> Result<()> {
         kv_blocks: (PREFILL + PROMPT + NEW_TOKENS + 64) / BLOCK * 2,
         block_size: BLOCK,
         progress: Some(ProgressFn::stderr_bar("uploading weights", 0)),
+        weights: Default::default(),
     };
     let model = Falcon::load(&ModelDir::new(dir.path()), Arc::clone(&backend), &opts)?;
     backend.synchronize()?;

@@ -7,7 +7,10 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+use crate::quant::WeightFormat;
+
 pub use crate::chat::ChatError;
+pub use crate::quant::QuantError;
 pub use crate::sampling::SamplingError;
 pub use crate::speculative::SpeculativeError;
 
@@ -109,6 +112,19 @@ pub enum LoadError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("{path}: tensor `{tensor}` cannot be quantized: {source}")]
+    Quantize {
+        path: PathBuf,
+        tensor: String,
+        #[source]
+        source: QuantError,
+    },
+    #[error("cannot hold weights as {format}: {source}")]
+    WeightFormat {
+        format: WeightFormat,
+        #[source]
+        source: QuantError,
+    },
     #[error("layer range {start}..{end} is not within the model's {num_layers} layers")]
     LayerRange {
         start: usize,
@@ -174,6 +190,11 @@ pub enum BackendError {
     Device { op: &'static str, message: String },
     #[error("out of device memory: {requested} bytes requested")]
     OutOfMemory { requested: usize },
+    #[error("backend `{backend}` cannot hold weights as {format}")]
+    WeightFormat {
+        backend: &'static str,
+        format: WeightFormat,
+    },
 }
 
 /// Tokenizer encode/decode failures.

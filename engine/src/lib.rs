@@ -6,6 +6,7 @@
 //! - [`posenc`]: rotary embeddings (default, linear, dynamic NTK, YaRN) and ALiBi.
 //! - [`backend`]: the narrow op trait and the CPU reference backend.
 //! - [`model`]: the Falcon decoder over a paged KV cache, whole or as a layer shard.
+//! - [`quant`]: 8-bit and 4-bit weight formats, quantized on load.
 //! - [`kv`]: block allocator and per-sequence block tables (pure logic).
 //! - [`runner`]: a model plus its block tables: prefill, decode, verify, truncate.
 //! - [`sampling`], [`chat`], [`speculative`]: pure functions for choosing tokens,
@@ -22,6 +23,7 @@ pub mod error;
 pub mod kv;
 pub mod model;
 pub mod posenc;
+pub mod quant;
 pub mod runner;
 pub mod sampling;
 pub mod speculative;
@@ -35,5 +37,6 @@ pub use error::{Error, Result};
 pub use model::{
     Falcon, LoadOptions, LoadProgress, Logits, ProgressFn, RowsOut, RowsWanted, SeqChunk,
 };
+pub use quant::WeightFormat;
 pub use runner::{ModelRunner, SeqWork};
 pub use tokenizer::{DecodeStream, Tokenizer};

@@ -109,6 +109,7 @@ fn shards(b: &Arc<CudaBackend>, name: &str) -> [Falcon<CudaBackend>; 2] {
             kv_blocks: 64,
             block_size: 4,
             progress: None,
+            weights: Default::default(),
         };
         Falcon::load(&dir, Arc::clone(b), &opts).unwrap()
     };

@@ -15,6 +15,7 @@ use std::fmt::Debug;
 
 use crate::checkpoint::HostTensor;
 use crate::error::BackendError;
+use crate::quant::{QuantMatrix, WeightFormat};
 use crate::sampling::{SamplingError, SamplingParams};
 
 /// Shape of a model's paged KV memory (only the kv heads are stored).
@@ -173,6 +174,22 @@ pub trait Backend: Send + Sync + Debug + 'static {
 
     /// Copies a checkpoint tensor (any supported dtype) into backend memory.
     fn upload(&self, tensor: &HostTensor<'_>) -> Result<Self::Tensor, BackendError>;
+
+    /// Whether [`Backend::upload_quantized`] takes linear weights in `format`
+    /// ([`WeightFormat::Checkpoint`], through [`Backend::upload`], always).
+    fn supports_weights(&self, format: WeightFormat) -> bool {
+        format == WeightFormat::Checkpoint
+    }
+
+    /// Copies a quantized linear weight into backend memory, kept in its integer format.
+    /// The products of [`Backend::linear`] and its fused forms with it must equal those
+    /// with [`QuantMatrix::dequantize`]'s f32 matrix uploaded as a plain weight.
+    fn upload_quantized(&self, weight: QuantMatrix) -> Result<Self::Tensor, BackendError> {
+        Err(BackendError::WeightFormat {
+            backend: self.name(),
+            format: weight.format(),
+        })
+    }
 
     fn alloc_kv(&self, layout: &KvLayout) -> Result<Self::KvCache, BackendError>;
 

@@ -21,8 +21,9 @@ pub use weights::expected_tensors;
 use crate::backend::{AttnConfig, Backend, KvLayout, ParallelWeights, StepMeta};
 use crate::checkpoint::ModelDir;
 use crate::config::FalconConfig;
-use crate::error::{ForwardError, LoadError, Result};
+use crate::error::{BackendError, ForwardError, LoadError, Result};
 use crate::posenc::{alibi, rope::Rope};
+use crate::quant::WeightFormat;
 use weights::{HeadWeights, LayerNormWeights, LayerWeights, Linear, Loader};
 
 /// Steps of at most this many token rows run the qkv and MLP up projections of a
@@ -38,6 +39,8 @@ pub struct LoadOptions {
     pub block_size: usize,
     /// Called as weights are uploaded (see [`ProgressFn::stderr_bar`]).
     pub progress: Option<ProgressFn>,
+    /// How the decoder layers' linear weights are held ([`crate::quant`]).
+    pub weights: WeightFormat,
 }
 
 impl Default for LoadOptions {
@@ -47,6 +50,7 @@ impl Default for LoadOptions {
             kv_blocks: 256,
             block_size: 16,
             progress: None,
+            weights: WeightFormat::Checkpoint,
         }
     }
 }
@@ -106,6 +110,20 @@ impl<B: Backend> Falcon<B> {
     /// Loads `dir` (or a layer range of it) onto `backend`.
     pub fn load(dir: &ModelDir, backend: Arc<B>, opts: &LoadOptions) -> Result<Self, LoadError> {
         let cfg = dir.config()?;
+        let weights = opts
+            .weights
+            .validate()
+            .map_err(|source| LoadError::WeightFormat {
+                format: opts.weights,
+                source,
+            })?;
+        if !backend.supports_weights(weights) {
+            return Err(BackendError::WeightFormat {
+                backend: backend.name(),
+                format: weights,
+            }
+            .into());
+        }
         let files = dir.weights()?;
         weights::check_no_unexpected(&cfg, &files)?;
         let range = opts.layers.clone().unwrap_or(0..cfg.num_layers);
@@ -121,6 +139,7 @@ impl<B: Backend> Falcon<B> {
             files: &files,
             cfg: &cfg,
             progress: opts.progress.as_ref(),
+            weights,
             done: std::cell::Cell::new(0),
             total: 0,
         };

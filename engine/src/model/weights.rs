@@ -11,6 +11,7 @@ use crate::backend::Backend;
 use crate::checkpoint::WeightFiles;
 use crate::config::{FalconConfig, LayerNorms};
 use crate::error::LoadError;
+use crate::quant::{QuantMatrix, WeightFormat};
 
 /// A layer norm's scale and shift.
 #[derive(Debug)]
@@ -125,6 +126,8 @@ pub struct Loader<'a, B: Backend> {
     pub files: &'a WeightFiles,
     pub cfg: &'a FalconConfig,
     pub progress: Option<&'a ProgressFn>,
+    /// The format of the decoder layers' linear weights.
+    pub weights: WeightFormat,
     pub done: Cell<u64>,
     pub total: u64,
 }
@@ -133,9 +136,31 @@ impl<B: Backend> Loader<'_, B> {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<B::Tensor, LoadError> {
         let t = self.files.get(name, shape)?;
         let up = self.backend.upload(&t)?;
-        self.done.set(self.done.get() + t.bytes.len() as u64);
-        self.report();
+        self.uploaded(t.bytes.len());
         Ok(up)
+    }
+
+    /// A decoder layer's linear weight `[rows, cols]`, in the load's weight format.
+    fn weight(&self, name: &str, rows: usize, cols: usize) -> Result<B::Tensor, LoadError> {
+        let Some(quant) = self.weights.quant() else {
+            return self.tensor(name, &[rows, cols]);
+        };
+        let t = self.files.get(name, &[rows, cols])?;
+        let q = QuantMatrix::quantize(&t.to_f32(), rows, cols, quant).map_err(|source| {
+            LoadError::Quantize {
+                path: self.files.path_of(name),
+                tensor: name.to_string(),
+                source,
+            }
+        })?;
+        let up = self.backend.upload_quantized(q)?;
+        self.uploaded(t.bytes.len());
+        Ok(up)
+    }
+
+    fn uploaded(&self, bytes: usize) {
+        self.done.set(self.done.get() + bytes as u64);
+        self.report();
     }
 
     /// Calls the progress callback (done is clamped to the planned total).
@@ -184,7 +209,7 @@ impl<B: Backend> Loader<'_, B> {
 
     fn linear(&self, prefix: &str, rows: usize, cols: usize) -> Result<Linear<B>, LoadError> {
         Ok(Linear {
-            weight: self.tensor(&format!("{prefix}.weight"), &[rows, cols])?,
+            weight: self.weight(&format!("{prefix}.weight"), rows, cols)?,
             bias: if self.cfg.bias {
                 Some(self.tensor(&format!("{prefix}.bias"), &[rows])?)
             } else {

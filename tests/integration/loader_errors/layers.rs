@@ -42,6 +42,7 @@ fn layer_shards_load_and_chain_to_the_full_model() {
         kv_blocks: 8,
         block_size: 4,
         progress: None,
+        weights: Default::default(),
     };
     let md = ModelDir::new(&dir);
     let mut full = Falcon::load(&md, Arc::clone(&backend), &opts(None)).unwrap();

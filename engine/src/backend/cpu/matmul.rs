@@ -6,13 +6,38 @@
 
 use rayon::prelude::*;
 
+use crate::quant::QuantMatrix;
+
 /// Output features per parallel task.
 const CHUNK: usize = 16;
 
+/// A weight matrix `[n, k]` as the matmul reads it: f32 rows, or a quantized matrix
+/// whose rows it dequantizes one at a time (into a buffer of the task's own).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum WeightRows<'a> {
+    F32(&'a [f32]),
+    Quant(&'a QuantMatrix),
+}
+
+#[cfg(test)]
 pub(super) fn linear(
     x: &[f32],
     t: usize,
     w: &[f32],
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    act: Option<fn(f32) -> f32>,
+) -> Vec<f32> {
+    linear_rows(x, t, WeightRows::F32(w), n, k, bias, act)
+}
+
+/// [`linear`] over any [`WeightRows`]: a quantized weight gives exactly the products of
+/// its dequantized f32 matrix (the same row values go through the same dots).
+pub(super) fn linear_rows(
+    x: &[f32],
+    t: usize,
+    w: WeightRows<'_>,
     n: usize,
     k: usize,
     bias: Option<&[f32]>,
@@ -24,11 +49,20 @@ pub(super) fn linear(
         .enumerate()
         .for_each(|(c, out)| {
             let first = c * CHUNK;
+            let mut buf = match w {
+                WeightRows::F32(_) => Vec::new(),
+                WeightRows::Quant(_) => vec![0.0f32; k],
+            };
             for (j, out_row) in out.chunks_mut(t).enumerate() {
                 let o = first + j;
-                let w_row = &w[o * k..(o + 1) * k];
-                // This row and the next, to prefetch ahead while multiplying.
-                let ahead = &w[o * k..((o + 2) * k).min(w.len())];
+                let (w_row, ahead): (&[f32], &[f32]) = match w {
+                    // This row and the next, to prefetch ahead while multiplying.
+                    WeightRows::F32(w) => (&w[o * k..(o + 1) * k], &w[o * k..((o + 2) * k).min(w.len())]),
+                    WeightRows::Quant(m) => {
+                        m.dequantize_row(o, &mut buf);
+                        (&buf, &[])
+                    }
+                };
                 let b = bias.map_or(0.0, |b| b[o]);
                 row_dots(x, k, w_row, ahead, out_row);
                 for y in out_row.iter_mut() {
@@ -225,6 +259,34 @@ mod tests {
                         "k={k}, row {r} of {t}"
                     );
                 }
+            }
+        }
+    }
+
+    /// A quantized weight gives the bits its dequantized f32 matrix gives, for every
+    /// row count and with bias and activation.
+    #[test]
+    fn quantized_weights_give_the_products_of_their_dequantized_values() {
+        use crate::quant::Quant;
+        let (n, k) = (37, 100);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 997.0 - 0.5)
+            .collect();
+        let x: Vec<f32> = (0..7 * k)
+            .map(|i| ((i * 104_729) % 1000) as f32 / 991.0 - 0.5)
+            .collect();
+        let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
+        for quant in [Quant::Int8, Quant::Int4 { group: 32 }] {
+            let m = QuantMatrix::quantize(&w, n, k, quant).unwrap();
+            let d = m.dequantize();
+            for t in [1, 2, 7] {
+                let act: Option<fn(f32) -> f32> = Some(|v| v.max(0.0));
+                let got = linear_rows(&x[..t * k], t, WeightRows::Quant(&m), n, k, Some(&b), act);
+                let want = linear(&x[..t * k], t, &d, n, k, Some(&b), act);
+                assert!(
+                    got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{quant:?}, {t} rows"
+                );
             }
         }
     }

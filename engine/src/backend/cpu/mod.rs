@@ -11,13 +11,17 @@ use rayon::prelude::*;
 use super::{AttnConfig, Backend, KvLayout, StepMeta};
 use crate::checkpoint::HostTensor;
 use crate::error::BackendError;
+use crate::quant::{QuantMatrix, WeightFormat};
+use matmul::WeightRows;
 
-/// A row-major f32 matrix.
+/// A row-major f32 matrix, or a quantized weight (see [`CpuTensor::quantized`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CpuTensor {
+    /// The values; empty for a quantized weight.
     pub data: Vec<f32>,
     pub rows: usize,
     pub cols: usize,
+    quant: Option<QuantMatrix>,
 }
 
 impl CpuTensor {
@@ -25,7 +29,35 @@ impl CpuTensor {
         if data.len() != rows * cols {
             return Err(shape_error("tensor", data.len(), rows * cols));
         }
-        Ok(CpuTensor { data, rows, cols })
+        Ok(CpuTensor {
+            data,
+            rows,
+            cols,
+            quant: None,
+        })
+    }
+
+    /// A linear weight kept in its integer format: products dequantize it a row at a
+    /// time; every other op sees no values (`data` is empty) and refuses it.
+    pub fn quantized(weight: QuantMatrix) -> Self {
+        CpuTensor {
+            data: Vec::new(),
+            rows: weight.rows(),
+            cols: weight.cols(),
+            quant: Some(weight),
+        }
+    }
+
+    /// The quantized weight this tensor holds, if it is one.
+    pub fn quant(&self) -> Option<&QuantMatrix> {
+        self.quant.as_ref()
+    }
+
+    /// Bytes of memory the values take (f32, or the integers and scales).
+    pub fn bytes(&self) -> usize {
+        self.quant
+            .as_ref()
+            .map_or(4 * self.data.len(), QuantMatrix::bytes)
     }
 
     fn row(&self, r: usize) -> &[f32] {
@@ -93,11 +125,19 @@ impl CpuBackend {
                 return Err(shape_error("linear bias", b.data.len(), weight.rows));
             }
         }
+        if x.data.len() != x.rows * x.cols {
+            return Err(shape_error("linear input", x.data.len(), x.rows * x.cols));
+        }
+        let rows = match &weight.quant {
+            Some(q) => WeightRows::Quant(q),
+            None if weight.data.len() == weight.rows * weight.cols => WeightRows::F32(&weight.data),
+            None => return Err(shape_error("linear weight", weight.data.len(), weight.rows * weight.cols)),
+        };
         let data = self.run(|| {
-            matmul::linear(
+            matmul::linear_rows(
                 &x.data,
                 x.rows,
-                &weight.data,
+                rows,
                 weight.rows,
                 x.cols,
                 bias.map(|b| b.data.as_slice()),
@@ -138,6 +178,16 @@ impl Backend for CpuBackend {
             _ => return Err(shape_error("upload", tensor.numel(), tensor.numel())),
         };
         CpuTensor::new(tensor.to_f32(), rows, cols)
+    }
+
+    /// Every format: the CPU keeps int8 and int4 weights as they are and dequantizes
+    /// a row at a time inside the matmul.
+    fn supports_weights(&self, _format: WeightFormat) -> bool {
+        true
+    }
+
+    fn upload_quantized(&self, weight: QuantMatrix) -> Result<CpuTensor, BackendError> {
+        Ok(CpuTensor::quantized(weight))
     }
 
     fn alloc_kv(&self, layout: &KvLayout) -> Result<CpuKvCache, BackendError> {
@@ -259,7 +309,10 @@ impl Backend for CpuBackend {
     }
 
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>, BackendError> {
-        Ok(x.data.clone())
+        Ok(match &x.quant {
+            Some(q) => q.dequantize(),
+            None => x.data.clone(),
+        })
     }
 
     fn upload_hidden(
