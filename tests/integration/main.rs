@@ -15,5 +15,6 @@ mod golden;
 mod interleavings;
 mod loader_errors;
 mod outputs;
+mod quantized;
 mod runtime;
 mod telemetry;

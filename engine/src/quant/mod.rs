@@ -119,7 +119,11 @@ pub enum QuantError {
     #[error("weight [{row}, {col}] is {value}: a quantized weight must be finite")]
     NonFinite { row: usize, col: usize, value: f32 },
     #[error("{len} values do not make a [{rows}, {cols}] matrix")]
-    Shape { len: usize, rows: usize, cols: usize },
+    Shape {
+        len: usize,
+        rows: usize,
+        cols: usize,
+    },
 }
 
 /// The integers and scales of a [`QuantMatrix`].
@@ -204,7 +208,11 @@ impl QuantMatrix {
     /// # Panics
     /// If `r >= rows` or `out.len() != cols` (callers size both from the matrix).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        assert!(r < self.rows && out.len() == self.cols, "row {r} into {}", out.len());
+        assert!(
+            r < self.rows && out.len() == self.cols,
+            "row {r} into {}",
+            out.len()
+        );
         let cols = self.cols;
         match &self.data {
             QuantData::Int8 { q, scales } => {
@@ -281,7 +289,10 @@ fn quantize_int4(w: &[f32], rows: usize, cols: usize, group: usize) -> QuantData
     let row_bytes = int4_row_bytes(cols);
     let mut packed = vec![0u8; rows * row_bytes];
     let mut scales = Vec::with_capacity(rows * cols.div_ceil(group));
-    for (row, out) in w.chunks(cols.max(1)).zip(packed.chunks_mut(row_bytes.max(1))) {
+    for (row, out) in w
+        .chunks(cols.max(1))
+        .zip(packed.chunks_mut(row_bytes.max(1)))
+    {
         for (g, chunk) in row.chunks(group).enumerate() {
             let s = absmax_scale(chunk, 7.0);
             scales.push(s);

@@ -2,7 +2,9 @@ use super::*;
 
 /// Deterministic values of mixed sign and magnitude, with some exact zeros.
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|i| {
             s = s
@@ -129,7 +131,10 @@ fn a_short_last_group_has_its_own_scale() {
     };
     assert_eq!(scales.len(), 2);
     let d = m.dequantize();
-    assert!((d[19] - 0.07).abs() < 1e-6 && (d[16] + 0.07).abs() < 1e-6, "{d:?}");
+    assert!(
+        (d[19] - 0.07).abs() < 1e-6 && (d[16] + 0.07).abs() < 1e-6,
+        "{d:?}"
+    );
     assert!((d[17] - 0.01).abs() <= 0.005, "{d:?}");
 }
 
@@ -159,10 +164,16 @@ fn non_finite_weights_and_bad_shapes_are_refused() {
     let mut w = values(4 * 8, 4);
     w[2 * 8 + 3] = f32::NAN;
     let e = QuantMatrix::quantize(&w, 4, 8, Quant::Int8).unwrap_err();
-    assert!(matches!(e, QuantError::NonFinite { row: 2, col: 3, .. }), "{e:?}");
+    assert!(
+        matches!(e, QuantError::NonFinite { row: 2, col: 3, .. }),
+        "{e:?}"
+    );
     w[2 * 8 + 3] = f32::INFINITY;
     let e = QuantMatrix::quantize(&w, 4, 8, int4(16)).unwrap_err();
-    assert!(matches!(e, QuantError::NonFinite { row: 2, col: 3, .. }), "{e:?}");
+    assert!(
+        matches!(e, QuantError::NonFinite { row: 2, col: 3, .. }),
+        "{e:?}"
+    );
     assert_eq!(
         QuantMatrix::quantize(&w, 5, 8, Quant::Int8),
         Err(QuantError::Shape {

@@ -23,7 +23,7 @@ const SHARDED: &str = "new_arch_gqa_sharded";
 // ---------------------------------------------------------------------------------------
 
 /// A private copy of a fixture directory.
-fn copy_fixture(name: &str) -> TempDir {
+pub(crate) fn copy_fixture(name: &str) -> TempDir {
     let tmp = tempfile::tempdir().unwrap();
     for entry in fs::read_dir(fixtures().join(name)).unwrap() {
         let entry = entry.unwrap();
@@ -59,18 +59,18 @@ fn weights_err(dir: &Path) -> LoadError {
 
 /// One tensor of a safetensors file, as stored.
 #[derive(Debug, Clone)]
-struct RawTensor {
-    name: String,
-    dtype: String,
-    shape: Vec<usize>,
-    data: Vec<u8>,
+pub(crate) struct RawTensor {
+    pub(crate) name: String,
+    pub(crate) dtype: String,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) data: Vec<u8>,
 }
 
 /// A safetensors file by hand: `__metadata__` plus tensors in data order.
 #[derive(Debug, Clone)]
-struct RawFile {
+pub(crate) struct RawFile {
     metadata: Option<Value>,
-    tensors: Vec<RawTensor>,
+    pub(crate) tensors: Vec<RawTensor>,
 }
 
 impl RawFile {
@@ -164,7 +164,7 @@ impl RawFile {
 }
 
 /// Rewrites one safetensors file of `dir` through `f`.
-fn edit_safetensors(dir: &Path, file: &str, f: impl FnOnce(&mut RawFile)) -> PathBuf {
+pub(crate) fn edit_safetensors(dir: &Path, file: &str, f: impl FnOnce(&mut RawFile)) -> PathBuf {
     let path = dir.join(file);
     let mut raw = RawFile::read(&path);
     f(&mut raw);
@@ -220,5 +220,6 @@ mod config_json;
 mod files;
 mod index;
 mod layers;
+mod quantized;
 mod tensors;
 mod tokenizer_files;

@@ -57,7 +57,10 @@ pub(super) fn linear_rows(
                 let o = first + j;
                 let (w_row, ahead): (&[f32], &[f32]) = match w {
                     // This row and the next, to prefetch ahead while multiplying.
-                    WeightRows::F32(w) => (&w[o * k..(o + 1) * k], &w[o * k..((o + 2) * k).min(w.len())]),
+                    WeightRows::F32(w) => (
+                        &w[o * k..(o + 1) * k],
+                        &w[o * k..((o + 2) * k).min(w.len())],
+                    ),
                     WeightRows::Quant(m) => {
                         m.dequantize_row(o, &mut buf);
                         (&buf, &[])
@@ -284,7 +287,9 @@ mod tests {
                 let got = linear_rows(&x[..t * k], t, WeightRows::Quant(&m), n, k, Some(&b), act);
                 let want = linear(&x[..t * k], t, &d, n, k, Some(&b), act);
                 assert!(
-                    got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{quant:?}, {t} rows"
                 );
             }

@@ -131,7 +131,13 @@ impl CpuBackend {
         let rows = match &weight.quant {
             Some(q) => WeightRows::Quant(q),
             None if weight.data.len() == weight.rows * weight.cols => WeightRows::F32(&weight.data),
-            None => return Err(shape_error("linear weight", weight.data.len(), weight.rows * weight.cols)),
+            None => {
+                return Err(shape_error(
+                    "linear weight",
+                    weight.data.len(),
+                    weight.rows * weight.cols,
+                ))
+            }
         };
         let data = self.run(|| {
             matmul::linear_rows(
