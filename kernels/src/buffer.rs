@@ -14,6 +14,7 @@ use crate::error::KernelError;
 /// Element types a [`DeviceBuffer`] may hold.
 pub trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static {}
 impl Elem for f32 {}
+impl Elem for u8 {}
 impl Elem for u32 {}
 impl Elem for u64 {}
 impl Elem for half::bf16 {}

@@ -45,8 +45,8 @@ pub use graph::{CapturedGraph, InputSlot, ScratchPool, StepLimits, StepShape};
 pub use half::bf16;
 #[cfg(feature = "cuda")]
 pub use ops::{
-    AttentionParams, ForkedProduct, KvBuffers, PairHalf, PenaltySpec, ProbsSpec, SumTerm,
-    WarpedRow, GEMV_MAX_ROWS,
+    AttentionParams, ForkedProduct, KvBuffers, PairHalf, PenaltySpec, ProbsSpec, QuantLayout,
+    QuantWeight, SumTerm, WarpedRow, GEMV_MAX_ROWS,
 };
 #[cfg(feature = "cuda")]
 pub use step::{DeviceStep, SeqDesc, StepInput};

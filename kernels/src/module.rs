@@ -16,6 +16,7 @@ const SOURCE: &str = concat!(
     include_str!("common.cuh"),
     include_str!("elementwise.cu"),
     include_str!("gemv.cu"),
+    include_str!("gemv_quant.cu"),
     include_str!("attention.cu"),
     include_str!("attention_tc_decode.cu"),
     include_str!("sampling.cu"),
@@ -43,6 +44,11 @@ pub(crate) struct Kernels {
     /// Row-invariant tensor-core GEMVs (`gemv_tcx_r1..4`, then `gemv_tc_r5..8`).
     pub gemv_tc_exact: Vec<CudaFunction>,
     pub gemv_scalar: CudaFunction,
+    /// Integer-weight GEMVs and their dequantization to bf16 (gemv_quant.cu).
+    pub gemv_q8: CudaFunction,
+    pub gemv_q4: CudaFunction,
+    pub dequant_q8_bf16: CudaFunction,
+    pub dequant_q4_bf16: CudaFunction,
     /// Two products of one input per launch (`gemv2_*`): CUDA cores for one row, and
     /// tensor cores for 1..8 rows, plain and row-invariant as `gemv_tc`/`gemv_tc_exact`.
     /// (`gemv2_bf16_r1`, `_s2`, `_s4` by [`crate::gpu::GemvSplit`].)
@@ -132,6 +138,10 @@ impl Kernels {
             gemv_tc,
             gemv_tc_exact,
             gemv_scalar: f("gemv_bf16_scalar")?,
+            gemv_q8: f("gemv_q8")?,
+            gemv_q4: f("gemv_q4")?,
+            dequant_q8_bf16: f("dequant_q8_bf16")?,
+            dequant_q4_bf16: f("dequant_q4_bf16")?,
             gemv2_simt_r1: [
                 f("gemv2_bf16_r1")?,
                 f("gemv2_bf16_r1_s2")?,
@@ -240,6 +250,10 @@ mod tests {
                 "attn_decode_tc128",
                 "attn_prefill_tc128",
                 "warp_probs_rows_f32",
+                "gemv_q8",
+                "gemv_q4",
+                "dequant_q8_bf16",
+                "dequant_q4_bf16",
             ] {
                 assert!(
                     ptx.contains(&format!(".entry {name}(")),

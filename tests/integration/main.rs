@@ -7,6 +7,7 @@ mod cuda_fork;
 mod cuda_fused_rope;
 mod cuda_golden;
 mod cuda_graphs;
+mod cuda_quantized;
 mod cuda_runtime;
 mod cuda_sampling;
 mod cuda_split;

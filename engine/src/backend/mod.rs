@@ -182,8 +182,11 @@ pub trait Backend: Send + Sync + Debug + 'static {
     }
 
     /// Copies a quantized linear weight into backend memory, kept in its integer format.
-    /// The products of [`Backend::linear`] and its fused forms with it must equal those
-    /// with [`QuantMatrix::dequantize`]'s f32 matrix uploaded as a plain weight.
+    /// The products of [`Backend::linear`] and its fused forms with it compute with the
+    /// values of [`QuantMatrix::dequantize`] (the CPU exactly: its products equal those
+    /// of that f32 matrix uploaded as a plain weight; a backend may round them as it
+    /// rounds a plain weight where it multiplies in lower precision). Every row of a
+    /// product must get the same bits whatever the other rows, as with plain weights.
     fn upload_quantized(&self, weight: QuantMatrix) -> Result<Self::Tensor, BackendError> {
         Err(BackendError::WeightFormat {
             backend: self.name(),

@@ -57,12 +57,12 @@ pub(super) fn bias_args(bias: Option<&DeviceBuffer<f32>>, x: &DeviceBuffer<f32>)
 
 /// Rows `row0..row0 + rows` of a `[*, k] @ [n, k]^T` product; `gemv`: never cuBLAS.
 #[derive(Debug, Clone, Copy)]
-struct Span {
-    row0: usize,
-    rows: usize,
-    k: usize,
-    n: usize,
-    gemv: bool,
+pub(super) struct Span {
+    pub(super) row0: usize,
+    pub(super) rows: usize,
+    pub(super) k: usize,
+    pub(super) n: usize,
+    pub(super) gemv: bool,
 }
 
 /// The kernel a GEMV launch of at most [`GEMV_MAX_ROWS`] rows takes.
@@ -206,7 +206,7 @@ impl Gpu {
     /// kernels for few rows (always with `s.gemv`), otherwise cuBLAS on copies of those
     /// rows in fresh buffers (aligned as the whole-tensor call's, so that cuBLAS picks
     /// the same algorithm and a chunk gets the same bits as alone).
-    fn linear_span(
+    pub(super) fn linear_span(
         &self,
         x: &DeviceBuffer<f32>,
         w: &DeviceBuffer<bf16>,

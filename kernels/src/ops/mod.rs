@@ -6,13 +6,15 @@
 //! of one input in one launch, `sum` two products of two inputs added to one residual,
 //! `attention` the KV cache and attention, `qkv_rope` a decode step's qkv projection
 //! with rotary and the cache write in its epilogue, `sampling` the warp of logit rows
-//! into distributions; the small element-wise launchers are here.
+//! into distributions, `quant` the products with 8-bit and 4-bit weights; the small
+//! element-wise launchers are here.
 
 mod attention;
 pub(crate) use attention::TcDecodeShape;
 mod linear;
 mod pair;
 mod qkv_rope;
+mod quant;
 mod sampling;
 mod sum;
 
@@ -22,6 +24,7 @@ mod forked;
 pub use forked::ForkedProduct;
 pub use linear::GEMV_MAX_ROWS;
 pub use pair::PairHalf;
+pub use quant::{QuantLayout, QuantWeight};
 pub use sampling::{PenaltySpec, ProbsSpec, WarpedRow};
 pub use sum::SumTerm;
 

@@ -2,8 +2,8 @@
 //! kernels and cuBLAS from `falconer-kernels` (the only crate that launches kernels).
 //!
 //! Tensors are either f32 (activations, and the 1-D parameters: layer-norm scales and
-//! shifts and biases, which are tiny and keep full precision) or bf16 (every weight
-//! matrix). `linear` streams bf16 weights once per step for up to
+//! shifts and biases, which are tiny and keep full precision), bf16 (weight matrices) or
+//! int8 / int4 (decoder-layer weights loaded in those formats: `quant`). `linear` streams bf16 weights once per step for up to
 //! [`kernels::GEMV_MAX_ROWS`] rows (decode and verify cost about the same) and uses
 //! cuBLAS tensor cores beyond (prefill). Each op queues work on the GPU's stream; only
 //! [`Backend::to_host`] waits.
@@ -13,7 +13,9 @@
 
 mod graphs;
 mod parallel;
+mod quant;
 mod tensor;
+mod upload;
 mod warp;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,8 +24,7 @@ use std::sync::{Arc, Mutex};
 pub use graphs::{GraphStats, StepGraphs};
 pub use tensor::{CudaData, CudaKvCache, CudaStep, CudaTensor};
 
-use half::{bf16, f16};
-use rayon::prelude::*;
+use half::bf16;
 
 pub use falconer_kernels as kernels;
 use falconer_kernels::{AttentionParams, DeviceBuffer, Gpu, KernelError, SeqDesc, StepInput};
@@ -33,6 +34,7 @@ use super::{
 };
 use crate::checkpoint::{Dtype, HostTensor};
 use crate::error::BackendError;
+use crate::quant::{QuantMatrix, WeightFormat};
 
 /// One half of [`Gpu::linear_pair`]: a weight, its bias, GELU or not.
 fn pair_half<'a>(
@@ -247,37 +249,6 @@ impl CudaBackend {
         Ok(b)
     }
 
-    fn synthesize(
-        &self,
-        seed: &AtomicU64,
-        rows: usize,
-        cols: usize,
-        vector: bool,
-    ) -> Result<CudaTensor, BackendError> {
-        let s = seed.fetch_add(1, Ordering::Relaxed);
-        let n = rows * cols;
-        let data = if vector {
-            let mut b = self.gpu.alloc::<f32>(n).map_err(map_err)?;
-            self.gpu
-                .fill_uniform_f32(&mut b, s, 0.1, 1.0)
-                .map_err(map_err)?;
-            CudaData::F32(b)
-        } else {
-            let mut b = self.gpu.alloc::<bf16>(n).map_err(map_err)?;
-            // Uniform on (-a, a) has standard deviation a / sqrt(3).
-            self.gpu
-                .fill_uniform_bf16(&mut b, s, 0.02 * 3f32.sqrt())
-                .map_err(map_err)?;
-            CudaData::Bf16(b)
-        };
-        Ok(CudaTensor {
-            data,
-            rows,
-            cols,
-            groups: None,
-        })
-    }
-
     /// `acc += a + b` for `(input, weight, bias)` terms; `b_ready` as for
     /// [`Gpu::linear_accumulate_sum`].
     fn add_sum(
@@ -320,6 +291,9 @@ impl CudaBackend {
         bias: Option<&CudaTensor>,
         gelu: bool,
     ) -> Result<CudaTensor, BackendError> {
+        if let CudaData::Quant(w) = &weight.data {
+            return self.product_quant(x, weight, w, bias, gelu);
+        }
         check_linear(x, weight)?;
         let bias = bias.map(|b| b.f32("linear")).transpose()?;
         let (xs, ws) = (x.f32("linear")?, weight.bf16("linear")?);
@@ -332,33 +306,6 @@ impl CudaBackend {
         }
         .map_err(map_err)?;
         Ok(x.product_output(weight, out))
-    }
-}
-
-/// Checkpoint bytes of any supported dtype to bf16, in parallel (a 7B checkpoint is
-/// 14 GB).
-fn host_to_bf16(t: &HostTensor<'_>) -> Vec<bf16> {
-    const CHUNK: usize = 1 << 16;
-    let b = t.bytes;
-    match t.dtype {
-        Dtype::Bf16 => b
-            .par_chunks(2 * CHUNK)
-            .flat_map_iter(|c| c.chunks_exact(2).map(|p| bf16::from_le_bytes([p[0], p[1]])))
-            .collect(),
-        Dtype::F16 => b
-            .par_chunks(2 * CHUNK)
-            .flat_map_iter(|c| {
-                c.chunks_exact(2)
-                    .map(|p| bf16::from_f32(f16::from_le_bytes([p[0], p[1]]).to_f32()))
-            })
-            .collect(),
-        Dtype::F32 => b
-            .par_chunks(4 * CHUNK)
-            .flat_map_iter(|c| {
-                c.chunks_exact(4)
-                    .map(|p| bf16::from_f32(f32::from_le_bytes([p[0], p[1], p[2], p[3]])))
-            })
-            .collect(),
     }
 }
 
@@ -396,7 +343,11 @@ impl Backend for CudaBackend {
         let data = if vector {
             CudaData::F32(self.gpu.upload(&tensor.to_f32()).map_err(map_err)?)
         } else {
-            CudaData::Bf16(self.gpu.upload(&host_to_bf16(tensor)).map_err(map_err)?)
+            CudaData::Bf16(
+                self.gpu
+                    .upload(&upload::host_to_bf16(tensor))
+                    .map_err(map_err)?,
+            )
         };
         Ok(CudaTensor {
             data,
@@ -404,6 +355,15 @@ impl Backend for CudaBackend {
             cols,
             groups: None,
         })
+    }
+
+    /// Every format: int8 and int4 weights stay integers in device memory.
+    fn supports_weights(&self, _format: WeightFormat) -> bool {
+        true
+    }
+
+    fn upload_quantized(&self, weight: QuantMatrix) -> Result<CudaTensor, BackendError> {
+        self.upload_quant(&weight)
     }
 
     fn alloc_kv(&self, layout: &KvLayout) -> Result<CudaKvCache, BackendError> {
@@ -533,6 +493,9 @@ impl Backend for CudaBackend {
         b: &CudaTensor,
         b_bias: Option<&CudaTensor>,
     ) -> Result<(CudaTensor, CudaTensor), BackendError> {
+        if a.is_quantized() || b.is_quantized() {
+            return Ok((self.linear(x, a, a_bias)?, self.linear_gelu(x, b, b_bias)?));
+        }
         check_linear(x, a)?;
         check_linear(x, b)?;
         let (ya, yb) = self
@@ -561,6 +524,10 @@ impl Backend for CudaBackend {
         step: &CudaStep,
         attn: &AttnConfig,
     ) -> Result<(CudaTensor, CudaTensor), BackendError> {
+        if qkv.is_quantized() || up.is_quantized() {
+            let (y, up) = self.linear_and_gelu(x, qkv, qkv_bias, up, up_bias)?;
+            return Ok((self.attention(&y, kv, layer, step, attn)?, up));
+        }
         let (ctx, up_out, ()) = self.attention_pair_then(
             x,
             (qkv, qkv_bias),
@@ -585,6 +552,10 @@ impl Backend for CudaBackend {
         b_bias: Option<&CudaTensor>,
         acc: &mut CudaTensor,
     ) -> Result<(), BackendError> {
+        if a.is_quantized() || b.is_quantized() {
+            self.linear_add(a_x, a, a_bias, acc)?;
+            return self.linear_add(b_x, b, b_bias, acc);
+        }
         self.add_sum((a_x, a, a_bias), (b_x, b, b_bias), acc, false)
     }
 
@@ -598,6 +569,11 @@ impl Backend for CudaBackend {
         attn: &AttnConfig,
         acc: &mut CudaTensor,
     ) -> Result<(), BackendError> {
+        if quant::any_quantized(w) {
+            let (ctx, up) = self
+                .attention_and_gelu(x, w.qkv.0, w.qkv.1, w.up.0, w.up.1, kv, layer, step, attn)?;
+            return self.linear_add_sum(&ctx, w.dense.0, w.dense.1, &up, w.down.0, w.down.1, acc);
+        }
         if self.forks_mlp(x.rows, false) {
             return self.parallel_attention_forked(x, w, kv, layer, step, attn, acc);
         }
@@ -623,7 +599,7 @@ impl Backend for CudaBackend {
         attn: &AttnConfig,
         acc: &mut CudaTensor,
     ) -> Result<(), BackendError> {
-        if self.forks_mlp(a.rows, true) {
+        if self.forks_mlp(a.rows, true) && !quant::any_quantized(w) {
             return self.parallel_attention_separate_forked(a, m, w, kv, layer, step, attn, acc);
         }
         super::parallel_attention_separate_in_order(self, a, m, w, kv, layer, step, attn, acc)
@@ -645,6 +621,9 @@ impl Backend for CudaBackend {
                     acc.rows, acc.cols, x.rows, weight.rows
                 ),
             ));
+        }
+        if let CudaData::Quant(w) = &weight.data {
+            return self.accumulate_quant(x, w, bias, acc);
         }
         let bias = bias.map(|b| b.f32("linear")).transpose()?;
         self.gpu
@@ -753,6 +732,16 @@ impl Backend for CudaBackend {
                 .into_iter()
                 .map(bf16::to_f32)
                 .collect()),
+            CudaData::Quant(w) => {
+                let d = self.gpu.dequantize_bf16(w).map_err(map_err)?;
+                Ok(self
+                    .gpu
+                    .download(&d)
+                    .map_err(map_err)?
+                    .into_iter()
+                    .map(bf16::to_f32)
+                    .collect())
+            }
         }
     }
 

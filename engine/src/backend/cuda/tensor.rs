@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use half::bf16;
 
-use falconer_kernels::{DeviceBuffer, DeviceStep, KvBuffers};
+use falconer_kernels::{DeviceBuffer, DeviceStep, KvBuffers, QuantWeight};
 
 use super::invalid;
 use crate::backend::KvLayout;
@@ -16,6 +16,8 @@ use crate::error::BackendError;
 pub enum CudaData {
     F32(DeviceBuffer<f32>),
     Bf16(DeviceBuffer<bf16>),
+    /// An int8 or int4 linear weight (`crate::quant`).
+    Quant(QuantWeight),
 }
 
 /// A row-major `[rows, cols]` tensor in device memory.
@@ -59,8 +61,7 @@ impl CudaTensor {
 
     pub(super) fn f32(&self, op: &'static str) -> Result<&DeviceBuffer<f32>, BackendError> {
         match &self.data {
-            CudaData::F32(b) => Ok(b),
-            CudaData::Bf16(_) => Err(invalid(op, "expected an f32 tensor, found bf16".into())),
+            _ => Err(invalid(op, "expected an f32 tensor".into())),
         }
     }
 
@@ -69,15 +70,14 @@ impl CudaTensor {
         op: &'static str,
     ) -> Result<&mut DeviceBuffer<f32>, BackendError> {
         match &mut self.data {
-            CudaData::F32(b) => Ok(b),
-            CudaData::Bf16(_) => Err(invalid(op, "expected an f32 tensor, found bf16".into())),
+            _ => Err(invalid(op, "expected an f32 tensor".into())),
         }
     }
 
     pub(super) fn bf16(&self, op: &'static str) -> Result<&DeviceBuffer<bf16>, BackendError> {
         match &self.data {
             CudaData::Bf16(b) => Ok(b),
-            CudaData::F32(_) => Err(invalid(op, "expected a bf16 weight, found f32".into())),
+            _ => Err(invalid(op, "expected a bf16 weight".into())),
         }
     }
 }
