@@ -136,7 +136,7 @@ impl Gpu {
         group: usize,
     ) -> Result<QuantWeight, KernelError> {
         const OP: &str = "upload_q4";
-        if group == 0 || group % 16 != 0 {
+        if group == 0 || !group.is_multiple_of(16) {
             return Err(KernelError::invalid(
                 OP,
                 format!("group of {group} columns (a multiple of 16 is needed)"),
@@ -153,19 +153,8 @@ impl Gpu {
                 ),
             ));
         }
-        let kp = padded(k);
-        // Padding nibbles hold 8 (value 0), the spare high nibble of an odd row too.
-        let mut bytes = vec![0x88u8; n * kp / 2];
-        for (dst, src) in bytes
-            .chunks_mut((kp / 2).max(1))
-            .zip(packed.chunks(row.max(1)))
-        {
-            dst[..row].copy_from_slice(src);
-            if k % 2 == 1 {
-                dst[row - 1] = (dst[row - 1] & 0x0f) | 0x80;
-            }
-        }
-        self.quant_upload(QuantLayout::Int4 { group }, n, k, kp, &bytes, scales)
+        let bytes = q4_rows(packed, n, k);
+        self.quant_upload(QuantLayout::Int4 { group }, n, k, padded(k), &bytes, scales)
     }
 
     fn quant_upload(

@@ -61,6 +61,7 @@ impl CudaTensor {
 
     pub(super) fn f32(&self, op: &'static str) -> Result<&DeviceBuffer<f32>, BackendError> {
         match &self.data {
+            CudaData::F32(b) => Ok(b),
             _ => Err(invalid(op, "expected an f32 tensor".into())),
         }
     }
@@ -70,6 +71,7 @@ impl CudaTensor {
         op: &'static str,
     ) -> Result<&mut DeviceBuffer<f32>, BackendError> {
         match &mut self.data {
+            CudaData::F32(b) => Ok(b),
             _ => Err(invalid(op, "expected an f32 tensor".into())),
         }
     }
