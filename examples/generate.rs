@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Parser;
 use falconer::engine::sampling::SamplingParams;
-use falconer::{DraftPolicy, GenerateRequest, Runtime, Speculation, TokenEvent};
+use falconer::{DraftPolicy, GenerateRequest, Runtime, Speculation, TokenEvent, WeightFormat};
 
 #[derive(Parser, Debug)]
 #[command(about = "Generate with a Falcon model (speculative decoding optional)")]
@@ -60,6 +60,12 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// How the target's layer weights are held: checkpoint, int8, int4 or int4:g<group>.
+    #[arg(long, default_value = "checkpoint")]
+    weights: WeightFormat,
+    /// The same for the draft model.
+    #[arg(long, default_value = "checkpoint")]
+    draft_weights: WeightFormat,
     /// One JSON line per token.
     #[arg(long)]
     json: bool,
@@ -71,6 +77,8 @@ async fn main() -> Result<()> {
     let mut builder = Runtime::builder()
         .target(&args.model)
         .shards(args.shards)
+        .weights(args.weights)
+        .draft_weights(args.draft_weights)
         .device(args.device.parse()?);
     if let Some(d) = &args.draft {
         builder = builder.draft(d);

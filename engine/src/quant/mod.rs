@@ -24,6 +24,7 @@ mod tests;
 use std::fmt;
 use std::str::FromStr;
 
+use rayon::prelude::*;
 use thiserror::Error;
 
 /// The default int4 group: 64 inputs share a scale (Falcon's hidden sizes 4544, 8192
@@ -275,34 +276,46 @@ fn to_level(v: f32, scale: f32, levels: f32) -> f32 {
 }
 
 fn quantize_int8(w: &[f32], rows: usize, cols: usize) -> QuantData {
-    let mut q = Vec::with_capacity(w.len());
-    let mut scales = Vec::with_capacity(rows);
-    for row in w.chunks(cols.max(1)).take(rows) {
-        let s = absmax_scale(row, 127.0);
-        scales.push(s);
-        q.extend(row.iter().map(|&v| to_level(v, s, 127.0) as i8));
-    }
+    let cols = cols.max(1);
+    let mut q = vec![0i8; rows * cols];
+    let mut scales = vec![0.0f32; rows];
+    // Rows in parallel: a large checkpoint quantizes billions of weights on load.
+    q.par_chunks_mut(cols)
+        .zip(scales.par_iter_mut())
+        .zip(w.par_chunks(cols))
+        .for_each(|((out, scale), row)| {
+            let s = absmax_scale(row, 127.0);
+            *scale = s;
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = to_level(v, s, 127.0) as i8;
+            }
+        });
     QuantData::Int8 { q, scales }
 }
 
 fn quantize_int4(w: &[f32], rows: usize, cols: usize, group: usize) -> QuantData {
-    let row_bytes = int4_row_bytes(cols);
+    let (cols, row_bytes, groups) = (
+        cols.max(1),
+        int4_row_bytes(cols).max(1),
+        cols.div_ceil(group),
+    );
     let mut packed = vec![0u8; rows * row_bytes];
-    let mut scales = Vec::with_capacity(rows * cols.div_ceil(group));
-    for (row, out) in w
-        .chunks(cols.max(1))
-        .zip(packed.chunks_mut(row_bytes.max(1)))
-    {
-        for (g, chunk) in row.chunks(group).enumerate() {
-            let s = absmax_scale(chunk, 7.0);
-            scales.push(s);
-            for (j, &v) in chunk.iter().enumerate() {
-                let c = g * group + j;
-                let nibble = (to_level(v, s, 7.0) as i8 + 8) as u8;
-                out[c / 2] |= nibble << (4 * (c % 2));
+    let mut scales = vec![0.0f32; rows * groups];
+    packed
+        .par_chunks_mut(row_bytes)
+        .zip(scales.par_chunks_mut(groups.max(1)))
+        .zip(w.par_chunks(cols))
+        .for_each(|((out, row_scales), row)| {
+            for (g, (chunk, scale)) in row.chunks(group).zip(row_scales.iter_mut()).enumerate() {
+                let s = absmax_scale(chunk, 7.0);
+                *scale = s;
+                for (j, &v) in chunk.iter().enumerate() {
+                    let c = g * group + j;
+                    let nibble = (to_level(v, s, 7.0) as i8 + 8) as u8;
+                    out[c / 2] |= nibble << (4 * (c % 2));
+                }
             }
-        }
-    }
+        });
     QuantData::Int4 {
         packed,
         scales,

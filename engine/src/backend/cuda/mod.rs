@@ -3,9 +3,9 @@
 //!
 //! Tensors are either f32 (activations, and the 1-D parameters: layer-norm scales and
 //! shifts and biases, which are tiny and keep full precision), bf16 (weight matrices) or
-//! int8 / int4 (decoder-layer weights loaded in those formats: `quant`). `linear` streams bf16 weights once per step for up to
-//! [`kernels::GEMV_MAX_ROWS`] rows (decode and verify cost about the same) and uses
-//! cuBLAS tensor cores beyond (prefill). Each op queues work on the GPU's stream; only
+//! int8 / int4 (decoder-layer weights loaded in those formats: `quant`). `linear`
+//! streams the weights once per step for up to [`kernels::GEMV_MAX_ROWS`] rows (decode
+//! and verify cost about the same) and uses cuBLAS tensor cores beyond (prefill). Each op queues work on the GPU's stream; only
 //! [`Backend::to_host`] waits.
 //!
 //! [`CudaBackend::new`] never panics on a machine without a GPU or CUDA libraries: it
