@@ -13,7 +13,8 @@
 //! - a verify pass over 5 new positions against a one-token step;
 //! - prefill of 2048 tokens in TFLOP/s against a cuBLAS bf16 GEMM peak measured here;
 //! - decode attention at a 32k context (32 layers) in GB/s of KV read;
-//! - per-op figures that explain the decode step (GEMV bandwidth per weight shape).
+//! - per-op figures that explain the decode step (GEMV bandwidth per weight shape);
+//! - int8 and int4 weights: integer GEMV bandwidth and decode against their own floors.
 //!
 //! With `HF_BASELINE_JSON` naming the output of `benches/hf_baseline.py` (HF transformers
 //! on the same shapes, run just before in the same device call), its figures join the
@@ -21,12 +22,13 @@
 //!
 //! Prints one table; writes JSON to `$BENCH_OUT` when set. Without a GPU it prints
 //! `skipped: no CUDA device (...)` and exits 0. `BENCH_ONLY` (a comma list of `gemv`,
-//! `replica`, `decode`, `verify`, `prefill`, `attention`) runs only those sections;
+//! `replica`, `decode`, `verify`, `prefill`, `attention`, `quant`) runs only those sections;
 //! `BENCH_ONLY=profile` runs a short decode and one long-context attention pass for a
 //! profiler (ncu), and nothing else.
 
 mod decode;
 mod measure;
+mod quant;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -53,7 +55,7 @@ const VERIFY_CACHE: usize = 512;
 pub(crate) const LONG_CONTEXT: usize = 32 * 1024;
 pub(crate) const BLOCK: usize = 16;
 /// HBM bandwidth used for the floor (device-to-device copy measured on the H200).
-const HBM_BYTES_PER_S: f64 = 4.3e12;
+pub(crate) const HBM_BYTES_PER_S: f64 = 4.3e12;
 
 const CONFIG_7B: &str = r#"{
   "model_type": "falcon",
@@ -170,6 +172,9 @@ fn main() -> Result<()> {
     }
     if want("attention") {
         attention_section(&backend, &cfg, copy_gbs, &mut r)?;
+    }
+    if want("quant") {
+        quant::quant_section(&backend, dir.path(), &cfg, &mut r)?;
     }
     hf_section(tps.unwrap_or(f64::NAN), one.unwrap_or(f64::NAN), &mut r);
 
