@@ -154,12 +154,13 @@ async fn main() -> Result<()> {
                         .acceptance_rate()
                         .map_or_else(|| "-".to_string(), |a| format!("{:.1}%", a * 100.0));
                     eprintln!(
-                        "[{}] {} tokens, {:.1} tokens/s, {:.2} tokens/target pass, acceptance {acc} ({} backend)",
+                        "[{}] {} tokens, {:.1} tokens/s, {:.2} tokens/target pass, acceptance {acc} ({} backend, {} weights)",
                         f.reason.as_str(),
                         u.generated_tokens,
                         u.tokens_per_second(),
                         u.tokens_per_pass(),
                         rt.info().backend,
+                        rt.info().weights,
                     );
                 }
             }

@@ -343,6 +343,8 @@ impl RuntimeBuilder {
                 has_draft: draft_ref.is_some(),
                 shards: n,
                 backend: backend.name(),
+                weights: self.weights,
+                draft_weights: self.draft_weights,
             },
         )))
     }

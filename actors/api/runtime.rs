@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use falconer_engine::chat::ChatFormat;
 use falconer_engine::sampling::StopCriteria;
-use falconer_engine::{FalconConfig, Tokenizer};
+use falconer_engine::{FalconConfig, Tokenizer, WeightFormat};
 use ractor::{ActorCell, ActorRef};
 use tokio::sync::mpsc;
 
@@ -25,6 +25,9 @@ pub struct ModelInfo {
     pub has_draft: bool,
     pub shards: usize,
     pub backend: &'static str,
+    /// How the target's and the draft's layer weights are held.
+    pub weights: WeightFormat,
+    pub draft_weights: WeightFormat,
 }
 
 #[derive(Debug)]

@@ -58,6 +58,9 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// How the target's layer weights are held: checkpoint, int8, int4 or int4:g<group>.
+    #[arg(long, default_value = "checkpoint")]
+    weights: falconer::WeightFormat,
     /// Where specbench.csv and specbench.png go.
     #[arg(long, default_value = ".")]
     out: PathBuf,
@@ -155,6 +158,7 @@ async fn main() -> Result<()> {
     let rt = Runtime::builder()
         .target(&args.model)
         .draft(&args.draft)
+        .weights(args.weights)
         .device(device)
         .build()
         .await?;
@@ -258,8 +262,9 @@ async fn main() -> Result<()> {
     }
 
     println!(
-        "target {} / draft {} on {:?}",
+        "target {} ({} weights) / draft {} on {:?}",
         args.model.display(),
+        args.weights,
         args.draft.display(),
         device
     );
