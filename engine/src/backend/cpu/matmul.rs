@@ -62,7 +62,7 @@ pub(super) fn linear_rows(
                         &w[o * k..((o + 2) * k).min(w.len())],
                     ),
                     WeightRows::Quant(m) => {
-                        m.dequantize_row(o, &mut buf);
+                        super::dequant::dequantize_row(m, o, &mut buf);
                         (&buf, &[])
                     }
                 };

@@ -4,6 +4,7 @@
 //! step so that multi-token verify passes cost little more than one token.
 
 mod attention;
+mod dequant;
 mod matmul;
 
 use rayon::prelude::*;
