@@ -35,7 +35,20 @@ __device__ __forceinline__ void qg_accumulate(float (&acc)[8], const float (&w)[
     for (int r = 0; r < 8; r++) {
         if (r < R) {
             const float* xr = x + (size_t)r * K + k0;
-            if (k0 + NW <= K) {
+            if (k0 + NW <= K && (K & 3) == 0) {
+                // 16-byte loads: rows start on 16 bytes when K is a multiple of 4 (the
+                // buffers are 256-byte aligned) and k0 is a multiple of 16. The same
+                // multiply-adds in the same order as below.
+                const float4* x4 = reinterpret_cast<const float4*>(xr);
+#pragma unroll
+                for (int i = 0; i < NW / 4; i++) {
+                    const float4 v = x4[i];
+                    acc[r] = fmaf(w[4 * i], v.x, acc[r]);
+                    acc[r] = fmaf(w[4 * i + 1], v.y, acc[r]);
+                    acc[r] = fmaf(w[4 * i + 2], v.z, acc[r]);
+                    acc[r] = fmaf(w[4 * i + 3], v.w, acc[r]);
+                }
+            } else if (k0 + NW <= K) {
 #pragma unroll
                 for (int i = 0; i < NW; i++) acc[r] = fmaf(w[i], xr[i], acc[r]);
             } else {
