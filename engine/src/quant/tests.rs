@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)]
+
 use super::*;
 
 /// Deterministic values of mixed sign and magnitude, with some exact zeros.

@@ -88,6 +88,8 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use crate::quant::Quant;
 
