@@ -154,13 +154,14 @@ async fn main() -> Result<()> {
                         .acceptance_rate()
                         .map_or_else(|| "-".to_string(), |a| format!("{:.1}%", a * 100.0));
                     eprintln!(
-                        "[{}] {} tokens, {:.1} tokens/s, {:.2} tokens/target pass, acceptance {acc} ({} backend, {} weights)",
+                        "[{}] {} tokens, {:.1} tokens/s, {:.2} tokens/target pass, acceptance {acc} ({} backend, {} weights: {:.1} MiB)",
                         f.reason.as_str(),
                         u.generated_tokens,
                         u.tokens_per_second(),
                         u.tokens_per_pass(),
                         rt.info().backend,
                         rt.info().weights,
+                        rt.info().weight_bytes as f64 / (1u64 << 20) as f64,
                     );
                 }
             }

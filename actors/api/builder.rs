@@ -230,6 +230,8 @@ impl RuntimeBuilder {
                 .map_err(|e| RuntimeError::load("target weights", e))?;
             models.push(m);
         }
+        let weight_bytes = models.iter().map(Falcon::weight_bytes).sum();
+        let mut draft_weight_bytes = 0;
         let mut cells = Vec::new();
         let mut next = None;
         let mut shards = Vec::with_capacity(n);
@@ -286,6 +288,7 @@ impl RuntimeBuilder {
                 .await
                 .map_err(RuntimeError::model)?
                 .map_err(|e| RuntimeError::load("draft weights", e))?;
+            draft_weight_bytes = first.weight_bytes();
             let args = SupervisorArgs {
                 first,
                 factory,
@@ -345,6 +348,8 @@ impl RuntimeBuilder {
                 backend: backend.name(),
                 weights: self.weights,
                 draft_weights: self.draft_weights,
+                weight_bytes,
+                draft_weight_bytes,
             },
         )))
     }

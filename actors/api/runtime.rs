@@ -28,6 +28,9 @@ pub struct ModelInfo {
     /// How the target's and the draft's layer weights are held.
     pub weights: WeightFormat,
     pub draft_weights: WeightFormat,
+    /// Backend memory the target's weights (all shards) and the draft's hold.
+    pub weight_bytes: usize,
+    pub draft_weight_bytes: usize,
 }
 
 #[derive(Debug)]

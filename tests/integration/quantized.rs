@@ -185,6 +185,17 @@ fn greedy_speculative_with_a_quantized_target_equals_plain_greedy() {
                     .build()
                     .await
                     .unwrap();
+                let info = rt.info();
+                assert_eq!(
+                    (info.weight_bytes, info.draft_weight_bytes),
+                    (
+                        runner(&fixture(name), weights).model().weight_bytes(),
+                        runner(&fixture(draft), draft_weights)
+                            .model()
+                            .weight_bytes()
+                    ),
+                    "{name} {weights}: ModelInfo's bytes"
+                );
                 let mut plain_differs = false;
                 for (pi, prompt) in prompts(name).iter().enumerate() {
                     let plain = greedy(&rt, prompt, 24, Speculation::Off, None).await;
@@ -308,5 +319,65 @@ fn a_quantized_load_computes_with_exactly_its_dequantized_weights() {
             bits(&unquantized),
             "{name} {weights}: nothing quantized"
         );
+    }
+}
+
+/// `Falcon::weight_bytes` and the runtime's `ModelInfo` report what each format holds:
+/// f32 values on the CPU, and for the layers' linear weights int8 bytes plus a scale per
+/// row, or int4 nibbles (rows rounded up to a byte) plus a scale per group; a tied head
+/// counted once, or twice when pipeline shards each hold a copy.
+#[test]
+fn weight_bytes_are_what_each_format_holds() {
+    let linear = |n: &str| {
+        [
+            "query_key_value",
+            "self_attention.dense",
+            "dense_h_to_4h",
+            "dense_4h_to_h",
+        ]
+        .iter()
+        .any(|s| n.ends_with(&format!("{s}.weight")))
+    };
+    for name in ["falcon7b_mqa", "new_arch_gqa_sharded", "bias_mha"] {
+        let dir = fixture(name);
+        let cfg = dir.config().unwrap();
+        let tables = 4 * cfg.vocab_size * cfg.hidden_size;
+        for weights in [
+            WeightFormat::Checkpoint,
+            WeightFormat::Int8,
+            WeightFormat::INT4,
+        ] {
+            let mut want: usize = falconer_engine::model::expected_tensors(&cfg)
+                .iter()
+                .map(|(n, shape)| match (weights, shape.as_slice()) {
+                    (WeightFormat::Int8, &[r, c]) if linear(n) => r * c + 4 * r,
+                    (WeightFormat::Int4 { group }, &[r, c]) if linear(n) => {
+                        r * c.div_ceil(2) + 4 * r * c.div_ceil(group)
+                    }
+                    _ => 4 * shape.iter().product::<usize>(),
+                })
+                .sum();
+            if cfg.tie_word_embeddings {
+                want -= tables;
+            }
+            let m = runner(&dir, weights);
+            assert_eq!(m.model().weight_bytes(), want, "{name} {weights}");
+            // Two pipeline shards: the same, plus a second copy of a tied table.
+            let two: usize = [0..1, 1..cfg.num_layers]
+                .into_iter()
+                .map(|layers| {
+                    let opts = LoadOptions {
+                        layers: Some(layers),
+                        weights,
+                        ..LoadOptions::default()
+                    };
+                    Falcon::load(&dir, Arc::new(CpuBackend::new()), &opts)
+                        .unwrap()
+                        .weight_bytes()
+                })
+                .sum();
+            let extra = if cfg.tie_word_embeddings { tables } else { 0 };
+            assert_eq!(two, want + extra, "{name} {weights}, two shards");
+        }
     }
 }

@@ -194,6 +194,9 @@ pub trait Backend: Send + Sync + Debug + 'static {
         })
     }
 
+    /// Bytes of backend memory `tensor` holds (for weights: what a model's load costs).
+    fn tensor_bytes(&self, tensor: &Self::Tensor) -> usize;
+
     fn alloc_kv(&self, layout: &KvLayout) -> Result<Self::KvCache, BackendError>;
 
     fn prepare_step(&self, meta: &StepMeta) -> Result<Self::Step, BackendError>;

@@ -93,6 +93,8 @@ pub struct Step<B: Backend> {
 #[derive(Debug)]
 pub struct Falcon<B: Backend> {
     cfg: FalconConfig,
+    /// Backend memory the loaded weights hold.
+    weight_bytes: usize,
     backend: Arc<B>,
     layers_range: Range<usize>,
     embeddings: Option<Arc<B::Tensor>>,
@@ -170,8 +172,13 @@ impl<B: Backend> Falcon<B> {
             alibi_slopes: cfg.alibi.then(|| alibi::slopes(cfg.num_heads)),
         };
         let rope = (!cfg.alibi).then(|| Rope::new(&cfg.rope, cfg.head_dim));
+        let b = backend.as_ref();
+        let weight_bytes = embeddings.as_ref().map_or(0, |e| b.tensor_bytes(e))
+            + layers.iter().map(|l| l.bytes(b)).sum::<usize>()
+            + head.as_ref().map_or(0, |h| h.bytes(b, embeddings.as_ref()));
         Ok(Falcon {
             cfg,
+            weight_bytes,
             backend,
             layers_range: range,
             embeddings,
@@ -193,6 +200,12 @@ impl<B: Backend> Falcon<B> {
 
     pub fn config(&self) -> &FalconConfig {
         &self.cfg
+    }
+
+    /// Bytes of backend memory this model's (or shard's) weights hold: f32 on the CPU,
+    /// bf16 on the GPU, integers and scales for quantized layer weights.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
     }
 
     pub fn backend(&self) -> &Arc<B> {

@@ -32,6 +32,35 @@ impl<B: Backend> Linear<B> {
     pub fn parts(&self) -> (&B::Tensor, Option<&B::Tensor>) {
         (&self.weight, self.bias.as_ref())
     }
+
+    fn bytes(&self, b: &B) -> usize {
+        b.tensor_bytes(&self.weight) + self.bias.as_ref().map_or(0, |t| b.tensor_bytes(t))
+    }
+}
+
+impl<B: Backend> Norm<B> {
+    fn bytes(&self, b: &B) -> usize {
+        b.tensor_bytes(&self.weight) + b.tensor_bytes(&self.bias)
+    }
+}
+
+impl<B: Backend> LayerWeights<B> {
+    /// Bytes of backend memory the layer's tensors hold.
+    pub fn bytes(&self, b: &B) -> usize {
+        let norms = match &self.norms {
+            LayerNormWeights::Shared { input } => input.bytes(b),
+            LayerNormWeights::Separate { attn, mlp } => attn.bytes(b) + mlp.bytes(b),
+            LayerNormWeights::Sequential {
+                input,
+                post_attention,
+            } => input.bytes(b) + post_attention.bytes(b),
+        };
+        norms
+            + [&self.qkv, &self.dense, &self.h_to_4h, &self.four_h_to_h]
+                .iter()
+                .map(|l| l.bytes(b))
+                .sum::<usize>()
+    }
 }
 
 /// The norms of one decoder layer, by layout.
@@ -65,6 +94,20 @@ pub struct LayerWeights<B: Backend> {
 pub struct HeadWeights<B: Backend> {
     pub ln_f: Norm<B>,
     pub lm_head: Arc<B::Tensor>,
+}
+
+impl<B: Backend> HeadWeights<B> {
+    /// Bytes of the final norm, and of the output projection unless `embeddings` is
+    /// the same tensor (a tied head, counted once).
+    pub fn bytes(&self, b: &B, embeddings: Option<&Arc<B::Tensor>>) -> usize {
+        let tied = embeddings.is_some_and(|e| Arc::ptr_eq(e, &self.lm_head));
+        self.ln_f.bytes(b)
+            + if tied {
+                0
+            } else {
+                b.tensor_bytes(&self.lm_head)
+            }
+    }
 }
 
 /// Every tensor name a full model of this config may hold, with its shape.

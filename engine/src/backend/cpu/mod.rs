@@ -187,6 +187,10 @@ impl Backend for CpuBackend {
         CpuTensor::new(tensor.to_f32(), rows, cols)
     }
 
+    fn tensor_bytes(&self, tensor: &CpuTensor) -> usize {
+        tensor.bytes()
+    }
+
     /// Every format: the CPU keeps int8 and int4 weights as they are and dequantizes
     /// a row at a time inside the matmul.
     fn supports_weights(&self, _format: WeightFormat) -> bool {

@@ -357,6 +357,14 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn tensor_bytes(&self, tensor: &CudaTensor) -> usize {
+        match &tensor.data {
+            CudaData::F32(b) => 4 * b.len(),
+            CudaData::Bf16(b) => 2 * b.len(),
+            CudaData::Quant(w) => w.byte_size(),
+        }
+    }
+
     /// Every format: int8 and int4 weights stay integers in device memory.
     fn supports_weights(&self, _format: WeightFormat) -> bool {
         true
