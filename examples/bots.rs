@@ -34,6 +34,9 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// How the target's layer weights are held: checkpoint, int8, int4 or int4:g<group>.
+    #[arg(long, default_value = "checkpoint")]
+    weights: falconer::WeightFormat,
 }
 
 const PERSONAS: &[(&str, &str)] = &[
@@ -112,6 +115,7 @@ async fn main() -> Result<()> {
     let rt = Runtime::builder()
         .target(&args.model)
         .draft(&args.draft)
+        .weights(args.weights)
         .device(args.device.parse()?)
         .build()
         .await?;

@@ -42,6 +42,9 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// How the target's layer weights are held: checkpoint, int8, int4 or int4:g<group>.
+    #[arg(long, default_value = "checkpoint")]
+    weights: falconer::WeightFormat,
 }
 
 fn session(rt: &Runtime, args: &Args) -> ChatSession {
@@ -74,6 +77,7 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let mut builder = Runtime::builder()
         .target(&args.model)
+        .weights(args.weights)
         .device(args.device.parse()?);
     if !args.no_draft {
         builder = builder.draft(&args.draft);
