@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use memmap2::Mmap;
+use rayon::prelude::*;
 use safetensors::tensor::{Metadata, SafeTensors};
 
 use super::read_json;
@@ -42,23 +43,29 @@ impl HostTensor<'_> {
         self.shape.iter().product()
     }
 
-    /// Converts to f32 (the CPU backend's compute type).
+    /// Converts to f32 (the CPU backend's compute type, and what quantization reads),
+    /// in parallel chunks: a large checkpoint's layer weight is billions of bytes.
     pub fn to_f32(&self) -> Vec<f32> {
-        let b = self.bytes;
-        match self.dtype {
-            Dtype::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::Bf16 => b
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => b
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+        const CHUNK: usize = 1 << 16;
+        let size = self.dtype.size();
+        let mut out = vec![0.0f32; self.bytes.len() / size];
+        let convert = |(dst, src): (&mut [f32], &[u8])| {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(size)) {
+                *d = match self.dtype {
+                    Dtype::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                    Dtype::Bf16 => bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+                    Dtype::F16 => f16::from_le_bytes([c[0], c[1]]).to_f32(),
+                };
+            }
+        };
+        if out.len() <= CHUNK {
+            convert((&mut out, self.bytes));
+        } else {
+            out.par_chunks_mut(CHUNK)
+                .zip(self.bytes.par_chunks(CHUNK * size))
+                .for_each(convert);
         }
+        out
     }
 }
 
@@ -266,5 +273,49 @@ fn describe(e: &safetensors::SafeTensorError) -> String {
         }
         E::HeaderTooSmall | E::InvalidHeaderLength => "file too short for its header".into(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every dtype converts element by element, in the parallel chunks and the tail
+    /// after them as in a small tensor.
+    #[test]
+    fn to_f32_converts_every_element_of_every_dtype() {
+        let n = (1 << 16) * 2 + 37;
+        let values: Vec<f32> = (0..n).map(|i| (i as f32 - 70_000.0) * 0.013).collect();
+        for dtype in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
+            let (bytes, want): (Vec<u8>, Vec<f32>) = match dtype {
+                Dtype::F32 => (
+                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    values.clone(),
+                ),
+                Dtype::Bf16 => (
+                    values
+                        .iter()
+                        .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+                        .collect(),
+                    values.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+                ),
+                Dtype::F16 => (
+                    values
+                        .iter()
+                        .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+                        .collect(),
+                    values.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+                ),
+            };
+            for len in [n, 100] {
+                let shape = [len];
+                let t = HostTensor {
+                    dtype,
+                    shape: &shape,
+                    bytes: &bytes[..len * dtype.size()],
+                };
+                assert_eq!(t.to_f32(), want[..len], "{dtype:?}, {len} values");
+            }
+        }
     }
 }
