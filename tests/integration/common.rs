@@ -55,6 +55,29 @@ pub fn cpu_runner(name: &str) -> ModelRunner<CpuBackend> {
     ModelRunner::new(model)
 }
 
+/// A layout's reference prompt as one prefill, then `steps` one-token steps fed the
+/// reference's greedy tokens (on sequence 1 of `m`): every prefill row's logits, then
+/// each step's.
+pub fn prompt_then_steps<B: falconer_engine::Backend>(
+    m: &mut ModelRunner<B>,
+    r: &Reference,
+    steps: usize,
+) -> Vec<Vec<f32>> {
+    m.add_sequence(1).unwrap();
+    let work = |tokens, all_logits| falconer_engine::SeqWork {
+        seq: 1,
+        tokens,
+        all_logits,
+    };
+    let pre = m.forward(&[work(&r.prompt_ids, true)]).unwrap();
+    let mut rows: Vec<Vec<f32>> = pre[0].rows().map(<[f32]>::to_vec).collect();
+    for id in &r.greedy_ids[..steps] {
+        let out = m.forward(&[work(std::slice::from_ref(id), false)]).unwrap();
+        rows.push(out[0].last().to_vec());
+    }
+    rows
+}
+
 /// max |a - b| / max |b| over a row.
 pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len());

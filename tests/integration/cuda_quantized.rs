@@ -20,9 +20,11 @@ use falconer::engine::error::BackendError;
 use falconer::{Device, Runtime, RuntimeError, Speculation, WeightFormat};
 use falconer_engine::backend::cuda::kernels::{bf16, Gpu, QuantWeight};
 use falconer_engine::quant::{Quant, QuantData, QuantMatrix};
-use falconer_engine::{CpuBackend, Falcon, LoadOptions, ModelRunner, SeqWork};
+use falconer_engine::{CpuBackend, Falcon, LoadOptions, ModelRunner};
 
-use crate::common::{fixture, fixture_dir, greedy, prompts, reference, rel_err, tokio_rt, LAYOUTS};
+use crate::common::{
+    fixture, fixture_dir, greedy, prompt_then_steps, prompts, reference, rel_err, tokio_rt, LAYOUTS,
+};
 use crate::cuda_golden::{backend, report, same_bits, TOL};
 
 /// Deterministic values in (-0.5, 0.5).
@@ -189,27 +191,7 @@ fn logits<B: falconer_engine::Backend>(
         ..LoadOptions::default()
     };
     let mut m = ModelRunner::new(Falcon::load(&fixture(name), b, &opts).unwrap());
-    let r = reference(name);
-    m.add_sequence(1).unwrap();
-    let pre = m
-        .forward(&[SeqWork {
-            seq: 1,
-            tokens: &r.prompt_ids,
-            all_logits: true,
-        }])
-        .unwrap();
-    let mut out: Vec<Vec<f32>> = pre[0].rows().map(<[f32]>::to_vec).collect();
-    for &id in &r.greedy_ids[..4] {
-        let step = m
-            .forward(&[SeqWork {
-                seq: 1,
-                tokens: &[id],
-                all_logits: false,
-            }])
-            .unwrap();
-        out.push(step[0].last().to_vec());
-    }
-    out
+    prompt_then_steps(&mut m, &reference(name), 4)
 }
 
 #[test]

@@ -12,7 +12,8 @@ use falconer_engine::quant::QuantMatrix;
 use falconer_engine::{CpuBackend, Falcon, LoadOptions, ModelDir, ModelRunner, SeqWork, Tokenizer};
 
 use crate::common::{
-    cpu_runner, fixture, fixture_dir, greedy, prompts, reference, rel_err, tokio_rt, LAYOUTS,
+    cpu_runner, fixture, fixture_dir, greedy, prompt_then_steps, prompts, reference, rel_err,
+    tokio_rt, LAYOUTS,
 };
 use crate::loader_errors::{copy_fixture, edit_safetensors};
 
@@ -35,32 +36,25 @@ fn argmax(row: &[f32]) -> u32 {
 /// tokens of those steps (fed the reference's tokens) equal the reference's, of how many.
 fn against_reference(name: &str, weights: WeightFormat) -> (f32, usize, usize) {
     let r = reference(name);
-    let mut m = runner(&fixture(name), weights);
-    m.add_sequence(1).unwrap();
-    let pre = m
-        .forward(&[SeqWork {
-            seq: 1,
-            tokens: &r.prompt_ids,
-            all_logits: true,
-        }])
-        .unwrap();
-    let mut worst = 0.0f32;
-    for (i, want) in r.prefill_logits.iter().enumerate() {
-        worst = worst.max(rel_err(pre[0].row(i), want));
-    }
-    let mut agree = usize::from(argmax(pre[0].last()) == r.greedy_ids[0]);
-    for (i, want) in r.decode_step_logits.iter().enumerate() {
-        let out = m
-            .forward(&[SeqWork {
-                seq: 1,
-                tokens: &[r.greedy_ids[i]],
-                all_logits: false,
-            }])
-            .unwrap();
-        worst = worst.max(rel_err(out[0].last(), want));
-        agree += usize::from(argmax(out[0].last()) == r.greedy_ids[i + 1]);
-    }
-    (worst, agree, r.decode_step_logits.len() + 1)
+    let rows = prompt_then_steps(
+        &mut runner(&fixture(name), weights),
+        &r,
+        r.decode_step_logits.len(),
+    );
+    let want = r.prefill_logits.iter().chain(&r.decode_step_logits);
+    let worst = rows
+        .iter()
+        .zip(want)
+        .map(|(g, w)| rel_err(g, w))
+        .fold(0.0f32, f32::max);
+    // The last prefill row predicts greedy token 0, decode step i token i + 1.
+    let predicted = &rows[r.prompt_ids.len() - 1..];
+    let agree = predicted
+        .iter()
+        .zip(&r.greedy_ids)
+        .filter(|(row, &id)| argmax(row) == id)
+        .count();
+    (worst, agree, predicted.len())
 }
 
 /// The fixtures are tiny random models (no structure for the scales to follow), so the
@@ -224,30 +218,9 @@ fn greedy_speculative_with_a_quantized_target_equals_plain_greedy() {
     });
 }
 
-/// The logits of every prefill row and decode step of a layout's reference prompt.
+/// The logits of every prefill row and four decode steps of a layout's reference.
 fn all_logits(dir: &ModelDir, weights: WeightFormat, r: &crate::common::Reference) -> Vec<f32> {
-    let mut m = runner(dir, weights);
-    m.add_sequence(1).unwrap();
-    let mut out = m
-        .forward(&[SeqWork {
-            seq: 1,
-            tokens: &r.prompt_ids,
-            all_logits: true,
-        }])
-        .unwrap()[0]
-        .data
-        .clone();
-    for &id in &r.greedy_ids[..4] {
-        let step = m
-            .forward(&[SeqWork {
-                seq: 1,
-                tokens: &[id],
-                all_logits: false,
-            }])
-            .unwrap();
-        out.extend_from_slice(&step[0].data);
-    }
-    out
+    prompt_then_steps(&mut runner(dir, weights), r, 4).concat()
 }
 
 /// A quantized load computes with exactly the dequantized weights and nothing else

@@ -56,13 +56,53 @@ pub(super) fn bias_args(bias: Option<&DeviceBuffer<f32>>, x: &DeviceBuffer<f32>)
 }
 
 /// Rows `row0..row0 + rows` of a `[*, k] @ [n, k]^T` product; `gemv`: never cuBLAS.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Span {
     pub(super) row0: usize,
     pub(super) rows: usize,
     pub(super) k: usize,
     pub(super) n: usize,
     pub(super) gemv: bool,
+}
+
+/// How a product of `rows` rows is launched: the whole at once, or, in row-invariant
+/// mode with the rows of several sequence chunks (`groups`, summing to `rows`), each chunk
+/// computed as it would be alone, so that batching never changes a sequence's bits: runs
+/// of short chunks (decode, verify) take the row-invariant GEMV whatever their total
+/// (`gemv`), a longer chunk (prefill) the path it would take alone.
+pub(super) fn spans(rows: usize, k: usize, n: usize, groups: &[usize], exact: bool) -> Vec<Span> {
+    let span = |row0, rows, gemv| Span {
+        row0,
+        rows,
+        k,
+        n,
+        gemv,
+    };
+    if !exact
+        || rows <= ROW_INVARIANT_MAX_ROWS
+        || groups.len() < 2
+        || groups.iter().sum::<usize>() != rows
+    {
+        return vec![span(0, rows, false)];
+    }
+    let mut out = Vec::new();
+    let (mut at, mut run) = (0, 0);
+    for &g in groups {
+        if g <= ROW_INVARIANT_MAX_ROWS {
+            run += g;
+        } else {
+            if run > 0 {
+                out.push(span(at - run, run, true));
+                run = 0;
+            }
+            out.push(span(at, g, false));
+        }
+        at += g;
+    }
+    if run > 0 {
+        out.push(span(at - run, run, true));
+    }
+    out
 }
 
 /// The kernel a GEMV launch of at most [`GEMV_MAX_ROWS`] rows takes.
@@ -165,39 +205,8 @@ impl Gpu {
         if rows == 0 || n == 0 {
             return Ok(());
         }
-        let span = |row0, rows, gemv| Span {
-            row0,
-            rows,
-            k,
-            n,
-            gemv,
-        };
-        if !self.row_invariant()
-            || rows <= ROW_INVARIANT_MAX_ROWS
-            || groups.len() < 2
-            || groups.iter().sum::<usize>() != rows
-        {
-            return self.linear_span(x, w, bias, epi, out, span(0, rows, false));
-        }
-        // Rows of several sequence chunks, row-invariant: each chunk computed as it would
-        // be alone, so that batching never changes a sequence's bits. Runs of short
-        // chunks (decode, verify) take the row-invariant GEMV whatever their total; a
-        // longer chunk (prefill) takes the path it would take alone.
-        let (mut at, mut run) = (0, 0);
-        for &g in groups {
-            if g <= ROW_INVARIANT_MAX_ROWS {
-                run += g;
-            } else {
-                if run > 0 {
-                    self.linear_span(x, w, bias, epi, out, span(at - run, run, true))?;
-                    run = 0;
-                }
-                self.linear_span(x, w, bias, epi, out, span(at, g, false))?;
-            }
-            at += g;
-        }
-        if run > 0 {
-            self.linear_span(x, w, bias, epi, out, span(at - run, run, true))?;
+        for s in spans(rows, k, n, groups, self.row_invariant()) {
+            self.linear_span(x, w, bias, epi, out, s)?;
         }
         Ok(())
     }
@@ -505,5 +514,40 @@ impl Gpu {
             op: OP,
             message: format!("{e:?}"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn triples(v: Vec<Span>) -> Vec<(usize, usize, bool)> {
+        v.into_iter().map(|s| (s.row0, s.rows, s.gemv)).collect()
+    }
+
+    /// Runs of short chunks go to the GEMV together, each long chunk alone; anything
+    /// else (not row-invariant, few rows, no chunk list, or one that does not add up)
+    /// is one span.
+    #[test]
+    fn a_steps_chunks_split_into_spans_as_alone() {
+        let (k, n) = (64, 32);
+        assert_eq!(
+            triples(spans(54, k, n, &[3, 40, 2, 5, 4], true)),
+            [(0, 3, true), (3, 40, false), (43, 11, true)]
+        );
+        assert_eq!(
+            triples(spans(60, k, n, &[20, 40], true)),
+            [(0, 20, false), (20, 40, false)]
+        );
+        assert_eq!(
+            triples(spans(54, k, n, &[3, 40, 2, 5, 4], false)),
+            [(0, 54, false)]
+        );
+        assert_eq!(triples(spans(16, k, n, &[8, 8], true)), [(0, 16, false)]);
+        assert_eq!(triples(spans(30, k, n, &[30], true)), [(0, 30, false)]);
+        assert_eq!(triples(spans(30, k, n, &[10, 10], true)), [(0, 30, false)]);
+        assert!(spans(54, k, n, &[3, 51], true)
+            .iter()
+            .all(|s| (s.k, s.n) == (k, n)));
     }
 }

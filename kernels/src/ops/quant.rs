@@ -6,7 +6,7 @@
 
 use half::bf16;
 
-use super::linear::{bias_args, Epilogue, Span, GEMV_MAX_ROWS};
+use super::linear::{bias_args, spans, Epilogue, Span, GEMV_MAX_ROWS};
 use super::{check_len, p, to_i32};
 use crate::error::KernelError;
 use crate::gpu::{Arg, DeviceBuffer, Gpu, ROW_INVARIANT_MAX_ROWS};
@@ -280,37 +280,9 @@ impl Gpu {
         if rows == 0 || n == 0 {
             return Ok(());
         }
-        let span = |row0, rows, gemv| Span {
-            row0,
-            rows,
-            k,
-            n,
-            gemv,
-        };
-        if !self.row_invariant()
-            || rows <= ROW_INVARIANT_MAX_ROWS
-            || groups.len() < 2
-            || groups.iter().sum::<usize>() != rows
-        {
-            return self.quant_span(x, w, bias, epi, out, span(0, rows, false));
-        }
-        // As `linear_into`: runs of short chunks take the GEMV, a long chunk the path it
-        // takes alone.
-        let (mut at, mut run) = (0, 0);
-        for &g in groups {
-            if g <= ROW_INVARIANT_MAX_ROWS {
-                run += g;
-            } else {
-                if run > 0 {
-                    self.quant_span(x, w, bias, epi, out, span(at - run, run, true))?;
-                    run = 0;
-                }
-                self.quant_span(x, w, bias, epi, out, span(at, g, false))?;
-            }
-            at += g;
-        }
-        if run > 0 {
-            self.quant_span(x, w, bias, epi, out, span(at - run, run, true))?;
+        // Split as `linear_into` splits (row invariance across a step's chunks).
+        for s in spans(rows, k, n, groups, self.row_invariant()) {
+            self.quant_span(x, w, bias, epi, out, s)?;
         }
         Ok(())
     }
