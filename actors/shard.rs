@@ -140,6 +140,10 @@ fn run<B: Backend>(
     hidden: Option<B::Tensor>,
 ) -> falconer_engine::Result<Output<B>> {
     model.copy_kv_blocks(copies)?;
+    // The shard before may run on another device.
+    let hidden = hidden
+        .map(|h| model.backend().receive_hidden(h))
+        .transpose()?;
     let specs: Vec<SeqChunk<'_>> = chunks.iter().map(ChunkSpec::as_chunk).collect();
     let step = model.prepare(&specs)?;
     // The shard's part of the step runs as one unit, which the backend may replay from a

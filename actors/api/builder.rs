@@ -65,6 +65,7 @@ pub struct RuntimeBuilder {
     progress: Option<ProgressFn>,
     weights: WeightFormat,
     draft_weights: WeightFormat,
+    shard_devices: Vec<Device>,
 }
 
 impl Default for RuntimeBuilder {
@@ -84,6 +85,7 @@ impl Default for RuntimeBuilder {
             progress: Some(ProgressFn::stderr_bar("loading weights", 1 << 30)),
             weights: WeightFormat::Checkpoint,
             draft_weights: WeightFormat::Checkpoint,
+            shard_devices: Vec::new(),
         }
     }
 }
@@ -119,6 +121,16 @@ impl RuntimeBuilder {
     /// As [`RuntimeBuilder::weights`], for the draft model.
     pub fn draft_weights(mut self, format: WeightFormat) -> Self {
         self.draft_weights = format;
+        self
+    }
+
+    /// Places the target's pipeline shards on these devices, one shard each in layer
+    /// order (this sets the shard count), so that a model larger than one GPU runs over
+    /// several; the draft runs on the first. All must be CUDA devices, or all the CPU.
+    /// A hidden state crosses to the next GPU through the host after each shard.
+    /// Without this, every shard runs on [`RuntimeBuilder::device`].
+    pub fn shard_devices(mut self, devices: impl IntoIterator<Item = Device>) -> Self {
+        self.shard_devices = devices.into_iter().collect();
         self
     }
 
@@ -171,26 +183,78 @@ impl RuntimeBuilder {
                 reason: "must be positive",
             });
         }
-        match self.device {
-            Device::Cpu => self.start(Arc::new(CpuBackend::new())).await,
-            #[cfg(feature = "cuda")]
-            Device::Cuda(ordinal) => {
-                let b = falconer_engine::backend::cuda::CudaBackend::new(ordinal)?;
-                // Any request may speculate (a draft, prompt lookup): products whose
-                // rows do not depend on each other keep greedy speculation exactly equal
-                // to plain greedy decoding.
-                b.gpu().set_row_invariant(true);
-                self.start(Arc::new(b)).await
-            }
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => Err(RuntimeError::InvalidOption {
-                option: "device",
-                reason: "falconer was built without the `cuda` feature",
-            }),
+        let devices = self.devices();
+        if devices.iter().all(|d| *d == Device::Cpu) {
+            let cpu = Arc::new(CpuBackend::new());
+            return self.start(vec![cpu; devices.len()], devices).await;
+        }
+        if devices.iter().any(|d| *d == Device::Cpu) {
+            return Err(RuntimeError::InvalidOption {
+                option: "shard_devices",
+                reason: "all shards must be on the CPU or all on CUDA devices",
+            });
+        }
+        self.start_cuda(devices).await
+    }
+
+    /// The device of each shard.
+    fn devices(&self) -> Vec<Device> {
+        if self.shard_devices.is_empty() {
+            vec![self.device; self.shards.max(1)]
+        } else {
+            self.shard_devices.clone()
         }
     }
 
-    async fn start<B: Backend>(self, backend: Arc<B>) -> Result<Runtime, RuntimeError> {
+    #[cfg(feature = "cuda")]
+    async fn start_cuda(self, devices: Vec<Device>) -> Result<Runtime, RuntimeError> {
+        use falconer_engine::backend::cuda::CudaBackend;
+        // One backend per GPU, shared by the shards placed on it.
+        let mut opened: Vec<(usize, Arc<CudaBackend>)> = Vec::new();
+        let mut backends = Vec::with_capacity(devices.len());
+        for d in &devices {
+            let Device::Cuda(ordinal) = *d else {
+                continue;
+            };
+            let b = match opened.iter().find(|(o, _)| *o == ordinal) {
+                Some((_, b)) => Arc::clone(b),
+                None => {
+                    let b = Arc::new(CudaBackend::new(ordinal)?);
+                    // Any request may speculate (a draft, prompt lookup): products whose
+                    // rows do not depend on each other keep greedy speculation exactly
+                    // equal to plain greedy decoding.
+                    b.gpu().set_row_invariant(true);
+                    opened.push((ordinal, Arc::clone(&b)));
+                    b
+                }
+            };
+            backends.push(b);
+        }
+        self.start(backends, devices).await
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    async fn start_cuda(self, _devices: Vec<Device>) -> Result<Runtime, RuntimeError> {
+        Err(RuntimeError::InvalidOption {
+            option: "device",
+            reason: "falconer was built without the `cuda` feature",
+        })
+    }
+
+    /// Starts the runtime with shard `i` of the target on `backends[i]` (at least one)
+    /// and the draft on the first.
+    async fn start<B: Backend>(
+        self,
+        backends: Vec<Arc<B>>,
+        devices: Vec<Device>,
+    ) -> Result<Runtime, RuntimeError> {
+        let backend = backends
+            .first()
+            .cloned()
+            .ok_or(RuntimeError::InvalidOption {
+                option: "shard_devices",
+                reason: "at least one device is needed",
+            })?;
         let target = ModelDir::new(self.target.clone().ok_or(RuntimeError::NoTarget)?);
         let cfg = target
             .config()
@@ -206,7 +270,7 @@ impl RuntimeBuilder {
         if let Some(d) = &draft {
             check_vocab(&cfg, &tokenizer, d)?;
         }
-        let n = self.shards.max(1);
+        let n = backends.len();
         if n > cfg.num_layers {
             return Err(RuntimeError::TooManyShards {
                 requested: n,
@@ -215,8 +279,8 @@ impl RuntimeBuilder {
         }
         let ranges = split_layers(cfg.num_layers, n);
         let mut models = Vec::with_capacity(n);
-        for r in ranges {
-            let (dir, b) = (target.clone(), Arc::clone(&backend));
+        for (r, b) in ranges.into_iter().zip(&backends) {
+            let (dir, b) = (target.clone(), Arc::clone(b));
             let opts = LoadOptions {
                 layers: Some(r),
                 kv_blocks: self.kv_blocks,
@@ -350,6 +414,7 @@ impl RuntimeBuilder {
                 draft_weights: self.draft_weights,
                 weight_bytes,
                 draft_weight_bytes,
+                devices,
             },
         )))
     }

@@ -10,7 +10,7 @@ use falconer_engine::{FalconConfig, Tokenizer, WeightFormat};
 use ractor::{ActorCell, ActorRef};
 use tokio::sync::mpsc;
 
-use super::builder::RuntimeBuilder;
+use super::builder::{Device, RuntimeBuilder};
 use super::chat::ChatSession;
 use super::request::{GenerateRequest, Prompt};
 use super::stream::GenerationStream;
@@ -31,6 +31,8 @@ pub struct ModelInfo {
     /// Backend memory the target's weights (all shards) and the draft's hold.
     pub weight_bytes: usize,
     pub draft_weight_bytes: usize,
+    /// The device of each target shard, in layer order (the draft runs on the first).
+    pub devices: Vec<Device>,
 }
 
 #[derive(Debug)]

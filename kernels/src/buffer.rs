@@ -59,6 +59,11 @@ impl<T: Elem> DeviceBuffer<T> {
         self.ptr + (i * std::mem::size_of::<T>()) as u64
     }
 
+    /// The ordinal of the GPU whose memory this is.
+    pub fn ordinal(&self) -> Result<usize, KernelError> {
+        Ok(self.inner()?.ordinal())
+    }
+
     pub(crate) fn inner(&self) -> Result<&CudaSlice<T>, KernelError> {
         self.slice.as_ref().ok_or_else(released)
     }

@@ -441,6 +441,29 @@ impl Gpu {
         Ok(out)
     }
 
+    /// A copy on this GPU of an f32 buffer of another GPU (a hidden state from the
+    /// pipeline shard before, on another device): waits for the work queued on the
+    /// buffer's own GPU, then copies through the host (no peer access needed; a hidden
+    /// state is a few rows of a model's width).
+    pub fn copy_from_other_gpu(
+        &self,
+        buf: &DeviceBuffer<f32>,
+    ) -> Result<DeviceBuffer<f32>, KernelError> {
+        const OP: &str = "copy between GPUs";
+        let src = buf.inner()?;
+        let mut host = vec![0.0f32; buf.len];
+        if buf.len > 0 {
+            let (stream, view) = (src.stream(), src.slice(0..buf.len));
+            stream
+                .memcpy_dtoh(&view, &mut host)
+                .map_err(|e| KernelError::driver(OP, e))?;
+            stream
+                .synchronize()
+                .map_err(|e| KernelError::driver(OP, e))?;
+        }
+        self.upload(&host)
+    }
+
     /// [`Gpu::download`] for f32 through the pinned staging buffer (logits, hidden
     /// states between shards).
     pub fn download_f32(&self, buf: &DeviceBuffer<f32>) -> Result<Vec<f32>, KernelError> {

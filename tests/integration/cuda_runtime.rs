@@ -150,3 +150,41 @@ fn cuda_greedy_with_a_repetition_penalty_speculative_equals_plain() {
         println!("penalised greedy: speculative == plain on the GPU");
     });
 }
+
+/// A target split over pipeline shards by device gives the one-shard output on the GPU,
+/// plain and speculative: two shards on GPU 0 (the hidden state stays on the device),
+/// and, where a second GPU exists, one shard on each (the hidden state crosses through
+/// the host).
+#[test]
+fn cuda_pipeline_shards_by_device_give_the_one_shard_output() {
+    tokio_rt().block_on(async {
+        let name = "new_arch_gqa_sharded";
+        let Some(one) = gpu_runtime(fixtures().join(name), fixtures().join("falcon7b_mqa")).await
+        else {
+            return;
+        };
+        let r = reference(name);
+        let plain = greedy(&one, &r.prompt_ids, 32, Speculation::Off, None).await;
+        let mut placements = vec![[Device::Cuda(0), Device::Cuda(0)]];
+        match falconer::engine::backend::cuda::CudaBackend::new(1) {
+            Ok(_) => placements.push([Device::Cuda(0), Device::Cuda(1)]),
+            Err(e) => println!("skipped the two-GPU case: no second CUDA device ({e})"),
+        }
+        for devices in placements {
+            let rt = Runtime::builder()
+                .target(fixtures().join(name))
+                .draft(fixtures().join("falcon7b_mqa"))
+                .shard_devices(devices)
+                .block_size(16)
+                .load_progress(None)
+                .build()
+                .await
+                .unwrap();
+            assert_eq!(rt.info().devices, devices);
+            for (spec, k) in [(Speculation::Off, None), (Speculation::DraftModel, Some(3))] {
+                let s = greedy(&rt, &r.prompt_ids, 32, spec, k).await;
+                assert_eq!(s.ids, plain.ids, "{devices:?} {spec:?}");
+            }
+        }
+    });
+}

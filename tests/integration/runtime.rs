@@ -3,7 +3,8 @@
 
 use falconer::engine::sampling::SamplingParams;
 use falconer::{
-    DraftPolicy, FinishReason, GenerateRequest, Runtime, RuntimeError, Speculation, TokenEvent,
+    Device, DraftPolicy, FinishReason, GenerateRequest, Runtime, RuntimeError, Speculation,
+    TokenEvent,
 };
 
 use crate::common::{
@@ -96,6 +97,39 @@ fn sharded_target_gives_the_unsplit_output() {
             let f = greedy(&two, &r.prompt_ids, 32, Speculation::Off, None).await;
             assert_eq!(f.ids, r.greedy_ids, "{name}");
         }
+        // Shards placed by device: one each, in order; the devices must be of one kind.
+        let name = "new_arch_gqa_sharded";
+        let placed = Runtime::builder()
+            .target(fixture_dir(name))
+            .shard_devices([Device::Cpu, Device::Cpu])
+            .build()
+            .await
+            .unwrap();
+        assert_eq!(placed.info().devices, [Device::Cpu, Device::Cpu]);
+        let f = greedy(
+            &placed,
+            &reference(name).prompt_ids,
+            32,
+            Speculation::Off,
+            None,
+        )
+        .await;
+        assert_eq!(f.ids, reference(name).greedy_ids, "{name} on placed shards");
+        let mixed = Runtime::builder()
+            .target(fixture_dir(name))
+            .shard_devices([Device::Cpu, Device::Cuda(0)])
+            .build()
+            .await;
+        assert!(
+            matches!(
+                mixed,
+                Err(RuntimeError::InvalidOption {
+                    option: "shard_devices",
+                    ..
+                })
+            ),
+            "{mixed:?}"
+        );
         let err = Runtime::builder()
             .target(fixture_dir("sequential"))
             .shards(3)

@@ -428,6 +428,12 @@ pub trait Backend: Send + Sync + Debug + 'static {
         cols: usize,
     ) -> Result<Self::Tensor, BackendError>;
 
+    /// Makes a hidden state from the pipeline shard before, which may run on another
+    /// instance of this backend (another GPU), usable by this one. By default it is.
+    fn receive_hidden(&self, x: Self::Tensor) -> Result<Self::Tensor, BackendError> {
+        Ok(x)
+    }
+
     /// Runs `pass`, one step's work on a model or pipeline shard over the given step
     /// and input, or replays a recording of it: a backend that records steps records
     /// one the second time it sees its shape (and input shape) and replays it for

@@ -753,6 +753,24 @@ impl Backend for CudaBackend {
         }
     }
 
+    /// A hidden state of another GPU is copied here (through the host, after that
+    /// GPU's queued work); one of this GPU is used as it is.
+    fn receive_hidden(&self, x: CudaTensor) -> Result<CudaTensor, BackendError> {
+        let CudaData::F32(b) = &x.data else {
+            return Ok(x);
+        };
+        if b.ordinal().map_err(map_err)? == self.gpu.ordinal() {
+            return Ok(x);
+        }
+        let data = self.gpu.copy_from_other_gpu(b).map_err(map_err)?;
+        Ok(CudaTensor {
+            data: CudaData::F32(data),
+            rows: x.rows,
+            cols: x.cols,
+            groups: x.groups.clone(),
+        })
+    }
+
     fn upload_hidden(
         &self,
         data: &[f32],
