@@ -188,7 +188,7 @@ impl RuntimeBuilder {
             let cpu = Arc::new(CpuBackend::new());
             return self.start(vec![cpu; devices.len()], devices).await;
         }
-        if devices.iter().any(|d| *d == Device::Cpu) {
+        if devices.contains(&Device::Cpu) {
             return Err(RuntimeError::InvalidOption {
                 option: "shard_devices",
                 reason: "all shards must be on the CPU or all on CUDA devices",
