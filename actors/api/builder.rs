@@ -295,7 +295,8 @@ impl RuntimeBuilder {
             models.push(m);
         }
         let weight_bytes = models.iter().map(Falcon::weight_bytes).sum();
-        let mut draft_weight_bytes = 0;
+        let target_weights = models.first().map_or(self.weights, Falcon::weight_format);
+        let (mut draft_weight_bytes, mut draft_weights) = (0, self.draft_weights);
         let mut cells = Vec::new();
         let mut next = None;
         let mut shards = Vec::with_capacity(n);
@@ -352,7 +353,7 @@ impl RuntimeBuilder {
                 .await
                 .map_err(RuntimeError::model)?
                 .map_err(|e| RuntimeError::load("draft weights", e))?;
-            draft_weight_bytes = first.weight_bytes();
+            (draft_weight_bytes, draft_weights) = (first.weight_bytes(), first.weight_format());
             let args = SupervisorArgs {
                 first,
                 factory,
@@ -410,8 +411,8 @@ impl RuntimeBuilder {
                 has_draft: draft_ref.is_some(),
                 shards: n,
                 backend: backend.name(),
-                weights: self.weights,
-                draft_weights: self.draft_weights,
+                weights: target_weights,
+                draft_weights,
                 weight_bytes,
                 draft_weight_bytes,
                 devices,

@@ -25,7 +25,8 @@ pub struct ModelInfo {
     pub has_draft: bool,
     pub shards: usize,
     pub backend: &'static str,
-    /// How the target's and the draft's layer weights are held.
+    /// How the target's and the draft's layer weights are held (as asked, or as a
+    /// quantized checkpoint stores them).
     pub weights: WeightFormat,
     pub draft_weights: WeightFormat,
     /// Backend memory the target's weights (all shards) and the draft's hold.

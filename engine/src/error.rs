@@ -119,6 +119,12 @@ pub enum LoadError {
         #[source]
         source: QuantError,
     },
+    #[error("{path}: the checkpoint stores {stored} weights; they cannot be loaded as {asked}")]
+    StoredWeights {
+        path: PathBuf,
+        stored: WeightFormat,
+        asked: WeightFormat,
+    },
     #[error("cannot hold weights as {format}: {source}")]
     WeightFormat {
         format: WeightFormat,

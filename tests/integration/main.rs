@@ -18,4 +18,5 @@ mod loader_errors;
 mod outputs;
 mod quantized;
 mod runtime;
+mod saved_quantized;
 mod telemetry;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use memmap2::Mmap;
 use rayon::prelude::*;
-use safetensors::tensor::{Metadata, SafeTensors};
+use safetensors::tensor::{Metadata, SafeTensors, TensorInfo};
 
 use super::read_json;
 use crate::error::LoadError;
@@ -196,8 +196,42 @@ impl WeightFiles {
             .unwrap_or_default()
     }
 
-    /// A tensor by name, checked against an expected shape.
-    pub fn get(&self, name: &str, expected: &[usize]) -> Result<HostTensor<'_>, LoadError> {
+    /// Bytes of a tensor's data, whatever its dtype and shape (`None` if absent).
+    pub fn byte_len(&self, name: &str) -> Option<usize> {
+        let file = self.files.get(*self.index.get(name)?)?;
+        let (start, end) = file.metadata.info(name)?.data_offsets;
+        Some(end - start)
+    }
+
+    /// The bytes of an integer tensor (`I8` or `U8`: a quantized checkpoint's weights),
+    /// checked against its dtype and an expected shape.
+    pub fn get_raw(
+        &self,
+        name: &str,
+        dtype: safetensors::Dtype,
+        expected: &[usize],
+    ) -> Result<&[u8], LoadError> {
+        let (file, info) = self.info(name)?;
+        if info.dtype != dtype {
+            return Err(LoadError::TensorDtype {
+                path: file.path.clone(),
+                tensor: name.to_string(),
+                dtype: format!("{:?} (expected {dtype:?})", info.dtype),
+            });
+        }
+        if info.shape != expected {
+            return Err(LoadError::TensorShape {
+                path: file.path.clone(),
+                tensor: name.to_string(),
+                expected: expected.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        let (start, end) = info.data_offsets;
+        Ok(&file.mmap[file.data_start + start..file.data_start + end])
+    }
+
+    fn info(&self, name: &str) -> Result<(&MappedFile, &TensorInfo), LoadError> {
         let Some(&i) = self.index.get(name) else {
             return Err(LoadError::MissingTensor {
                 path: self.path_of(name),
@@ -212,6 +246,12 @@ impl WeightFiles {
                 path: file.path.clone(),
                 tensor: name.to_string(),
             })?;
+        Ok((file, info))
+    }
+
+    /// A tensor by name, checked against an expected shape.
+    pub fn get(&self, name: &str, expected: &[usize]) -> Result<HostTensor<'_>, LoadError> {
+        let (file, info) = self.info(name)?;
         let dtype = match info.dtype {
             safetensors::Dtype::F32 => Dtype::F32,
             safetensors::Dtype::BF16 => Dtype::Bf16,

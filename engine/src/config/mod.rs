@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::error::LoadError;
+use crate::quant::WeightFormat;
 pub use rope::{RopeConfig, RopeScaling};
 
 /// Largest accepted vocabulary or hidden size.
@@ -30,6 +31,9 @@ pub enum LayerNorms {
     /// `input_layernorm` -> attention -> residual -> `post_attention_layernorm` -> MLP.
     Sequential,
 }
+
+/// The `config.json` key that names a quantized checkpoint's weight format.
+pub const STORED_WEIGHTS_KEY: &str = "falconer_weights";
 
 /// A Falcon model's shape and behaviour, normalised from any `config.json` spelling.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +56,10 @@ pub struct FalconConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub tie_word_embeddings: bool,
+    /// How the checkpoint's decoder-layer weights are stored: as floats, or as the
+    /// integers and scales `falconer_engine::quant::save_quantized` writes (its key
+    /// `falconer_weights`).
+    pub stored_weights: WeightFormat,
 }
 
 impl FalconConfig {
@@ -130,6 +138,17 @@ impl RawConfig<'_> {
                 .and_then(|n| usize::try_from(n).ok())
                 .map(Some)
                 .ok_or_else(|| self.invalid(field, v)),
+        }
+    }
+
+    /// `falconer_weights`: a [`WeightFormat`] string; absent means float weights.
+    fn stored_weights(&self) -> Result<WeightFormat, LoadError> {
+        match self.get(&[STORED_WEIGHTS_KEY]) {
+            None => Ok(WeightFormat::Checkpoint),
+            Some(v) => v
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| self.invalid(STORED_WEIGHTS_KEY, v)),
         }
     }
 
@@ -324,6 +343,7 @@ impl RawConfig<'_> {
             bos_token_id,
             eos_token_ids,
             tie_word_embeddings: tie,
+            stored_weights: self.stored_weights()?,
         })
     }
 }

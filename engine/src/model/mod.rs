@@ -16,7 +16,8 @@ use std::sync::Arc;
 pub use outputs::{RowsOut, RowsWanted};
 pub use progress::{LoadProgress, ProgressFn};
 pub use step::SeqChunk;
-pub use weights::expected_tensors;
+pub(crate) use weights::check_no_unexpected;
+pub use weights::{expected_tensors, linear_shapes, SCALE_SUFFIX};
 
 use crate::backend::{AttnConfig, Backend, KvLayout, ParallelWeights, StepMeta};
 use crate::checkpoint::ModelDir;
@@ -93,6 +94,8 @@ pub struct Step<B: Backend> {
 #[derive(Debug)]
 pub struct Falcon<B: Backend> {
     cfg: FalconConfig,
+    /// How the layers' linear weights are held.
+    weights: WeightFormat,
     /// Backend memory the loaded weights hold.
     weight_bytes: usize,
     backend: Arc<B>,
@@ -119,6 +122,19 @@ impl<B: Backend> Falcon<B> {
                 format: opts.weights,
                 source,
             })?;
+        // A quantized checkpoint's weights are used as stored.
+        let weights = match (cfg.stored_weights, weights) {
+            (WeightFormat::Checkpoint, w) => w,
+            (stored, WeightFormat::Checkpoint) => stored,
+            (stored, asked) if stored == asked => stored,
+            (stored, asked) => {
+                return Err(LoadError::StoredWeights {
+                    path: dir.config_path(),
+                    stored,
+                    asked,
+                })
+            }
+        };
         if !backend.supports_weights(weights) {
             return Err(BackendError::WeightFormat {
                 backend: backend.name(),
@@ -178,6 +194,7 @@ impl<B: Backend> Falcon<B> {
             + head.as_ref().map_or(0, |h| h.bytes(b, embeddings.as_ref()));
         Ok(Falcon {
             cfg,
+            weights,
             weight_bytes,
             backend,
             layers_range: range,
@@ -200,6 +217,12 @@ impl<B: Backend> Falcon<B> {
 
     pub fn config(&self) -> &FalconConfig {
         &self.cfg
+    }
+
+    /// How the decoder layers' linear weights are held: as asked in [`LoadOptions`], or
+    /// as a quantized checkpoint stores them.
+    pub fn weight_format(&self) -> WeightFormat {
+        self.weights
     }
 
     /// Bytes of backend memory this model's (or shard's) weights hold: f32 on the CPU,

@@ -11,7 +11,7 @@ use crate::backend::Backend;
 use crate::checkpoint::WeightFiles;
 use crate::config::{FalconConfig, LayerNorms};
 use crate::error::LoadError;
-use crate::quant::{QuantMatrix, WeightFormat};
+use crate::quant::{int4_row_bytes, Quant, QuantData, QuantMatrix, WeightFormat};
 
 /// A layer norm's scale and shift.
 #[derive(Debug)]
@@ -112,7 +112,7 @@ impl<B: Backend> HeadWeights<B> {
 
 /// Every tensor name a full model of this config may hold, with its shape.
 pub fn expected_tensors(cfg: &FalconConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, f, v) = (cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size);
+    let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let mut out = vec![
         ("transformer.word_embeddings.weight".to_string(), vec![v, h]),
         ("transformer.ln_f.weight".to_string(), vec![h]),
@@ -125,20 +125,47 @@ pub fn expected_tensors(cfg: &FalconConfig) -> Vec<(String, Vec<usize>)> {
             out.push((format!("{p}.{norm}.weight"), vec![h]));
             out.push((format!("{p}.{norm}.bias"), vec![h]));
         }
-        let linears = [
-            ("self_attention.query_key_value", cfg.qkv_rows(), h),
-            ("self_attention.dense", h, h),
-            ("mlp.dense_h_to_4h", f, h),
-            ("mlp.dense_4h_to_h", h, f),
-        ];
-        for (name, rows, cols) in linears {
-            out.push((format!("{p}.{name}.weight"), vec![rows, cols]));
+        for (name, rows, cols) in linear_shapes(cfg) {
+            match cfg.stored_weights {
+                WeightFormat::Checkpoint => {
+                    out.push((format!("{p}.{name}.weight"), vec![rows, cols]));
+                }
+                WeightFormat::Int8 => {
+                    out.push((format!("{p}.{name}.weight"), vec![rows, cols]));
+                    out.push((format!("{p}.{name}.{SCALE_SUFFIX}"), vec![rows]));
+                }
+                WeightFormat::Int4 { group } => {
+                    out.push((
+                        format!("{p}.{name}.weight"),
+                        vec![rows, int4_row_bytes(cols)],
+                    ));
+                    out.push((
+                        format!("{p}.{name}.{SCALE_SUFFIX}"),
+                        vec![rows, cols.div_ceil(group)],
+                    ));
+                }
+            }
             if cfg.bias {
                 out.push((format!("{p}.{name}.bias"), vec![rows]));
             }
         }
     }
     out
+}
+
+/// Where a quantized checkpoint keeps a linear weight's scales: `<layer>.<linear>.` and
+/// this (its integers stay under `.weight`).
+pub const SCALE_SUFFIX: &str = "weight_scale";
+
+/// A decoder layer's four linear weights: name under `transformer.h.<i>`, rows, columns.
+pub fn linear_shapes(cfg: &FalconConfig) -> [(&'static str, usize, usize); 4] {
+    let (h, f) = (cfg.hidden_size, cfg.ffn_hidden_size);
+    [
+        ("self_attention.query_key_value", cfg.qkv_rows(), h),
+        ("self_attention.dense", h, h),
+        ("mlp.dense_h_to_4h", f, h),
+        ("mlp.dense_4h_to_h", h, f),
+    ]
 }
 
 fn norm_names(layout: LayerNorms) -> &'static [&'static str] {
@@ -183,8 +210,14 @@ impl<B: Backend> Loader<'_, B> {
         Ok(up)
     }
 
-    /// A decoder layer's linear weight `[rows, cols]`, in the load's weight format.
+    /// A decoder layer's linear weight `[rows, cols]`, in the load's weight format: as
+    /// a quantized checkpoint stores it, or quantized from the checkpoint's floats.
     fn weight(&self, name: &str, rows: usize, cols: usize) -> Result<B::Tensor, LoadError> {
+        if let Some(stored) = self.cfg.stored_weights.quant() {
+            let m = self.stored(name, rows, cols, stored)?;
+            self.uploaded(m.bytes());
+            return Ok(self.backend.upload_quantized(m)?);
+        }
         let Some(quant) = self.weights.quant() else {
             return self.tensor(name, &[rows, cols]);
         };
@@ -199,6 +232,49 @@ impl<B: Backend> Loader<'_, B> {
         let up = self.backend.upload_quantized(q)?;
         self.uploaded(t.bytes.len());
         Ok(up)
+    }
+
+    /// A stored quantized weight: its integers under `name`, its scales beside them.
+    fn stored(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        quant: Quant,
+    ) -> Result<QuantMatrix, LoadError> {
+        use safetensors::Dtype as St;
+        let scale_name = format!("{}{SCALE_SUFFIX}", name.trim_end_matches("weight"));
+        let scales = |shape: &[usize]| -> Result<Vec<f32>, LoadError> {
+            let raw = self.files.get_raw(&scale_name, St::F32, shape)?;
+            Ok(raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        };
+        let data = match quant {
+            Quant::Int8 => QuantData::Int8 {
+                q: self
+                    .files
+                    .get_raw(name, St::I8, &[rows, cols])?
+                    .iter()
+                    .map(|&b| b as i8)
+                    .collect(),
+                scales: scales(&[rows])?,
+            },
+            Quant::Int4 { group } => QuantData::Int4 {
+                packed: self
+                    .files
+                    .get_raw(name, St::U8, &[rows, int4_row_bytes(cols)])?
+                    .to_vec(),
+                scales: scales(&[rows, cols.div_ceil(group)])?,
+                group,
+            },
+        };
+        QuantMatrix::from_parts(rows, cols, data).map_err(|source| LoadError::Quantize {
+            path: self.files.path_of(name),
+            tensor: name.to_string(),
+            source,
+        })
     }
 
     fn uploaded(&self, bytes: usize) {
@@ -237,8 +313,8 @@ impl<B: Backend> Loader<'_, B> {
                     _ => range.end == n,
                 },
             })
-            .filter_map(|(name, shape)| self.files.get(&name, &shape).ok())
-            .map(|t| t.bytes.len() as u64)
+            .filter_map(|(name, _)| self.files.byte_len(&name))
+            .map(|n| n as u64)
             .sum()
     }
 

@@ -18,8 +18,11 @@
 //! the f32 matrix [`QuantMatrix::dequantize`] returns, and greedy speculation stays exact
 //! against the quantized target.
 
+mod save;
 #[cfg(test)]
 mod tests;
+
+pub use save::{save_quantized, SaveError, SavedCheckpoint};
 
 use std::fmt;
 use std::str::FromStr;
@@ -125,6 +128,14 @@ pub enum QuantError {
         rows: usize,
         cols: usize,
     },
+    #[error("{what}: {len} entries, expected {expected}")]
+    Parts {
+        what: &'static str,
+        len: usize,
+        expected: usize,
+    },
+    #[error("scale {index} is {value}: a scale must be finite and not negative")]
+    BadScale { index: usize, value: f32 },
 }
 
 /// The integers and scales of a [`QuantMatrix`].
@@ -173,6 +184,47 @@ impl QuantMatrix {
                 quantize_int4(w, rows, cols, group)
             }
         };
+        Ok(QuantMatrix { rows, cols, data })
+    }
+
+    /// A matrix from stored integers and scales (a quantized checkpoint), checked:
+    /// lengths as the format lays them out, the int4 group, finite non-negative scales.
+    pub fn from_parts(rows: usize, cols: usize, data: QuantData) -> Result<Self, QuantError> {
+        let check = |what, len: usize, expected: usize| {
+            if len == expected {
+                Ok(())
+            } else {
+                Err(QuantError::Parts {
+                    what,
+                    len,
+                    expected,
+                })
+            }
+        };
+        let scales = match &data {
+            QuantData::Int8 { q, scales } => {
+                check("int8 values", q.len(), rows * cols)?;
+                check("int8 scales", scales.len(), rows)?;
+                scales
+            }
+            QuantData::Int4 {
+                packed,
+                scales,
+                group,
+            } => {
+                WeightFormat::Int4 { group: *group }.validate()?;
+                check("int4 bytes", packed.len(), rows * int4_row_bytes(cols))?;
+                check("int4 scales", scales.len(), rows * cols.div_ceil(*group))?;
+                scales
+            }
+        };
+        if let Some((index, &value)) = scales
+            .iter()
+            .enumerate()
+            .find(|(_, s)| !s.is_finite() || **s < 0.0)
+        {
+            return Err(QuantError::BadScale { index, value });
+        }
         Ok(QuantMatrix { rows, cols, data })
     }
 

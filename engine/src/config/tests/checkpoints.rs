@@ -1,6 +1,7 @@
 //! Real checkpoints' config.json files.
 
 use super::*;
+use crate::quant::WeightFormat;
 
 // ---------------------------------------------------------------------------------------
 // Real checkpoints
@@ -114,6 +115,7 @@ fn falcon_7b_is_multi_query_with_shared_norm() {
         bos_token_id: Some(11),
         eos_token_ids: vec![11],
         tie_word_embeddings: true,
+        stored_weights: WeightFormat::Checkpoint,
     };
     assert_eq!(cfg, want);
     assert_eq!(cfg.queries_per_kv(), 71);
@@ -181,4 +183,28 @@ fn falcon_180b_shape() {
     );
     assert_eq!(cfg.bos_token_id, Some(11));
     assert_eq!(cfg.eos_token_ids, vec![11]);
+}
+
+/// `falconer_weights` names a quantized checkpoint's format; absent means floats, and
+/// anything but a format string is refused naming the key.
+#[test]
+fn stored_weight_formats_are_read_and_checked() {
+    assert_eq!(ok(&base()).stored_weights, WeightFormat::Checkpoint);
+    for (text, want) in [
+        ("int8", WeightFormat::Int8),
+        ("int4", WeightFormat::INT4),
+        ("int4:g32", WeightFormat::Int4 { group: 32 }),
+    ] {
+        let mut v = base();
+        v["falconer_weights"] = json!(text);
+        assert_eq!(ok(&v).stored_weights, want, "{text}");
+    }
+    for bad in [json!("int4:g10"), json!(8), json!("fp8")] {
+        let mut v = base();
+        v["falconer_weights"] = bad.clone();
+        match err(&v) {
+            LoadError::InvalidField { field, .. } => assert_eq!(field, "falconer_weights"),
+            e => panic!("{bad}: {e:?}"),
+        }
+    }
 }
