@@ -6,7 +6,7 @@
 //! - [`posenc`]: rotary embeddings (default, linear, dynamic NTK, YaRN) and ALiBi.
 //! - [`backend`]: the narrow op trait and the CPU reference backend.
 //! - [`model`]: the Falcon decoder over a paged KV cache, whole or as a layer shard.
-//! - [`quant`]: 8-bit and 4-bit weight formats, quantized on load.
+//! - [`quant`]: 8-bit and 4-bit weight formats, quantized on load or saved quantized.
 //! - [`kv`]: block allocator and per-sequence block tables (pure logic).
 //! - [`runner`]: a model plus its block tables: prefill, decode, verify, truncate.
 //! - [`sampling`], [`chat`], [`speculative`]: pure functions for choosing tokens,

@@ -1,9 +1,9 @@
 //! Weights held in memory as 8-bit or 4-bit integers: the formats a model can be loaded
 //! in ([`WeightFormat`]) and the quantized matrices themselves ([`QuantMatrix`]).
 //!
-//! Checkpoints stay bf16/f16/f32 on disk; the loader quantizes the decoder layers'
-//! four linear weights (qkv, attention output, MLP up and down: nearly all of a large
-//! model's bytes) as it reads them. Embeddings, the output head, norms and biases keep
+//! The loader quantizes the decoder layers' four linear weights (qkv, attention output,
+//! MLP up and down: nearly all of a large model's bytes) as it reads a float checkpoint,
+//! or reads them as stored from a checkpoint that [`save_quantized`] wrote. Embeddings, the output head, norms and biases keep
 //! the checkpoint's precision. Both formats are symmetric (zero is exact, no offsets):
 //!
 //! - `int8`: one f32 scale per output row, `w = q * scale` with `q` in -127..=127 and
