@@ -219,6 +219,16 @@ impl WeightFiles {
                 dtype: format!("{:?} (expected {dtype:?})", info.dtype),
             });
         }
+        Self::data(file, info, name, expected)
+    }
+
+    /// A tensor's bytes once its shape is the expected one.
+    fn data<'f>(
+        file: &'f MappedFile,
+        info: &TensorInfo,
+        name: &str,
+        expected: &[usize],
+    ) -> Result<&'f [u8], LoadError> {
         if info.shape != expected {
             return Err(LoadError::TensorShape {
                 path: file.path.clone(),
@@ -227,6 +237,7 @@ impl WeightFiles {
                 found: info.shape.clone(),
             });
         }
+        // read_metadata validated that offsets lie inside the data section.
         let (start, end) = info.data_offsets;
         Ok(&file.mmap[file.data_start + start..file.data_start + end])
     }
@@ -264,17 +275,7 @@ impl WeightFiles {
                 })
             }
         };
-        if info.shape != expected {
-            return Err(LoadError::TensorShape {
-                path: file.path.clone(),
-                tensor: name.to_string(),
-                expected: expected.to_vec(),
-                found: info.shape.clone(),
-            });
-        }
-        let (start, end) = info.data_offsets;
-        // read_metadata validated that offsets lie inside the data section.
-        let bytes = &file.mmap[file.data_start + start..file.data_start + end];
+        let bytes = Self::data(file, info, name, expected)?;
         Ok(HostTensor {
             dtype,
             shape: &info.shape,
