@@ -453,6 +453,11 @@ impl Gpu {
         let src = buf.inner()?;
         let mut host = vec![0.0f32; buf.len];
         if buf.len > 0 {
+            // Everything queued on that GPU, whichever stream (a replayed recording,
+            // forked work), before the copy.
+            src.context()
+                .synchronize()
+                .map_err(|e| KernelError::driver(OP, e))?;
             let (stream, view) = (src.stream(), src.slice(0..buf.len));
             stream
                 .memcpy_dtoh(&view, &mut host)
