@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Parser;
 use falconer::engine::quant::save_quantized;
-use falconer::engine::ModelDir;
+use falconer::engine::{ModelDir, ProgressFn};
 use falconer::WeightFormat;
 
 #[derive(Parser, Debug)]
@@ -33,7 +33,13 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     let t = Instant::now();
-    let saved = save_quantized(&ModelDir::new(&args.model), &args.out, args.weights)?;
+    let bar = ProgressFn::stderr_bar("quantizing", 1 << 30);
+    let saved = save_quantized(
+        &ModelDir::new(&args.model),
+        &args.out,
+        args.weights,
+        Some(&bar),
+    )?;
     println!(
         "{} -> {} ({}): {} file(s), {:.1} MiB of tensors -> {:.1} MiB in {:.1} s",
         args.model.display(),

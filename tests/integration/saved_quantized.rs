@@ -9,7 +9,7 @@ use std::sync::Arc;
 use falconer::{Runtime, Speculation, WeightFormat};
 use falconer_engine::error::{LoadError, QuantError};
 use falconer_engine::quant::{save_quantized, SaveError};
-use falconer_engine::{CpuBackend, Falcon, LoadOptions, ModelDir, ModelRunner};
+use falconer_engine::{CpuBackend, Falcon, LoadOptions, ModelDir, ModelRunner, ProgressFn};
 use serde_json::Value;
 
 use crate::common::{fixture, fixture_dir, greedy, prompt_then_steps, reference, tokio_rt};
@@ -47,7 +47,21 @@ fn a_saved_checkpoint_loads_as_quantizing_on_load_computes() {
         ("bias_mha", WeightFormat::Int8),
     ] {
         let out = tempfile::tempdir().unwrap();
-        let saved = save_quantized(&fixture(name), out.path(), format).unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        let progress = ProgressFn::new(move |p| log.lock().unwrap().push(p));
+        let saved = save_quantized(&fixture(name), out.path(), format, Some(&progress)).unwrap();
+        // Progress rises to the source's tensor bytes, all of them read.
+        let seen = seen.lock().unwrap();
+        assert!(
+            seen.windows(2).all(|w| w[0].bytes_done <= w[1].bytes_done),
+            "{name}"
+        );
+        let last = seen.last().copied().unwrap();
+        assert_eq!(
+            (last.bytes_done, last.bytes_total),
+            (saved.bytes_in, saved.bytes_in)
+        );
         let dir = ModelDir::new(out.path());
         let r = reference(name);
         let on_load = load(&fixture(name), format).unwrap();
@@ -97,7 +111,7 @@ fn a_runtime_on_a_saved_checkpoint_reports_it_and_speculates_exactly() {
     tokio_rt().block_on(async {
         let out = tempfile::tempdir().unwrap();
         let name = "new_arch_gqa_sharded";
-        save_quantized(&fixture(name), out.path(), WeightFormat::Int8).unwrap();
+        save_quantized(&fixture(name), out.path(), WeightFormat::Int8, None).unwrap();
         let rt = Runtime::builder()
             .target(out.path())
             .draft(fixture_dir("falcon7b_mqa"))
@@ -119,7 +133,13 @@ fn a_runtime_on_a_saved_checkpoint_reports_it_and_speculates_exactly() {
 /// A saved int4 checkpoint of the single-file fixture, for breaking.
 fn saved_int4() -> tempfile::TempDir {
     let out = tempfile::tempdir().unwrap();
-    save_quantized(&fixture("falcon7b_mqa"), out.path(), WeightFormat::INT4).unwrap();
+    save_quantized(
+        &fixture("falcon7b_mqa"),
+        out.path(),
+        WeightFormat::INT4,
+        None,
+    )
+    .unwrap();
     out
 }
 
@@ -199,17 +219,22 @@ fn saving_refuses_what_it_cannot_do() {
     let out = tempfile::tempdir().unwrap();
     let src = fixture("falcon7b_mqa");
     assert!(matches!(
-        save_quantized(&src, out.path(), WeightFormat::Checkpoint),
+        save_quantized(&src, out.path(), WeightFormat::Checkpoint, None),
         Err(SaveError::NotQuantized)
     ));
     assert!(matches!(
-        save_quantized(&src, out.path(), WeightFormat::Int4 { group: 10 }),
+        save_quantized(&src, out.path(), WeightFormat::Int4 { group: 10 }, None),
         Err(SaveError::Format(QuantError::GroupSize { group: 10 }))
     ));
-    save_quantized(&src, out.path(), WeightFormat::Int8).unwrap();
+    save_quantized(&src, out.path(), WeightFormat::Int8, None).unwrap();
     let again = tempfile::tempdir().unwrap();
     assert!(matches!(
-        save_quantized(&ModelDir::new(out.path()), again.path(), WeightFormat::INT4),
+        save_quantized(
+            &ModelDir::new(out.path()),
+            again.path(),
+            WeightFormat::INT4,
+            None
+        ),
         Err(SaveError::AlreadyQuantized {
             stored: WeightFormat::Int8,
             ..
@@ -217,7 +242,12 @@ fn saving_refuses_what_it_cannot_do() {
     ));
     let copy = crate::loader_errors::copy_fixture("falcon7b_mqa");
     assert!(matches!(
-        save_quantized(&ModelDir::new(copy.path()), copy.path(), WeightFormat::Int8),
+        save_quantized(
+            &ModelDir::new(copy.path()),
+            copy.path(),
+            WeightFormat::Int8,
+            None
+        ),
         Err(SaveError::SameDirectory { .. })
     ));
 }

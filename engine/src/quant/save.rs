@@ -20,7 +20,9 @@ use super::{QuantData, QuantError, QuantMatrix, WeightFormat};
 use crate::checkpoint::{Dtype, ModelDir};
 use crate::config::STORED_WEIGHTS_KEY;
 use crate::error::LoadError;
-use crate::model::{check_no_unexpected, expected_tensors, linear_shapes, SCALE_SUFFIX};
+use crate::model::{
+    check_no_unexpected, expected_tensors, linear_shapes, LoadProgress, ProgressFn, SCALE_SUFFIX,
+};
 
 const INDEX: &str = "model.safetensors.index.json";
 
@@ -64,11 +66,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SaveError + '_ {
 }
 
 /// Writes `src` to `dst` (created if absent) with its layers' linear weights quantized
-/// to `format`.
+/// to `format`, calling `progress` (if any) after each tensor with the source bytes read.
 pub fn save_quantized(
     src: &ModelDir,
     dst: &Path,
     format: WeightFormat,
+    progress: Option<&ProgressFn>,
 ) -> Result<SavedCheckpoint, SaveError> {
     let quant = format.validate()?.quant().ok_or(SaveError::NotQuantized)?;
     let cfg = src.config()?;
@@ -110,6 +113,19 @@ pub fn save_quantized(
             linear_shapes(&cfg).map(|(n, r, c)| (format!("transformer.h.{i}.{n}.weight"), (r, c)))
         })
         .collect();
+    let total: u64 = shapes
+        .keys()
+        .filter_map(|n| files.byte_len(n))
+        .map(|n| n as u64)
+        .sum();
+    let report = |done: u64| {
+        if let Some(p) = progress {
+            p.call(LoadProgress {
+                bytes_done: done.min(total),
+                bytes_total: total,
+            });
+        }
+    };
     let mut by_file: BTreeMap<String, Vec<&str>> = BTreeMap::new();
     for name in files.names().filter(|n| shapes.contains_key(*n)) {
         let file = files.path_of(name);
@@ -133,6 +149,7 @@ pub fn save_quantized(
             let shape = &shapes[name];
             let t = files.get(name, shape)?;
             saved.bytes_in += t.bytes.len() as u64;
+            report(saved.bytes_in);
             let Some(&(rows, cols)) = linear.get(name) else {
                 let dtype = match t.dtype {
                     Dtype::F32 => St::F32,
