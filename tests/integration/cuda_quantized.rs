@@ -19,7 +19,8 @@ use std::sync::Arc;
 use falconer::engine::error::BackendError;
 use falconer::{Device, Runtime, RuntimeError, Speculation, WeightFormat};
 use falconer_engine::backend::cuda::kernels::{bf16, Gpu, QuantWeight};
-use falconer_engine::quant::{Quant, QuantData, QuantMatrix};
+use falconer_engine::backend::cuda::upload_quant_weight;
+use falconer_engine::quant::{Quant, QuantMatrix};
 use falconer_engine::{CpuBackend, Falcon, LoadOptions, ModelRunner};
 
 use crate::common::{
@@ -41,16 +42,7 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn upload(gpu: &Gpu, m: &QuantMatrix) -> QuantWeight {
-    let (n, k) = (m.rows(), m.cols());
-    match m.data() {
-        QuantData::Int8 { q, scales } => gpu.upload_q8(q, scales, n, k),
-        QuantData::Int4 {
-            packed,
-            scales,
-            group,
-        } => gpu.upload_q4(packed, scales, n, k, *group),
-    }
-    .unwrap()
+    upload_quant_weight(gpu, m).unwrap()
 }
 
 const QUANTS: [Quant; 3] = [

@@ -196,19 +196,36 @@ impl Gpu {
         groups: &[usize],
     ) -> Result<(), KernelError> {
         const OP: &str = "linear";
-        check_len(OP, "input", x, rows * k)?;
         check_len(OP, "weight", w, n * k)?;
-        check_len(OP, "output", out, rows * n)?;
-        if let Some(b) = bias {
-            check_len(OP, "bias", b, n)?;
-        }
-        if rows == 0 || n == 0 {
-            return Ok(());
-        }
-        for s in spans(rows, k, n, groups, self.row_invariant()) {
+        for s in self.product_spans(OP, x, rows, k, n, bias, out, groups)? {
             self.linear_span(x, w, bias, epi, out, s)?;
         }
         Ok(())
+    }
+
+    /// The [`spans`] of a `[rows, k] @ [n, k]^T` product into `out`, once the input,
+    /// output and bias lengths are checked: none when there is nothing to compute.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn product_spans(
+        &self,
+        op: &'static str,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        k: usize,
+        n: usize,
+        bias: Option<&DeviceBuffer<f32>>,
+        out: &DeviceBuffer<f32>,
+        groups: &[usize],
+    ) -> Result<Vec<Span>, KernelError> {
+        check_len(op, "input", x, rows * k)?;
+        check_len(op, "output", out, rows * n)?;
+        if let Some(b) = bias {
+            check_len(op, "bias", b, n)?;
+        }
+        if rows == 0 || n == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(spans(rows, k, n, groups, self.row_invariant()))
     }
 
     /// `linear_into` over rows `s.row0..s.row0 + s.rows` of `x` and `out`: the GEMV

@@ -6,7 +6,7 @@
 
 use half::bf16;
 
-use super::linear::{bias_args, spans, Epilogue, Span, GEMV_MAX_ROWS};
+use super::linear::{bias_args, Epilogue, Span, GEMV_MAX_ROWS};
 use super::{check_len, p, to_i32};
 use crate::error::KernelError;
 use crate::gpu::{Arg, DeviceBuffer, Gpu, ROW_INVARIANT_MAX_ROWS};
@@ -31,7 +31,6 @@ pub struct QuantWeight {
     layout: QuantLayout,
     n: usize,
     k: usize,
-    kp: usize,
     q: DeviceBuffer<u8>,
     scales: DeviceBuffer<f32>,
 }
@@ -54,6 +53,11 @@ impl QuantWeight {
     /// Device bytes held: the padded integers and the scales.
     pub fn byte_size(&self) -> usize {
         self.q.len() + 4 * self.scales.len()
+    }
+
+    /// Columns of a padded row.
+    fn kp(&self) -> usize {
+        padded(self.k)
     }
 
     /// Scales per row.
@@ -121,7 +125,7 @@ impl Gpu {
             ));
         }
         let bytes = q8_rows(q, n, k);
-        self.quant_upload(QuantLayout::Int8, n, k, padded(k), &bytes, scales)
+        self.quant_upload(QuantLayout::Int8, n, k, &bytes, scales)
     }
 
     /// Uploads an int4 weight: `packed` rows of `ceil(k / 2)` bytes (column `c` in the
@@ -154,7 +158,7 @@ impl Gpu {
             ));
         }
         let bytes = q4_rows(packed, n, k);
-        self.quant_upload(QuantLayout::Int4 { group }, n, k, padded(k), &bytes, scales)
+        self.quant_upload(QuantLayout::Int4 { group }, n, k, &bytes, scales)
     }
 
     fn quant_upload(
@@ -162,7 +166,6 @@ impl Gpu {
         layout: QuantLayout,
         n: usize,
         k: usize,
-        kp: usize,
         bytes: &[u8],
         scales: &[f32],
     ) -> Result<QuantWeight, KernelError> {
@@ -170,7 +173,6 @@ impl Gpu {
             layout,
             n,
             k,
-            kp,
             q: self.upload(bytes)?,
             scales: self.upload(scales)?,
         })
@@ -185,9 +187,7 @@ impl Gpu {
         bias: Option<&DeviceBuffer<f32>>,
         groups: &[usize],
     ) -> Result<DeviceBuffer<f32>, KernelError> {
-        let mut out = self.scratch::<f32>(rows * w.n)?;
-        self.linear_quant_into(x, rows, w, bias, Epilogue::Store, &mut out, groups)?;
-        Ok(out)
+        self.linear_quant_new(x, rows, w, bias, Epilogue::Store, groups)
     }
 
     /// `gelu(x @ w^T + bias)`, bit-identical to [`Gpu::linear_quant`] then [`Gpu::gelu`].
@@ -199,9 +199,7 @@ impl Gpu {
         bias: Option<&DeviceBuffer<f32>>,
         groups: &[usize],
     ) -> Result<DeviceBuffer<f32>, KernelError> {
-        let mut out = self.scratch::<f32>(rows * w.n)?;
-        self.linear_quant_into(x, rows, w, bias, Epilogue::Gelu, &mut out, groups)?;
-        Ok(out)
+        self.linear_quant_new(x, rows, w, bias, Epilogue::Gelu, groups)
     }
 
     /// `acc += x @ w^T + bias`, bit-identical to [`Gpu::linear_quant`] then [`Gpu::add`].
@@ -222,40 +220,38 @@ impl Gpu {
     pub fn dequantize_bf16(&self, w: &QuantWeight) -> Result<DeviceBuffer<bf16>, KernelError> {
         const OP: &str = "dequantize";
         let out = self.scratch::<bf16>(w.n * w.k)?;
-        let (ni, ki, kpi) = (to_i32(OP, w.n)?, to_i32(OP, w.k)?, to_i32(OP, w.kp)?);
-        let grid = (self.stride_blocks(w.n * w.k), 1, 1);
-        match w.layout {
-            QuantLayout::Int8 => self.launch(
-                &self.k.dequant_q8_bf16,
-                grid,
-                256,
-                0,
-                &[
-                    p(&w.q),
-                    p(&w.scales),
-                    p(&out),
-                    Arg::I32(ni),
-                    Arg::I32(ki),
-                    Arg::I32(kpi),
-                ],
-            )?,
-            QuantLayout::Int4 { group } => self.launch(
-                &self.k.dequant_q4_bf16,
-                grid,
-                256,
-                0,
-                &[
-                    p(&w.q),
-                    p(&w.scales),
-                    p(&out),
-                    Arg::I32(ni),
-                    Arg::I32(ki),
-                    Arg::I32(kpi),
-                    Arg::I32(to_i32(OP, group)?),
-                    Arg::I32(to_i32(OP, w.groups())?),
-                ],
-            )?,
-        }
+        let mut args = vec![
+            p(&w.q),
+            p(&w.scales),
+            p(&out),
+            Arg::I32(to_i32(OP, w.n)?),
+            Arg::I32(to_i32(OP, w.k)?),
+            Arg::I32(to_i32(OP, w.kp())?),
+        ];
+        let kernel = match w.layout {
+            QuantLayout::Int8 => &self.k.dequant_q8_bf16,
+            QuantLayout::Int4 { group } => {
+                args.push(Arg::I32(to_i32(OP, group)?));
+                args.push(Arg::I32(to_i32(OP, w.groups())?));
+                &self.k.dequant_q4_bf16
+            }
+        };
+        self.launch(kernel, (self.stride_blocks(w.n * w.k), 1, 1), 256, 0, &args)?;
+        Ok(out)
+    }
+
+    /// A fresh output of `linear_quant_into`.
+    fn linear_quant_new(
+        &self,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        w: &QuantWeight,
+        bias: Option<&DeviceBuffer<f32>>,
+        epi: Epilogue,
+        groups: &[usize],
+    ) -> Result<DeviceBuffer<f32>, KernelError> {
+        let mut out = self.scratch::<f32>(rows * w.n)?;
+        self.linear_quant_into(x, rows, w, bias, epi, &mut out, groups)?;
         Ok(out)
     }
 
@@ -270,18 +266,8 @@ impl Gpu {
         out: &mut DeviceBuffer<f32>,
         groups: &[usize],
     ) -> Result<(), KernelError> {
-        const OP: &str = "linear_quant";
-        let (k, n) = (w.k, w.n);
-        check_len(OP, "input", x, rows * k)?;
-        check_len(OP, "output", out, rows * n)?;
-        if let Some(b) = bias {
-            check_len(OP, "bias", b, n)?;
-        }
-        if rows == 0 || n == 0 {
-            return Ok(());
-        }
         // Split as `linear_into` splits (row invariance across a step's chunks).
-        for s in spans(rows, k, n, groups, self.row_invariant()) {
+        for s in self.product_spans("linear_quant", x, rows, w.k, w.n, bias, out, groups)? {
             self.quant_span(x, w, bias, epi, out, s)?;
         }
         Ok(())
@@ -305,7 +291,7 @@ impl Gpu {
             return self.linear_span(x, &wb, bias, epi, out, s);
         }
         let (bias_arg, has_bias) = bias_args(bias, x);
-        let (ni, ki, kpi) = (to_i32(OP, s.n)?, to_i32(OP, s.k)?, to_i32(OP, w.kp)?);
+        let (ni, ki, kpi) = (to_i32(OP, s.n)?, to_i32(OP, s.k)?, to_i32(OP, w.kp())?);
         let grid = ((s.n as u32).div_ceil(QG_WARPS), 1, 1);
         for r0 in (0..s.rows).step_by(GEMV_MAX_ROWS) {
             let r = GEMV_MAX_ROWS.min(s.rows - r0);

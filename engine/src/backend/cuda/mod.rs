@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub use graphs::{GraphStats, StepGraphs};
+pub use quant::upload_quant_weight;
 pub use tensor::{CudaData, CudaKvCache, CudaStep, CudaTensor};
 
 use half::bf16;

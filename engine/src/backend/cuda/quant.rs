@@ -6,7 +6,7 @@
 
 use falconer_kernels as kernels;
 
-use super::{check_linear, groups, invalid, map_err, CudaBackend, CudaData, CudaTensor};
+use super::{check_linear, groups, map_err, CudaBackend, CudaData, CudaTensor};
 use crate::backend::ParallelWeights;
 use crate::error::BackendError;
 use crate::quant::{QuantData, QuantMatrix};
@@ -18,6 +18,23 @@ pub(super) fn any_quantized(w: &ParallelWeights<'_, CudaTensor>) -> bool {
         .any(|t| t.is_quantized())
 }
 
+/// A quantized matrix in the kernels' layout on `gpu` (the backend's uploads, and
+/// benchmarks and tests that drive the kernels directly).
+pub fn upload_quant_weight(
+    gpu: &kernels::Gpu,
+    m: &QuantMatrix,
+) -> Result<kernels::QuantWeight, kernels::KernelError> {
+    let (n, k) = (m.rows(), m.cols());
+    match m.data() {
+        QuantData::Int8 { q, scales } => gpu.upload_q8(q, scales, n, k),
+        QuantData::Int4 {
+            packed,
+            scales,
+            group,
+        } => gpu.upload_q4(packed, scales, n, k, *group),
+    }
+}
+
 impl CudaTensor {
     pub(super) fn is_quantized(&self) -> bool {
         matches!(self.data, CudaData::Quant(_))
@@ -26,20 +43,11 @@ impl CudaTensor {
 
 impl CudaBackend {
     pub(super) fn upload_quant(&self, m: &QuantMatrix) -> Result<CudaTensor, BackendError> {
-        let (n, k) = (m.rows(), m.cols());
-        let w = match m.data() {
-            QuantData::Int8 { q, scales } => self.gpu.upload_q8(q, scales, n, k),
-            QuantData::Int4 {
-                packed,
-                scales,
-                group,
-            } => self.gpu.upload_q4(packed, scales, n, k, *group),
-        }
-        .map_err(map_err)?;
+        let w = upload_quant_weight(&self.gpu, m).map_err(map_err)?;
         Ok(CudaTensor {
             data: CudaData::Quant(w),
-            rows: n,
-            cols: k,
+            rows: m.rows(),
+            cols: m.cols(),
             groups: None,
         })
     }
@@ -65,7 +73,8 @@ impl CudaBackend {
         Ok(x.product_output(weight, out))
     }
 
-    /// `acc += x @ weight^T + bias` for an integer `weight`.
+    /// `acc += x @ weight^T + bias` for an integer `weight` (`linear_add` checked the
+    /// shapes).
     pub(super) fn accumulate_quant(
         &self,
         x: &CudaTensor,
@@ -73,12 +82,6 @@ impl CudaBackend {
         bias: Option<&CudaTensor>,
         acc: &mut CudaTensor,
     ) -> Result<(), BackendError> {
-        if w.cols() != x.cols {
-            return Err(invalid(
-                "linear",
-                format!("input has {} columns, the weight {}", x.cols, w.cols()),
-            ));
-        }
         let bias = bias.map(|b| b.f32("linear")).transpose()?;
         self.gpu
             .linear_quant_accumulate(
