@@ -43,7 +43,7 @@ use falconer_engine::backend::cuda::CudaBackend;
 use falconer_engine::config::FalconConfig;
 use falconer_engine::error::BackendError;
 use falconer_engine::ProgressFn;
-use falconer_engine::{Falcon, LoadOptions, ModelDir, ModelRunner, SeqWork};
+use falconer_engine::{Falcon, LoadOptions, ModelDir, ModelRunner, SeqWork, WeightFormat};
 use measure::*;
 use serde_json::{json, Value};
 
@@ -116,7 +116,7 @@ fn main() -> Result<()> {
     let load_s = t.elapsed().as_secs_f64();
     let mut runner = ModelRunner::new(model);
 
-    let weight_bytes = weight_bytes(&cfg);
+    let weight_bytes = weight_bytes(&cfg, WeightFormat::Checkpoint);
     let floor_ms = weight_bytes as f64 / HBM_BYTES_PER_S * 1e3;
     let mut r = Report::default();
     r.out.insert("device".into(), json!(gpu.device_name()));
@@ -530,7 +530,7 @@ fn in_step_kv_section(
         }
     }
     let (short_ms, long_ms) = (median(&short), median(&long));
-    let extra_bytes = cfg.num_layers * kv_layer_bytes(cfg, LONG_CONTEXT - short_ctx);
+    let extra_bytes = (LONG_CONTEXT - short_ctx) * cfg.kv_bytes_per_token(2);
     let extra_ms = long_ms - short_ms;
     let gbs = extra_bytes as f64 / extra_ms / 1e6;
     r.row((

@@ -11,10 +11,10 @@ use falconer_engine::backend::cuda::kernels::{bf16, DeviceBuffer, Gpu, PairHalf,
 use falconer_engine::backend::cuda::CudaBackend;
 use falconer_engine::backend::{AttnConfig, Backend, KvLayout, ParallelWeights, SeqMeta, StepMeta};
 use falconer_engine::config::FalconConfig;
-use falconer_engine::model::expected_tensors;
+use falconer_engine::model::{expected_tensors, linear_shapes};
 use falconer_engine::posenc::rope::Rope;
 use falconer_engine::sampling::{argmax, sample_from_probs, SamplingParams};
-use falconer_engine::{ModelRunner, RowsOut, RowsWanted, SeqWork};
+use falconer_engine::{ModelRunner, RowsOut, RowsWanted, SeqWork, WeightFormat};
 use serde_json::{json, Value};
 
 use crate::{BLOCK, LONG_CONTEXT, NEW_TOKENS, PROMPT};
@@ -132,11 +132,20 @@ pub(crate) fn write_sparse_checkpoint(dir: &Path, cfg: &FalconConfig) -> Result<
     Ok(())
 }
 
-/// Bytes read per decoded token: every layer's matrices and the (tied) output head.
-pub(crate) fn weight_bytes(cfg: &FalconConfig) -> usize {
-    let h = cfg.hidden_size;
-    let per_layer = cfg.qkv_rows() * h + h * h + 2 * cfg.ffn_hidden_size * h;
-    (per_layer * cfg.num_layers + cfg.vocab_size * h) * 2
+/// Bytes read per decoded token with the layers' weights in `format`: every layer's
+/// matrices (bf16, or integers and f32 scales) and the (tied) bf16 output head.
+pub(crate) fn weight_bytes(cfg: &FalconConfig, format: WeightFormat) -> usize {
+    let per_layer: usize = linear_shapes(cfg)
+        .iter()
+        .map(|&(_, n, k)| match format.quant() {
+            None => 2 * n * k,
+            Some(q) => {
+                let s = q.stored_layout(n, k);
+                s.shape.iter().product::<usize>() + 4 * s.scale_shape.iter().product::<usize>()
+            }
+        })
+        .sum();
+    per_layer * cfg.num_layers + 2 * cfg.vocab_size * cfg.hidden_size
 }
 
 /// Multiply-add FLOPs of a prefill of `t` tokens: the linear layers (logits for the
@@ -363,7 +372,7 @@ fn long_attention_input(
 
 /// Bytes of one layer's keys and values over `ctx` positions (bf16).
 pub(crate) fn kv_layer_bytes(cfg: &FalconConfig, ctx: usize) -> usize {
-    2 * ctx * cfg.num_kv_heads * cfg.head_dim * 2
+    ctx * cfg.kv_bytes_per_token(2) / cfg.num_layers
 }
 
 /// One decode row at position 32k-1 attending over every layer's cache.
@@ -379,7 +388,7 @@ pub(crate) fn long_attention(
         }
         Ok(())
     })?;
-    let bytes = cfg.num_layers * kv_layer_bytes(cfg, LONG_CONTEXT);
+    let bytes = LONG_CONTEXT * cfg.kv_bytes_per_token(2);
     Ok((s * 1e3, bytes as f64 / s / 1e9))
 }
 

@@ -10,14 +10,13 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use falconer_engine::backend::cuda::kernels::Gpu;
-use falconer_engine::backend::cuda::CudaBackend;
+use falconer_engine::backend::cuda::{upload_quant_weight, CudaBackend};
 use falconer_engine::config::FalconConfig;
-use falconer_engine::quant::{Quant, QuantData, QuantMatrix};
+use falconer_engine::quant::{Quant, QuantMatrix};
 use falconer_engine::{Falcon, LoadOptions, ModelDir, ModelRunner, WeightFormat};
 use serde_json::json;
 
-use crate::measure::{decode_runs, gemv_bandwidth, median, time_it, Pick};
+use crate::measure::{decode_runs, gemv_bandwidth, median, time_it, weight_bytes, Pick};
 use crate::{Report, BLOCK, HBM_BYTES_PER_S, NEW_TOKENS, PROMPT};
 
 /// Deterministic weights in (-0.05, 0.05), quantized on the host.
@@ -32,45 +31,6 @@ fn quantized(n: usize, k: usize, quant: Quant) -> Result<QuantMatrix> {
         })
         .collect();
     Ok(QuantMatrix::quantize(&w, n, k, quant)?)
-}
-
-fn upload(
-    gpu: &Gpu,
-    m: &QuantMatrix,
-) -> Result<falconer_engine::backend::cuda::kernels::QuantWeight> {
-    let (n, k) = (m.rows(), m.cols());
-    Ok(match m.data() {
-        QuantData::Int8 { q, scales } => gpu.upload_q8(q, scales, n, k)?,
-        QuantData::Int4 {
-            packed,
-            scales,
-            group,
-        } => gpu.upload_q4(packed, scales, n, k, *group)?,
-    })
-}
-
-/// Bytes a decoded token reads in `format`: the layers' integers and scales (or bf16),
-/// and the bf16 output head.
-pub(crate) fn format_weight_bytes(cfg: &FalconConfig, format: WeightFormat) -> f64 {
-    let h = cfg.hidden_size;
-    let shapes = [
-        (cfg.qkv_rows(), h),
-        (h, h),
-        (cfg.ffn_hidden_size, h),
-        (h, cfg.ffn_hidden_size),
-    ];
-    let per_layer: f64 = shapes
-        .iter()
-        .map(|&(n, k)| {
-            let (n, k) = (n as f64, k as f64);
-            match format {
-                WeightFormat::Checkpoint => 2.0 * n * k,
-                WeightFormat::Int8 => n * k + 4.0 * n,
-                WeightFormat::Int4 { group } => n * k / 2.0 + 4.0 * n * (k / group as f64).ceil(),
-            }
-        })
-        .sum();
-    per_layer * cfg.num_layers as f64 + 2.0 * (cfg.vocab_size * h) as f64
 }
 
 pub(crate) fn quant_section(
@@ -90,7 +50,7 @@ pub(crate) fn quant_section(
     ] {
         let mut cells = Vec::new();
         for (label, quant) in [("int8", Quant::Int8), ("int4", Quant::Int4 { group: 64 })] {
-            let w = upload(gpu, &quantized(n, k, quant)?)?;
+            let w = upload_quant_weight(gpu, &quantized(n, k, quant)?)?;
             for rows in [1usize, 5] {
                 let mut x = gpu.alloc::<f32>(rows * k)?;
                 gpu.fill_uniform_f32(&mut x, 9, 1.0, 0.0)?;
@@ -132,7 +92,7 @@ pub(crate) fn quant_section(
         let mut runner = ModelRunner::new(model);
         let s = decode_runs(&mut runner, cfg.vocab_size as u32, 4, Pick::DeviceArgmax)?;
         let tps = NEW_TOKENS as f64 / median(&s[1..]);
-        let floor_ms = format_weight_bytes(cfg, format) / HBM_BYTES_PER_S * 1e3;
+        let floor_ms = weight_bytes(cfg, format) as f64 / HBM_BYTES_PER_S * 1e3;
         let pct = floor_ms / (1e3 / tps) * 100.0;
         r.row((
             format!("decode, {format} weights (batch 1, {NEW_TOKENS} tokens)"),

@@ -223,22 +223,24 @@ fn all_logits(dir: &ModelDir, weights: WeightFormat, r: &crate::common::Referenc
     prompt_then_steps(&mut runner(dir, weights), r, 4).concat()
 }
 
+/// Whether `name` is one of a decoder layer's four linear weights (what is quantized).
+fn is_linear_weight(name: &str) -> bool {
+    [
+        "query_key_value",
+        "self_attention.dense",
+        "dense_h_to_4h",
+        "dense_4h_to_h",
+    ]
+    .iter()
+    .any(|s| name.ends_with(&format!("{s}.weight")))
+}
+
 /// A quantized load computes with exactly the dequantized weights and nothing else
 /// changes: the same checkpoint with its decoder-layer linear weights replaced by their
 /// dequantized f32 values, loaded as it is, gives the same logits bit for bit. (A
 /// quantized tensor other than these four, or one left out, would show.)
 #[test]
 fn a_quantized_load_computes_with_exactly_its_dequantized_weights() {
-    let linear = |n: &str| {
-        [
-            "query_key_value.weight",
-            "self_attention.dense.weight",
-            "dense_h_to_4h.weight",
-            "dense_4h_to_h.weight",
-        ]
-        .iter()
-        .any(|s| n.ends_with(s))
-    };
     for (name, weights) in [
         ("falcon7b_mqa", WeightFormat::Int8),
         ("new_arch_gqa_sharded", WeightFormat::INT4),
@@ -253,7 +255,7 @@ fn a_quantized_load_computes_with_exactly_its_dequantized_weights() {
                 continue;
             }
             edit_safetensors(tmp.path(), &file, |raw| {
-                for t in raw.tensors.iter_mut().filter(|t| linear(&t.name)) {
+                for t in raw.tensors.iter_mut().filter(|t| is_linear_weight(&t.name)) {
                     let dtype = match t.dtype.as_str() {
                         "F32" => Dtype::F32,
                         "BF16" => Dtype::Bf16,
@@ -301,16 +303,6 @@ fn a_quantized_load_computes_with_exactly_its_dequantized_weights() {
 /// counted once, or twice when pipeline shards each hold a copy.
 #[test]
 fn weight_bytes_are_what_each_format_holds() {
-    let linear = |n: &str| {
-        [
-            "query_key_value",
-            "self_attention.dense",
-            "dense_h_to_4h",
-            "dense_4h_to_h",
-        ]
-        .iter()
-        .any(|s| n.ends_with(&format!("{s}.weight")))
-    };
     for name in ["falcon7b_mqa", "new_arch_gqa_sharded", "bias_mha"] {
         let dir = fixture(name);
         let cfg = dir.config().unwrap();
@@ -323,8 +315,8 @@ fn weight_bytes_are_what_each_format_holds() {
             let mut want: usize = falconer_engine::model::expected_tensors(&cfg)
                 .iter()
                 .map(|(n, shape)| match (weights, shape.as_slice()) {
-                    (WeightFormat::Int8, &[r, c]) if linear(n) => r * c + 4 * r,
-                    (WeightFormat::Int4 { group }, &[r, c]) if linear(n) => {
+                    (WeightFormat::Int8, &[r, c]) if is_linear_weight(n) => r * c + 4 * r,
+                    (WeightFormat::Int4 { group }, &[r, c]) if is_linear_weight(n) => {
                         r * c.div_ceil(2) + 4 * r * c.div_ceil(group)
                     }
                     _ => 4 * shape.iter().product::<usize>(),

@@ -198,8 +198,7 @@ impl WeightFiles {
 
     /// Bytes of a tensor's data, whatever its dtype and shape (`None` if absent).
     pub fn byte_len(&self, name: &str) -> Option<usize> {
-        let file = self.files.get(*self.index.get(name)?)?;
-        let (start, end) = file.metadata.info(name)?.data_offsets;
+        let (start, end) = self.info(name).ok()?.1.data_offsets;
         Some(end - start)
     }
 

@@ -17,7 +17,7 @@ pub use outputs::{RowsOut, RowsWanted};
 pub use progress::{LoadProgress, ProgressFn};
 pub use step::SeqChunk;
 pub(crate) use weights::check_no_unexpected;
-pub use weights::{expected_tensors, linear_shapes, SCALE_SUFFIX};
+pub use weights::{expected_tensors, linear_shapes};
 
 use crate::backend::{AttnConfig, Backend, KvLayout, ParallelWeights, StepMeta};
 use crate::checkpoint::ModelDir;

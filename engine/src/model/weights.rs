@@ -11,7 +11,7 @@ use crate::backend::Backend;
 use crate::checkpoint::WeightFiles;
 use crate::config::{FalconConfig, LayerNorms};
 use crate::error::LoadError;
-use crate::quant::{int4_row_bytes, Quant, QuantData, QuantMatrix, WeightFormat};
+use crate::quant::{scale_name, Quant, QuantData, QuantMatrix, WeightFormat};
 
 /// A layer norm's scale and shift.
 #[derive(Debug)]
@@ -126,23 +126,13 @@ pub fn expected_tensors(cfg: &FalconConfig) -> Vec<(String, Vec<usize>)> {
             out.push((format!("{p}.{norm}.bias"), vec![h]));
         }
         for (name, rows, cols) in linear_shapes(cfg) {
-            match cfg.stored_weights {
-                WeightFormat::Checkpoint => {
-                    out.push((format!("{p}.{name}.weight"), vec![rows, cols]));
-                }
-                WeightFormat::Int8 => {
-                    out.push((format!("{p}.{name}.weight"), vec![rows, cols]));
-                    out.push((format!("{p}.{name}.{SCALE_SUFFIX}"), vec![rows]));
-                }
-                WeightFormat::Int4 { group } => {
-                    out.push((
-                        format!("{p}.{name}.weight"),
-                        vec![rows, int4_row_bytes(cols)],
-                    ));
-                    out.push((
-                        format!("{p}.{name}.{SCALE_SUFFIX}"),
-                        vec![rows, cols.div_ceil(group)],
-                    ));
+            let weight = format!("{p}.{name}.weight");
+            match cfg.stored_weights.quant() {
+                None => out.push((weight, vec![rows, cols])),
+                Some(q) => {
+                    let stored = q.stored_layout(rows, cols);
+                    out.push((scale_name(&weight), stored.scale_shape));
+                    out.push((weight, stored.shape));
                 }
             }
             if cfg.bias {
@@ -152,10 +142,6 @@ pub fn expected_tensors(cfg: &FalconConfig) -> Vec<(String, Vec<usize>)> {
     }
     out
 }
-
-/// Where a quantized checkpoint keeps a linear weight's scales: `<layer>.<linear>.` and
-/// this (its integers stay under `.weight`).
-pub const SCALE_SUFFIX: &str = "weight_scale";
 
 /// A decoder layer's four linear weights: name under `transformer.h.<i>`, rows, columns.
 pub fn linear_shapes(cfg: &FalconConfig) -> [(&'static str, usize, usize); 4] {
@@ -242,31 +228,26 @@ impl<B: Backend> Loader<'_, B> {
         cols: usize,
         quant: Quant,
     ) -> Result<QuantMatrix, LoadError> {
-        use safetensors::Dtype as St;
-        let scale_name = format!("{}{SCALE_SUFFIX}", name.trim_end_matches("weight"));
-        let scales = |shape: &[usize]| -> Result<Vec<f32>, LoadError> {
-            let raw = self.files.get_raw(&scale_name, St::F32, shape)?;
-            Ok(raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect())
-        };
+        let stored = quant.stored_layout(rows, cols);
+        let values = self.files.get_raw(name, stored.dtype, &stored.shape)?;
+        let scales: Vec<f32> = self
+            .files
+            .get_raw(
+                &scale_name(name),
+                safetensors::Dtype::F32,
+                &stored.scale_shape,
+            )?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         let data = match quant {
             Quant::Int8 => QuantData::Int8 {
-                q: self
-                    .files
-                    .get_raw(name, St::I8, &[rows, cols])?
-                    .iter()
-                    .map(|&b| b as i8)
-                    .collect(),
-                scales: scales(&[rows])?,
+                q: values.iter().map(|&b| b as i8).collect(),
+                scales,
             },
             Quant::Int4 { group } => QuantData::Int4 {
-                packed: self
-                    .files
-                    .get_raw(name, St::U8, &[rows, int4_row_bytes(cols)])?
-                    .to_vec(),
-                scales: scales(&[rows, cols.div_ceil(group)])?,
+                packed: values.to_vec(),
+                scales,
                 group,
             },
         };

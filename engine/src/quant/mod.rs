@@ -316,6 +316,39 @@ pub fn int4_row_bytes(cols: usize) -> usize {
     cols.div_ceil(2)
 }
 
+/// How a quantized checkpoint ([`save_quantized`]) stores a `[rows, cols]` weight: its
+/// integers under the weight's own name, its f32 scales under [`scale_name`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredLayout {
+    /// `I8` for int8, `U8` (packed nibbles) for int4.
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub scale_shape: Vec<usize>,
+}
+
+impl Quant {
+    /// The stored form of a `[rows, cols]` weight in this format.
+    pub fn stored_layout(self, rows: usize, cols: usize) -> StoredLayout {
+        match self {
+            Quant::Int8 => StoredLayout {
+                dtype: safetensors::Dtype::I8,
+                shape: vec![rows, cols],
+                scale_shape: vec![rows],
+            },
+            Quant::Int4 { group } => StoredLayout {
+                dtype: safetensors::Dtype::U8,
+                shape: vec![rows, int4_row_bytes(cols)],
+                scale_shape: vec![rows, cols.div_ceil(group)],
+            },
+        }
+    }
+}
+
+/// The name of a stored weight's scales: `<linear>.weight` -> `<linear>.weight_scale`.
+pub fn scale_name(weight: &str) -> String {
+    format!("{weight}_scale")
+}
+
 /// The signed value at column `c` of a packed int4 row (the layout's definition).
 #[cfg(test)]
 fn int4_at(row: &[u8], c: usize) -> i8 {

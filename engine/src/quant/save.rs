@@ -16,12 +16,12 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype as St;
 use thiserror::Error;
 
-use super::{QuantData, QuantError, QuantMatrix, WeightFormat};
+use super::{scale_name, QuantData, QuantError, QuantMatrix, WeightFormat};
 use crate::checkpoint::{Dtype, ModelDir};
 use crate::config::STORED_WEIGHTS_KEY;
 use crate::error::LoadError;
 use crate::model::{
-    check_no_unexpected, expected_tensors, linear_shapes, LoadProgress, ProgressFn, SCALE_SUFFIX,
+    check_no_unexpected, expected_tensors, linear_shapes, LoadProgress, ProgressFn,
 };
 
 const INDEX: &str = "model.safetensors.index.json";
@@ -166,32 +166,14 @@ pub fn save_quantized(
                     source,
                 }
             })?;
+            let stored = quant.stored_layout(rows, cols);
             let (values, scales) = match m.data() {
-                QuantData::Int8 { q, scales } => (
-                    (
-                        St::I8,
-                        vec![rows, cols],
-                        q.iter().map(|&v| v as u8).collect(),
-                    ),
-                    (vec![rows], scales),
-                ),
-                QuantData::Int4 {
-                    packed,
-                    scales,
-                    group,
-                } => (
-                    (
-                        St::U8,
-                        vec![rows, packed.len() / rows.max(1)],
-                        packed.clone(),
-                    ),
-                    (vec![rows, cols.div_ceil(*group)], scales),
-                ),
+                QuantData::Int8 { q, scales } => (q.iter().map(|&v| v as u8).collect(), scales),
+                QuantData::Int4 { packed, scales, .. } => (packed.clone(), scales),
             };
-            out.push((name.to_string(), values.0, values.1, values.2));
-            let scale_name = format!("{}{SCALE_SUFFIX}", name.trim_end_matches("weight"));
-            let bytes = scales.1.iter().flat_map(|s| s.to_le_bytes()).collect();
-            out.push((scale_name, St::F32, scales.0, bytes));
+            let scales = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+            out.push((scale_name(name), St::F32, stored.scale_shape, scales));
+            out.push((name.to_string(), stored.dtype, stored.shape, values));
         }
         let path = dst.join(file);
         let write_err = |e: safetensors::SafeTensorError| SaveError::Write {
